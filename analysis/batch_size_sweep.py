@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Statistics batch-size sweep (the paper's Fig. 5): BLEU vs tokens per norm-statistics batch.
+
+Each norm is trained at every size N with the same effective batch (max_tokens = N, gradient
+accumulation update_freq = N_eff / N), scored with fairseq-generate, and plotted. Finished points
+(``OUT/points/<norm>_<N>.json``) are skipped on a rerun.
+
+    # paper setting (IWSLT14 preset, 4K effective tokens, 512..4K per forward)
+    python analysis/batch_size_sweep.py --experiment iwslt14 --data data/iwslt14/data-bin \\
+        --sizes 512 1024 2048 4096 --out results/fig5
+    # CPU scale: plain fairseq flags after --
+    python analysis/batch_size_sweep.py --experiment flags --data data/multi30k/data-bin --cpu \\
+        --sizes 128 256 512 1024 --out runs/fig5 -- --arch transformer_pn_tiny --max-update 300 ...
+    # print the commands only
+    python analysis/batch_size_sweep.py ... --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing
+
+from powernorm_fairseq.analysis.sweep import NORM_ALIASES, run_sweep  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default="flags",
+                   help="preset name (configs/<experiment>_<norm>.yaml; overrides after -- are "
+                   "hydra key=value) or 'flags' (fairseq-train flags after --). Default: flags")
+    p.add_argument("--data", required=True, help="fairseq data-bin directory")
+    p.add_argument("--out", required=True, help="sweep directory: runs/, points/, sweep.json, figure")
+    p.add_argument("--norms", nargs="+", default=["layer", "batch", "power_v", "power"],
+                   choices=sorted(NORM_ALIASES), help="norms to sweep (default: all four)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[128, 256, 512, 1024],
+                   help="tokens per forward call N (default: 128 256 512 1024, a CPU-sized "
+                   "version of the paper's 512 1024 2048 4096)")
+    p.add_argument("--effective-tokens", type=int,
+                   help="tokens per update N_eff, fixed for all points (default: the largest size)")
+    p.add_argument("--cpu", action="store_true", help="train and evaluate on CPU")
+    p.add_argument("--checkpoint", default="checkpoint_last.pt",
+                   help="checkpoint file of each run to score (default: checkpoint_last.pt)")
+    p.add_argument("--gen-subset", default="test", help="split to score (default: test)")
+    p.add_argument("--eval-args", default="--beam 5 --lenpen 1.0",
+                   help="extra fairseq-generate flags, one string (default: '--beam 5 --lenpen 1.0')")
+    p.add_argument("--plot", help="figure path (default: OUT/fig5_batch_size.png)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.train_args, args.eval_args = train_args, args.eval_args.split()
+    try:
+        records = run_sweep(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.dry_run:
+        return
+    from powernorm_fairseq.analysis.plots import plot_sweep
+
+    out = args.plot or str(Path(args.out) / "fig5_batch_size.png")
+    plot_sweep(records, out, title=f"{args.experiment}: effective batch "
+               f"{args.effective_tokens or max(args.sizes)} tokens")
+    print(f"wrote {out} and {Path(args.out) / 'sweep.json'}")
+
+
+if __name__ == "__main__":
+    main()

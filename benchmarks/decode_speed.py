@@ -1,0 +1,137 @@
+"""Decoding speed of LN vs unfolded PN vs folded PN through fairseq-generate (sentences/s).
+
+Trains an LN and a PN transformer (encoder and decoder) for a few updates on the synthetic corpus
+of ``train_speed.py`` (quality does not matter for speed), then decodes the same test set with the
+same beam, interleaved (LN, PN, PN folded, LN, ...):
+
+- LN and PN: ``python -m fairseq_cli.generate`` (the unmodified models);
+- PN folded: ``python -m powernorm_fairseq.inference.generate`` (``fold_norms`` on the loaded model).
+
+It reports fairseq's own ``sentences/s`` (time inside beam search only; loading excluded), the
+median per variant, the ratios to LN, and whether the folded and the unfolded PN model produce
+identical hypotheses. By default every hypothesis is forced to ``--fixed-len`` tokens
+(``--min-len L --max-len-a 0 --max-len-b L``): barely trained models differ wildly in output
+length, which would otherwise dominate the timing.
+
+    python benchmarks/decode_speed.py --out results/decode_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from train_speed import SIZES, make_corpus, train_cmd
+
+from powernorm_fairseq.pipeline.common import (
+    PLUGIN_DIR,
+    atomic_write_json,
+    git_commit,
+    hardware,
+    log,
+    python_module_cmd,
+    run_cmd,
+)
+
+VARIANTS = {  # variant -> (trained norm, generate module)
+    "LN": ("LN", "fairseq_cli.generate"),
+    "PN": ("PN", "fairseq_cli.generate"),
+    "PN_folded": ("PN", "powernorm_fairseq.inference.generate"),
+}
+_SPEED = re.compile(
+    r"Translated [\d,]+ sentences \([\d,]+ tokens\) in [\d.]+s \(([\d.]+) sentences/s"
+)
+_HYPO = re.compile(r"^H-(\d+)\t\S+\t(.*)$", re.MULTILINE)
+
+
+def generate_cmd(module: str, data_bin: Path, checkpoint: Path, args: argparse.Namespace) -> list:
+    cmd = python_module_cmd(module) + [
+        str(data_bin), "--user-dir", str(PLUGIN_DIR), "--task", "translation",
+        "--path", str(checkpoint), "--gen-subset", "test", "--beam", str(args.beam),
+        "--batch-size", str(args.batch_size), "--num-workers", "0",
+    ]  # fmt: skip
+    if args.fixed_len:
+        length = str(args.fixed_len)
+        cmd += ["--min-len", length, "--max-len-a", "0", "--max-len-b", length]
+    return cmd
+
+
+def sentences_per_second(output: str) -> float:
+    match = _SPEED.search(output)
+    if match is None:
+        raise SystemExit("fairseq-generate printed no 'Translated ... sentences/s' line")
+    return float(match.group(1))
+
+
+def hypotheses(output: str) -> dict[int, str]:
+    return {int(i): hypo for i, hypo in _HYPO.findall(output)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="multi30k")
+    p.add_argument("--train-updates", type=int, default=20, help="updates per model (20)")
+    p.add_argument("--test-sentences", type=int, default=500)
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fixed-len", type=int, default=20, help="hypothesis length; 0 = free (20)")
+    p.add_argument("--repeats", type=int, default=3, help="decodes per variant, interleaved (3)")
+    p.add_argument("--workdir", type=Path, help="corpus, checkpoints, logs (default: temporary)")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if min(args.train_updates, args.test_sentences, args.beam, args.repeats) < 1:
+        p.error("--train-updates, --test-sentences, --beam and --repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="decode_speed_") as tmp:
+        workdir = args.workdir or Path(tmp)
+        data_bin = make_corpus(workdir, 2000, args.test_sentences)
+        checkpoints = {}
+        for norm in ("LN", "PN"):
+            save_dir = workdir / f"ckpt_{norm}"
+            cmd = train_cmd(data_bin, SIZES[args.size], norm, args.train_updates, 2048, save_dir)
+            run_cmd(cmd, log_file=workdir / f"train_{norm}.log")
+            checkpoints[norm] = save_dir / "checkpoint_last.pt"
+            log(f"trained {norm} for {args.train_updates} updates")
+        speeds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        hypos: dict[str, dict[int, str]] = {}
+        for rep in range(args.repeats):
+            for variant, (norm, module) in VARIANTS.items():
+                cmd = generate_cmd(module, data_bin, checkpoints[norm], args)
+                out = run_cmd(cmd, log_file=workdir / f"generate_{variant}_{rep}.log")
+                speeds[variant].append(sentences_per_second(out))
+                hypos.setdefault(variant, hypotheses(out))
+                log(f"{variant} run {rep}: {speeds[variant][-1]:.2f} sentences/s")
+    median = {v: statistics.median(s) for v, s in speeds.items()}
+    same = sum(hypos["PN"][i] == hypos["PN_folded"].get(i) for i in hypos["PN"])
+    result = {
+        "benchmark": "decode_speed",
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "arch": SIZES[args.size],
+        "sentences_per_s": median,
+        "ratio_to_LN": {v: median[v] / median["LN"] for v in VARIANTS},
+        "runs": speeds,
+        "folded_identical_hypotheses": same,
+        "hypotheses": len(hypos["PN"]),
+        "commit": git_commit(),
+        "hardware": hardware(),
+        "argv": sys.argv,
+    }
+    print(f"{'variant':<10} {'sent/s':>8} {'vs LN':>7}")
+    for v in VARIANTS:
+        print(f"{v:<10} {median[v]:>8.2f} {result['ratio_to_LN'][v]:>7.3f}")
+    print(f"folded vs unfolded PN: {same}/{len(hypos['PN'])} identical hypotheses")
+    if args.out:
+        atomic_write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Statistics batch-size sweep (Fig. 5 of the paper): BLEU against the batch the norms see.
+
+The effective batch per update is fixed at ``N_eff`` tokens while the batch each forward call (and
+so each norm's batch statistics) sees is ``N`` tokens: ``max_tokens = N`` and gradient accumulation
+``update_freq = N_eff / N`` (the paper: N_eff = 4K, N = 512 ... 4K, i.e. update_freq 8 ... 1).
+LayerNorm has no batch statistics, so its curve shows what accumulation alone changes.
+
+Every point is trained with the pipeline (``python -m powernorm_fairseq.pipeline.train``, which
+keeps ``max_tokens * update_freq * world_size`` at ``--effective-tokens``) and scored with
+``fairseq_cli.generate``; it writes ``<out>/points/<norm>_<N>.json`` when done, so a rerun skips
+finished points (and fairseq resumes an interrupted training from ``checkpoint_last.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from powernorm_fairseq.pipeline.common import (
+    PLUGIN_DIR,
+    atomic_write_json,
+    git_commit,
+    hardware,
+    log,
+    python_module_cmd,
+    run_cmd,
+)
+
+__all__ = ["NORM_ALIASES", "SweepPoint", "parse_bleu", "plan", "run_sweep"]
+
+#: short names of the pipeline (train.py) for the registry names, and the short names themselves
+NORM_ALIASES = {"layer": "ln", "batch": "bn", "power_v": "pnv", "power": "pn",
+                "ln": "ln", "bn": "bn", "pnv": "pnv", "pn": "pn"}
+_REGISTRY_NAME = {"ln": "layer", "bn": "batch", "pnv": "power_v", "pn": "power"}
+_BLEU = re.compile(r"BLEU4? = ([0-9.]+)")
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One training run of the sweep: ``norm`` (registry name) with ``stat_tokens`` per forward."""
+
+    norm: str
+    stat_tokens: int
+    effective_tokens: int
+
+    @property
+    def name(self) -> str:
+        return f"{NORM_ALIASES[self.norm]}_{self.stat_tokens}"
+
+    @property
+    def update_freq(self) -> int:
+        return self.effective_tokens // self.stat_tokens
+
+
+def plan(norms: Sequence[str], sizes: Sequence[int], effective_tokens: int | None) -> list[SweepPoint]:
+    """The sweep's points, norms outer, sizes ascending. ``effective_tokens`` defaults to the
+    largest size; every size must divide it (integral gradient accumulation)."""
+    if not norms or not sizes:
+        raise ValueError("need at least one norm and one size")
+    unknown = [n for n in norms if n not in NORM_ALIASES]
+    if unknown:
+        raise ValueError(f"unknown norms {unknown}; choose from {sorted(NORM_ALIASES)}")
+    eff = effective_tokens or max(sizes)
+    bad = [n for n in sizes if n <= 0 or eff % n]
+    if bad:
+        raise ValueError(f"sizes {bad} do not divide the effective batch {eff}: gradient "
+                         "accumulation needs effective_tokens = size x update_freq")
+    return [SweepPoint(_REGISTRY_NAME[NORM_ALIASES[n]], s, eff)
+            for n in norms for s in sorted(set(sizes))]
+
+
+def parse_bleu(output: str) -> float:
+    """The last ``BLEU4 = x`` (fairseq-generate) or ``BLEU = x`` (sacrebleu) score in ``output``."""
+    found = _BLEU.findall(output)
+    if not found:
+        raise SystemExit("no BLEU score in the evaluation output; last lines:\n"
+                         + "\n".join(output.splitlines()[-10:]))
+    return float(found[-1])
+
+
+def train_command(point: SweepPoint, args, save_dir: Path) -> list[str]:
+    """``pipeline.train`` command of ``point``: the batch size enters as max_tokens, the rest of
+    the preset (or flags) is unchanged."""
+    preset = args.experiment != "flags"
+    cmd = python_module_cmd("powernorm_fairseq.pipeline.train") + [
+        args.experiment, NORM_ALIASES[point.norm], "--data", str(args.data),
+        "--save-dir", str(save_dir), "--effective-tokens", str(point.effective_tokens)]
+    if args.cpu:
+        cmd.append("--cpu")
+    cmd += ["--", f"dataset.max_tokens={point.stat_tokens}" if preset else "--max-tokens",
+            *([] if preset else [str(point.stat_tokens)]), *args.train_args]
+    return cmd
+
+
+def eval_command(args, save_dir: Path) -> list[str]:
+    """``fairseq_cli.generate`` on the point's last checkpoint (beam/lenpen from ``eval_args``)."""
+    cmd = python_module_cmd("fairseq_cli.generate") + [
+        str(args.data), "--user-dir", str(PLUGIN_DIR), "--path", str(save_dir / args.checkpoint),
+        "--gen-subset", args.gen_subset, "--batch-size", "128", "--remove-bpe", "--quiet"]
+    if args.cpu:
+        cmd.append("--cpu")
+    return cmd + list(args.eval_args)
+
+
+def run_sweep(args, runner: Callable[..., str] = run_cmd) -> list[dict]:
+    """Train and score every point not done yet; returns all records (also ``<out>/sweep.json``).
+
+    ``args`` carries ``experiment, data, out, norms, sizes, effective_tokens, cpu, checkpoint,
+    gen_subset, train_args, eval_args, dry_run`` (see ``analysis/batch_size_sweep.py``).
+    ``runner(cmd, log_file=...)`` runs a command and returns its output (tests replace it).
+    """
+    out = Path(args.out)
+    points = plan(args.norms, args.sizes, args.effective_tokens)
+    records = []
+    for point in points:
+        record_path = out / "points" / f"{point.name}.json"
+        save_dir = out / "runs" / point.name
+        train_cmd, eval_cmd = train_command(point, args, save_dir), eval_command(args, save_dir)
+        if args.dry_run:
+            print(f"# {point.name}: max_tokens {point.stat_tokens} x update_freq "
+                  f"{point.update_freq} = {point.effective_tokens} tokens per update")
+            print(" ".join(train_cmd))
+            print(" ".join(eval_cmd))
+            continue
+        if record_path.exists():
+            log(f"{point.name}: done before ({record_path}), skipped")
+            records.append(json.loads(record_path.read_text()))
+            continue
+        save_dir.mkdir(parents=True, exist_ok=True)
+        log(f"{point.name}: training (max_tokens {point.stat_tokens}, update_freq {point.update_freq})")
+        t0 = time.time()
+        runner(train_cmd, log_file=save_dir / "sweep_train.log")
+        t1 = time.time()
+        log(f"{point.name}: evaluating {args.checkpoint}")
+        bleu = parse_bleu(runner(eval_cmd, log_file=save_dir / "sweep_eval.log"))
+        record = {**asdict(point), "update_freq": point.update_freq, "bleu": bleu,
+                  "train_cmd": " ".join(train_cmd), "eval_cmd": " ".join(eval_cmd),
+                  "train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1),
+                  "git_commit": git_commit(), "hardware": hardware(),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(record_path, record)
+        log(f"{point.name}: BLEU {bleu}")
+        records.append(record)
+    if not args.dry_run:
+        atomic_write_json(out / "sweep.json", {"command": " ".join(sys.argv), "points": records})
+    return records

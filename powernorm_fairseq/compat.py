@@ -1,0 +1,224 @@
+"""Workarounds for fairseq-fixed 0.12.3.1 under torch >= 2.6, in one place.
+
+:func:`install` is called when the plugin's models are imported (``--user-dir powernorm_fairseq``)
+and is idempotent. It changes fairseq's behaviour in these ways only:
+
+1. **Checkpoints load under torch's ``weights_only`` default.** torch >= 2.6 refuses to unpickle
+   anything but tensors and containers; fairseq checkpoints also hold the training configuration
+   (``argparse.Namespace``, omegaconf containers, enums, numpy scalars), so resuming and
+   ``fairseq-generate --path`` failed with ``UnpicklingError``. The classes that make up a fairseq
+   checkpoint are allow-listed with ``torch.serialization.add_safe_globals`` (no code from the file
+   runs; no environment variable is involved).
+2. **Unreadable checkpoints fail with one clear message** (:class:`CheckpointError`, a
+   ``ValueError``): a truncated or corrupt file, a file holding a non-allow-listed object, or a
+   checkpoint whose parameters do not fit the model being trained (another architecture or other
+   norms). The message names the file and what to do; on the command line only the message is
+   printed, not the stack trace.
+3. **No batch is dropped.** fairseq-fixed's ``data_utils.batch_by_size`` discards the last batch
+   whenever its size is not a multiple of ``--required-batch-size-multiple`` (default 8), so
+   validation, ``fairseq-generate`` and ``fairseq-eval-lm`` silently scored a subset. The patched
+   function keeps it (upstream fairseq's behaviour).
+
+Two further constraints are respected by the plugin's code rather than patched: fairseq's
+``TransformerConfig`` uses its sub-config *classes* as defaults, so the plugin never writes to a
+default-constructed ``TransformerConfig().encoder`` (its own config builds instances); and
+fairseq-fixed's speech modules pull in torchaudio, which does not load against this torch, so the
+plugin never imports ``fairseq.data.audio``, ``fairseq.models.speech_*`` or ``examples.speech_*``.
+``fairseq-hydra-train`` is wrapped separately by :mod:`powernorm_fairseq.hydra_train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import logging
+import pickle
+import sys
+import typing
+import zipfile
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_INSTALLED = False
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message says which file and what to do."""
+
+
+def _checkpoint_safe_globals() -> list:
+    """Classes a fairseq checkpoint may pickle besides tensors (configs and training state)."""
+    import omegaconf
+    from omegaconf import base, nodes
+
+    scalar_reconstruct = np.float64(0).__reduce__()[0]  # numpy scalars, e.g. the best loss
+    array_reconstruct = np.zeros(1).__reduce__()[0]
+    return [
+        argparse.Namespace,
+        collections.defaultdict,
+        collections.OrderedDict,
+        typing.Any,
+        omegaconf.DictConfig,
+        omegaconf.ListConfig,
+        base.Metadata,
+        base.ContainerMetadata,
+        nodes.AnyNode,
+        nodes.StringNode,
+        nodes.IntegerNode,
+        nodes.FloatNode,
+        nodes.BooleanNode,
+        nodes.EnumNode,
+        np.dtype,
+        np.ndarray,
+        scalar_reconstruct,
+        array_reconstruct,
+        *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")),
+    ]
+
+
+def _checked_load_checkpoint_to_cpu(load):
+    """Wrap ``checkpoint_utils.load_checkpoint_to_cpu`` so unreadable files raise CheckpointError."""
+
+    @functools.wraps(load)
+    def load_checkpoint_to_cpu(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except pickle.UnpicklingError as e:
+            if "weights_only" in str(e) or "Weights only" in str(e):
+                raise CheckpointError(
+                    f"checkpoint {path} holds a Python object that is not allow-listed for "
+                    f"torch.load(weights_only=True) ({_first_line(e)}). If you trust the file, "
+                    "allow-list that class with torch.serialization.add_safe_globals([...]) "
+                    "before loading."
+                ) from e
+            raise CheckpointError(_corrupt_message(path, e)) from e
+        except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            raise CheckpointError(_corrupt_message(path, e)) from e
+
+    return load_checkpoint_to_cpu
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+    return lines[0] if lines else (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _corrupt_message(path, e: BaseException) -> str:
+    return (
+        f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}: "
+        f"{_first_line(e)}). This happens when a run is killed while saving. Point "
+        "--restore-file/--path to another checkpoint (checkpoint_best.pt, an epoch checkpoint) "
+        "or delete this file to start from scratch."
+    )
+
+
+def _checked_trainer_load_checkpoint(load):
+    """Wrap ``Trainer.load_checkpoint``: parameters that do not fit the model raise CheckpointError."""
+
+    @functools.wraps(load)
+    def load_checkpoint(self, filename, *args, **kwargs):
+        try:
+            return load(self, filename, *args, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            if not str(e).startswith("Cannot load model parameters"):
+                raise
+            cause = e.__cause__ or e.__context__
+            detail = _first_line(cause) if cause is not None else str(e)
+            raise CheckpointError(
+                f"checkpoint {filename} does not fit the model being trained ({detail[:500]}). "
+                "It was saved from another architecture or other norm options: train with the "
+                "--arch and --*-norm/--pn-* options it was saved with (see its cfg.model), or "
+                "start without it (other --save-dir or --restore-file, or add "
+                "--reset-optimizer --reset-dataloader --reset-meters only to fine-tune a "
+                "matching model)."
+            ) from e
+
+    return load_checkpoint
+
+
+def batch_by_size_keep_tail(
+    indices,
+    num_tokens_fn,
+    num_tokens_vec=None,
+    max_tokens=None,
+    max_sentences=None,
+    required_batch_size_multiple=1,
+    fixed_shapes=None,
+):
+    """fairseq's ``data_utils.batch_by_size`` without fairseq-fixed's drop of the last batch.
+
+    Batches are built exactly as fairseq builds them (each batch's size is a multiple of
+    ``required_batch_size_multiple`` unless it is limited by ``max_tokens``); the final batch holds
+    whatever is left, of any size. See fairseq's docstring for the arguments.
+
+    Returns:
+        list of ``np.ndarray`` index batches covering every index exactly once.
+    """
+    if fixed_shapes is not None or required_batch_size_multiple <= 1:
+        # No tail is dropped on these paths.
+        return _ORIGINAL["batch_by_size"](
+            indices, num_tokens_fn, num_tokens_vec, max_tokens, max_sentences,
+            required_batch_size_multiple, fixed_shapes,
+        )
+    from fairseq.data.data_utils_fast import batch_by_size_fn, batch_by_size_vec
+
+    max_tokens = int(max_tokens) if max_tokens is not None else -1
+    max_sentences = max_sentences if max_sentences is not None else -1
+    if not isinstance(indices, np.ndarray):
+        indices = np.fromiter(indices, dtype=np.int64, count=-1)
+    if num_tokens_vec is not None and not isinstance(num_tokens_vec, np.ndarray):
+        num_tokens_vec = np.fromiter(num_tokens_vec, dtype=np.int64, count=-1)
+    if num_tokens_vec is None:
+        return batch_by_size_fn(
+            indices, num_tokens_fn, max_tokens, max_sentences, required_batch_size_multiple
+        )
+    return batch_by_size_vec(
+        indices, num_tokens_vec, max_tokens, max_sentences, required_batch_size_multiple
+    )
+
+
+_ORIGINAL: dict = {}
+
+
+def _excepthook(previous):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, CheckpointError):
+            print(f"error: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    hook.powernorm = True
+    return hook
+
+
+def install() -> None:
+    """Apply every workaround (idempotent); see the module docstring."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    from fairseq import checkpoint_utils, trainer
+    from fairseq.data import data_utils
+
+    torch.serialization.add_safe_globals(_checkpoint_safe_globals())
+
+    _ORIGINAL["load_checkpoint_to_cpu"] = checkpoint_utils.load_checkpoint_to_cpu
+    checkpoint_utils.load_checkpoint_to_cpu = _checked_load_checkpoint_to_cpu(
+        checkpoint_utils.load_checkpoint_to_cpu
+    )
+    _ORIGINAL["Trainer.load_checkpoint"] = trainer.Trainer.load_checkpoint
+    trainer.Trainer.load_checkpoint = _checked_trainer_load_checkpoint(
+        trainer.Trainer.load_checkpoint
+    )
+    _ORIGINAL["batch_by_size"] = data_utils.batch_by_size
+    data_utils.batch_by_size = batch_by_size_keep_tail
+
+    # On the command line a CheckpointError is the whole story: print it without the traceback.
+    if not getattr(sys.excepthook, "powernorm", False):
+        sys.excepthook = _excepthook(sys.excepthook)
+    _INSTALLED = True

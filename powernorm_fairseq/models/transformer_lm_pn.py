@@ -1,0 +1,167 @@
+"""``transformer_lm_pn``: fairseq's decoder-only Transformer LM with a norm choice per site.
+
+Usage::
+
+    fairseq-train DATA_BIN --task language_modeling --user-dir powernorm_fairseq \
+        --arch transformer_lm_pn_ptb --decoder-norm power --pn-warmup-updates 4000 ...
+
+Note: the paper's language-model rows (PTB, WikiText-103) used the *tensorized* Transformer of
+Ma et al. 2019 (multi-linear attention via Block-Term decomposition), whose code is not part of
+fairseq. This model is fairseq's standard pre-norm Transformer LM; it compares the norms on the
+same footing but does not reproduce the paper's absolute perplexities.
+"""
+
+# fairseq reads the dataclass field types at runtime and recognizes only ``typing.Optional``:
+# no ``from __future__ import annotations`` and no ``X | None`` here.
+# ruff: noqa: UP045
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq import options
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.transformer_lm import (
+    DEFAULT_MAX_TARGET_POSITIONS,
+    TransformerLanguageModel,
+    TransformerLanguageModelConfig,
+    base_lm_architecture,
+    transformer_lm_baevski_wiki103,
+)
+from fairseq.modules import AdaptiveInput
+from fairseq.utils import safe_getattr
+
+from powernorm_fairseq.modules import TransformerPNDecoder
+
+from .pn_config import NORM_CHOICE_ENUM, PowerNormOptions, TransformerPNConfig
+from .tracking import NormTrackingMixin
+from .transformer_pn import fill_norm_defaults
+
+_LM_NORM_FIELDS = {"decoder": ("norm", "self_attn_norm", "ffn_norm", "final_norm")}
+_SITE_HELP = "norm at the {site} (default: inherit --decoder-norm)"
+
+
+@dataclass
+class TransformerLMPNConfig(TransformerLanguageModelConfig, PowerNormOptions):
+    """fairseq's :class:`TransformerLanguageModelConfig` with the decoder's norm options."""
+
+    decoder_normalize_before: bool = field(
+        default=True,
+        metadata={"help": "pre-norm: normalize the input of each block (the paper's placement)"},
+    )
+    decoder_norm: NORM_CHOICE_ENUM = field(
+        default="layer",
+        metadata={
+            "help": "normalization of every decoder norm site: layer, batch, power_v or power"
+        },
+    )
+    decoder_self_attn_norm: Optional[NORM_CHOICE_ENUM] = field(
+        default=None, metadata={"help": _SITE_HELP.format(site="self-attention input")}
+    )
+    decoder_ffn_norm: Optional[NORM_CHOICE_ENUM] = field(
+        default=None, metadata={"help": _SITE_HELP.format(site="FFN input")}
+    )
+    decoder_final_norm: Optional[NORM_CHOICE_ENUM] = field(
+        default=None,
+        metadata={"help": _SITE_HELP.format(site="decoder output (after the last layer)")},
+    )
+
+
+@register_model("transformer_lm_pn", dataclass=TransformerLMPNConfig)
+class TransformerLanguageModelPN(NormTrackingMixin, TransformerLanguageModel):
+    """Pre-norm Transformer language model with configurable normalization layers.
+
+    The paper used a tensorized Transformer (Ma et al. 2019) for its language-model results; see
+    the module docstring.
+
+    Args:
+        decoder: a :class:`~powernorm_fairseq.modules.TransformerPNDecoder` built with
+            ``no_encoder_attn=True``.
+    """
+
+    default_tracked_layer = "decoder.layers.0.self_attn_layer_norm"
+
+    def __init__(self, decoder):
+        super().__init__(decoder)
+        self._init_norm_tracking(decoder.cfg)
+
+    @classmethod
+    def build_model(cls, args, task):
+        """fairseq's ``TransformerLanguageModel.build_model`` with the PN decoder."""
+        if args.decoder_layers_to_keep:
+            args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
+        if safe_getattr(args, "max_target_positions", None) is None:
+            args.max_target_positions = safe_getattr(
+                args, "tokens_per_sample", DEFAULT_MAX_TARGET_POSITIONS
+            )
+        if args.character_embeddings:
+            raise ValueError("transformer_lm_pn does not support --character-embeddings")
+
+        if args.adaptive_input:
+            embed_tokens = AdaptiveInput(
+                len(task.source_dictionary),
+                task.source_dictionary.pad(),
+                args.decoder_input_dim,
+                args.adaptive_input_factor,
+                args.decoder_embed_dim,
+                options.eval_str_list(args.adaptive_input_cutoff, type=int),
+                args.quant_noise_pq,
+                args.quant_noise_pq_block_size,
+            )
+        else:
+            embed_tokens = cls.build_embedding(args, task.source_dictionary, args.decoder_input_dim)
+
+        if args.tie_adaptive_weights and not (
+            args.adaptive_input
+            and args.adaptive_input_factor == args.adaptive_softmax_factor
+            and args.adaptive_softmax_cutoff == args.adaptive_input_cutoff
+            and args.decoder_input_dim == args.decoder_output_dim
+        ):
+            raise ValueError(
+                "--tie-adaptive-weights needs --adaptive-input with the same factor and cutoff "
+                "as the adaptive softmax and --decoder-input-dim == --decoder-output-dim"
+            )
+
+        cfg = TransformerPNConfig.from_namespace(args)
+        decoder = TransformerPNDecoder(cfg, task.target_dictionary, embed_tokens, no_encoder_attn=True)
+        return cls(decoder)
+
+
+@register_model_architecture("transformer_lm_pn", "transformer_lm_pn_base")
+def transformer_lm_pn_base(args):
+    """fairseq's base LM (pre-norm), LayerNorm at every site unless told otherwise."""
+    fill_norm_defaults(args, _LM_NORM_FIELDS)
+    base_lm_architecture(args)
+
+
+@register_model_architecture("transformer_lm_pn", "transformer_lm_pn_ptb")
+def transformer_lm_pn_ptb(args):
+    """Small LM for Penn Treebank's 0.9M training tokens.
+
+    4 layers, d=256, FFN 1024, 4 heads, dropout 0.3, tied input/output embeddings, pre-norm.
+    """
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 256)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 1024)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 4)
+    args.dropout = safe_getattr(args, "dropout", 0.3)
+    args.share_decoder_input_output_embed = safe_getattr(
+        args, "share_decoder_input_output_embed", True
+    )
+    transformer_lm_pn_base(args)
+
+
+@register_model_architecture("transformer_lm_pn", "transformer_lm_pn_wiki103")
+def transformer_lm_pn_wiki103(args):
+    """fairseq's ``transformer_lm_wiki103`` (Baevski & Auli 2019: 16 layers, d=1024, adaptive
+    input and softmax with cutoffs 20000,60000, tied adaptive weights, no final norm)."""
+    fill_norm_defaults(args, _LM_NORM_FIELDS)
+    transformer_lm_baevski_wiki103(args)
+
+
+@register_model_architecture("transformer_lm_pn", "transformer_lm_pn_tiny")
+def transformer_lm_pn_tiny(args):
+    """Tiny LM for tests and the quickstart: 2 layers, d=64, FFN 128, 4 heads, pre-norm."""
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 64)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 128)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 2)
+    transformer_lm_pn_base(args)

@@ -1,0 +1,16 @@
+"""fairseq layer and stack subclasses whose norms are built per site and receive the padding mask."""
+
+from .norm_factory import SITES, build_site_norm, norm_kwargs, site_norm_name
+from .transformer_layer import TransformerPNDecoderLayer, TransformerPNEncoderLayer
+from .transformer_stack import TransformerPNDecoder, TransformerPNEncoder
+
+__all__ = [
+    "SITES",
+    "TransformerPNDecoder",
+    "TransformerPNDecoderLayer",
+    "TransformerPNEncoder",
+    "TransformerPNEncoderLayer",
+    "build_site_norm",
+    "norm_kwargs",
+    "site_norm_name",
+]

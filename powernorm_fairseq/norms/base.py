@@ -1,0 +1,137 @@
+"""State and input handling shared by every norm family.
+
+:class:`MaskedNorm` owns what is common (torch's ``_NormBase`` pattern): the affine parameters,
+the running buffers' reset, ``extra_repr``, state-dict versioning, input/mask validation and the
+``(T, B, C)`` / ``(N, C)`` plumbing, plus float32 statistics under half precision and autocast.
+Subclasses implement only :meth:`MaskedNorm._normalize` on a ``(N, C)`` view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from .distributed import sync_enabled
+from .functional import keep_vector
+
+
+class MaskedNorm(nn.Module):
+    """Base class of the padding-aware norms ``norm(x, padding_mask=None)``.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance-like statistic before the square root. Default: 1e-5.
+        affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0); when False both
+            are registered as None. Default: True.
+        sync_stats: all-reduce the batch statistics over ``process_group`` when
+            ``torch.distributed`` is initialized with more than one rank. Default: False.
+        process_group: group for ``sync_stats`` (None = world).
+        device, dtype: of the parameters and floating buffers.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``, any floating dtype.
+        - padding_mask: ``(B, T)`` bool, True = pad (``(N,)`` for 2-D input), or None.
+        - output: shape and dtype of ``x``. Statistics are computed in float32 (float64 for
+          float64 input), with autocast disabled inside the layer.
+    """
+
+    _version = 1
+    #: Whether a per-token pre-scaling (GroupScaling) precedes the per-channel affine eval map.
+    has_prescale = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+                 sync_stats: bool = False, process_group=None, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.num_features = num_features
+        self.eps = eps
+        self.affine = affine
+        self.sync_stats = sync_stats
+        self.process_group = process_group
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_running_stats(self) -> None:
+        """Reset running buffers to their initial values (no-op for stateless norms)."""
+
+    def reset_parameters(self) -> None:
+        """Reset running buffers, ``weight`` to 1 and ``bias`` to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Told by fairseq the number of optimizer updates done; no-op unless overridden."""
+
+    def eval_affine(self) -> tuple[Tensor, Tensor] | None:
+        """Per-channel ``(scale, shift)``, each ``(C,)``, of the eval-mode map, or None if none."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, sync_stats={self.sync_stats}"
+
+    def _affine_or_identity(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(weight, bias)`` as ``(C,)`` tensors of ``dtype``, ones/zeros when not affine."""
+        if self.weight is None:
+            ref = next(iter(self.buffers()), None)
+            device = ref.device if ref is not None else None
+            return (torch.ones(self.num_features, dtype=dtype, device=device),
+                    torch.zeros(self.num_features, dtype=dtype, device=device))
+        return self.weight.to(dtype), self.bias.to(dtype)
+
+    def _check_input(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        """Validate shapes (host-side metadata only) and return a bool mask or None."""
+        if x.dim() not in (2, 3) or x.shape[-1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape (T, B, {self.num_features}) or "
+                f"(N, {self.num_features}), got {tuple(x.shape)}")
+        if padding_mask is None:
+            return None
+        expected = (x.shape[1], x.shape[0]) if x.dim() == 3 else (x.shape[0],)
+        if tuple(padding_mask.shape) != expected:
+            layout = "(B, T)" if x.dim() == 3 else "(N,)"
+            raise ValueError(
+                f"padding_mask must have shape {layout} = {expected} for x of shape "
+                f"{tuple(x.shape)}, got {tuple(padding_mask.shape)}")
+        if padding_mask.is_floating_point():
+            raise ValueError("padding_mask must be a bool tensor (True = pad), got "
+                             f"{padding_mask.dtype}")
+        return padding_mask.bool()
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        mask = self._check_input(x, padding_mask)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        no_autocast = (torch.autocast(x.device.type, enabled=False)
+                       if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
+        with no_autocast:
+            x2d = x.reshape(-1, self.num_features).to(compute_dtype)
+            y2d = self._normalize(x2d, keep_vector(mask, compute_dtype))
+        return y2d.reshape(x.shape).to(x.dtype)
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        """Normalize ``x2d: (N, C)`` given the keep-vector ``keep: (N,)`` (1 = real) or None."""
+        raise NotImplementedError
+
+    def _sync(self) -> bool:
+        return self.training and sync_enabled(self.sync_stats, self.process_group)
+
+    def _upgrade_legacy_state(self, state_dict: dict, prefix: str) -> None:
+        """Fill in what a state dict without version metadata may lack (released-code format)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if local_metadata.get("version") is None:
+            self._upgrade_legacy_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

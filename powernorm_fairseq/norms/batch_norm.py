@@ -1,0 +1,203 @@
+"""Masked batch normalization (BN) and the batch-statistic autograd Function shared with PN-V."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .base import MaskedNorm
+from .distributed import maybe_all_reduce
+from .functional import column_sum, column_sum_of_squares, group_rms_scale, token_count
+
+#: eps of the per-token RMS pre-scaling (the released code's LayerScaling1D / GroupScaling1D).
+PRESCALE_EPS = 1e-5
+
+
+def batch_moments(x2d: Tensor, keep: Tensor | None, *, center: bool, shift: Tensor | None = None,
+                  sync: bool = False, process_group=None):
+    """Per-channel statistics over the real tokens, all-reduced in one collective when ``sync``.
+
+    With ``center``: mean and biased variance, computed from the sums of ``x - shift`` (``shift``,
+    e.g. the running mean, is the same on all ranks) so that one all-reduce suffices and float32
+    cancellation stays small once ``shift`` is close to the mean. Without: the quadratic mean
+    ``psi_B^2 = mean(x^2)`` (returned as ``var``) and ``mean = None``.
+
+    Args:
+        x2d: ``(N, C)`` (detached; no gradient flows through the statistics here).
+        keep: ``(N,)`` 1 = real token, or None.
+
+    Returns:
+        ``(mean (C,) or None, var (C,), count ())``; ``count`` may be 0 (then var is 0, not NaN).
+    """
+    count = token_count(x2d, keep).reshape(1)
+    if center:
+        xs = x2d - shift.to(x2d.dtype)
+        s1, s2, count = maybe_all_reduce(
+            [column_sum(xs, keep), column_sum_of_squares(xs, keep), count], sync, process_group)
+        n = count.clamp(min=1)
+        d = s1 / n
+        return shift.to(x2d.dtype) + d, (s2 / n - d * d).clamp_min(0), count[0]
+    s2, count = maybe_all_reduce([column_sum_of_squares(x2d, keep), count], sync, process_group)
+    return None, s2 / count.clamp(min=1), count[0]
+
+
+class BatchStatNormFunction(torch.autograd.Function):
+    r"""``y = (x - mean) * rstd * weight + bias`` with batch statistics and their exact gradient.
+
+    ``mean`` (None for PN-V: no centering) and ``rstd = 1/sqrt(var + eps)`` are statistics of the
+    ``count`` real tokens; pads are normalized with them too but do not enter them. With
+    ``g = weight * dL/dy`` and ``x_hat = (x - mean) * rstd``, the exact input gradient is
+
+    .. math::
+        \frac{\partial L}{\partial x_j} = r\,g_j - k_j \frac{r}{n}
+            \Big(\sum_i g_i + \hat x_j \sum_i g_i \hat x_i\Big)
+
+    (the first sum only with centering), where ``k_j`` is 1 for real tokens and the sums run over
+    ALL positions (pad outputs also depend on the statistics). With ``sync`` the two correction sums
+    are all-reduced in one collective; parameter gradients stay local (DDP averages them).
+
+    ``backward_hook`` (optional) is called with the (synced) masked sum ``sum_j k_j dL/dy_j x_j``
+    ``(C,)``, so PN can track its backward statistic during warmup without another pass.
+
+    Shape: x ``(N, C)``; weight, bias, mean, rstd ``(C,)``; keep ``(N,)`` or None; count ``()``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, keep, mean, rstd, count, sync, process_group,
+                backward_hook: Callable[[Tensor], None] | None):
+        scale = rstd * weight
+        shift = bias if mean is None else bias - mean * scale
+        ctx.save_for_backward(x, weight, keep, mean, rstd, count)
+        ctx.sync, ctx.process_group, ctx.backward_hook = sync, process_group, backward_hook
+        return torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, keep, mean, rstd, count = ctx.saved_tensors
+        sum_gy = grad_y.sum(0)
+        prod = grad_y * x
+        sum_gyx = prod.sum(0)
+        sums = [sum_gy, sum_gyx] if mean is not None else [sum_gyx]
+        hook = ctx.backward_hook
+        if hook is not None:
+            sums.append(sum_gyx if keep is None else keep @ prod)
+        sums = maybe_all_reduce(sums, ctx.sync, ctx.process_group)
+
+        # sum_i dL/dy_i x_hat_i, locally (weight grad) and over all ranks (input grad)
+        local_gyxhat = rstd * (sum_gyx if mean is None else sum_gyx - mean * sum_gy)
+        g_xhat = weight * rstd * (sums[0] if mean is None else sums[1] - mean * sums[0])
+        rn = rstd / count.clamp(min=1)
+        coef_x = rn * rstd * g_xhat
+        coef_0 = None if mean is None else rn * weight * sums[0] - coef_x * mean
+        grad_x = grad_y * (weight * rstd)
+        if keep is None:
+            grad_x.addcmul_(x, coef_x, value=-1)
+            if coef_0 is not None:
+                grad_x.sub_(coef_0)
+        else:
+            correction = x * coef_x if coef_0 is None else torch.addcmul(coef_0, x, coef_x)
+            grad_x.addcmul_(correction, keep.unsqueeze(1), value=-1)
+        if hook is not None:
+            hook(sums[-1])
+        need = ctx.needs_input_grad
+        return (grad_x, local_gyxhat if need[1] else None, sum_gy if need[2] else None,
+                None, None, None, None, None, None, None)
+
+
+class MaskedBatchNorm(MaskedNorm):
+    r"""Batch normalization over the real (non-pad) tokens of a ``(T, B, C)`` batch.
+
+    .. math::
+        y = \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} \cdot \gamma + \beta
+
+    with per-channel mean and biased variance over non-pad tokens only; exact gradient (custom
+    backward, see :class:`BatchStatNormFunction`). Running mean and unbiased running variance
+    (as in ``torch.nn.BatchNorm1d``) are updated with ``momentum`` and used in eval mode, where
+    the layer is the fixed affine map :meth:`eval_affine`. A batch without real tokens leaves the
+    running statistics unchanged.
+
+    Differs from the released code's ``MaskSyncBatchNorm``, which (i) first divides every token by
+    its RMS over all channels (LayerScaling), (ii) replaces pad rows by the batch mean and runs BN
+    over all ``T*B`` rows, so its variance is diluted by ``N_real / (T*B)``, (iii) uses momentum
+    0.05 and (iv) never synchronizes. ``prescale=True`` adds (i), i.e.
+    ``x / sqrt(mean_c(x^2) + 1e-5)`` per token, also at eval; ``momentum=0.05`` gives (iii).
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        momentum: weight of the batch statistic in the running-average update. Default: 0.1.
+        affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default: True.
+        prescale: per-token RMS scaling before BN (see above). Default: False.
+        sync_stats: all-reduce statistics (forward and backward) over ``process_group``, so the
+            running statistics stay identical on all ranks. Default: False.
+        process_group, device, dtype: see :class:`~powernorm_fairseq.norms.base.MaskedNorm`.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> bn = MaskedBatchNorm(512)
+        >>> x, pad = torch.randn(7, 3, 512), torch.zeros(3, 7, dtype=torch.bool)
+        >>> pad[0, 5:] = True
+        >>> y = bn(x, padding_mask=pad)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, prescale: bool = False, sync_stats: bool = False,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.prescale = prescale
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+        self.reset_parameters()
+
+    @property
+    def has_prescale(self) -> bool:
+        return self.prescale
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}, prescale={self.prescale}"
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._affine_or_identity(self.running_var.dtype)
+        scale = weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, bias - self.running_mean * scale
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        if self.prescale:
+            x2d = group_rms_scale(x2d, 1, PRESCALE_EPS)
+        weight, bias = self._affine_or_identity(x2d.dtype)
+        if not self.training:
+            scale = weight * torch.rsqrt(self.running_var.to(x2d.dtype) + self.eps)
+            return torch.addcmul(bias - self.running_mean.to(x2d.dtype) * scale, x2d, scale)
+        sync = self._sync()
+        with torch.no_grad():
+            mean, var, count = batch_moments(x2d.detach(), keep, center=True,
+                                             shift=self.running_mean, sync=sync,
+                                             process_group=self.process_group)
+            rstd = torch.rsqrt(var + self.eps)
+            has = count > 0
+            unbiased = var * (count / (count - 1).clamp(min=1))
+            self.running_mean.copy_(torch.where(
+                has, torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), self.momentum),
+                self.running_mean))
+            self.running_var.copy_(torch.where(
+                has, torch.lerp(self.running_var, unbiased.to(self.running_var.dtype), self.momentum),
+                self.running_var))
+        return BatchStatNormFunction.apply(x2d, weight, bias, keep, mean, rstd, count, sync,
+                                           self.process_group, None)

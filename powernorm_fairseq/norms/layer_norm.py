@@ -1,0 +1,45 @@
+"""LayerNorm with the common ``norm(x, padding_mask=None)`` signature."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import MaskedNorm
+
+
+class LayerNorm(MaskedNorm):
+    r"""Layer normalization over the channel dimension (per token; padding needs no masking).
+
+    .. math::
+        y = \frac{x - \mathrm{E}_c[x]}{\sqrt{\mathrm{Var}_c[x] + \epsilon}} \cdot \gamma + \beta
+
+    Statistics are per token, so pads never influence real tokens; ``padding_mask`` is validated
+    and otherwise ignored. Same numbers as ``torch.nn.LayerNorm(C, eps)`` (the released code's LN).
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default: True.
+        sync_stats, process_group: accepted for a uniform API; LN has no batch statistics.
+        device, dtype: of the parameters.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> norm = LayerNorm(512)
+        >>> y = norm(torch.randn(10, 4, 512), padding_mask=torch.zeros(4, 10, dtype=torch.bool))
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+                 sync_stats: bool = False, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+        self.reset_parameters()
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        weight = None if self.weight is None else self.weight.to(x2d.dtype)
+        bias = None if self.bias is None else self.bias.to(x2d.dtype)
+        return F.layer_norm(x2d, (self.num_features,), weight, bias, self.eps)

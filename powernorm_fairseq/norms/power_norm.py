@@ -1,0 +1,502 @@
+"""Power normalization: PN-V (batch quadratic mean) and PN (running statistics, Algorithm 2).
+
+Notation (per channel, PAPER.md sections 1-3): ``psi_B^2 = mean(x^2)`` over the real tokens of
+the batch, ``x_hat`` the normalized input, ``g = weight * dL/dy``,
+``Gamma = mean(x_hat^2)`` and ``Lambda = mean(g * x_hat)`` over the real tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .base import MaskedNorm
+from .batch_norm import PRESCALE_EPS, BatchStatNormFunction, batch_moments
+from .distributed import maybe_all_reduce
+from .functional import column_sum_of_squares, group_rms_scale, token_count
+
+
+def _check_alpha(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def _check_group_num(num_features: int, group_num: int) -> None:
+    if not isinstance(group_num, int) or group_num < 0:
+        raise ValueError(f"group_num must be an int >= 0 (0 = no group scaling), got {group_num!r}")
+    if group_num and num_features % group_num:
+        raise ValueError(f"num_features={num_features} is not divisible by group_num={group_num}; "
+                         "use a divisor of the channel count (e.g. the number of attention heads)")
+
+
+class PowerNormV(MaskedNorm):
+    r"""PN-V: divide by the per-channel quadratic mean of the batch (no centering).
+
+    .. math::
+        \psi_B^2 = \frac{1}{n}\sum_{i\,\text{real}} x_i^2, \qquad
+        y = \gamma \cdot \frac{x}{\sqrt{\psi_B^2 + \epsilon}} + \beta
+
+    with the exact gradient
+    ``dL/dx_j = r (g_j - k_j x_hat_j (1/n) sum_i g_i x_hat_i)``, ``r = 1/sqrt(psi_B^2 + eps)``
+    (:class:`~powernorm_fairseq.norms.batch_norm.BatchStatNormFunction`). Pads are normalized but
+    excluded from ``psi_B^2``. In training the running statistic is updated as
+    ``psi^2 <- (1 - momentum) psi^2 + momentum psi_B^2`` (init 1; skipped for a batch without
+    real tokens or with a non-finite statistic); eval uses ``y = gamma * x / sqrt(psi^2 + eps) + beta``.
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        momentum: weight of the batch statistic in the running average. Default: 0.1.
+        affine, sync_stats, process_group, device, dtype: see
+            :class:`~powernorm_fairseq.norms.base.MaskedNorm`.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> norm = PowerNormV(512)
+        >>> y = norm(torch.randn(7, 3, 512))
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, sync_stats: bool = False, process_group=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("running_psi2",
+                             torch.ones(num_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_psi2.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._affine_or_identity(self.running_psi2.dtype)
+        return weight * torch.rsqrt(self.running_psi2 + self.eps), bias.clone()
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        weight, bias = self._affine_or_identity(x2d.dtype)
+        if not self.training:
+            return torch.addcmul(bias, x2d, weight * torch.rsqrt(
+                self.running_psi2.to(x2d.dtype) + self.eps))
+        sync = self._sync()
+        with torch.no_grad():
+            _, psi2_b, count = batch_moments(x2d.detach(), keep, center=False, sync=sync,
+                                             process_group=self.process_group)
+            rstd = torch.rsqrt(psi2_b + self.eps)
+            ok = (count > 0) & torch.isfinite(psi2_b)
+            self.running_psi2.copy_(torch.where(ok, torch.lerp(
+                self.running_psi2, psi2_b.to(self.running_psi2.dtype), self.momentum),
+                self.running_psi2))
+        return BatchStatNormFunction.apply(x2d, weight, bias, keep, None, rstd, count, sync,
+                                           self.process_group, None)
+
+
+class RunningPowerFunction(torch.autograd.Function):
+    r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``.
+
+    Backward with ``nu_{t-1}`` = the ``nu`` buffer at backward time:
+
+    .. math::
+        \tilde x = g - \nu_{t-1} \hat x, \quad
+        \frac{\partial L}{\partial x} = \tilde x \cdot r, \quad
+        \frac{\partial L}{\partial \gamma} = \sum \frac{\partial L}{\partial y} \hat x, \quad
+        \frac{\partial L}{\partial \beta} = \sum \frac{\partial L}{\partial y}
+
+    computed as ``grad_x = dL/dy * (weight r) - x * (nu r^2)`` (two passes). ``backward_hook``
+    then receives the masked sum ``sum_j k_j dL/dy_j x_j`` ``(C,)`` (all-reduced when ``sync``)
+    and updates ``nu``; ``nu`` must not be changed before the gradient is formed.
+
+    Shape: x ``(N, C)``; weight, bias, rstd, nu ``(C,)``; keep ``(N,)`` or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, backward_hook):
+        ctx.save_for_backward(x, weight, keep, rstd)
+        ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
+        ctx.backward_hook = backward_hook
+        return torch.addcmul(bias, x, rstd * weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, keep, rstd = ctx.saved_tensors
+        prod = grad_y * x
+        sum_gyx = prod.sum(0)
+        grad_x = grad_y * (weight * rstd)
+        grad_x.addcmul_(x, ctx.nu.to(x.dtype) * rstd * rstd, value=-1)
+        masked = sum_gyx if keep is None else keep @ prod
+        ctx.backward_hook(maybe_all_reduce([masked], ctx.sync, ctx.process_group)[0])
+        need = ctx.needs_input_grad
+        return (grad_x, rstd * sum_gyx if need[1] else None,
+                grad_y.sum(0) if need[2] else None, None, None, None, None, None, None)
+
+
+class PowerNormPaper(MaskedNorm):
+    r"""PN as in Algorithm 2 of the paper (``variant="paper"``), per channel.
+
+    Training step ``t`` (running ``psi^2`` init 1, ``nu`` init 0; ``n`` real tokens):
+
+    - forward: ``x_hat = x / sqrt(psi^2_{t-1} + eps)``, ``y = weight * x_hat + bias``, then
+      ``psi^2_t = alpha_fwd psi^2_{t-1} + (1 - alpha_fwd) psi_B^2`` with ``psi_B^2 = mean(x^2)``
+      over the real tokens.
+    - backward: ``g = weight * dL/dy``, ``x_tilde = g - nu_{t-1} x_hat``,
+      ``dL/dx = x_tilde / sqrt(psi^2_{t-1} + eps)``, and
+      ``nu_t = nu_{t-1} + (1 - alpha_bkw) mean(x_tilde * x_hat)`` (mean over the real tokens),
+      i.e. ``nu_t = nu_{t-1} (1 - w) + (1 - alpha_bkw) Lambda`` with ``w = (1 - alpha_bkw) Gamma``.
+      ``dL/dweight = sum(dL/dy * x_hat)``, ``dL/dbias = sum(dL/dy)`` over all positions.
+
+    Eval: ``y = weight * x / sqrt(psi^2 + eps) + bias`` (:meth:`eval_affine`).
+
+    Warmup: while ``num_updates < warmup_updates`` the layer runs PN-V (batch ``psi_B^2`` forward,
+    exact gradient, :class:`PowerNormV`); ``psi^2`` is still updated by the EMA above and ``nu`` by
+    the same recurrence (with the batch ``x_hat``), so both are warm when PN takes over. Warmup is
+    counted in optimizer updates as told by :meth:`set_num_updates`, which fairseq calls on every
+    module, so gradient accumulation does not shorten it. Plain-torch users with
+    ``warmup_updates > 0`` call ``norm.set_num_updates(step)`` themselves.
+
+    Safeguards (deviations that act only where Algorithm 2 would break down): the ``nu``
+    recurrence is a convex combination only while ``w in (0, 1]``; with ``safeguard=True`` (default)
+    ``w`` is clamped to 1 (the whole increment is scaled by ``min(1, 1/w)``, so ``nu_t`` becomes
+    ``Lambda / Gamma`` in the clamped step), and updates of ``psi^2`` / ``nu`` with a non-finite
+    batch statistic, or from a batch without real tokens, are skipped.
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        alpha_fwd: EMA factor of ``psi^2``. Default: 0.9.
+        alpha_bkw: EMA factor of ``nu``. Default: 0.9.
+        warmup_updates: optimizer updates of PN-V before PN. Default: 0.
+        group_num: per-token RMS pre-scaling in ``group_num`` channel groups (the released code's
+            GroupScaling, eps 1e-5, also at eval); 0 = off. Default: 0.
+        safeguard: clamp ``w`` to 1 as described above. Default: True.
+        affine, sync_stats, process_group, device, dtype: see
+            :class:`~powernorm_fairseq.norms.base.MaskedNorm`. With ``sync_stats`` the forward
+            ``psi_B^2`` and the backward ``Lambda`` are all-reduced (one collective each).
+
+    Buffers: ``running_psi2`` ``(C,)``, ``nu`` ``(C,)``, ``num_updates`` ``(1,)`` long.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> norm = PowerNormPaper(512, warmup_updates=100)
+        >>> for step in range(3):
+        ...     norm.set_num_updates(step)
+        ...     norm(torch.randn(7, 3, 512)).sum().backward()
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, alpha_fwd: float = 0.9,
+                 alpha_bkw: float = 0.9, warmup_updates: int = 0, group_num: int = 0,
+                 safeguard: bool = True, affine: bool = True, sync_stats: bool = False,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+        _check_alpha("alpha_fwd", alpha_fwd)
+        _check_alpha("alpha_bkw", alpha_bkw)
+        _check_group_num(num_features, group_num)
+        if warmup_updates < 0:
+            raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
+        self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
+        self.warmup_updates, self.group_num, self.safeguard = warmup_updates, group_num, safeguard
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("running_psi2", torch.ones(num_features, **factory))
+        self.register_buffer("nu", torch.zeros(num_features, **factory))
+        self.register_buffer("num_updates", torch.zeros(1, dtype=torch.long, device=device))
+        # host copy of num_updates: choosing warmup vs PN must not sync with the device
+        self._num_updates_host = 0
+        self.reset_parameters()
+
+    @property
+    def has_prescale(self) -> bool:
+        return self.group_num > 0
+
+    def reset_running_stats(self) -> None:
+        self.running_psi2.fill_(1.0)
+        self.nu.zero_()
+        self.num_updates.zero_()
+        self._num_updates_host = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates.fill_(num_updates)
+        self._num_updates_host = int(num_updates)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, variant=paper, alpha_fwd={self.alpha_fwd}, "
+                f"alpha_bkw={self.alpha_bkw}, warmup_updates={self.warmup_updates}, "
+                f"group_num={self.group_num}, safeguard={self.safeguard}")
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._affine_or_identity(self.running_psi2.dtype)
+        return weight * torch.rsqrt(self.running_psi2 + self.eps), bias.clone()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._num_updates_host = int(self.num_updates[0])
+
+    def _nu_hook(self, weight: Tensor, rstd: Tensor, gamma: Tensor, count: Tensor):
+        """Backward hook updating ``nu`` from ``sum_j k_j dL/dy_j x_j`` (see class docstring)."""
+        one_minus_a = 1.0 - self.alpha_bkw
+
+        def update(masked_sum_gyx: Tensor) -> None:
+            with torch.no_grad():
+                nu = self.nu.to(gamma.dtype)
+                lam = weight * rstd * masked_sum_gyx / count.clamp(min=1)
+                step = one_minus_a * (lam - nu * gamma)
+                if self.safeguard:
+                    w = one_minus_a * gamma
+                    step = step * torch.where(w > 1, 1.0 / w, torch.ones_like(w))
+                ok = (count > 0) & torch.isfinite(step)
+                self.nu.copy_(torch.where(ok, nu + step, nu).to(self.nu.dtype))
+
+        return update
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        if self.group_num:
+            x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
+        weight, bias = self._affine_or_identity(x2d.dtype)
+        psi2 = self.running_psi2.to(x2d.dtype)
+        if not self.training:
+            return torch.addcmul(bias, x2d, weight * torch.rsqrt(psi2 + self.eps))
+        sync = self._sync()
+        warmup = self._num_updates_host < self.warmup_updates
+        with torch.no_grad():
+            _, psi2_b, count = batch_moments(x2d.detach(), keep, center=False, sync=sync,
+                                             process_group=self.process_group)
+            rstd = torch.rsqrt((psi2_b if warmup else psi2) + self.eps)
+            ok = (count > 0) & torch.isfinite(psi2_b)
+            new = self.alpha_fwd * psi2 + (1.0 - self.alpha_fwd) * psi2_b
+            self.running_psi2.copy_(torch.where(ok, new, psi2).to(self.running_psi2.dtype))
+            hook = self._nu_hook(weight.detach(), rstd, psi2_b * rstd * rstd, count)
+        if warmup:
+            return BatchStatNormFunction.apply(x2d, weight, bias, keep, None, rstd, count, sync,
+                                               self.process_group, hook)
+        return RunningPowerFunction.apply(x2d, weight, bias, keep, rstd, self.nu, sync,
+                                          self.process_group, hook)
+
+
+class ReferencePowerFunction(torch.autograd.Function):
+    r"""The released ``PowerFunction`` step: ``y = weight * x * rstd_fwd + bias``.
+
+    Backward (PAPER.md section 3, L85-94), with ``z = x * rstd_fwd``, ``c = 1 - alpha_bkw`` and
+    ``E`` the ``ema_gz`` buffer:
+
+    - ``approx = g - c E z``; ``dL/dx = approx * rstd_bwd`` with ``rstd_bwd`` the BATCH statistic
+      (D2); computed as ``dL/dy * (weight rstd_bwd) - x * (c E rstd_fwd rstd_bwd)``.
+    - ``E += mean(approx * z)`` over ALL ``T*B`` positions, pads included (D5):
+      ``(weight rstd_fwd sum(dL/dy x) - c E rstd_fwd^2 sum(x^2)) / (T*B)``; skipped when the batch
+      has no real token. ``num_unstable += 1`` when ``c * mean(z^2) > 1`` for some channel (the
+      recurrence then amplifies ``E``) or ``E`` became non-finite (batches without real tokens
+      are not counted); no safeguard otherwise.
+    - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
+
+    ``sum_sq_all`` ``(C,)`` and ``num_all`` ``()`` (= ``sum(x^2)`` and ``T*B``, synced) come from
+    the forward statistics pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, module,
+                sync):
+        ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
+        ctx.module, ctx.sync = module, sync
+        return torch.addcmul(bias, x, rstd_fwd * weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
+        module = ctx.module
+        c = 1.0 - module.alpha_bkw
+        ema = module.ema_gz.view(-1)
+        ema_c = ema.to(x.dtype)
+        prod = grad_y * x
+        sum_gyx = prod.sum(0)
+        grad_x = grad_y * (weight * rstd_bwd)
+        grad_x.addcmul_(x, c * ema_c * rstd_fwd * rstd_bwd, value=-1)
+        (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, module.process_group)
+        with torch.no_grad():
+            n_all = num_all.clamp(min=1)
+            gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
+            new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
+            ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
+            unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
+            module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
+        need = ctx.needs_input_grad
+        return (grad_x, rstd_fwd * sum_gyx if need[1] else None,
+                grad_y.sum(0) if need[2] else None, None, None, None, None, None, None, None)
+
+
+class PowerNormReference(MaskedNorm):
+    r"""PN as in the released ``MaskPowerNorm`` (``variant="reference"``), number for number.
+
+    Deviations from Algorithm 2 it reproduces (PAPER.md section 3):
+
+    - D4: per-token group RMS pre-scaling ``x / sqrt(mean_group(x^2) + 1e-5)`` in ``group_num``
+      groups (1 = all channels), before everything else, also at eval; gradients flow through it
+      by ordinary autograd. ``group_num=0`` turns it off.
+    - D1: for ``iters <= warmup_updates`` the forward uses the batch ``psi_B^2`` (PN-V forward),
+      afterwards the running ``running_phi``.
+    - D3: for ``iters < warmup_updates`` the running statistic first takes a cumulative mean
+      ``phi <- phi (t-1)/t + psi_B^2/t`` and then, always, the EMA
+      ``phi <- alpha_fwd phi + (1-alpha_fwd) psi_B^2``.
+    - D2: the backward divides by the batch ``sqrt(psi_B^2 + eps)``, also after warmup.
+    - D6: the backward is the ``ema_gz`` approximation from the first step (see
+      :class:`ReferencePowerFunction`); ``ema_gz = nu / (1 - alpha_bkw)`` in Algorithm 2's terms.
+    - D5: ``ema_gz`` is updated with a mean over all ``T*B`` positions, pads included, while
+      ``psi_B^2`` excludes pads.
+    - D7: no cross-rank sync unless ``sync_stats=True`` (then ``psi_B^2``, the position count and
+      the ``ema_gz`` increment are all-reduced: an opt-in departure from the released code).
+
+    The step counter ``iters`` is incremented on every training forward call (not per optimizer
+    update) and is not touched in eval, where ``y = weight * x / sqrt(running_phi + eps) + bias``
+    on the group-scaled ``x``. ``affine`` works (the released code ignores it). A batch without
+    real tokens leaves ``running_phi`` and ``ema_gz`` unchanged (the released code would divide by
+    zero).
+
+    Divergence counting: ``num_unstable`` counts backward steps where ``(1-alpha_bkw) Gamma > 1``
+    (``Gamma = mean z^2`` over all positions) or ``ema_gz`` became non-finite. It is accumulated as
+    a tensor (no host sync); the module reads it every ``check_every`` training calls and when its
+    state dict is taken, and then warns once.
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        alpha_fwd, alpha_bkw: Default: 0.9, 0.9.
+        warmup_updates: the released ``warmup_iters`` (in forward calls). Default: 0.
+        group_num: GroupScaling groups, 0 = off. Default: 1.
+        affine, sync_stats, process_group, device, dtype: see
+            :class:`~powernorm_fairseq.norms.base.MaskedNorm`.
+
+    Buffers (released names and shapes, so a released state dict loads): ``running_phi``
+    ``(1, C, 1, 1)`` init 1, ``ema_gz`` ``(1, C, 1, 1)`` init 0, ``iters`` ``(1,)`` long init 0;
+    plus ``num_unstable`` ``(1,)`` long (filled with 0 when loading a released state dict).
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> norm = PowerNormReference(512, group_num=4, warmup_updates=8000)
+        >>> y = norm(torch.randn(7, 3, 512))
+    """
+
+    check_every = 1000
+
+    def __init__(self, num_features: int, eps: float = 1e-5, alpha_fwd: float = 0.9,
+                 alpha_bkw: float = 0.9, warmup_updates: int = 0, group_num: int = 1,
+                 affine: bool = True, sync_stats: bool = False, process_group=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+        _check_alpha("alpha_fwd", alpha_fwd)
+        _check_alpha("alpha_bkw", alpha_bkw)
+        _check_group_num(num_features, group_num)
+        if warmup_updates < 0:
+            raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
+        self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
+        self.warmup_updates, self.group_num = warmup_updates, group_num
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("running_phi", torch.ones(1, num_features, 1, 1, **factory))
+        self.register_buffer("ema_gz", torch.zeros(1, num_features, 1, 1, **factory))
+        self.register_buffer("iters", torch.zeros(1, dtype=torch.long, device=device))
+        self.register_buffer("num_unstable", torch.zeros(1, dtype=torch.long, device=device))
+        self._calls_since_check = 0
+        self._warned = False
+        self.reset_parameters()
+
+    @property
+    def has_prescale(self) -> bool:
+        return self.group_num > 0
+
+    def reset_running_stats(self) -> None:
+        self.running_phi.fill_(1.0)
+        self.ema_gz.zero_()
+        self.iters.zero_()
+        self.num_unstable.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, variant=reference, alpha_fwd={self.alpha_fwd}, "
+                f"alpha_bkw={self.alpha_bkw}, warmup_updates={self.warmup_updates}, "
+                f"group_num={self.group_num}")
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._affine_or_identity(self.running_phi.dtype)
+        return weight * torch.rsqrt(self.running_phi.view(-1) + self.eps), bias.clone()
+
+    def check_stability(self) -> int:
+        """Read ``num_unstable`` (one host sync) and warn once per module if it is non-zero."""
+        self._calls_since_check = 0
+        count = int(self.num_unstable[0])
+        if count and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"PowerNormReference({self.num_features}): the ema_gz recurrence was unstable in "
+                f"{count} step(s) ((1-alpha_bkw)*mean(z^2) > 1 or non-finite ema_gz); this "
+                "variant has no safeguard. Raise alpha_bkw, use group_num >= 1, or use "
+                "variant='paper'.", RuntimeWarning, stacklevel=2)
+        return count
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.check_stability()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _upgrade_legacy_state(self, state_dict: dict, prefix: str) -> None:
+        state_dict.setdefault(prefix + "num_unstable", torch.zeros_like(self.num_unstable))
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        if self.group_num:
+            x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
+        weight, bias = self._affine_or_identity(x2d.dtype)
+        phi = self.running_phi.view(-1).to(x2d.dtype)
+        if not self.training:
+            return torch.addcmul(bias, x2d, weight * torch.rsqrt(phi + self.eps))
+        self._calls_since_check += 1
+        if self._calls_since_check >= self.check_every:
+            self.check_stability()
+        sync = self._sync()
+        with torch.no_grad():
+            self.iters.add_(1)
+            xd = x2d.detach()
+            sum_sq, sum_sq_all = column_sum_of_squares(xd, keep, with_total=True)
+            count = token_count(xd, keep).reshape(1)
+            num_all = torch.full((1,), xd.shape[0], dtype=xd.dtype, device=xd.device)
+            sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
+                [sum_sq, sum_sq_all, count, num_all], sync, self.process_group)
+            count, num_all = count[0], num_all[0]
+            psi2_b = sum_sq / count.clamp(min=1)
+            t = self.iters.to(x2d.dtype)
+            rstd_bwd = torch.rsqrt(psi2_b + self.eps)
+            rstd_fwd = torch.where(t <= self.warmup_updates, rstd_bwd,
+                                   torch.rsqrt(phi + self.eps))
+            cumulative = torch.where(t < self.warmup_updates, phi * (t - 1) / t + psi2_b / t, phi)
+            new = self.alpha_fwd * cumulative + (1.0 - self.alpha_fwd) * psi2_b
+            self.running_phi.view(-1).copy_(torch.where(count > 0, new, phi))
+        return ReferencePowerFunction.apply(x2d, weight, bias, rstd_fwd, rstd_bwd, sum_sq_all,
+                                            num_all, count, self, sync)
+
+
+#: ``variant`` names of :func:`power_norm`.
+POWER_VARIANTS = {"paper": PowerNormPaper, "reference": PowerNormReference}
+
+
+def power_norm(num_features: int, variant: str = "paper", **kwargs) -> MaskedNorm:
+    """Build PN: ``variant="paper"`` (Algorithm 2, :class:`PowerNormPaper`) or ``"reference"``
+    (the released code, :class:`PowerNormReference`); ``kwargs`` go to that class."""
+    if variant not in POWER_VARIANTS:
+        raise ValueError(f"unknown PowerNorm variant {variant!r}; choose one of "
+                         f"{sorted(POWER_VARIANTS)}")
+    return POWER_VARIANTS[variant](num_features, **kwargs)

@@ -1,0 +1,194 @@
+"""Shared helpers of the pipeline: atomic writes, done-markers, run records, subprocesses."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PLUGIN_DIR = REPO_ROOT / "powernorm_fairseq"
+
+
+def log(msg: str) -> None:
+    """Print one progress line to stderr at once (runs are long; buffering hides progress)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    A reader therefore sees either the old file or the complete new one, never a half-written file
+    (a killed process leaves only a ``.tmp*`` file, which the next run overwrites).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
+    """Write one line per item atomically; returns the number of lines written."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line.rstrip("\n") + "\n")
+            n += 1
+    return n
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """Read a text file (``.gz`` transparently) as a list of lines without newlines."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Number of lines of a (possibly gzipped) text file."""
+    return len(read_lines(path))
+
+
+class Steps:
+    """Idempotent steps with done-markers in ``<out_dir>/.done/<name>``.
+
+    A step is skipped when its marker exists and all its declared outputs exist. The marker is
+    written only after the step function returned, i.e. after its outputs are in place (each step
+    writes its outputs atomically), so an interrupted step has no marker and is redone.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.out_dir = Path(out_dir)
+        self.marker_dir = self.out_dir / ".done"
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def run(self, name: str, fn: Callable[[], object], outputs: Iterable[str | os.PathLike] = ()):
+        marker = self.marker_dir / name
+        outputs = [Path(p) for p in outputs]
+        if marker.exists() and all(p.exists() for p in outputs):
+            log(f"step {name}: done before, skipped")
+            self.skipped.append(name)
+            return json.loads(marker.read_text() or "null")
+        if marker.exists():
+            marker.unlink()
+        log(f"step {name}: running")
+        t0 = time.time()
+        result = fn()
+        missing = [str(p) for p in outputs if not p.exists()]
+        if missing:
+            raise RuntimeError(f"step {name} finished but did not produce {missing}")
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, json.dumps(result))
+        log(f"step {name}: done in {time.time() - t0:.1f}s")
+        self.ran.append(name)
+        return result
+
+
+def run_cmd(cmd: list[str], *, log_file: str | os.PathLike | None = None, env: dict | None = None,
+            echo: Callable[[str], None] | None = None) -> str:
+    """Run ``cmd``; return its combined stdout/stderr; raise ``SystemExit`` naming it on failure.
+
+    Args:
+        log_file: if given, the output is also appended there (a run's full log survives).
+        echo: called with each output line while the command runs (progress streaming).
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env, cwd=REPO_ROOT)
+    out_lines = []
+    logf = open(log_file, "a", encoding="utf-8") if log_file else None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out_lines.append(line)
+            if logf:
+                logf.write(line)
+                logf.flush()
+            if echo:
+                echo(line.rstrip("\n"))
+        rc = proc.wait()
+    finally:
+        if logf:
+            logf.close()
+    output = "".join(out_lines)
+    if rc != 0:
+        tail = "".join(out_lines[-30:])
+        raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n--- last lines ---\n{tail}")
+    return output
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit (with ``+dirty`` if the tree has changes), or None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+
+
+def hardware() -> dict:
+    """A short description of the machine for run records."""
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return info
+
+
+def python_module_cmd(module: str) -> list[str]:
+    """``[python, -m, module]`` with the interpreter running this code (the project's venv)."""
+    return [sys.executable, "-m", module]
+
+
+def import_plugin() -> None:
+    """Register the plugin's models (and tasks) with fairseq, as ``--user-dir`` would.
+
+    fairseq's ``import_user_module`` does nothing for a package that is already imported, and any
+    process running this pipeline has imported ``powernorm_fairseq`` (the pipeline lives inside it),
+    so its ``models/`` would never be registered. Importing them here is idempotent.
+    """
+    from fairseq.models import import_models
+    from fairseq.tasks import import_tasks
+
+    if (PLUGIN_DIR / "tasks").is_dir():
+        import_tasks(str(PLUGIN_DIR / "tasks"), "powernorm_fairseq.tasks")
+    if (PLUGIN_DIR / "models").is_dir():
+        import_models(str(PLUGIN_DIR / "models"), "powernorm_fairseq.models")

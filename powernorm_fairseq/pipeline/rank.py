@@ -1,0 +1,77 @@
+"""Run one training process (one rank) of fairseq, optionally recording a digest of its parameters.
+
+``python -m powernorm_fairseq.pipeline.rank [--param-digest FILE] {train,hydra} ARGS...`` runs
+``fairseq_cli.train`` (``train``: fairseq-train flags) or ``powernorm_fairseq.hydra_train``
+(``hydra``: a preset plus ``key=value`` overrides) in this process. With ``--param-digest``, after
+training it writes the sha256 of every parameter of the trained model to FILE; the launcher compares
+the files of all ranks to prove that data-parallel ranks really trained one model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+from powernorm_fairseq.pipeline.common import atomic_write_json, import_plugin
+
+
+def param_digest(model) -> dict:
+    """{"params": sha256 over all parameters (name order), "buffers": {name: sha256}}.
+
+    Buffers are listed per name: the running statistics of BN/PN are per-rank state (never
+    synchronized unless ``--norm-sync-stats``), so they may differ between ranks by design.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    buffers = {name: hashlib.sha256(b.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+               for name, b in sorted(model.named_buffers())}
+    return {"params": h.hexdigest(), "buffers": buffers}
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    digest_path = None
+    if argv[:1] == ["--param-digest"]:
+        digest_path, argv = argv[1], argv[2:]
+    if not argv or argv[0] not in ("train", "hydra"):
+        raise SystemExit("usage: rank [--param-digest FILE] {train,hydra} ARGS...")
+    entry, argv = argv[0], argv[1:]
+
+    import fairseq_cli.train as fairseq_train
+
+    import_plugin()
+
+    trainers = []
+    if digest_path:
+        # fairseq_cli.train.main builds the Trainer and keeps it local; record it to read the
+        # final parameters after main() returns.
+        base = fairseq_train.Trainer
+
+        class RecordingTrainer(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                trainers.append(self)
+
+        fairseq_train.Trainer = RecordingTrainer
+    if entry == "train":
+        sys.argv = ["fairseq-train", *argv]
+        fairseq_train.cli_main()
+    else:
+        from powernorm_fairseq import hydra_train
+
+        sys.argv = ["powernorm-hydra-train", *argv]
+        hydra_train.cli_main()
+    if digest_path:
+        if not trainers:
+            raise SystemExit("training ended before a Trainer was built; no parameter digest")
+        trainer = trainers[-1]
+        record = param_digest(trainer.get_model())
+        record.update(rank=trainer.data_parallel_rank, world_size=trainer.data_parallel_world_size,
+                      num_updates=trainer.get_num_updates())
+        atomic_write_json(digest_path, record)
+
+
+if __name__ == "__main__":
+    main()

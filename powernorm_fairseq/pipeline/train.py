@@ -1,0 +1,349 @@
+"""Train one experiment of the paper on what this machine has: CPU, one GPU, all GPUs, or nodes.
+
+Usage::
+
+    # a preset configs/<experiment>_<norm>.yaml (hydra); overrides are hydra key=value pairs
+    python -m powernorm_fairseq.pipeline.train iwslt14 pn --data data/iwslt14/data-bin
+    # no preset: the overrides are plain fairseq-train flags (used by the quickstart and tests)
+    python -m powernorm_fairseq.pipeline.train flags pn --data DIR --save-dir DIR -- --arch ...
+
+Launch modes (the world size W decides the gradient accumulation, see below):
+
+* CPU, one process: ``--cpu``. CPU data parallel: ``--cpu-workers N`` starts N ranks itself (gloo;
+  fairseq's own launchers cannot run on CPU) and checks that all ranks end with the same parameters.
+* GPUs of this node: fairseq spawns one process per visible GPU (W = number of GPUs).
+* Several nodes with torchrun: on every node ``torchrun --nnodes M --nproc-per-node G
+  --rdzv-endpoint HOST:PORT -m powernorm_fairseq.pipeline.train ...`` (fairseq reads RANK /
+  WORLD_SIZE / LOCAL_RANK; W = WORLD_SIZE).
+* SLURM: ``srun --ntasks-per-node G python -m powernorm_fairseq.pipeline.train ... --port 12345``
+  (one task per GPU; fairseq builds the rendezvous from SLURM's variables; W = SLURM_NTASKS).
+
+Effective batch: the preset's ``max_tokens * update_freq`` is the paper's batch on one device;
+with W ranks, ``update_freq`` becomes ``ceil(target / (max_tokens * W))`` so that
+``max_tokens * update_freq * W`` stays at (or just above) the paper's. ``--effective-tokens`` sets
+another target.
+
+Resuming: fairseq restores ``<save-dir>/checkpoint_last.pt``, so rerunning the same command continues
+an interrupted run. The full resolved configuration is written to ``<save-dir>/config.yaml`` and the
+launch details (command, world size, batch arithmetic) to ``<save-dir>/launch.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from powernorm_fairseq.pipeline.common import (
+    PLUGIN_DIR,
+    REPO_ROOT,
+    atomic_write_json,
+    atomic_write_text,
+    git_commit,
+    import_plugin,
+    log,
+    python_module_cmd,
+)
+
+NORMS = {"ln": "layer", "bn": "batch", "pnv": "power_v", "pn": "power"}
+
+
+def check_data_dir(data: str | Path, *, translation: bool | None = None) -> Path:
+    """Fail with a clear message if ``data`` is not a complete fairseq data-bin directory.
+
+    A directory made by the prepare step is complete once it exists (it is swapped in atomically);
+    a ``.tmp`` sibling or a missing ``binarize`` done-marker beside it means an interrupted prepare.
+    """
+    data = Path(data)
+    if not data.is_dir():
+        raise SystemExit(f"data directory {data} does not exist: run scripts/prepare_<corpus>.sh "
+                         "first (or pass --data to the data-bin directory it wrote).")
+    markers = data.parent / ".done"
+    if markers.is_dir() and not (markers / "binarize").exists():
+        raise SystemExit(f"{data} is from an unfinished prepare run (no {markers / 'binarize'}); "
+                         "rerun the same prepare command to finish it.")
+    dicts = list(data.glob("dict.*.txt"))
+    if not dicts:
+        raise SystemExit(f"{data} has no dict.*.txt: not a fairseq data-bin directory "
+                         "(point --data at the data-bin folder written by prepare).")
+    for split in ("train", "valid"):
+        idx = list(data.glob(f"{split}*.idx"))
+        if not idx:
+            raise SystemExit(f"{data} has no {split} split ({split}*.idx); rerun prepare.")
+        for i in idx:
+            b = i.with_suffix(".bin")
+            if not b.exists() or b.stat().st_size == 0:
+                raise SystemExit(f"{b} is missing or empty: the data directory is half-written; "
+                                 "rerun prepare.")
+    return data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flag_value(flags: list[str], name: str, default=None):
+    """The last value given for ``--name`` in a flag list (argparse semantics: the last wins)."""
+    value = default
+    for i, f in enumerate(flags):
+        if f == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif f.startswith(name + "="):
+            value = f.split("=", 1)[1]
+    return value
+
+
+def world_size(args) -> tuple[int, str]:
+    """(W, how): the number of data-parallel ranks this launch will have."""
+    if args.cpu_workers:
+        return args.cpu_workers, "cpu-workers"
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"]), "torchrun"
+    if "SLURM_NTASKS" in os.environ and args.port:
+        return int(os.environ["SLURM_NTASKS"]), "slurm"
+    if not args.cpu:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count(), "local-gpus"
+    return 1, "cpu"
+
+
+def scale_update_freq(max_tokens: int, update_freq: int, world: int, target: int | None) -> dict:
+    """Gradient accumulation that keeps ``max_tokens * update_freq * world`` at the target."""
+    target = target or max_tokens * update_freq
+    new_freq = max(1, math.ceil(target / (max_tokens * world)))
+    return {"target_tokens": target, "max_tokens": max_tokens, "world_size": world,
+            "update_freq": new_freq, "effective_tokens": max_tokens * new_freq * world}
+
+
+def preset_path(experiment: str, norm: str) -> Path:
+    path = REPO_ROOT / "configs" / f"{experiment}_{norm}.yaml"
+    if not path.exists():
+        choices = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+        raise SystemExit(f"no preset {path}; available: {choices}. Use EXPERIMENT 'flags' to pass "
+                         "plain fairseq-train flags instead.")
+    return path
+
+
+def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
+    """fairseq-train flags for 'flags' mode: the caller's flags plus data, save dir, norm, batch."""
+    flags = [str(args.data), "--user-dir", str(PLUGIN_DIR), "--save-dir", str(args.save_dir)]
+    arch = _flag_value(overrides, "--arch", "")
+    if arch.startswith("transformer_lm_pn"):
+        flags += ["--decoder-norm", NORMS[args.norm]]
+    elif arch.startswith("transformer_pn"):
+        flags += ["--encoder-norm", NORMS[args.norm]]
+    flags += overrides
+    max_tokens = _flag_value(flags, "--max-tokens")
+    batch = {}
+    if max_tokens is None and world > 1:
+        raise SystemExit("pass --max-tokens so the effective batch can be scaled to the world size")
+    if max_tokens is not None:
+        batch = scale_update_freq(int(max_tokens), int(_flag_value(flags, "--update-freq", 1)),
+                                  world, args.effective_tokens)
+        flags += ["--update-freq", str(batch["update_freq"])]
+    if args.cpu or args.cpu_workers:
+        flags.append("--cpu")
+    return flags, batch
+
+
+def build_preset_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
+    """Hydra arguments for preset mode: the preset plus data, save dir, batch, user overrides."""
+    import yaml
+
+    bad = [o for o in overrides if o.startswith("--")]
+    if bad:
+        raise SystemExit(f"preset mode takes hydra overrides key=value, got {bad}; e.g. "
+                         "optimization.max_update=1000 (or use EXPERIMENT 'flags' for fairseq flags)")
+    path = preset_path(args.experiment, args.norm)
+    cfg = yaml.safe_load(path.read_text()) or {}
+    ds, opt = cfg.get("dataset", {}) or {}, cfg.get("optimization", {}) or {}
+    hydra_args = ["--config-dir", str(path.parent), "--config-name", path.stem,
+                  f"task.data={args.data}", f"checkpoint.save_dir={args.save_dir}",
+                  f"common.user_dir={PLUGIN_DIR}", f"hydra.run.dir={args.save_dir}/hydra"]
+    batch = {}
+    max_tokens = ds.get("max_tokens")
+    if max_tokens:
+        freq = opt.get("update_freq", [1])
+        freq = freq[0] if isinstance(freq, list) else freq
+        batch = scale_update_freq(int(max_tokens), int(freq), world, args.effective_tokens)
+        hydra_args.append(f"optimization.update_freq=[{batch['update_freq']}]")
+    if args.cpu or args.cpu_workers:
+        hydra_args.append("common.cpu=true")
+    return hydra_args + overrides, batch
+
+
+def _distributed_args(mode: str, world: int, rank: int, port: int) -> list[str]:
+    if mode == "flags":
+        return ["--distributed-backend", "gloo", "--distributed-init-method",
+                f"tcp://127.0.0.1:{port}", "--distributed-world-size", str(world),
+                "--distributed-rank", str(rank), "--distributed-no-spawn",
+                "--ddp-backend", "legacy_ddp"]
+    d = "distributed_training."
+    return [f"{d}distributed_backend=gloo", f"{d}distributed_init_method=tcp://127.0.0.1:{port}",
+            f"{d}distributed_world_size={world}", f"{d}distributed_rank={rank}",
+            f"{d}distributed_no_spawn=true", f"{d}ddp_backend=legacy_ddp"]
+
+
+def write_resolved_config(mode: str, argv: list[str], save_dir: Path) -> None:
+    """Write the full configuration fairseq will run with to ``save_dir/config.yaml``.
+
+    Flags mode parses the flags with fairseq's own parser (plugin included); preset mode gets the
+    same file from hydra (``hydra.run.dir``), copied here once training has composed it.
+    """
+    if mode != "flags":
+        return
+    from fairseq import options, utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    # get_training_parser looks for --user-dir in sys.argv, not in `argv`: import the plugin first
+    utils.import_user_module(argparse.Namespace(user_dir=str(PLUGIN_DIR)))
+    import_plugin()
+    parser = options.get_training_parser()
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, input_args=argv))
+    atomic_write_text(save_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+
+def _stream(procs: list[subprocess.Popen], log_path: Path, echo) -> list[int]:
+    """Copy rank 0's output to the log (and ``echo``); wait for all ranks; kill all if one fails."""
+    with open(log_path, "a", encoding="utf-8") as logf:
+        assert procs[0].stdout is not None
+        for line in procs[0].stdout:
+            logf.write(line)
+            logf.flush()
+            echo(line.rstrip("\n"))
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=None if not any(codes) else 30))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+            codes.append(p.wait())
+        if codes[-1] != 0:
+            for q in procs:
+                if q.poll() is None:
+                    q.send_signal(signal.SIGTERM)
+    return codes
+
+
+def train(args, overrides: list[str], echo=None) -> dict:
+    """Launch training; returns the launch record (also written to ``save_dir/launch.json``)."""
+    echo = echo or (lambda line: print(line, flush=True))
+    if args.norm not in NORMS:
+        raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(NORMS)}")
+    check_data_dir(args.data)
+    args.save_dir = Path(args.save_dir or REPO_ROOT / "checkpoints" / f"{args.experiment}_{args.norm}")
+    args.save_dir.mkdir(parents=True, exist_ok=True)
+    mode = "flags" if args.experiment == "flags" else "preset"
+    world, how = world_size(args)
+    build = build_flags_command if mode == "flags" else build_preset_command
+    base, batch = build(args, overrides, world)
+    if batch:
+        log(f"world size {world} ({how}): max_tokens {batch['max_tokens']} x update_freq "
+            f"{batch['update_freq']} x {world} = {batch['effective_tokens']} tokens per update "
+            f"(target {batch['target_tokens']})")
+        if batch["effective_tokens"] != batch["target_tokens"]:
+            log("note: the target is not a multiple of max_tokens x world size; rounded up")
+    entry = "train" if mode == "flags" else "hydra"
+    write_resolved_config(mode, base, args.save_dir)
+    record = {"experiment": args.experiment, "norm": args.norm, "mode": mode, "world_size": world,
+              "launch": how, "batch": batch, "save_dir": str(args.save_dir), "data": str(args.data),
+              "command": " ".join(sys.argv), "fairseq_args": base, "git_commit": git_commit(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_json(args.save_dir / "launch.json", record)
+    log_path = args.save_dir / "train.log"
+    t0 = time.time()
+    digest_dir = args.save_dir / "rank_digests"
+    if how == "cpu-workers" and world > 1:
+        port = args.port or _free_port()
+        procs = []
+        for rank in range(world):
+            cmd = python_module_cmd("powernorm_fairseq.pipeline.rank") + [
+                "--param-digest", str(digest_dir / f"rank{rank}.json"), entry,
+                *base, *_distributed_args(mode, world, rank, port)]
+            procs.append(subprocess.Popen(
+                cmd, cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE if rank == 0 else None,
+                stderr=subprocess.STDOUT if rank == 0 else subprocess.DEVNULL,
+                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
+        codes = _stream(procs, log_path, echo)
+        if any(codes):
+            raise SystemExit(f"training failed: rank exit codes {codes}; see {log_path}")
+        record["rank_check"] = check_rank_digests(digest_dir, world)
+    else:
+        extra = [f"--distributed-port={args.port}"] if how == "slurm" and mode == "flags" else []
+        cmd = python_module_cmd("powernorm_fairseq.pipeline.rank") + [entry, *base, *extra]
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        codes = _stream([proc], log_path, echo)
+        if codes[0]:
+            raise SystemExit(f"training failed (exit {codes[0]}); see {log_path}")
+    hydra_cfg = args.save_dir / "hydra" / ".hydra" / "config.yaml"
+    if mode == "preset" and hydra_cfg.exists():
+        atomic_write_text(args.save_dir / "config.yaml", hydra_cfg.read_text())
+    record["wall_s"] = round(time.time() - t0, 1)
+    atomic_write_json(args.save_dir / "launch.json", record)
+    return record
+
+
+def check_rank_digests(digest_dir: Path, world: int) -> dict:
+    """All ranks must end with bit-identical parameters (data parallel = one model)."""
+    import json
+
+    digests = []
+    for rank in range(world):
+        path = digest_dir / f"rank{rank}.json"
+        if not path.exists():
+            raise SystemExit(f"rank {rank} wrote no parameter digest ({path})")
+        digests.append(json.loads(path.read_text()))
+    worlds = {d["world_size"] for d in digests}
+    if worlds != {world}:
+        raise SystemExit(f"ranks report world sizes {worlds}, expected {world}")
+    if len({d["params"] for d in digests}) != 1:
+        raise SystemExit(f"ranks ended with different parameters: {[d['params'][:12] for d in digests]}; "
+                         "the gradients were not synchronized")
+    differing = sorted(k for k in digests[0]["buffers"]
+                       if len({d["buffers"].get(k) for d in digests}) > 1)
+    log(f"rank check: {world} ranks, identical parameters after {digests[0]['num_updates']} updates"
+        + (f"; {len(differing)} per-rank buffers differ (running statistics)" if differing else ""))
+    return {"world_size": world, "params_sha256": digests[0]["params"],
+            "num_updates": digests[0]["num_updates"], "buffers_differing": differing}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")
+    p.add_argument("norm", help=f"one of {sorted(NORMS)}")
+    p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
+    p.add_argument("--save-dir", help="checkpoint directory (default checkpoints/<experiment>_<norm>)")
+    p.add_argument("--cpu", action="store_true", help="train on CPU even if GPUs are visible")
+    p.add_argument("--cpu-workers", type=int, default=0, help="CPU data parallel with N ranks (gloo)")
+    p.add_argument("--effective-tokens", type=int, help="tokens per update to keep (default: the "
+                   "preset's max_tokens x update_freq)")
+    p.add_argument("--port", type=int, help="rendezvous port (CPU workers; required for SLURM)")
+    return p
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        args, rest = build_parser().parse_known_args(argv[:i])
+        overrides = rest + argv[i + 1:]
+    else:
+        args, overrides = build_parser().parse_known_args(argv)
+    return train(args, overrides)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny corpora binarized with fairseq-preprocess, and a fairseq CLI runner.
+
+Fixtures (all session-scoped, built once in a temporary directory):
+
+- ``fairseq_cli``: ``fairseq_cli(tool, *args, check=True, timeout=300)`` runs
+  ``python -m fairseq_cli.<tool> *args`` (tool = ``train``, ``generate``, ``eval_lm``,
+  ``preprocess``, ``hydra_train``, ...) with one CPU thread and returns the ``CompletedProcess``
+  (text stdout/stderr). With ``check=True`` a nonzero exit fails the test with the output's tail.
+- ``tiny_mt_data``: data-bin of a toy translation task (``--source-lang src --target-lang tgt``,
+  joined dictionary, so ``--share-all-embeddings`` works): each target is the source with every
+  word mapped by a fixed permutation. Splits train (240 pairs), valid (24), test (21 pairs, not a
+  multiple of 8 on purpose). The raw text is in ``tiny_mt_data / "raw"``.
+- ``tiny_lm_data``: data-bin for ``--task language_modeling``: sentences of a toy grammar.
+  Splits train (300 lines), valid (30), test (27); raw text in ``tiny_lm_data / "raw"``.
+- ``plugin_dir``: the ``--user-dir`` path (str).
+
+Fairseq is optional for the pure-torch tests: these fixtures skip when it is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = REPO / "powernorm_fairseq"
+
+MT_SIZES = {"train": 240, "valid": 24, "test": 21}
+LM_SIZES = {"train": 300, "valid": 30, "test": 27}
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # 2 shared cores: one thread per process keeps tests predictable; no GPU in tests.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def run_fairseq(tool: str, *args, check: bool = True, timeout: float = 300, cwd=None):
+    """Run ``python -m fairseq_cli.<tool> *args``; see the module docstring."""
+    cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *map(str, args)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=_cli_env(), timeout=timeout, cwd=cwd
+    )
+    if check and proc.returncode != 0:
+        tail = (proc.stdout + "\n" + proc.stderr)[-4000:]
+        pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}:\n{tail}", pytrace=False)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fairseq_cli():
+    pytest.importorskip("fairseq")
+    return run_fairseq
+
+
+@pytest.fixture(scope="session")
+def plugin_dir() -> str:
+    return str(PLUGIN_DIR)
+
+
+def _write(path: Path, lines) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_mt_data(tmp_path_factory, fairseq_cli) -> Path:
+    root = tmp_path_factory.mktemp("tiny_mt")
+    raw, out = root / "raw", root / "data-bin"
+    raw.mkdir()
+    rng = random.Random(1)
+    src_vocab = [f"s{i}" for i in range(24)]
+    tgt_of = dict(zip(src_vocab, rng.sample([f"t{i}" for i in range(24)], 24), strict=True))
+    for split, n in MT_SIZES.items():
+        src = [" ".join(rng.choices(src_vocab, k=rng.randint(3, 9))) for _ in range(n)]
+        _write(raw / f"{split}.src", src)
+        _write(raw / f"{split}.tgt", (" ".join(tgt_of[w] for w in s.split()) for s in src))
+    fairseq_cli(
+        "preprocess", "--source-lang", "src", "--target-lang", "tgt",
+        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+        "--destdir", out, "--joined-dictionary", "--workers", "1",
+    )
+    (out / "raw").symlink_to(raw, target_is_directory=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_data(tmp_path_factory, fairseq_cli) -> Path:
+    root = tmp_path_factory.mktemp("tiny_lm")
+    raw, out = root / "raw", root / "data-bin"
+    raw.mkdir()
+    rng = random.Random(2)
+    subjects, verbs, objects = ["the cat", "a dog", "my friend", "the bird"], ["sees", "likes",
+                                                                               "finds"], [
+        "the ball", "a tree", "some food", "the house"]
+    for split, n in LM_SIZES.items():
+        _write(raw / f"{split}.txt", (
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} ." for _ in range(n)
+        ))
+    fairseq_cli(
+        "preprocess", "--only-source", "--trainpref", raw / "train.txt",
+        "--validpref", raw / "valid.txt", "--testpref", raw / "test.txt",
+        "--destdir", out, "--workers", "1",
+    )
+    (out / "raw").symlink_to(raw, target_is_directory=True)
+    return out

@@ -1,0 +1,169 @@
+"""The analysis CLIs: statistics box plots, embedding spectrum, batch-size sweep (tiny/dry forms)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from powernorm_fairseq.analysis.plots import bucket_values, read_stats
+from powernorm_fairseq.analysis.spectrum import load_embedding, normalized_spectrum
+from powernorm_fairseq.analysis.sweep import parse_bleu, plan, run_sweep
+from powernorm_fairseq.analysis.tracking import COLUMNS, attach_tracker
+from powernorm_fairseq.norms import build_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(name: str):
+    """Import ``analysis/<name>.py`` (a script folder, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"analysis_{name}", ROOT / "analysis" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _png_ok(path: Path) -> None:
+    assert path.exists() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _track_run(path: Path, name: str, steps: int = 10) -> None:
+    """A tiny tracked "training": one norm, random batches, a few steps."""
+    torch.manual_seed(0)
+    norm = build_norm(name, 8)
+    holder = torch.nn.Module()
+    holder.add_module("norm", norm)
+    tracker = attach_tracker(holder, path, ["norm"])
+    for step in range(steps):
+        norm.set_num_updates(step)
+        x = torch.randn(4, 3, 8) * (1 + step / 4)
+        norm(x, padding_mask=torch.zeros(3, 4, dtype=torch.bool)).pow(2).sum().backward()
+    tracker.close()
+
+
+def test_plot_stats_cli(tmp_path):
+    bn, pnv = tmp_path / "bn.csv", tmp_path / "pnv.csv"
+    _track_run(bn, "batch")
+    _track_run(pnv, "power_v")
+    rows = read_stats(bn)
+    assert rows[0]["norm"] == "batch" and len(rows) == 10 and not math.isnan(rows[0]["g_var"])
+    buckets = bucket_values(rows, "var_dist", total_steps=10)
+    assert [len(b) for b in buckets] == [2, 2, 2, 2, 2]
+    out = tmp_path / "fig" / "fig4.png"
+    _cli("plot_stats").main([str(bn), str(pnv), "--out", str(out)])
+    _png_ok(out)
+    out2 = tmp_path / "fig2.png"
+    _cli("plot_stats").main([str(bn), "--out", str(out2), "--forward", "mu_dist", "--backward",
+                             "g_mu", "--labels", "BN", "--total-steps", "20"])
+    _png_ok(out2)
+    with pytest.raises(SystemExit):
+        _cli("plot_stats").main([str(bn), "--out", str(out2), "--layer", "nope"])
+
+
+def _fake_checkpoint(path: Path, weight: torch.Tensor, key: str) -> None:
+    torch.save({"model": {key: weight, "encoder.layers.0.fc1.weight": torch.zeros(2, 2)},
+                "cfg": {"model": "fake"}}, path)
+
+
+def test_embedding_spectrum_cli(tmp_path):
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(20, 6))
+    s = torch.tensor([6.0, 3.0, 2.0, 1.5, 1.0, 0.5])
+    _fake_checkpoint(tmp_path / "ln.pt", u * s, "encoder.embed_tokens.weight")
+    _fake_checkpoint(tmp_path / "pn.pt", torch.randn(20, 6), "decoder.embed_tokens.weight")
+    w, key = load_embedding(tmp_path / "ln.pt")
+    assert key == "encoder.embed_tokens.weight" and w.dtype == torch.float64
+    assert torch.allclose(normalized_spectrum(w), s.double() / 6, atol=1e-6)
+
+    out = tmp_path / "spec.png"
+    _cli("embedding_spectrum").main([str(tmp_path / "ln.pt"), str(tmp_path / "pn.pt"),
+                                     "--labels", "LN", "PN", "--out", str(out)])
+    _png_ok(out)
+    records = json.loads((tmp_path / "spec.json").read_text())
+    assert [r["label"] for r in records] == ["LN", "PN"]
+    assert records[1]["key"] == "decoder.embed_tokens.weight"
+    assert records[0]["normalized_singular_values"][0] == 1.0
+    with open(tmp_path / "spec.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["index", "LN", "PN"] and len(table) == 7
+    assert float(table[2][1]) == pytest.approx(0.5, rel=1e-5)
+
+    torch.save({"model": {"x": torch.zeros(2)}}, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="embedding-like keys"):
+        _cli("embedding_spectrum").main([str(tmp_path / "bad.pt"), "--out", str(out)])
+
+
+def test_sweep_plan_and_bleu():
+    points = plan(["layer", "pn"], [512, 256], 1024)
+    assert [(p.name, p.update_freq) for p in points] == [
+        ("ln_256", 4), ("ln_512", 2), ("pn_256", 4), ("pn_512", 2)]
+    assert plan(["batch"], [128, 256], None)[0].effective_tokens == 256
+    with pytest.raises(ValueError, match="do not divide"):
+        plan(["batch"], [300], 1024)
+    with pytest.raises(ValueError, match="unknown norms"):
+        plan(["group"], [128], None)
+    assert parse_bleu("x\nGenerate test with beam=5: BLEU4 = 12.34, 40.1/...\n") == 12.34
+    with pytest.raises(SystemExit, match="no BLEU"):
+        parse_bleu("nothing")
+
+
+def _sweep_args(tmp_path, **kw):
+    args = dict(experiment="flags", data=str(tmp_path / "data-bin"), out=str(tmp_path / "sweep"),
+                norms=["layer", "power"], sizes=[128, 256], effective_tokens=None, cpu=True,
+                checkpoint="checkpoint_last.pt", gen_subset="test", train_args=["--arch", "x"],
+                eval_args=["--beam", "5"], dry_run=False)
+    args.update(kw)
+    return SimpleNamespace(**args)
+
+
+def test_sweep_resumable_with_fake_runner(tmp_path, capsys):
+    calls = []
+
+    def runner(cmd, log_file=None):
+        calls.append(cmd)
+        if "fairseq_cli.generate" in cmd:
+            return f"BLEU4 = {10 + len(calls)}.5, ..."
+        assert "--effective-tokens" in cmd and cmd[cmd.index("--effective-tokens") + 1] == "256"
+        assert cmd[cmd.index("--max-tokens") + 1] in ("128", "256")
+        return "trained"
+
+    run_sweep(_sweep_args(tmp_path, dry_run=True), runner=runner)
+    assert not calls and "max_tokens 128 x update_freq 2" in capsys.readouterr().out
+    assert not (tmp_path / "sweep").exists()
+
+    records = run_sweep(_sweep_args(tmp_path), runner=runner)
+    assert len(calls) == 8 and [r["stat_tokens"] for r in records] == [128, 256, 128, 256]
+    assert (tmp_path / "sweep" / "points" / "pn_128.json").exists()
+    (tmp_path / "sweep" / "points" / "ln_256.json").unlink()  # one point lost: only it is redone
+    records = run_sweep(_sweep_args(tmp_path), runner=runner)
+    assert len(calls) == 10 and len(records) == 4
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(summary["points"]) == 4
+
+    from powernorm_fairseq.analysis.plots import plot_sweep
+
+    plot_sweep(records, tmp_path / "fig5.png")
+    _png_ok(tmp_path / "fig5.png")
+
+
+def test_sweep_cli_dry_run(tmp_path, capsys):
+    _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "s"), "--dry-run",
+                                   "--experiment", "iwslt14", "--norms", "pn", "--sizes", "512",
+                                   "4096", "--", "optimization.max_update=10"])
+    out = capsys.readouterr().out
+    assert "dataset.max_tokens=512" in out and "update_freq 8" in out
+    assert "optimization.max_update=10" in out and "fairseq_cli.generate" in out
+
+
+def test_columns_are_documented():
+    from powernorm_fairseq.analysis import tracking
+
+    for col in COLUMNS:
+        assert f"``{col}``" in tracking.__doc__, col

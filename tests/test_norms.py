@@ -1,0 +1,492 @@
+"""Contract and math tests of ``powernorm_fairseq.norms`` (pure torch, no fairseq needed)."""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from powernorm_fairseq.norms import (
+    NORM_CHOICES,
+    NORM_REGISTRY,
+    PowerNormPaper,
+    PowerNormReference,
+    build_norm,
+)
+from powernorm_fairseq.norms.functional import group_rms_scale
+
+REPO = Path(__file__).resolve().parents[1]
+C = 8
+
+# (id, name, kwargs): every registered family, PN in both variants and with its options
+CONFIGS = [
+    ("layer", "layer", {}),
+    ("batch", "batch", {}),
+    ("batch_prescale", "batch", {"prescale": True}),
+    ("power_v", "power_v", {}),
+    ("power_paper", "power", {}),
+    ("power_paper_warmup_groups", "power", {"warmup_updates": 2, "group_num": 2}),
+    ("power_reference", "power", {"variant": "reference", "group_num": 2, "warmup_updates": 2}),
+]
+STATEFUL = [c for c in CONFIGS if c[1] != "layer"]
+
+
+def _ids(configs):
+    return [c[0] for c in configs]
+
+
+def _make(name, kwargs, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    norm = build_norm(name, C, **kwargs).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    return norm
+
+
+def _batch(T=5, B=3, dtype=torch.float32, seed=1, scale=1.0, mean=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, B, C, generator=gen, dtype=dtype) * scale + mean
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[0, T - 2:] = True
+    pad[2, T - 1:] = True
+    return x, pad
+
+
+def _buffers(norm):
+    return {k: v.clone() for k, v in norm.named_buffers()}
+
+
+# ----------------------------------------------------------------------------- registry / errors
+
+def test_registry_names():
+    assert NORM_CHOICES == ("layer", "batch", "power_v", "power")
+    assert set(NORM_REGISTRY) == set(NORM_CHOICES)
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(ValueError, match="choose one of") as err:
+        build_norm("group", C)
+    for name in NORM_CHOICES:
+        assert name in str(err.value)
+
+
+def test_unknown_kwarg_and_variant():
+    with pytest.raises(ValueError, match="momentum"):
+        build_norm("layer", C, momentum=0.1)
+    with pytest.raises(ValueError, match="accepted"):
+        build_norm("power", C, variant="reference", safeguard=True)
+    with pytest.raises(ValueError, match="paper"):
+        build_norm("power", C, variant="released")
+
+
+def test_group_num_must_divide_channels():
+    with pytest.raises(ValueError, match="divisible"):
+        build_norm("power", C, variant="reference", group_num=3)
+    with pytest.raises(ValueError, match="divisible"):
+        build_norm("power", C, group_num=5)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_bad_shapes(cfg):
+    _, name, kwargs = cfg
+    norm = build_norm(name, C, **kwargs)
+    x, pad = _batch()
+    with pytest.raises(ValueError, match=r"\(3, 5\)"):
+        norm(x, padding_mask=pad.t())
+    with pytest.raises(ValueError, match="expects x"):
+        norm(torch.randn(5, 3, C + 1))
+    with pytest.raises(ValueError, match="bool"):
+        norm(x, padding_mask=pad.float())
+
+
+def test_must_work_snippet_without_fairseq():
+    """The norms import and build with fairseq absent (and never import it)."""
+    code = (
+        "import sys\n"
+        "sys.modules['fairseq'] = None\n"
+        "from powernorm_fairseq.norms import build_norm\n"
+        "norm = build_norm('power', 8, variant='reference', group_num=2, warmup_updates=2)\n"
+        "import torch\n"
+        "norm(torch.randn(4, 2, 8)).sum().backward()\n"
+        "assert not [m for m in sys.modules if m.startswith('fairseq.')]\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ----------------------------------------------------------------------------- shapes, affine
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_shapes_2d_and_affine_off(cfg):
+    _, name, kwargs = cfg
+    norm = build_norm(name, C, affine=False, **kwargs)
+    assert norm.weight is None and norm.bias is None
+    x, pad = _batch()
+    assert norm(x, pad).shape == x.shape
+    x2 = torch.randn(6, C, requires_grad=True)
+    mask2 = torch.tensor([False, False, True, False, True, False])
+    y2 = norm(x2, padding_mask=mask2)
+    assert y2.shape == x2.shape
+    y2.sum().backward()
+    assert torch.isfinite(x2.grad).all()
+
+
+# ----------------------------------------------------------------------------- gradients
+
+GRADCHECK = [c for c in CONFIGS if c[0] in
+             ("layer", "batch", "batch_prescale", "power_v", "power_paper_warmup_groups")]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("cfg", GRADCHECK, ids=_ids(GRADCHECK))
+def test_gradcheck_exact_gradient(cfg, masked):
+    """BN, PN-V (and PN's PN-V warmup) have the exact gradient, pads included."""
+    _, name, kwargs = cfg
+    norm = _make(name, kwargs, dtype=torch.float64).train()
+    x, pad = _batch(T=4, B=3, dtype=torch.float64, mean=0.3)
+    x.requires_grad_()
+    params = {"weight": norm.weight.detach().clone().requires_grad_(),
+              "bias": norm.bias.detach().clone().requires_grad_()}
+    mask = pad if masked else None
+
+    def fn(x, weight, bias):
+        return functional_call(norm, {"weight": weight, "bias": bias}, (x,),
+                               {"padding_mask": mask})
+
+    assert torch.autograd.gradcheck(fn, (x, params["weight"], params["bias"]))
+
+
+def test_batch_norm_matches_torch_without_padding():
+    norm = _make("batch", {}, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(C, momentum=0.1, dtype=torch.float64)
+    ref.load_state_dict({k: v for k, v in norm.state_dict().items()}, strict=False)
+    x, _ = _batch(dtype=torch.float64, mean=2.0, scale=3.0)
+    for _ in range(3):
+        xr = x.clone().requires_grad_()
+        xt = x.clone().requires_grad_()
+        y = norm(xr)
+        yt = ref(xt.reshape(-1, C)).reshape(x.shape)
+        torch.testing.assert_close(y, yt)
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        yt.backward(gy)
+        torch.testing.assert_close(xr.grad, xt.grad)
+    torch.testing.assert_close(norm.running_mean, ref.running_mean)
+    torch.testing.assert_close(norm.running_var, ref.running_var)
+    torch.testing.assert_close(norm.weight.grad, ref.weight.grad)
+
+
+def _paper_steps_by_hand(xs, gys, keep, weight, bias, eps, a_f, a_b, warmup, safeguard):
+    """Algorithm 2 (with PN-V warmup and the w <= 1 clamp) step by step, float64, per channel."""
+    psi2, nu = torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
+    n = keep.sum()
+    out = []
+    for t, (x, gy) in enumerate(zip(xs, gys, strict=True)):
+        x2, gy2 = x.reshape(-1, C), gy.reshape(-1, C)
+        psi2_b = (keep[:, None] * x2 * x2).sum(0) / n
+        if t < warmup:
+            xv = x2.clone().requires_grad_()
+            stat = (keep[:, None] * xv * xv).sum(0) / n
+            yv = weight * xv / torch.sqrt(stat + eps) + bias
+            (gx,) = torch.autograd.grad(yv, xv, gy2)
+            r = 1 / torch.sqrt(psi2_b + eps)
+            x_hat = x2 * r
+            g = weight * gy2
+            x_tilde = g - nu * x_hat
+        else:
+            r = 1 / torch.sqrt(psi2 + eps)
+            x_hat = x2 * r
+            g = weight * gy2
+            x_tilde = g - nu * x_hat
+            gx = x_tilde * r
+        y = weight * x_hat + bias
+        step = (1 - a_b) * (keep[:, None] * x_tilde * x_hat).sum(0) / n
+        w = (1 - a_b) * (keep[:, None] * x_hat * x_hat).sum(0) / n
+        if safeguard:
+            step = torch.where(w > 1, step / w, step)
+        nu = nu + step
+        psi2 = a_f * psi2 + (1 - a_f) * psi2_b
+        out.append({"y": y.reshape(x.shape), "grad_x": gx.reshape(x.shape),
+                    "grad_weight": (gy2 * x_hat).sum(0), "grad_bias": gy2.sum(0),
+                    "psi2": psi2.clone(), "nu": nu.clone()})
+    return out
+
+
+@pytest.mark.parametrize(("warmup", "growth", "safeguard"),
+                         [(0, 0.2, True), (2, 0.2, True), (0, 2.0, True), (0, 2.0, False)],
+                         ids=["plain", "warmup", "clamped", "unclamped"])
+def test_paper_variant_follows_algorithm_2(warmup, growth, safeguard):
+    """Several steps with padding; growth 2.0 makes (1 - alpha_bkw) * Gamma exceed 1."""
+    eps, a_f, a_b = 1e-5, 0.8, 0.7
+    norm = _make("power", {"warmup_updates": warmup, "alpha_fwd": a_f, "alpha_bkw": a_b,
+                           "safeguard": safeguard}, dtype=torch.float64).train()
+    xs, gys = [], []
+    for t in range(5):
+        x, pad = _batch(dtype=torch.float64, seed=10 + t, scale=1.0 + growth * t, mean=0.2)
+        xs.append(x)
+        gy = torch.randn_like(x)
+        gy[pad.t()] = 0.0
+        gys.append(gy)
+    keep = (~pad).t().reshape(-1).to(torch.float64)
+    expected = _paper_steps_by_hand(xs, gys, keep, norm.weight.detach(), norm.bias.detach(),
+                                    eps, a_f, a_b, warmup, safeguard)
+    for t, (x, gy, exp) in enumerate(zip(xs, gys, expected, strict=True)):
+        norm.set_num_updates(t)
+        norm.zero_grad()
+        xv = x.clone().requires_grad_()
+        y = norm(xv, padding_mask=pad)
+        y.backward(gy)
+        torch.testing.assert_close(y, exp["y"])
+        torch.testing.assert_close(xv.grad, exp["grad_x"])
+        torch.testing.assert_close(norm.weight.grad, exp["grad_weight"])
+        torch.testing.assert_close(norm.bias.grad, exp["grad_bias"])
+        torch.testing.assert_close(norm.running_psi2, exp["psi2"])
+        torch.testing.assert_close(norm.nu, exp["nu"])
+    assert int(norm.num_updates) == 4
+
+
+def test_paper_and_reference_nu_equivalence():
+    """Without the released deviations, nu = (1 - alpha_bkw) * ema_gz (PAPER.md section 3)."""
+    paper = _make("power", {"group_num": 1}, dtype=torch.float64)
+    ref = _make("power", {"variant": "reference", "group_num": 1}, dtype=torch.float64)
+    ref.load_state_dict(paper.state_dict(), strict=False)
+    for t in range(4):
+        x, _ = _batch(dtype=torch.float64, seed=t)
+        gy = torch.randn_like(x)
+        for norm in (paper, ref):
+            norm(x.clone().requires_grad_()).backward(gy)
+        # forward uses the running stat in both (warmup 0); backward divisors differ (D2),
+        # but the recurrences see the same z and g
+        torch.testing.assert_close(paper.nu, 0.1 * ref.ema_gz.view(-1))
+
+
+# ----------------------------------------------------------------------------- padding, eval
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_padding_invariance(cfg):
+    """Pad values change neither outputs at real positions nor statistics (nor, with zero
+    upstream gradient at pads, the gradients at real positions)."""
+    _, name, kwargs = cfg
+    runs = []
+    for pad_value in (0.0, 1e3):
+        norm = _make(name, kwargs).train()
+        results = []
+        for t in range(2):
+            x, pad = _batch(seed=20 + t)
+            x[pad.t()] = pad_value
+            x.requires_grad_()
+            y = norm(x, padding_mask=pad)
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(t))
+            gy[pad.t()] = 0.0
+            y.backward(gy)
+            real = ~pad.t()
+            results.append((y[real].detach(), x.grad[real]))
+        buffers = {k: v for k, v in _buffers(norm).items() if k != "ema_gz"}
+        runs.append((results, buffers))
+    (res_a, buf_a), (res_b, buf_b) = runs
+    torch.testing.assert_close(buf_a, buf_b)
+    for t, ((ya, ga), (yb, gb)) in enumerate(zip(res_a, res_b, strict=True)):
+        torch.testing.assert_close(ya, yb)
+        if t == 0 or not name == "power" or kwargs.get("variant") != "reference":
+            # reference D5: ema_gz (hence later gradients) sees pads by design
+            torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("cfg", STATEFUL, ids=_ids(STATEFUL))
+def test_eval_is_fixed_affine_map(cfg):
+    _, name, kwargs = cfg
+    norm = _make(name, kwargs).train()
+    for t in range(3):
+        x, pad = _batch(seed=t, scale=2.0, mean=0.5)
+        norm.set_num_updates(t)
+        norm(x, pad)
+    norm.eval()
+    before = _buffers(norm)
+    x, pad = _batch(seed=99)
+    with torch.no_grad():
+        y = norm(x, pad)
+        y_other = norm(x, None)
+    torch.testing.assert_close(before, _buffers(norm))
+    torch.testing.assert_close(y, y_other)  # eval output does not depend on the mask
+    scale, shift = norm.eval_affine()
+    assert scale.shape == shift.shape == (C,)
+    group_num = 1 if kwargs.get("prescale") else kwargs.get("group_num", 0)
+    assert norm.has_prescale == bool(group_num)
+    x_in = group_rms_scale(x, group_num, 1e-5) if group_num else x
+    torch.testing.assert_close(y, x_in * scale + shift)
+    assert norm.training is False
+
+
+def test_layer_norm_matches_torch_and_has_no_eval_affine():
+    norm = _make("layer", {})
+    ref = torch.nn.LayerNorm(C)
+    ref.load_state_dict(norm.state_dict())
+    x, pad = _batch()
+    torch.testing.assert_close(norm(x, pad), ref(x))
+    assert norm.eval_affine() is None and norm.has_prescale is False
+
+
+def test_train_and_eval_differ_and_running_stats_move():
+    norm = _make("power_v", {}).train()
+    x, pad = _batch(scale=3.0)
+    y_train = norm(x, pad)
+    assert not torch.allclose(norm.running_psi2, torch.ones(C))
+    norm.eval()
+    assert not torch.allclose(norm(x, pad), y_train)
+
+
+# ----------------------------------------------------------------------------- state dict
+
+@pytest.mark.parametrize("cfg", STATEFUL, ids=_ids(STATEFUL))
+def test_state_dict_round_trip(cfg):
+    _, name, kwargs = cfg
+    norm = _make(name, kwargs).train()
+    for t in range(3):
+        x, pad = _batch(seed=t)
+        norm.set_num_updates(t)
+        norm(x.requires_grad_(), pad).sum().backward()
+    state = norm.state_dict()
+    assert state._metadata[""]["version"] == type(norm)._version
+    fresh = build_norm(name, C, **kwargs)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(_buffers(fresh), _buffers(norm))
+    x, pad = _batch(seed=50)
+    norm.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(x, pad), norm(x, pad))
+    # a checkpoint rewritten without metadata (e.g. averaged) loads too
+    plain = {k: v.clone() for k, v in state.items()}
+    build_norm(name, C, **kwargs).load_state_dict(plain)
+
+
+def test_paper_num_updates_survives_reload():
+    norm = PowerNormPaper(C, warmup_updates=5)
+    norm.set_num_updates(7)
+    fresh = PowerNormPaper(C, warmup_updates=5)
+    fresh.load_state_dict(norm.state_dict())
+    assert fresh._num_updates_host == 7 and int(fresh.num_updates) == 7
+
+
+# ----------------------------------------------------------------------------- precision
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_half_precision_input(cfg, dtype):
+    _, name, kwargs = cfg
+    norm = _make(name, kwargs).train()
+    x, pad = _batch(scale=200.0)  # x^2 overflows fp16: statistics must be float32
+    xh = x.to(dtype).requires_grad_()
+    y = norm(xh, pad)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert xh.grad.dtype == dtype and torch.isfinite(xh.grad).all()
+    for buf in norm.buffers():
+        assert buf.dtype in (torch.float32, torch.long) and torch.isfinite(buf.float()).all()
+    ref = _make(name, kwargs).train()
+    torch.testing.assert_close(y.float(), ref(xh.detach().float(), pad), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_autocast(cfg):
+    _, name, kwargs = cfg
+    norm = _make(name, kwargs).train()
+    proj = torch.nn.Linear(C, C)
+    x, pad = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = proj(x)
+        y = norm(h, pad)
+        assert y.dtype == h.dtype == torch.bfloat16
+        y_fp32 = norm(x, pad)
+        assert y_fp32.dtype == torch.float32
+    y.float().sum().backward()
+    assert torch.isfinite(proj.weight.grad).all()
+
+
+# ----------------------------------------------------------------------------- degenerate batches
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_all_padding_and_empty_batch(cfg):
+    _, name, kwargs = cfg
+    norm = _make(name, kwargs).train()
+    x, pad = _batch()
+    norm(x, pad).sum().backward()  # non-trivial state first
+    before = {k: v for k, v in _buffers(norm).items() if k not in ("iters", "num_updates")}
+    for x, mask in ((torch.randn(5, 3, C), torch.ones(3, 5, dtype=torch.bool)),
+                    (torch.randn(0, 3, C), torch.zeros(3, 0, dtype=torch.bool)),
+                    (torch.randn(4, 0, C), torch.zeros(0, 4, dtype=torch.bool)),
+                    (torch.randn(0, C), None)):
+        x.requires_grad_()
+        y = norm(x, padding_mask=mask)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        y.sum().backward()
+        assert torch.isfinite(x.grad).all()
+        after = {k: v for k, v in _buffers(norm).items() if k in before}
+        torch.testing.assert_close(after, before)
+
+
+# ----------------------------------------------------------------------------- stability (issue #8)
+
+def _drifting_run(norm, steps, seed=0):
+    """Activations whose scale drifts 100x up and down within a few steps; yields
+    (y, grad_x) per step."""
+    gen = torch.Generator().manual_seed(seed)
+    pad = torch.zeros(2, 4, dtype=torch.bool)
+    pad[1, 3] = True
+    for t in range(steps):
+        scale = 10.0 ** (2.0 * torch.sin(torch.tensor(t / 2.0)).item())
+        x = (torch.randn(4, 2, C, generator=gen) * scale).requires_grad_()
+        y = norm(x, padding_mask=pad)
+        y.backward(torch.randn(y.shape, generator=gen))
+        yield y, x.grad
+
+
+@pytest.mark.slow
+def test_paper_variant_stays_finite_under_scale_drift():
+    """(1 - alpha_bkw) * Gamma reaches ~60 here: the clamp keeps nu a convex combination."""
+    max_nu = {}
+    for safeguard in (True, False):
+        norm = _make("power", {"safeguard": safeguard}).train()
+        max_nu[safeguard] = 0.0
+        for y, grad in _drifting_run(norm, 2000):
+            if safeguard:
+                assert torch.isfinite(y).all() and torch.isfinite(grad).all()
+            max_nu[safeguard] = max(max_nu[safeguard], norm.nu.abs().max().item())
+        if safeguard:
+            for name, buf in norm.named_buffers():
+                assert torch.isfinite(buf.float()).all(), name
+            assert torch.isfinite(norm.weight.grad).all()
+    assert max_nu[True] < 2.0
+    assert not max_nu[False] < 10 * max_nu[True]  # without the clamp nu is amplified (or NaN)
+
+
+def test_reference_variant_counts_instability_and_warns_once():
+    norm = _make("power", {"variant": "reference", "group_num": 0}).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in _drifting_run(norm, 400):
+            pass
+    assert int(norm.num_unstable) > 0
+    norm._warned = False
+    with pytest.warns(RuntimeWarning, match="unstable"):
+        norm.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norm.state_dict()  # only once per module
+
+
+def test_reference_counts_only_forward_calls_in_training():
+    norm = PowerNormReference(C, warmup_updates=3)
+    x, pad = _batch()
+    norm.set_num_updates(100)  # no effect: the released counter counts training forwards
+    norm(x, pad)
+    norm(x, pad)
+    norm.eval()
+    norm(x, pad)
+    assert int(norm.iters) == 2
