@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="train and evaluate on CPU")
     p.add_argument("--checkpoint", default="checkpoint_last.pt",
                    help="checkpoint file of each run to score (default: checkpoint_last.pt)")
-    p.add_argument("--gen-subset", default="test", help="split to score (default: test)")
-    p.add_argument("--eval-args", default="--beam 5 --lenpen 1.0",
-                   help="extra fairseq-generate flags, one string (default: '--beam 5 --lenpen 1.0')")
+    p.add_argument("--eval-args", default="",
+                   help="extra scoring flags, one string, e.g. '--beam 4 --lenpen 0.6' (default: the "
+                   "corpus recipe of pipeline.evaluate for prepared data, else beam 5, lenpen 1.0)")
     p.add_argument("--plot", help="figure path (default: OUT/fig5_batch_size.png)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p

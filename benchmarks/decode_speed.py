@@ -1,11 +1,12 @@
 """Decoding speed of LN vs unfolded PN vs folded PN through fairseq-generate (sentences/s).
 
-Trains an LN and a PN transformer (encoder and decoder) for a few updates on the synthetic corpus
-of ``train_speed.py`` (quality does not matter for speed), then decodes the same test set with the
-same beam, interleaved (LN, PN, PN folded, LN, ...):
+Trains an LN and two PN transformers (PN in encoder and decoder: the plugin's default reference
+variant, whose GroupScaling pre-scaling survives folding, and the paper's Algorithm 2, which
+folds away completely) for a few updates on the synthetic corpus of ``train_speed.py`` (quality
+does not matter for speed), then decodes the same test set with the same beam, interleaved:
 
-- LN and PN: ``python -m fairseq_cli.generate`` (the unmodified models);
-- PN folded: ``python -m powernorm_fairseq.inference.generate`` (``fold_norms`` on the loaded model).
+- unfolded: ``python -m fairseq_cli.generate`` (the models as trained);
+- folded: ``python -m powernorm_fairseq.inference.generate`` (``fold_norms`` on the loaded model).
 
 It reports fairseq's own ``sentences/s`` (time inside beam search only; loading excluded), the
 median per variant, the ratios to LN, and whether the folded and the unfolded PN model produce
@@ -19,13 +20,14 @@ length, which would otherwise dominate the timing.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from train_speed import SIZES, make_corpus, train_cmd
+from train_speed import NORM_FLAGS, SIZES, make_corpus, train_cmd
 
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
@@ -37,10 +39,19 @@ from powernorm_fairseq.pipeline.common import (
     run_cmd,
 )
 
-VARIANTS = {  # variant -> (trained norm, generate module)
+# trained model -> (norm of train_speed.NORM_FLAGS, extra fairseq-train options)
+MODELS = {
+    "LN": ("LN", []),
+    "PN": ("PN", []),  # the plugin's default PN: reference variant, GroupScaling kept
+    "PN_paper": ("PN", ["--pn-variant", "paper"]),  # Algorithm 2: no pre-scaling left
+}
+FOLD = "powernorm_fairseq.inference.generate"
+VARIANTS = {  # variant -> (trained model, generate module)
     "LN": ("LN", "fairseq_cli.generate"),
     "PN": ("PN", "fairseq_cli.generate"),
-    "PN_folded": ("PN", "powernorm_fairseq.inference.generate"),
+    "PN_folded": ("PN", FOLD),
+    "PN_paper": ("PN_paper", "fairseq_cli.generate"),
+    "PN_paper_folded": ("PN_paper", FOLD),
 }
 _SPEED = re.compile(
     r"Translated [\d,]+ sentences \([\d,]+ tokens\) in [\d.]+s \(([\d.]+) sentences/s"
@@ -94,40 +105,49 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = args.workdir or Path(tmp)
         data_bin = make_corpus(workdir, 2000, args.test_sentences)
         checkpoints = {}
-        for norm in ("LN", "PN"):
-            save_dir = workdir / f"ckpt_{norm}"
-            cmd = train_cmd(data_bin, SIZES[args.size], norm, args.train_updates, 2048, save_dir)
-            run_cmd(cmd, log_file=workdir / f"train_{norm}.log")
-            checkpoints[norm] = save_dir / "checkpoint_last.pt"
-            log(f"trained {norm} for {args.train_updates} updates")
+        for model, (norm, extra) in MODELS.items():
+            save_dir = workdir / f"ckpt_{model}"
+            cmd = train_cmd(
+                data_bin, SIZES[args.size], norm, args.train_updates, 2048, save_dir, extra
+            )
+            run_cmd(cmd, log_file=workdir / f"train_{model}.log")
+            checkpoints[model] = save_dir / "checkpoint_last.pt"
+            log(f"trained {model} for {args.train_updates} updates")
+        load_before = os.getloadavg()
         speeds: dict[str, list[float]] = {v: [] for v in VARIANTS}
         hypos: dict[str, dict[int, str]] = {}
         for rep in range(args.repeats):
-            for variant, (norm, module) in VARIANTS.items():
-                cmd = generate_cmd(module, data_bin, checkpoints[norm], args)
+            for variant, (model, module) in VARIANTS.items():
+                cmd = generate_cmd(module, data_bin, checkpoints[model], args)
                 out = run_cmd(cmd, log_file=workdir / f"generate_{variant}_{rep}.log")
                 speeds[variant].append(sentences_per_second(out))
                 hypos.setdefault(variant, hypotheses(out))
                 log(f"{variant} run {rep}: {speeds[variant][-1]:.2f} sentences/s")
     median = {v: statistics.median(s) for v, s in speeds.items()}
-    same = sum(hypos["PN"][i] == hypos["PN_folded"].get(i) for i in hypos["PN"])
+    identical = {
+        model: sum(h == hypos[f"{model}_folded"].get(i) for i, h in hypos[model].items())
+        for model in ("PN", "PN_paper")
+    }
     result = {
         "benchmark": "decode_speed",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "arch": SIZES[args.size],
+        "models": {m: NORM_FLAGS[norm] + extra for m, (norm, extra) in MODELS.items()},
         "sentences_per_s": median,
         "ratio_to_LN": {v: median[v] / median["LN"] for v in VARIANTS},
         "runs": speeds,
-        "folded_identical_hypotheses": same,
-        "hypotheses": len(hypos["PN"]),
+        "folded_identical_hypotheses": identical,
+        "hypotheses": len(hypos["LN"]),
+        "loadavg_before_after": [load_before, os.getloadavg()],
         "commit": git_commit(),
         "hardware": hardware(),
         "argv": sys.argv,
     }
-    print(f"{'variant':<10} {'sent/s':>8} {'vs LN':>7}")
+    print(f"{'variant':<16} {'sent/s':>8} {'vs LN':>7}")
     for v in VARIANTS:
-        print(f"{v:<10} {median[v]:>8.2f} {result['ratio_to_LN'][v]:>7.3f}")
-    print(f"folded vs unfolded PN: {same}/{len(hypos['PN'])} identical hypotheses")
+        print(f"{v:<16} {median[v]:>8.2f} {result['ratio_to_LN'][v]:>7.3f}")
+    for model, same in identical.items():
+        print(f"{model} folded vs unfolded: {same}/{len(hypos[model])} identical hypotheses")
     if args.out:
         atomic_write_json(args.out, result)
     return result

@@ -1,36 +1,42 @@
 """Training speed of the same transformer with LayerNorm and with PowerNorm, through fairseq-train.
 
 For each model size, runs ``fairseq-train`` on one synthetic parallel corpus with LN and with PN
-(encoder and decoder), interleaved (LN, PN, LN, PN, ...), and reads fairseq's per-update
-``wps`` (target words per second; ``--log-interval 1``). The first ``--warmup`` updates of a run
-are skipped (allocator and thread-pool warm-up), the rest give
+(encoder and decoder), interleaved (LN, PN, LN, PN, ...), and measures the target words per
+second of the updates after the first ``--warmup`` (allocator and thread-pool warm-up) two ways:
 
-    wps(run) = sum_i wpb_i / sum_i (wpb_i / wps_i)      (total words / total time)
+- ``wps`` (wall clock): fairseq's own per-update ``wps`` (``--log-interval 1``), combined as
+  sum_i wpb_i / sum_i (wpb_i / wps_i) (total words / total time);
+- ``cpu_wps`` (CPU time): the same words divided by the CPU seconds (user + system) of the run
+  minus those of a run that stops after the warm-up updates (same seed, same batches), so start-up
+  cancels. On a machine shared with other jobs the wall clock measures the contention as much as
+  the model; CPU time does not (it still includes cache and memory-bandwidth effects).
 
-and the table reports the median over the runs of each norm and the ratio PN/LN.
+The table reports the median over the runs of each norm and the ratios PN/LN.
 
     python benchmarks/train_speed.py --out results/train_speed.json
 
-On CPU, keep OMP_NUM_THREADS fixed (and equal to what other jobs leave free): the ratio is only
-meaningful between runs of one invocation on one otherwise idle machine.
+Keep OMP_NUM_THREADS fixed (1 on a shared machine): the ratio is only meaningful between runs of
+one invocation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
+import os
 import re
+import resource
+import shlex
 import statistics
 import sys
 import tempfile
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from powernorm_fairseq import synthetic
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_write_json,
-    atomic_write_lines,
     git_commit,
     hardware,
     log,
@@ -47,24 +53,16 @@ NORM_FLAGS = {
 _TRAIN_INNER = re.compile(r"\| train_inner \| (\{.*\})\s*$")
 
 
-def make_corpus(workdir: Path, n_train: int, n_test: int, seed: int = 1) -> Path:
-    """Write a random parallel corpus (Zipf-distributed pseudo-words, 4-30 words per sentence,
-    Multi30k-like lengths) and binarize it with a joined dictionary; returns the data-bin dir.
-
-    The target is a fixed word-by-word mapping of the source, reversed, so the task is learnable;
-    for speed only the token counts matter.
-    """
-    rng = random.Random(seed)
-    vocab = [f"w{i}" for i in range(2000)]
-    weights = [1.0 / (i + 1) for i in range(len(vocab))]
-    mapping = dict(zip(vocab, rng.sample(vocab, len(vocab)), strict=True))
+def make_corpus(
+    workdir: Path, n_train: int, n_test: int, n_valid: int | None = None, seed: int = 1
+) -> Path:
+    """Write the plugin's synthetic parallel corpus (:mod:`powernorm_fairseq.synthetic`,
+    3-25 tokens per sentence, like Multi30k; ``n_valid`` defaults to ``n_test``) and binarize
+    it with a joined dictionary; returns the data-bin dir. For speed only the token counts
+    matter."""
     raw = workdir / "raw"
-    for split, n in (("train", n_train), ("valid", n_test), ("test", n_test)):
-        src = [rng.choices(vocab, weights, k=rng.randint(4, 30)) for _ in range(n)]
-        atomic_write_lines(raw / f"{split}.src", (" ".join(s) for s in src))
-        atomic_write_lines(
-            raw / f"{split}.tgt", (" ".join(mapping[w] for w in s[::-1]) for s in src)
-        )
+    n_valid = n_test if n_valid is None else n_valid
+    synthetic.generate(raw, seed=seed, n_train=n_train, n_valid=n_valid, n_test=n_test)
     data_bin = workdir / "data-bin"
     run_cmd(
         python_module_cmd("fairseq_cli.preprocess")
@@ -76,9 +74,16 @@ def make_corpus(workdir: Path, n_train: int, n_test: int, seed: int = 1) -> Path
 
 
 def train_cmd(
-    data_bin: Path, arch: str, norm: str, max_update: int, max_tokens: int, save_dir: Path | None
+    data_bin: Path,
+    arch: str,
+    norm: str,
+    max_update: int,
+    max_tokens: int,
+    save_dir: Path | None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """fairseq-train at the paper's IWSLT14 optimisation settings, without validation."""
+    """fairseq-train at the paper's IWSLT14 optimisation settings, without validation;
+    ``extra`` is appended to the command line."""
     cmd = python_module_cmd("fairseq_cli.train") + [
         str(data_bin), "--user-dir", str(PLUGIN_DIR), "--task", "translation",
         "--arch", arch, *NORM_FLAGS[norm], "--share-all-embeddings",
@@ -88,6 +93,7 @@ def train_cmd(
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
         "--max-tokens", str(max_tokens), "--max-update", str(max_update), "--seed", "1",
         "--num-workers", "0", "--disable-validation", "--log-format", "json", "--log-interval", "1",
+        *extra,
     ]  # fmt: skip
     if save_dir is None:
         return cmd + ["--no-save"]
@@ -119,20 +125,69 @@ def words_per_second(log_text: str, warmup: int) -> tuple[float, int]:
     return words / seconds, measured
 
 
+def cpu_seconds_of(cmd: list[str], log_file: Path) -> tuple[str, float]:
+    """Run ``cmd`` (see ``run_cmd``); return its output and the CPU seconds (user + system) that
+    it and its children used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = run_cmd(cmd, log_file=log_file)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def measured_words(log_text: str, warmup: int) -> float:
+    """Target words of the logged updates after the first ``warmup``."""
+    return sum(
+        float(json.loads(m.group(1))["wpb"])
+        for m in map(_TRAIN_INNER.search, log_text.splitlines())
+        if m and int(json.loads(m.group(1))["num_updates"]) > warmup
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["multi30k", "iwslt"])
     p.add_argument("--updates", type=int, default=30, help="measured updates per run (30)")
-    p.add_argument("--warmup", type=int, default=5, help="updates skipped per run (5)")
+    p.add_argument("--warmup", type=int, default=5, help="updates skipped per run, >= 1 (5)")
     p.add_argument("--repeats", type=int, default=2, help="runs per norm, interleaved (2)")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch (2048)")
     p.add_argument("--train-sentences", type=int, default=6000)
+    p.add_argument("--pn-args", default="", help="extra fairseq options of the PN runs, e.g. "
+                   "'--pn-variant paper' (default: the plugin's PN defaults)")  # fmt: skip
     p.add_argument("--workdir", type=Path, help="corpus and logs (default: a temporary dir)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.updates < 1 or args.warmup < 0 or args.repeats < 1:
-        p.error("--updates and --repeats must be >= 1, --warmup >= 0")
+    if min(args.updates, args.warmup, args.repeats) < 1:
+        p.error("--updates, --warmup and --repeats must be >= 1")
     return args
+
+
+def measure_size(args: argparse.Namespace, data_bin: Path, workdir: Path, size: str) -> dict:
+    """Interleaved LN/PN runs at one model size; medians and PN/LN ratios of both metrics."""
+
+    def train(norm: str, max_update: int, name: str) -> tuple[str, float]:
+        extra = shlex.split(args.pn_args) if norm == "PN" else []
+        cmd = train_cmd(data_bin, SIZES[size], norm, max_update, args.max_tokens, None, extra)
+        return cpu_seconds_of(cmd, workdir / f"train_{size}_{norm}_{name}.log")
+
+    # CPU seconds of start-up plus the warm-up updates, subtracted from every run
+    startup = {norm: train(norm, args.warmup, "startup")[1] for norm in NORM_FLAGS}
+    runs: dict[str, dict[str, list[float]]] = {
+        norm: {"wps": [], "cpu_wps": []} for norm in NORM_FLAGS
+    }
+    for rep in range(args.repeats):
+        for norm in NORM_FLAGS:
+            out, cpu = train(norm, args.warmup + args.updates, str(rep))
+            wps, measured = words_per_second(out, args.warmup)
+            cpu_wps = measured_words(out, args.warmup) / (cpu - startup[norm])
+            runs[norm]["wps"].append(wps)
+            runs[norm]["cpu_wps"].append(cpu_wps)
+            log(f"{size} {norm} run {rep}: {wps:.1f} wps, {cpu_wps:.1f} words per CPU second "
+                f"over {measured} updates")  # fmt: skip
+    row = {"size": size, "arch": SIZES[size], "startup_cpu_s": startup, "runs": runs}
+    for metric in ("wps", "cpu_wps"):
+        ln, pn = (statistics.median(runs[n][metric]) for n in ("LN", "PN"))
+        row.update({f"{metric}_LN": ln, f"{metric}_PN": pn, f"{metric}_ratio": pn / ln})
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,38 +195,23 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         workdir = args.workdir or Path(tmp)
         data_bin = make_corpus(workdir, args.train_sentences, 200)
-        rows = []
-        for size in args.sizes:
-            runs: dict[str, list[float]] = {norm: [] for norm in NORM_FLAGS}
-            for rep in range(args.repeats):
-                for norm in NORM_FLAGS:
-                    cmd = train_cmd(
-                        data_bin, SIZES[size], norm, args.warmup + args.updates,
-                        args.max_tokens, None,
-                    )  # fmt: skip
-                    t0 = time.time()
-                    out = run_cmd(cmd, log_file=workdir / f"train_{size}_{norm}_{rep}.log")
-                    wps, measured = words_per_second(out, args.warmup)
-                    log(f"{size} {norm} run {rep}: {wps:.1f} wps over {measured} updates "
-                        f"({time.time() - t0:.0f}s)")  # fmt: skip
-                    runs[norm].append(wps)
-            ln, pn = statistics.median(runs["LN"]), statistics.median(runs["PN"])
-            rows.append(
-                {"size": size, "arch": SIZES[size], "wps_LN": ln, "wps_PN": pn,
-                 "ratio_PN_LN": pn / ln, "runs": runs}
-            )  # fmt: skip
+        load_before = os.getloadavg()
+        rows = [measure_size(args, data_bin, workdir, size) for size in args.sizes]
     result = {
         "benchmark": "train_speed",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
+        "pn_flags": NORM_FLAGS["PN"] + shlex.split(args.pn_args),
+        "loadavg_before_after": [load_before, os.getloadavg()],
         "commit": git_commit(),
         "hardware": hardware(),
         "argv": sys.argv,
     }
-    print(f"{'size':<10} {'arch':<28} {'LN wps':>10} {'PN wps':>10} {'PN/LN':>7}")
+    print(f"{'size':<10} {'metric':<8} {'LN':>9} {'PN':>9} {'PN/LN':>7}")
     for r in rows:
-        print(f"{r['size']:<10} {r['arch']:<28} {r['wps_LN']:>10.1f} {r['wps_PN']:>10.1f} "
-              f"{r['ratio_PN_LN']:>7.3f}")  # fmt: skip
+        for metric in ("wps", "cpu_wps"):
+            print(f"{r['size']:<10} {metric:<8} {r[f'{metric}_LN']:>9.1f} "
+                  f"{r[f'{metric}_PN']:>9.1f} {r[f'{metric}_ratio']:>7.3f}")  # fmt: skip
     if args.out:
         atomic_write_json(args.out, result)
     return result

@@ -8,5 +8,5 @@ Import :mod:`powernorm_fairseq.models` to register explicitly.
 
 import sys
 
-if "fairseq" in sys.modules:
+if sys.modules.get("fairseq") is not None:  # None = import of fairseq blocked
     from powernorm_fairseq import models  # noqa: F401  (registers transformer_pn, transformer_lm_pn)

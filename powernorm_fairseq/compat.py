@@ -88,7 +88,7 @@ def _checked_load_checkpoint_to_cpu(load):
         try:
             return load(path, *args, **kwargs)
         except pickle.UnpicklingError as e:
-            if "weights_only" in str(e) or "Weights only" in str(e):
+            if "Unsupported global" in str(e):
                 raise CheckpointError(
                     f"checkpoint {path} holds a Python object that is not allow-listed for "
                     f"torch.load(weights_only=True) ({_first_line(e)}). If you trust the file, "
@@ -96,15 +96,23 @@ def _checked_load_checkpoint_to_cpu(load):
                     "before loading."
                 ) from e
             raise CheckpointError(_corrupt_message(path, e)) from e
-        except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
             raise CheckpointError(_corrupt_message(path, e)) from e
+        except KeyError as e:
+            raise CheckpointError(
+                f"{path} is not a fairseq checkpoint (it has no {e} entry): pass a checkpoint "
+                "written by fairseq-train (checkpoint_*.pt) or an average of such checkpoints"
+            ) from e
 
     return load_checkpoint_to_cpu
 
 
 def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
-    return lines[0] if lines else (str(e).splitlines() or [type(e).__name__])[0]
+    # torch's weights_only errors are long; the part from "Unsupported" says what went wrong.
+    for line in str(e).splitlines():
+        if "Unsupported" in line:
+            return line[line.index("Unsupported"):].strip()
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def _corrupt_message(path, e: BaseException) -> str:
@@ -128,10 +136,12 @@ def _checked_trainer_load_checkpoint(load):
         except Exception as e:
             if not str(e).startswith("Cannot load model parameters"):
                 raise
-            cause = e.__cause__ or e.__context__
-            detail = _first_line(cause) if cause is not None else str(e)
+            cause = e.__cause__ or e.__context__ or e
+            detail = " ".join(str(cause).split())  # torch lists the mismatched keys over lines
+            if len(detail) > 400:
+                detail = detail[:400] + " ..."
             raise CheckpointError(
-                f"checkpoint {filename} does not fit the model being trained ({detail[:500]}). "
+                f"checkpoint {filename} does not fit the model being trained ({detail}). "
                 "It was saved from another architecture or other norm options: train with the "
                 "--arch and --*-norm/--pn-* options it was saved with (see its cfg.model), or "
                 "start without it (other --save-dir or --restore-file, or add "

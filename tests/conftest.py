@@ -2,10 +2,12 @@
 
 Fixtures (all session-scoped, built once in a temporary directory):
 
-- ``fairseq_cli``: ``fairseq_cli(tool, *args, check=True, timeout=300)`` runs
+- ``fairseq_cli``: ``fairseq_cli(tool, *args, check=True, timeout=300, cwd=None)`` runs
   ``python -m fairseq_cli.<tool> *args`` (tool = ``train``, ``generate``, ``eval_lm``,
-  ``preprocess``, ``hydra_train``, ...) with one CPU thread and returns the ``CompletedProcess``
-  (text stdout/stderr). With ``check=True`` a nonzero exit fails the test with the output's tail.
+  ``preprocess``, ...; a dotted name such as ``powernorm_fairseq.hydra_train`` is run as that
+  module) with one CPU thread and the repository on ``PYTHONPATH``, and returns the
+  ``CompletedProcess`` (text stdout/stderr). With ``check=True`` a nonzero exit fails the test
+  with the output's tail.
 - ``tiny_mt_data``: data-bin of a toy translation task (``--source-lang src --target-lang tgt``,
   joined dictionary, so ``--share-all-embeddings`` works): each target is the source with every
   word mapped by a fixed permutation. Splits train (240 pairs), valid (24), test (21 pairs, not a
@@ -44,7 +46,8 @@ def _cli_env() -> dict[str, str]:
 
 def run_fairseq(tool: str, *args, check: bool = True, timeout: float = 300, cwd=None):
     """Run ``python -m fairseq_cli.<tool> *args``; see the module docstring."""
-    cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *map(str, args)]
+    module = tool if "." in tool else f"fairseq_cli.{tool}"
+    cmd = [sys.executable, "-m", module, *map(str, args)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=_cli_env(), timeout=timeout, cwd=cwd
     )

@@ -69,7 +69,7 @@ def test_sweep_one_real_point(tmp_path, tiny_mt_data):
     args = SimpleNamespace(
         experiment="flags", data=str(tiny_mt_data), out=str(tmp_path / "sweep"), norms=["pn"],
         sizes=[64], effective_tokens=128, cpu=True, checkpoint="checkpoint_last.pt",
-        gen_subset="test", eval_args=["--beam", "2"], dry_run=False,
+        eval_args=["--beam", "2"], dry_run=False,
         train_args=["--task", "translation", "--arch", "transformer_pn_tiny",
                     "--share-all-embeddings", "--optimizer", "adam", "--lr", "1e-3",
                     "--max-update", "2", "--no-epoch-checkpoints", "--seed", "1"])

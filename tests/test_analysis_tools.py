@@ -117,7 +117,7 @@ def test_sweep_plan_and_bleu():
 def _sweep_args(tmp_path, **kw):
     args = dict(experiment="flags", data=str(tmp_path / "data-bin"), out=str(tmp_path / "sweep"),
                 norms=["layer", "power"], sizes=[128, 256], effective_tokens=None, cpu=True,
-                checkpoint="checkpoint_last.pt", gen_subset="test", train_args=["--arch", "x"],
+                checkpoint="checkpoint_last.pt", train_args=["--arch", "x"],
                 eval_args=["--beam", "5"], dry_run=False)
     args.update(kw)
     return SimpleNamespace(**args)
@@ -134,6 +134,8 @@ def test_sweep_resumable_with_fake_runner(tmp_path, capsys):
         assert cmd[cmd.index("--max-tokens") + 1] in ("128", "256")
         return "trained"
 
+    with pytest.raises(ValueError, match="sets the batch itself"):
+        run_sweep(_sweep_args(tmp_path, train_args=["--update-freq", "4"]), runner=runner)
     run_sweep(_sweep_args(tmp_path, dry_run=True), runner=runner)
     assert not calls and "max_tokens 128 x update_freq 2" in capsys.readouterr().out
     assert not (tmp_path / "sweep").exists()
@@ -153,12 +155,30 @@ def test_sweep_resumable_with_fake_runner(tmp_path, capsys):
     _png_ok(tmp_path / "fig5.png")
 
 
+def test_sweep_scores_prepared_data_with_the_pipeline(tmp_path):
+    """Data with a prepare.json is scored by pipeline.evaluate; BLEU comes from its record."""
+    data = tmp_path / "prepared" / "data-bin"
+    data.mkdir(parents=True)
+    (data.parent / "prepare.json").write_text("{}")
+
+    def runner(cmd, log_file=None):
+        if "powernorm_fairseq.pipeline.evaluate" in cmd:
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.write_text(json.dumps({"metric": "bleu", "value": 33.3}))
+            assert cmd[cmd.index("--data") + 1] == str(data)
+        return ""
+
+    records = run_sweep(_sweep_args(tmp_path, data=str(data), norms=["pn"], sizes=[256]),
+                        runner=runner)
+    assert records[0]["bleu"] == 33.3 and "pipeline.evaluate bleu" in records[0]["eval_cmd"]
+
+
 def test_sweep_cli_dry_run(tmp_path, capsys):
     _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "s"), "--dry-run",
                                    "--experiment", "iwslt14", "--norms", "pn", "--sizes", "512",
                                    "4096", "--", "optimization.max_update=10"])
     out = capsys.readouterr().out
-    assert "dataset.max_tokens=512" in out and "update_freq 8" in out
+    assert "dataset.max_tokens=512 optimization.update_freq=[8]" in out and "update_freq 8" in out
     assert "optimization.max_update=10" in out and "fairseq_cli.generate" in out
 
 

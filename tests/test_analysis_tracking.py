@@ -230,6 +230,7 @@ def test_steps_micro_eval_and_resume(tmp_path):
     model.eval()
     model(x, mask)  # eval calls are not recorded
     model.train()
+    model(x, torch.ones(B, T, dtype=torch.bool))  # only pads: no statistic, no row
     with torch.no_grad():
         model(x, mask)  # no gradient: backward columns stay empty
     tracker.close()
@@ -267,3 +268,11 @@ def test_nan_formatting(tmp_path):
     model(x, mask)[1].backward()
     tracker.close()
     assert _read(path)[0]["mu_dist"] == "nan"
+
+
+def test_only_rank_zero_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    model = _model("batch")
+    assert attach_tracker(model, tmp_path / "s.csv") is None
+    assert not model.norm._forward_pre_hooks and not (tmp_path / "s.csv").exists()

@@ -14,8 +14,9 @@ pytest.importorskip("fairseq")
 
 from fairseq import options, tasks  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+from fairseq_cli import generate, preprocess  # noqa: E402
 
-import powernorm_fairseq  # noqa: E402, F401  (registers transformer_pn)
+import powernorm_fairseq.models  # noqa: E402, F401  (registers transformer_pn in any import order)
 from powernorm_fairseq.inference import FoldedAffine, FoldedNorm, fold_norms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,40 +164,45 @@ def test_fold_training_model_raises(dict_dir):
 
 
 @pytest.mark.slow
-def test_generate_entry_point_matches_fairseq_generate(tmp_path):
-    """Train 2 updates through fairseq-train, then decode with fairseq-generate and with
-    ``python -m powernorm_fairseq.inference.generate``: same hypotheses."""
-    rng = torch.Generator().manual_seed(0)
+def test_generate_entry_point_matches_fairseq_generate(tmp_path, dict_dir, capsys):
+    """Train 2 updates through fairseq-train, then decode with fairseq-generate (in-process) and
+    with ``python -m powernorm_fairseq.inference.generate``: the same hypotheses."""
+    g = torch.Generator().manual_seed(0)
     raw = tmp_path / "raw"
     raw.mkdir()
-    for split, n in (("train", 64), ("valid", 8), ("test", 8)):
+    for split, n in (("train", 64), ("test", 8)):
         for lang in ("src", "tgt"):
             lines = [
-                " ".join(WORDS[i] for i in torch.randint(0, 30, (int(k),), generator=rng))
-                for k in torch.randint(3, 9, (n,), generator=rng)
+                " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
+                for k in torch.randint(3, 9, (n,), generator=g)
             ]
             (raw / f"{split}.{lang}").write_text("\n".join(lines) + "\n")
+    data = tmp_path / "bin"
+    preprocess.main(options.get_preprocessing_parser().parse_args(
+        ["-s", "src", "-t", "tgt", "--srcdict", str(dict_dir / "dict.src.txt"),
+         "--tgtdict", str(dict_dir / "dict.tgt.txt"), "--trainpref", str(raw / "train"),
+         "--testpref", str(raw / "test"), "--destdir", str(data)]
+    ))  # fmt: skip
+    ckpt = tmp_path / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(module, *args):
         cmd = [sys.executable, "-m", module, *map(str, args)]
         return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=REPO)
 
-    data = tmp_path / "bin"
-    run("fairseq_cli.preprocess", "-s", "src", "-t", "tgt", "--joined-dictionary",
-        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-        "--destdir", data)  # fmt: skip
-    ckpt = tmp_path / "ckpt"
     run("fairseq_cli.train", data, "--user-dir", PLUGIN, "--arch", "transformer_pn_tiny",
         "--encoder-norm", "power", "--decoder-norm", "power", "--share-all-embeddings",
         "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "500", "--max-update", "2",
         "--save-dir", ckpt, "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0",
         "--seed", "1")  # fmt: skip
-    gen = [data, "--user-dir", PLUGIN, "--path", ckpt / "checkpoint_last.pt", "--beam", "3",
-           "--batch-size", "4", "--gen-subset", "test", "--max-len-b", "10", "--num-workers", "0"]  # fmt: skip
-    plain = run("fairseq_cli.generate", *gen)
+    gen = [str(data), "--user-dir", PLUGIN, "--path", str(ckpt / "checkpoint_last.pt"),
+           "--beam", "3", "--batch-size", "4", "--gen-subset", "test", "--max-len-b", "10",
+           "--num-workers", "0"]  # fmt: skip
+    capsys.readouterr()
+    generate.main(options.parse_args_and_arch(options.get_generation_parser(), gen))
+    plain = capsys.readouterr().out
     folded = run("powernorm_fairseq.inference.generate", *gen)
     hypo = re.compile(r"^H-(\d+)\t\S+\t(.*)$", re.MULTILINE)
-    assert sorted(hypo.findall(folded.stdout)) == sorted(hypo.findall(plain.stdout))
-    assert len(hypo.findall(plain.stdout)) == 8
-    assert "norms folded into linear layers" in folded.stderr + folded.stdout
+    assert sorted(hypo.findall(folded.stdout)) == sorted(hypo.findall(plain))
+    assert len(hypo.findall(plain)) == 8
+    assert "11 norms folded into linear layers, 1 fused" in folded.stdout + folded.stderr

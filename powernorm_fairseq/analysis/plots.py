@@ -201,7 +201,10 @@ def plot_sweep(records: Iterable[Mapping], out: str | os.PathLike, title: str | 
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
     sizes = sorted({n for pts in by_norm.values() for n, _ in pts})
-    for i, (norm, pts) in enumerate(sorted(by_norm.items())):
+    order = list(NORM_LABELS)  # LN, BN, PN-V, PN: the paper's order, fixed colors
+    ranked = sorted(by_norm.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
+                                                     else len(order), kv[0]))
+    for i, (norm, pts) in enumerate(ranked):
         pts.sort()
         ax.plot([n for n, _ in pts], [b for _, b in pts], marker="o",
                 color=_COLORS[i % len(_COLORS)], label=NORM_LABELS.get(norm, norm))

@@ -7,7 +7,7 @@ LayerNorm has no batch statistics, so its curve shows what accumulation alone ch
 
 Every point is trained with the pipeline (``python -m powernorm_fairseq.pipeline.train``, which
 keeps ``max_tokens * update_freq * world_size`` at ``--effective-tokens``) and scored with
-``fairseq_cli.generate``; it writes ``<out>/points/<norm>_<N>.json`` when done, so a rerun skips
+``pipeline.evaluate`` (or ``fairseq_cli.generate``, see :func:`eval_command`); it writes ``<out>/points/<norm>_<N>.json`` when done, so a rerun skips
 finished points (and fairseq resumes an interrupted training from ``checkpoint_last.pt``).
 """
 
@@ -83,35 +83,63 @@ def parse_bleu(output: str) -> float:
     return float(found[-1])
 
 
+_BATCH_FLAGS = ("--max-tokens", "--update-freq", "dataset.max_tokens", "optimization.update_freq")
+
+
 def train_command(point: SweepPoint, args, save_dir: Path) -> list[str]:
     """``pipeline.train`` command of ``point``: the batch size enters as max_tokens, the rest of
-    the preset (or flags) is unchanged."""
-    preset = args.experiment != "flags"
+    the preset (or flags) is unchanged.
+
+    Flags mode: the pipeline derives ``update_freq`` from ``--max-tokens`` and
+    ``--effective-tokens`` (and the world size). Preset mode: the pipeline derives it from the
+    preset's own ``max_tokens``, so ``optimization.update_freq`` is set here as well (hydra: the
+    last override wins), which assumes one device; the statistics batch is per device anyway.
+    """
+    clash = [a for a in args.train_args if a.split("=")[0] in _BATCH_FLAGS]
+    if clash:
+        raise ValueError(f"the sweep sets the batch itself; remove {clash} from the training args")
     cmd = python_module_cmd("powernorm_fairseq.pipeline.train") + [
         args.experiment, NORM_ALIASES[point.norm], "--data", str(args.data),
         "--save-dir", str(save_dir), "--effective-tokens", str(point.effective_tokens)]
     if args.cpu:
         cmd.append("--cpu")
-    cmd += ["--", f"dataset.max_tokens={point.stat_tokens}" if preset else "--max-tokens",
-            *([] if preset else [str(point.stat_tokens)]), *args.train_args]
-    return cmd
+    if args.experiment == "flags":
+        batch = ["--max-tokens", str(point.stat_tokens)]
+    else:
+        batch = [f"dataset.max_tokens={point.stat_tokens}",
+                 f"optimization.update_freq=[{point.update_freq}]"]
+    return cmd + ["--", *batch, *args.train_args]
 
 
-def eval_command(args, save_dir: Path) -> list[str]:
-    """``fairseq_cli.generate`` on the point's last checkpoint (beam/lenpen from ``eval_args``)."""
+def eval_command(args, save_dir: Path) -> tuple[list[str], Callable[[str], float]]:
+    """Scoring command of a point's checkpoint and how to read its BLEU.
+
+    Data made by the pipeline's prepare step (``prepare.json`` in the data directory or its
+    parent) is scored with ``pipeline.evaluate bleu``, i.e. the corpus's recipe (beam, length
+    penalty, tokenized BLEU as in the paper), read from its JSON record; other data with
+    ``fairseq_cli.generate --beam 5 --lenpen 1.0 --remove-bpe`` and its ``BLEU4`` line.
+    ``args.eval_args`` are appended to either (the last value of a flag wins).
+    """
+    data, ckpt = Path(args.data), save_dir / args.checkpoint
+    if any((root / "prepare.json").exists() for root in (data, data.parent)):
+        record = save_dir / "sweep_bleu.json"
+        cmd = python_module_cmd("powernorm_fairseq.pipeline.evaluate") + [
+            "bleu", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(record),
+            *args.eval_args]
+        return cmd, lambda _output: float(json.loads(record.read_text())["value"])
     cmd = python_module_cmd("fairseq_cli.generate") + [
-        str(args.data), "--user-dir", str(PLUGIN_DIR), "--path", str(save_dir / args.checkpoint),
-        "--gen-subset", args.gen_subset, "--batch-size", "128", "--remove-bpe", "--quiet"]
+        str(data), "--user-dir", str(PLUGIN_DIR), "--path", str(ckpt), "--gen-subset", "test",
+        "--beam", "5", "--lenpen", "1.0", "--batch-size", "128", "--remove-bpe", "--quiet"]
     if args.cpu:
         cmd.append("--cpu")
-    return cmd + list(args.eval_args)
+    return cmd + list(args.eval_args), parse_bleu
 
 
 def run_sweep(args, runner: Callable[..., str] = run_cmd) -> list[dict]:
     """Train and score every point not done yet; returns all records (also ``<out>/sweep.json``).
 
     ``args`` carries ``experiment, data, out, norms, sizes, effective_tokens, cpu, checkpoint,
-    gen_subset, train_args, eval_args, dry_run`` (see ``analysis/batch_size_sweep.py``).
+    train_args, eval_args, dry_run`` (see ``analysis/batch_size_sweep.py``).
     ``runner(cmd, log_file=...)`` runs a command and returns its output (tests replace it).
     """
     out = Path(args.out)
@@ -120,7 +148,8 @@ def run_sweep(args, runner: Callable[..., str] = run_cmd) -> list[dict]:
     for point in points:
         record_path = out / "points" / f"{point.name}.json"
         save_dir = out / "runs" / point.name
-        train_cmd, eval_cmd = train_command(point, args, save_dir), eval_command(args, save_dir)
+        train_cmd = train_command(point, args, save_dir)
+        eval_cmd, read_bleu = eval_command(args, save_dir)
         if args.dry_run:
             print(f"# {point.name}: max_tokens {point.stat_tokens} x update_freq "
                   f"{point.update_freq} = {point.effective_tokens} tokens per update")
@@ -137,7 +166,7 @@ def run_sweep(args, runner: Callable[..., str] = run_cmd) -> list[dict]:
         runner(train_cmd, log_file=save_dir / "sweep_train.log")
         t1 = time.time()
         log(f"{point.name}: evaluating {args.checkpoint}")
-        bleu = parse_bleu(runner(eval_cmd, log_file=save_dir / "sweep_eval.log"))
+        bleu = read_bleu(runner(eval_cmd, log_file=save_dir / "sweep_eval.log"))
         record = {**asdict(point), "update_freq": point.update_freq, "bleu": bleu,
                   "train_cmd": " ".join(train_cmd), "eval_cmd": " ".join(eval_cmd),
                   "train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1),

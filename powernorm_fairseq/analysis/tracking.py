@@ -25,8 +25,10 @@ own buffers where it has them (``running_mean`` / ``running_var`` for BN; ``runn
 gets comparable numbers.
 
 Backward terms. ``g_i = gamma * dL/dy_i`` where ``dL/dy`` is the upstream gradient of the layer's
-output and ``gamma`` its weight (1 without affine). With
-``sigma_B = sqrt(sigma_B^2 + eps)``, ``xs_i = (x_i - mu_B) / sigma_B`` (BN's normalized input),
+output and ``gamma`` its weight (1 without affine). ``L`` is the loss that is backpropagated: in
+fairseq the micro-batch's summed token loss (the trainer divides the gradients by the sample size
+only afterwards), so backward columns scale with the batch size; compare runs of equal batch
+size. With ``sigma_B = sqrt(sigma_B^2 + eps)``, ``xs_i = (x_i - mu_B) / sigma_B`` (BN's normalized input),
 ``psi_B = sqrt(psi_B^2 + eps)``, ``xp_i = x_i / psi_B`` (PN-V's normalized input)::
 
     g_mu         = -(1/sigma_B) (1/B) sum_k g_k                       (same for every token)
@@ -46,31 +48,32 @@ that enters this step's gradient): the ``nu`` buffer of the paper PN, or
 
 CSV columns, one row per training forward call and tracked layer:
 
-============  ==========================================================================
-``step``      update index: the ``num_updates`` fairseq passes to ``set_num_updates``
-              before each forward (0 for the first update); without it a counter of
-              training forward calls, continued from the last row of an existing file
-``micro``     index of the forward call within the step (gradient accumulation)
-``layer``     the module's qualified name, e.g. ``encoder.layers.0.self_attn_layer_norm``
-``norm``      ``layer`` / ``batch`` / ``power_v`` / ``power`` (else the class name)
-``tokens``    B, the number of non-pad tokens
-``d``         C, the number of features
-``mu_dist``   (1/d) ||mu_B - mu||
-``var_dist``  (1/d) ||sigma_B^2 - sigma^2||
-``psi2_dist`` (1/d) ||psi_B^2 - psi^2||
-``g_mu``      (1/d) ||g_mu||
-``g_var``     (1/B) sum_i (1/d) ||g_sigma^2_i||
-``g_psi2``    (1/B) sum_i (1/d) ||g_psi^2_i||
-``gamma_mean`` mean over features of Gamma_t (PN only, else empty)
-``gamma_max`` max over features of Gamma_t (PN only; stability needs (1-alpha_bkw) Gamma_t <= 1)
-``lambda``    (1/d) ||Lambda_t|| (PN only)
-``nu``        (1/d) ||nu_{t-1}|| (PN only)
-============  ==========================================================================
+==============  ========================================================================
+``step``        update index: the ``num_updates`` fairseq passes to ``set_num_updates``
+                before each forward (0 for the first update); without it a counter of
+                training forward calls, continued from the last row of an existing file
+``micro``       index of the forward call within the step (gradient accumulation)
+``layer``       the module's qualified name, e.g. ``encoder.layers.0.self_attn_layer_norm``
+``norm``        ``layer`` / ``batch`` / ``power_v`` / ``power`` (else the class name)
+``tokens``      B, the number of non-pad tokens
+``d``           C, the number of features
+``mu_dist``     (1/d) ||mu_B - mu||
+``var_dist``    (1/d) ||sigma_B^2 - sigma^2||
+``psi2_dist``   (1/d) ||psi_B^2 - psi^2||
+``g_mu``        (1/d) ||g_mu||
+``g_var``       (1/B) sum_i (1/d) ||g_sigma^2_i||
+``g_psi2``      (1/B) sum_i (1/d) ||g_psi^2_i||
+``gamma_mean``  mean over features of Gamma_t (PN only, else empty)
+``gamma_max``   max over features of Gamma_t (PN only; stability needs
+                (1 - alpha_bkw) Gamma_t <= 1)
+``lambda``      (1/d) ||Lambda_t|| (PN only)
+``nu``          (1/d) ||nu_{t-1}|| (PN only)
+==============  ========================================================================
 
 Backward columns are empty for a forward call whose output received no gradient; a call with no
-real token (all pads) gets no row. Rows are
-buffered and appended every ``flush_every`` rows and at exit; an existing file with the same
-header is continued (a resumed run appends). Under ``torch.distributed`` only rank 0 records.
+real token (all pads) gets no row. Rows are buffered and appended every ``flush_every`` rows and
+at exit; an existing file with the same header is continued (a resumed run appends). Under
+``torch.distributed`` only rank 0 records.
 
 Example::
 

@@ -1,7 +1,7 @@
 """Fold eval-mode batch/power norms into the linear layers that consume them.
 
 In eval mode, ``batch``, ``power_v`` and ``power`` are a fixed per-channel affine map after an
-optional per-token pre-scaling (the reference PN's GroupScaling)::
+optional per-token pre-scaling (the reference PN's GroupScaling, BN's optional LayerScaling)::
 
     y = p(x) * scale + shift          scale, shift: (C,)      (norm.eval_affine())
 
@@ -11,7 +11,8 @@ A pre-norm transformer feeds every norm output straight into linear layers, ``z 
 
 and the norm disappears at inference: only ``p`` (identity, or the per-token group RMS scaling)
 is left. This file is pure torch: it recognises the fairseq transformer structure by attribute
-names (duck typing) and never imports fairseq.
+names (duck typing) and never imports fairseq. The pre-scaling that stays is the norms' own
+``group_rms_scale``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from powernorm_fairseq.norms.batch_norm import PRESCALE_EPS
+from powernorm_fairseq.norms.functional import group_rms_scale
 
 __all__ = ["FoldedAffine", "FoldedNorm", "fold_norms"]
 
@@ -59,14 +61,7 @@ class FoldedNorm(nn.Module):
         if self.group_num == 0:
             return x
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        xg = x.to(compute_dtype).unflatten(-1, (self.group_num, -1))
-        size = xg.shape[-1]
-        # Same map as the norms' group_rms_scale, with fewer kernels on the decoding hot path:
-        # one fused reduction, then 1/sqrt(|x_g|^2/C_g + eps) = sqrt(C_g)/sqrt(|x_g|^2 + C_g eps)
-        # computed in place on the small (*, G, 1) statistic.
-        stat = torch.linalg.vector_norm(xg, dim=-1, keepdim=True)
-        stat = stat.square_().add_(size * self.eps).rsqrt_().mul_(size**0.5)
-        return (xg * stat).flatten(-2).to(x.dtype)
+        return group_rms_scale(x.to(compute_dtype), self.group_num, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"group_num={self.group_num}, eps={self.eps}"
@@ -127,11 +122,11 @@ def _consumer_plan(model: nn.Module) -> dict[str, list[nn.Module] | None]:
     Norms absent from the map have unknown consumers and also get a fused affine.
     """
     plan: dict[str, list[nn.Module] | None] = {}
-    layers: dict[str, nn.Module] = {}
+    layers: set[int] = set()  # ids of the recognised pre-norm layers
     for name, mod in model.named_modules():
         if not _is_prenorm_layer(mod):
             continue
-        layers[name] = mod
+        layers.add(id(mod))
         prefix = f"{name}." if name else ""
         attn = mod.self_attn
         # With cross_self_attention, k/v see cat(encoder_out, x): only part of it is normalized.
@@ -154,13 +149,13 @@ def _consumer_plan(model: nn.Module) -> dict[str, list[nn.Module] | None]:
     return plan
 
 
-def _is_stack(module: nn.Module, layers: dict[str, nn.Module]) -> bool:
+def _is_stack(module: nn.Module, layers: set[int]) -> bool:
+    """An encoder/decoder: ``module.layers`` holds only recognised pre-norm layers."""
     stack = getattr(module, "layers", None)
-    known = {id(m) for m in layers.values()}
-    return isinstance(stack, nn.ModuleList) and all(id(m) in known for m in stack)
+    return isinstance(stack, nn.ModuleList) and all(id(m) in layers for m in stack)
 
 
-def _encoder_out_consumers(decoder: nn.Module, layers: dict[str, nn.Module]) -> list | None:
+def _encoder_out_consumers(decoder: nn.Module, layers: set[int]) -> list | None:
     """k/v projections of every decoder layer's encoder attention, the only readers of the
     encoder output in a fairseq encoder-decoder transformer; None for anything else."""
     if not _is_stack(decoder, layers):
@@ -245,8 +240,9 @@ def fold_norms(model: nn.Module) -> dict[str, str]:
     What does not fold, and why:
 
     - LayerNorm (``eval_affine()`` is None): its statistics are per token, not fixed; untouched.
-    - the reference PN's group pre-scaling: a per-token, data-dependent division that no linear
-      map reproduces; it stays as :class:`FoldedNorm` with ``group_num`` groups.
+    - the per-token RMS pre-scaling (the reference PN's GroupScaling, BN's LayerScaling with
+      ``prescale=True``): a data-dependent division per token that no linear map reproduces;
+      it stays, as a :class:`FoldedNorm` with ``group_num`` groups.
     - a norm whose consumers cannot all absorb the map (a consumer weight shared with another
       module, e.g. ``output_projection`` tied to the embeddings; a post-norm layer, whose norm
       output also feeds the residual; ``cross_self_attention``; adaptive softmax; any structure

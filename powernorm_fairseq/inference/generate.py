@@ -58,6 +58,10 @@ def cli_main() -> None:
     """Run fairseq-generate (same command line) on folded models."""
     from fairseq_cli import generate
 
+    # ``python -m`` imported this package before fairseq, so its ``__init__`` skipped the model
+    # registration, and fairseq's ``--user-dir`` import will skip the already-imported package.
+    import powernorm_fairseq.models  # noqa: F401  (registers the models, applies compat)
+
     with folding_loader():
         generate.cli_main()
 

@@ -18,7 +18,6 @@ SITES = {
     "encoder": ("self_attn", "ffn", "final"),
     "decoder": ("self_attn", "cross_attn", "ffn", "final"),
 }
-PN_VARIANTS = ("reference", "paper")
 
 
 def _choice(value: Any) -> str | None:
@@ -63,9 +62,7 @@ def norm_kwargs(cfg, name: str, num_heads: int, final: bool = False) -> dict[str
         if name == "batch":
             kwargs["prescale"] = bool(cfg.bn_prescale)
         return kwargs
-    variant = _choice(cfg.pn_variant)
-    if variant not in PN_VARIANTS:
-        raise ValueError(f"--pn-variant = {variant!r}; choose one of {', '.join(PN_VARIANTS)}")
+    variant = _choice(cfg.pn_variant)  # build_norm rejects unknown variants, listing the choices
     group_num = int(cfg.pn_group_num)
     if group_num == -1:
         group_num = num_heads if variant == "reference" else 0

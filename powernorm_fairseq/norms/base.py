@@ -34,7 +34,8 @@ class MaskedNorm(nn.Module):
         - x: ``(T, B, C)`` or ``(N, C)``, any floating dtype.
         - padding_mask: ``(B, T)`` bool, True = pad (``(N,)`` for 2-D input), or None.
         - output: shape and dtype of ``x``. Statistics are computed in float32 (float64 for
-          float64 input), with autocast disabled inside the layer.
+          float64 input), with autocast disabled inside the layer; running-statistic buffers
+          stay float32 when the module is cast to fp16/bf16 (``.half()``, fairseq ``--fp16``).
     """
 
     _version = 1
@@ -60,6 +61,15 @@ class MaskedNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    def _apply(self, fn, recurse=True):
+        # fairseq --fp16 / bf16 casts whole models; running statistics such as psi^2 = E[x^2]
+        # overflow fp16 easily, so floating buffers stay float32 (device moves still apply).
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return self
 
     def reset_running_stats(self) -> None:
         """Reset running buffers to their initial values (no-op for stateless norms)."""

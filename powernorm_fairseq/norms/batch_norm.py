@@ -10,90 +10,101 @@ from torch.autograd.function import once_differentiable
 
 from .base import MaskedNorm
 from .distributed import maybe_all_reduce
-from .functional import column_sum, column_sum_of_squares, group_rms_scale, token_count
+from .functional import column_sum, column_sums, group_rms_scale, token_count
 
 #: eps of the per-token RMS pre-scaling (the released code's LayerScaling1D / GroupScaling1D).
 PRESCALE_EPS = 1e-5
 
 
-def batch_moments(x2d: Tensor, keep: Tensor | None, *, center: bool, shift: Tensor | None = None,
-                  sync: bool = False, process_group=None):
+def batch_moments(x2d: Tensor, keep: Tensor | None, scratch: Tensor, *, center: bool,
+                  shift: Tensor | None = None, sync: bool = False, process_group=None):
     """Per-channel statistics over the real tokens, all-reduced in one collective when ``sync``.
 
-    With ``center``: mean and biased variance, computed from the sums of ``x - shift`` (``shift``,
-    e.g. the running mean, is the same on all ranks) so that one all-reduce suffices and float32
+    With ``center``: mean and biased variance, from the sums of ``x - shift`` (``shift``, e.g. the
+    running mean, is the same on all ranks), so that one all-reduce suffices and float32
     cancellation stays small once ``shift`` is close to the mean. Without: the quadratic mean
     ``psi_B^2 = mean(x^2)`` (returned as ``var``) and ``mean = None``.
 
     Args:
-        x2d: ``(N, C)`` (detached; no gradient flows through the statistics here).
+        x2d: ``(N, C)``; no gradient flows through the statistics here.
         keep: ``(N,)`` 1 = real token, or None.
+        scratch: ``(N, C)`` buffer overwritten with temporaries (the caller reuses it).
 
     Returns:
         ``(mean (C,) or None, var (C,), count ())``; ``count`` may be 0 (then var is 0, not NaN).
     """
     count = token_count(x2d, keep).reshape(1)
     if center:
-        xs = x2d - shift.to(x2d.dtype)
-        s1, s2, count = maybe_all_reduce(
-            [column_sum(xs, keep), column_sum_of_squares(xs, keep), count], sync, process_group)
+        torch.sub(x2d, shift, out=scratch)
+        s1 = column_sum(scratch, keep)
+        scratch.mul_(scratch)
+        s1, s2, count = maybe_all_reduce([s1, column_sum(scratch, keep), count], sync,
+                                         process_group)
         n = count.clamp(min=1)
         d = s1 / n
-        return shift.to(x2d.dtype) + d, (s2 / n - d * d).clamp_min(0), count[0]
-    s2, count = maybe_all_reduce([column_sum_of_squares(x2d, keep), count], sync, process_group)
+        return shift + d, (s2 / n - d * d).clamp_min(0), count[0]
+    torch.mul(x2d, x2d, out=scratch)
+    s2, count = maybe_all_reduce([column_sum(scratch, keep), count], sync, process_group)
     return None, s2 / count.clamp(min=1), count[0]
 
 
 class BatchStatNormFunction(torch.autograd.Function):
     r"""``y = (x - mean) * rstd * weight + bias`` with batch statistics and their exact gradient.
 
-    ``mean`` (None for PN-V: no centering) and ``rstd = 1/sqrt(var + eps)`` are statistics of the
-    ``count`` real tokens; pads are normalized with them too but do not enter them. With
-    ``g = weight * dL/dy`` and ``x_hat = (x - mean) * rstd``, the exact input gradient is
+    The forward computes ``mean`` (only with ``center``; PN-V has none) and ``var`` over the
+    ``count`` real tokens (:func:`batch_moments`), ``rstd = 1/sqrt(var + eps)``, then calls
+    ``on_stats(mean, var, count, rstd)`` (the module updates its running buffers there and may
+    return a backward hook) and writes ``y`` into the statistics' scratch buffer. Pads are
+    normalized too but do not enter the statistics. With ``g = weight * dL/dy`` and
+    ``x_hat = (x - mean) * rstd`` the exact input gradient is
 
     .. math::
         \frac{\partial L}{\partial x_j} = r\,g_j - k_j \frac{r}{n}
             \Big(\sum_i g_i + \hat x_j \sum_i g_i \hat x_i\Big)
 
-    (the first sum only with centering), where ``k_j`` is 1 for real tokens and the sums run over
-    ALL positions (pad outputs also depend on the statistics). With ``sync`` the two correction sums
-    are all-reduced in one collective; parameter gradients stay local (DDP averages them).
+    (the first sum only with centering), ``k_j`` = 1 for real tokens, sums over ALL positions (pad
+    outputs also depend on the statistics). With ``sync`` the correction sums are all-reduced in
+    one collective; parameter gradients stay local (DDP reduces them).
 
-    ``backward_hook`` (optional) is called with the (synced) masked sum ``sum_j k_j dL/dy_j x_j``
-    ``(C,)``, so PN can track its backward statistic during warmup without another pass.
+    The backward hook, if any, is called with the (synced) masked sum
+    ``sum_j k_j dL/dy_j x_j`` ``(C,)``, so PN can track its backward statistic during warmup.
 
-    Shape: x ``(N, C)``; weight, bias, mean, rstd ``(C,)``; keep ``(N,)`` or None; count ``()``.
+    Shape: x ``(N, C)``; weight, bias, shift ``(C,)``; keep ``(N,)`` or None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, mean, rstd, count, sync, process_group,
-                backward_hook: Callable[[Tensor], None] | None):
-        scale = rstd * weight
-        shift = bias if mean is None else bias - mean * scale
+    def forward(ctx, x, weight, bias, keep, center, shift, eps, sync, process_group,
+                on_stats: Callable):
+        y = torch.empty_like(x)
+        mean, var, count = batch_moments(x, keep, y, center=center, shift=shift, sync=sync,
+                                         process_group=process_group)
+        rstd = torch.rsqrt(var + eps)
+        ctx.backward_hook = on_stats(mean, var, count, rstd)
+        ctx.sync, ctx.process_group = sync, process_group
         ctx.save_for_backward(x, weight, keep, mean, rstd, count)
-        ctx.sync, ctx.process_group, ctx.backward_hook = sync, process_group, backward_hook
-        return torch.addcmul(shift, x, scale)
+        scale = rstd * weight
+        return torch.addcmul(bias if mean is None else bias - mean * scale, x, scale, out=y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, keep, mean, rstd, count = ctx.saved_tensors
-        sum_gy = grad_y.sum(0)
-        prod = grad_y * x
-        sum_gyx = prod.sum(0)
-        sums = [sum_gy, sum_gyx] if mean is not None else [sum_gyx]
         hook = ctx.backward_hook
+        sum_gy = column_sum(grad_y, None)
+        grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
+        masked_gyx, sum_gyx = column_sums(grad_x, keep if hook is not None else None)
+        sums = [sum_gyx] if mean is None else [sum_gy, sum_gyx]
         if hook is not None:
-            sums.append(sum_gyx if keep is None else keep @ prod)
+            sums.append(masked_gyx)
         sums = maybe_all_reduce(sums, ctx.sync, ctx.process_group)
 
-        # sum_i dL/dy_i x_hat_i, locally (weight grad) and over all ranks (input grad)
+        # sum_i dL/dy_i x_hat_i: locally (weight grad) and over all ranks (input grad)
         local_gyxhat = rstd * (sum_gyx if mean is None else sum_gyx - mean * sum_gy)
         g_xhat = weight * rstd * (sums[0] if mean is None else sums[1] - mean * sums[0])
         rn = rstd / count.clamp(min=1)
         coef_x = rn * rstd * g_xhat
         coef_0 = None if mean is None else rn * weight * sums[0] - coef_x * mean
-        grad_x = grad_y * (weight * rstd)
+        torch.mul(grad_y, weight * rstd, out=grad_x)
         if keep is None:
             grad_x.addcmul_(x, coef_x, value=-1)
             if coef_0 is not None:
@@ -185,19 +196,13 @@ class MaskedBatchNorm(MaskedNorm):
         if not self.training:
             scale = weight * torch.rsqrt(self.running_var.to(x2d.dtype) + self.eps)
             return torch.addcmul(bias - self.running_mean.to(x2d.dtype) * scale, x2d, scale)
-        sync = self._sync()
-        with torch.no_grad():
-            mean, var, count = batch_moments(x2d.detach(), keep, center=True,
-                                             shift=self.running_mean, sync=sync,
-                                             process_group=self.process_group)
-            rstd = torch.rsqrt(var + self.eps)
-            has = count > 0
-            unbiased = var * (count / (count - 1).clamp(min=1))
-            self.running_mean.copy_(torch.where(
-                has, torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), self.momentum),
-                self.running_mean))
-            self.running_var.copy_(torch.where(
-                has, torch.lerp(self.running_var, unbiased.to(self.running_var.dtype), self.momentum),
-                self.running_var))
-        return BatchStatNormFunction.apply(x2d, weight, bias, keep, mean, rstd, count, sync,
-                                           self.process_group, None)
+        return BatchStatNormFunction.apply(x2d, weight, bias, keep, True,
+                                           self.running_mean.to(x2d.dtype), self.eps,
+                                           self._sync(), self.process_group, self._update_running)
+
+    def _update_running(self, mean: Tensor, var: Tensor, count: Tensor, rstd: Tensor) -> None:
+        """EMA of mean and unbiased variance; unchanged for a batch without real tokens."""
+        has = count > 0
+        unbiased = var * (count / (count - 1).clamp(min=1))
+        for buf, stat in ((self.running_mean, mean), (self.running_var, unbiased)):
+            buf.copy_(torch.where(has, torch.lerp(buf, stat.to(buf.dtype), self.momentum), buf))

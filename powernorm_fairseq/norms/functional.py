@@ -3,7 +3,7 @@
 Tokens are the rows of a 2-D view ``x2d: (N, C)`` of the input: for ``x: (T, B, C)``,
 ``N = T * B`` and row ``n = t * B + b`` (a free view of a contiguous tensor, no permute).
 Padding is given as a float keep-vector ``keep: (N,)`` with 1 for real tokens and 0 for pads,
-so masked sums are a matrix-vector product ``keep @ f(x2d)`` (one pass, no boolean-index copies).
+so masked sums are a product ``keep @ f(x2d)`` (one pass, no boolean-index copies).
 ``keep=None`` means every token is real.
 
 All functions work in the dtype of their input; callers pass float32 (or float64) tensors.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def keep_vector(padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -41,39 +42,64 @@ def token_count(x2d: Tensor, keep: Tensor | None) -> Tensor:
 
 
 def column_sum(x2d: Tensor, keep: Tensor | None) -> Tensor:
-    """``sum_n keep[n] * x2d[n, c]``: shape ``(C,)``."""
-    if keep is None:
-        return x2d.sum(0)
-    return keep @ x2d
+    """``sum_n keep[n] * x2d[n, c]``: shape ``(C,)``.
 
-
-def column_sum_of_squares(x2d: Tensor, keep: Tensor | None, with_total: bool = False):
-    """Masked per-channel sum of squares ``sum_n keep[n] * x2d[n, c]^2``.
-
-    One elementwise pass (``x * x``) and one GEMV/GEMM read of it. With ``with_total`` the sum over
-    ALL rows (pads included) comes from the same read, as a 2-row GEMM ``[1; keep] @ x^2``.
-
-    Returns:
-        ``(C,)``, or the pair ``(masked (C,), total (C,))`` when ``with_total``.
+    A ``(1, N) @ (N, C)`` GEMM even without a mask: on CPU it reads ``x2d`` faster than
+    ``x2d.sum(0)``, and unlike ``keep @ x2d`` (a GEMV) it does not stall on a busy multi-thread pool.
     """
-    sq = x2d * x2d
     if keep is None:
-        s = sq.sum(0)
-        return (s, s) if with_total else s
-    if not with_total:
-        return keep @ sq
-    both = torch.stack([keep, torch.ones_like(keep)]) @ sq
+        keep = x2d.new_ones(x2d.shape[0])
+    return torch.mm(keep.unsqueeze(0), x2d).squeeze(0)
+
+
+def column_sums(x2d: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(masked, total)`` column sums ``(C,)`` from ONE read of ``x2d`` (a 2-row GEMM
+    ``[keep; 1] @ x2d``); without a mask both are the plain column sum."""
+    if keep is None:
+        total = column_sum(x2d, None)
+        return total, total
+    both = torch.mm(torch.stack([keep, torch.ones_like(keep)]), x2d)
     return both[0], both[1]
 
 
+class _GroupRMSScale(torch.autograd.Function):
+    """Autograd Function of :func:`group_rms_scale` (the composite autograd graph takes about
+    twice the memory passes). Works on ``(N, G, C_g)`` views of ``(..., C)``;
+    ``r = 1/sqrt(mean_g(x^2) + eps)`` ``(N, G)``. Backward (RMSNorm without affine):
+    ``dL/dx = r * dL/dy - x * r^3 * mean_g(dL/dy * x)``."""
+
+    @staticmethod
+    def forward(ctx, x, group_num, eps):
+        xg = x.reshape(-1, group_num, x.shape[-1] // group_num)
+        # a last-dim vector norm is one fused read (no x*x temporary)
+        mean_sq = torch.linalg.vector_norm(xg, dim=-1).square_().div_(xg.shape[-1])
+        rstd = torch.rsqrt(mean_sq + eps)
+        ctx.save_for_backward(x, rstd)
+        ctx.group_num = group_num
+        return (xg * rstd.unsqueeze(-1)).view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, rstd = ctx.saved_tensors
+        xg = x.reshape(-1, ctx.group_num, x.shape[-1] // ctx.group_num)
+        gyg = grad_y.reshape(xg.shape)
+        grad_x = torch.mul(gyg, xg)  # scratch for the group means first, then the gradient
+        coef = grad_x.mean(-1) * rstd * rstd * rstd
+        torch.mul(gyg, rstd.unsqueeze(-1), out=grad_x)
+        grad_x.addcmul_(xg, coef.unsqueeze(-1), value=-1)
+        return grad_x.view(x.shape), None, None
+
+
 def group_rms_scale(x: Tensor, group_num: int, eps: float = 1e-5) -> Tensor:
-    """Per-token, per-group RMS scaling (the released code's GroupScaling1D), with autograd.
+    """Per-token, per-group RMS scaling (the released code's GroupScaling1D), differentiable.
 
     .. math::
         y_{n, g, j} = \\frac{x_{n, g, j}}{\\sqrt{\\frac{1}{C_g}\\sum_{j'} x_{n, g, j'}^2 + \\epsilon}}
 
     with the ``C`` channels split into ``group_num`` contiguous groups of ``C_g = C / group_num``.
-    No affine parameters; ``group_num = 1`` is an RMSNorm over all channels.
+    No affine parameters; ``group_num = 1`` is an RMSNorm over all channels. Exact gradient
+    (custom backward, checked by gradcheck in the tests).
 
     Args:
         x: ``(..., C)`` with ``C % group_num == 0``.
@@ -83,7 +109,4 @@ def group_rms_scale(x: Tensor, group_num: int, eps: float = 1e-5) -> Tensor:
     Shape:
         output has the shape of ``x``.
     """
-    shape = x.shape
-    xg = x.reshape(*shape[:-1], group_num, shape[-1] // group_num)
-    ms = (xg * xg).mean(-1, keepdim=True)
-    return (xg * torch.rsqrt(ms + eps)).reshape(shape)
+    return _GroupRMSScale.apply(x, group_num, eps)

@@ -14,9 +14,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .base import MaskedNorm
-from .batch_norm import PRESCALE_EPS, BatchStatNormFunction, batch_moments
+from .batch_norm import PRESCALE_EPS, BatchStatNormFunction
 from .distributed import maybe_all_reduce
-from .functional import column_sum_of_squares, group_rms_scale, token_count
+from .functional import column_sum, column_sums, group_rms_scale, token_count
 
 
 def _check_alpha(name: str, value: float) -> None:
@@ -90,23 +90,23 @@ class PowerNormV(MaskedNorm):
         if not self.training:
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(
                 self.running_psi2.to(x2d.dtype) + self.eps))
-        sync = self._sync()
-        with torch.no_grad():
-            _, psi2_b, count = batch_moments(x2d.detach(), keep, center=False, sync=sync,
-                                             process_group=self.process_group)
-            rstd = torch.rsqrt(psi2_b + self.eps)
-            ok = (count > 0) & torch.isfinite(psi2_b)
-            self.running_psi2.copy_(torch.where(ok, torch.lerp(
-                self.running_psi2, psi2_b.to(self.running_psi2.dtype), self.momentum),
-                self.running_psi2))
-        return BatchStatNormFunction.apply(x2d, weight, bias, keep, None, rstd, count, sync,
-                                           self.process_group, None)
+        return BatchStatNormFunction.apply(x2d, weight, bias, keep, False, None, self.eps,
+                                           self._sync(), self.process_group, self._update_running)
+
+    def _update_running(self, mean, psi2_b: Tensor, count: Tensor, rstd: Tensor) -> None:
+        """EMA of psi^2; skipped for a batch without real tokens or a non-finite statistic."""
+        ok = (count > 0) & torch.isfinite(psi2_b)
+        psi2 = self.running_psi2
+        psi2.copy_(torch.where(ok, torch.lerp(psi2, psi2_b.to(psi2.dtype), self.momentum), psi2))
 
 
 class RunningPowerFunction(torch.autograd.Function):
     r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``.
 
-    Backward with ``nu_{t-1}`` = the ``nu`` buffer at backward time:
+    The forward also computes the batch ``psi_B^2`` over the real tokens (all-reduced when
+    ``sync``) and hands it to ``on_stats(None, psi2_b, count, rstd)``, which updates the running
+    statistic and returns the backward hook. Backward with ``nu_{t-1}`` = the ``nu`` buffer at
+    backward time:
 
     .. math::
         \tilde x = g - \nu_{t-1} \hat x, \quad
@@ -114,33 +114,36 @@ class RunningPowerFunction(torch.autograd.Function):
         \frac{\partial L}{\partial \gamma} = \sum \frac{\partial L}{\partial y} \hat x, \quad
         \frac{\partial L}{\partial \beta} = \sum \frac{\partial L}{\partial y}
 
-    computed as ``grad_x = dL/dy * (weight r) - x * (nu r^2)`` (two passes). ``backward_hook``
-    then receives the masked sum ``sum_j k_j dL/dy_j x_j`` ``(C,)`` (all-reduced when ``sync``)
-    and updates ``nu``; ``nu`` must not be changed before the gradient is formed.
+    computed as ``grad_x = dL/dy * (weight r) - x * (nu r^2)``. The hook then receives the masked
+    sum ``sum_j k_j dL/dy_j x_j`` ``(C,)`` (all-reduced when ``sync``) and updates ``nu``.
 
     Shape: x ``(N, C)``; weight, bias, rstd, nu ``(C,)``; keep ``(N,)`` or None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, backward_hook):
+    def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, on_stats):
+        y = torch.mul(x, x)  # scratch for the statistic first, then the output
+        count = token_count(x, keep).reshape(1)
+        sum_sq, count = maybe_all_reduce([column_sum(y, keep), count], sync, process_group)
+        count = count[0]
+        ctx.backward_hook = on_stats(None, sum_sq / count.clamp(min=1), count, rstd)
         ctx.save_for_backward(x, weight, keep, rstd)
         ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
-        ctx.backward_hook = backward_hook
-        return torch.addcmul(bias, x, rstd * weight)
+        return torch.addcmul(bias, x, rstd * weight, out=y)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, keep, rstd = ctx.saved_tensors
-        prod = grad_y * x
-        sum_gyx = prod.sum(0)
-        grad_x = grad_y * (weight * rstd)
+        grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
+        masked_gyx, sum_gyx = column_sums(grad_x, keep)
+        torch.mul(grad_y, weight * rstd, out=grad_x)
         grad_x.addcmul_(x, ctx.nu.to(x.dtype) * rstd * rstd, value=-1)
-        masked = sum_gyx if keep is None else keep @ prod
-        ctx.backward_hook(maybe_all_reduce([masked], ctx.sync, ctx.process_group)[0])
+        ctx.backward_hook(maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0])
         need = ctx.needs_input_grad
         return (grad_x, rstd * sum_gyx if need[1] else None,
-                grad_y.sum(0) if need[2] else None, None, None, None, None, None, None)
+                column_sum(grad_y, None) if need[2] else None,
+                None, None, None, None, None, None)
 
 
 class PowerNormPaper(MaskedNorm):
@@ -272,20 +275,25 @@ class PowerNormPaper(MaskedNorm):
         if not self.training:
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(psi2 + self.eps))
         sync = self._sync()
-        warmup = self._num_updates_host < self.warmup_updates
-        with torch.no_grad():
-            _, psi2_b, count = batch_moments(x2d.detach(), keep, center=False, sync=sync,
-                                             process_group=self.process_group)
-            rstd = torch.rsqrt((psi2_b if warmup else psi2) + self.eps)
+        on_stats = self._on_stats(weight.detach())
+        if self._num_updates_host < self.warmup_updates:
+            return BatchStatNormFunction.apply(x2d, weight, bias, keep, False, None, self.eps,
+                                               sync, self.process_group, on_stats)
+        return RunningPowerFunction.apply(x2d, weight, bias, keep, torch.rsqrt(psi2 + self.eps),
+                                          self.nu, sync, self.process_group, on_stats)
+
+    def _on_stats(self, weight: Tensor):
+        """Forward-statistics callback: update ``psi^2`` by the EMA (skipping empty batches and
+        non-finite statistics) and return the backward hook that updates ``nu``."""
+
+        def update(mean, psi2_b: Tensor, count: Tensor, rstd: Tensor):
+            psi2 = self.running_psi2
             ok = (count > 0) & torch.isfinite(psi2_b)
-            new = self.alpha_fwd * psi2 + (1.0 - self.alpha_fwd) * psi2_b
-            self.running_psi2.copy_(torch.where(ok, new, psi2).to(self.running_psi2.dtype))
-            hook = self._nu_hook(weight.detach(), rstd, psi2_b * rstd * rstd, count)
-        if warmup:
-            return BatchStatNormFunction.apply(x2d, weight, bias, keep, None, rstd, count, sync,
-                                               self.process_group, hook)
-        return RunningPowerFunction.apply(x2d, weight, bias, keep, rstd, self.nu, sync,
-                                          self.process_group, hook)
+            new = self.alpha_fwd * psi2 + (1.0 - self.alpha_fwd) * psi2_b.to(psi2.dtype)
+            psi2.copy_(torch.where(ok, new, psi2))
+            return self._nu_hook(weight, rstd, psi2_b * rstd * rstd, count)
+
+        return update
 
 
 class ReferencePowerFunction(torch.autograd.Function):
@@ -303,16 +311,27 @@ class ReferencePowerFunction(torch.autograd.Function):
       are not counted); no safeguard otherwise.
     - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
 
-    ``sum_sq_all`` ``(C,)`` and ``num_all`` ``()`` (= ``sum(x^2)`` and ``T*B``, synced) come from
-    the forward statistics pass.
+    The forward computes ``psi_B^2`` over the real tokens and ``sum(x^2)`` over all positions
+    from one read of ``x^2`` (all-reduced with the counts when ``sync``) and asks
+    ``module._step_statistics`` for ``(rstd_fwd, rstd_bwd)``; that call advances ``iters`` and
+    ``running_phi`` (D1, D3).
+
+    Shape: x ``(N, C)``; weight, bias ``(C,)``; keep ``(N,)`` or None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, module,
-                sync):
+    def forward(ctx, x, weight, bias, keep, module, sync):
+        y = torch.mul(x, x)  # scratch for the statistics first, then the output
+        sum_sq, sum_sq_all = column_sums(y, keep)
+        count = token_count(x, keep).reshape(1)
+        num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
+        sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
+            [sum_sq, sum_sq_all, count, num_all], sync, module.process_group)
+        count, num_all = count[0], num_all[0]
+        rstd_fwd, rstd_bwd = module._step_statistics(sum_sq / count.clamp(min=1), count)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
         ctx.module, ctx.sync = module, sync
-        return torch.addcmul(bias, x, rstd_fwd * weight)
+        return torch.addcmul(bias, x, rstd_fwd * weight, out=y)
 
     @staticmethod
     @once_differentiable
@@ -322,21 +341,20 @@ class ReferencePowerFunction(torch.autograd.Function):
         c = 1.0 - module.alpha_bkw
         ema = module.ema_gz.view(-1)
         ema_c = ema.to(x.dtype)
-        prod = grad_y * x
-        sum_gyx = prod.sum(0)
-        grad_x = grad_y * (weight * rstd_bwd)
+        grad_x = torch.mul(grad_y, x)  # scratch for the sum first, then the gradient
+        sum_gyx = column_sum(grad_x, None)
+        torch.mul(grad_y, weight * rstd_bwd, out=grad_x)
         grad_x.addcmul_(x, c * ema_c * rstd_fwd * rstd_bwd, value=-1)
         (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, module.process_group)
-        with torch.no_grad():
-            n_all = num_all.clamp(min=1)
-            gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
-            new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
-            ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
-            unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
-            module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
+        n_all = num_all.clamp(min=1)
+        gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
+        new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
+        ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
+        unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
+        module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
         need = ctx.needs_input_grad
         return (grad_x, rstd_fwd * sum_gyx if need[1] else None,
-                grad_y.sum(0) if need[2] else None, None, None, None, None, None, None, None)
+                column_sum(grad_y, None) if need[2] else None, None, None, None)
 
 
 class PowerNormReference(MaskedNorm):
@@ -467,26 +485,21 @@ class PowerNormReference(MaskedNorm):
         self._calls_since_check += 1
         if self._calls_since_check >= self.check_every:
             self.check_stability()
-        sync = self._sync()
-        with torch.no_grad():
-            self.iters.add_(1)
-            xd = x2d.detach()
-            sum_sq, sum_sq_all = column_sum_of_squares(xd, keep, with_total=True)
-            count = token_count(xd, keep).reshape(1)
-            num_all = torch.full((1,), xd.shape[0], dtype=xd.dtype, device=xd.device)
-            sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
-                [sum_sq, sum_sq_all, count, num_all], sync, self.process_group)
-            count, num_all = count[0], num_all[0]
-            psi2_b = sum_sq / count.clamp(min=1)
-            t = self.iters.to(x2d.dtype)
-            rstd_bwd = torch.rsqrt(psi2_b + self.eps)
-            rstd_fwd = torch.where(t <= self.warmup_updates, rstd_bwd,
-                                   torch.rsqrt(phi + self.eps))
-            cumulative = torch.where(t < self.warmup_updates, phi * (t - 1) / t + psi2_b / t, phi)
-            new = self.alpha_fwd * cumulative + (1.0 - self.alpha_fwd) * psi2_b
-            self.running_phi.view(-1).copy_(torch.where(count > 0, new, phi))
-        return ReferencePowerFunction.apply(x2d, weight, bias, rstd_fwd, rstd_bwd, sum_sq_all,
-                                            num_all, count, self, sync)
+        return ReferencePowerFunction.apply(x2d, weight, bias, keep, self, self._sync())
+
+    def _step_statistics(self, psi2_b: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Advance ``iters`` and ``running_phi`` for one training step (tensor ops, no host
+        sync); return ``(rstd_fwd, rstd_bwd)`` ``(C,)`` for the forward and backward divisors."""
+        self.iters.add_(1)
+        phi = self.running_phi.view(-1)
+        phi_c = phi.to(psi2_b.dtype)
+        t = self.iters.to(psi2_b.dtype)
+        rstd_bwd = torch.rsqrt(psi2_b + self.eps)
+        rstd_fwd = torch.where(t <= self.warmup_updates, rstd_bwd, torch.rsqrt(phi_c + self.eps))
+        cumulative = torch.where(t < self.warmup_updates, phi_c * (t - 1) / t + psi2_b / t, phi_c)
+        new = self.alpha_fwd * cumulative + (1.0 - self.alpha_fwd) * psi2_b
+        phi.copy_(torch.where(count > 0, new, phi_c).to(phi.dtype))
+        return rstd_fwd, rstd_bwd
 
 
 #: ``variant`` names of :func:`power_norm`.

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_DIR = REPO_ROOT / "powernorm_fairseq"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def log(msg: str) -> None:
@@ -34,6 +37,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -77,11 +81,13 @@ def count_lines(path: str | os.PathLike) -> int:
 
 
 class Steps:
-    """Idempotent steps with done-markers in ``<out_dir>/.done/<name>``.
+    """Idempotent steps with done-markers in ``<out_dir>/.done/<name>``, run in order.
 
-    A step is skipped when its marker exists and all its declared outputs exist. The marker is
-    written only after the step function returned, i.e. after its outputs are in place (each step
-    writes its outputs atomically), so an interrupted step has no marker and is redone.
+    A step is skipped when its marker exists, records the same ``key`` (the step's settings, e.g.
+    the BPE size), all its declared outputs exist, and no earlier step ran in this invocation
+    (a redone step invalidates everything after it, as in make). The marker is written only after
+    the step function returned, i.e. after its outputs are in place (each step writes its outputs
+    atomically), so an interrupted step has no marker and is redone.
     """
 
     def __init__(self, out_dir: str | os.PathLike):
@@ -90,13 +96,17 @@ class Steps:
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
-    def run(self, name: str, fn: Callable[[], object], outputs: Iterable[str | os.PathLike] = ()):
+    def run(self, name: str, fn: Callable[[], object], outputs: Iterable[str | os.PathLike] = (),
+            key=None):
+        """Run ``fn`` unless already done; returns its result (stored in the marker)."""
         marker = self.marker_dir / name
         outputs = [Path(p) for p in outputs]
-        if marker.exists() and all(p.exists() for p in outputs):
-            log(f"step {name}: done before, skipped")
-            self.skipped.append(name)
-            return json.loads(marker.read_text() or "null")
+        if not self.ran and marker.exists() and all(p.exists() for p in outputs):
+            done = json.loads(marker.read_text() or "{}")
+            if isinstance(done, dict) and done.get("key") == key and "result" in done:
+                log(f"step {name}: done before, skipped")
+                self.skipped.append(name)
+                return done["result"]
         if marker.exists():
             marker.unlink()
         log(f"step {name}: running")
@@ -106,7 +116,7 @@ class Steps:
         if missing:
             raise RuntimeError(f"step {name} finished but did not produce {missing}")
         self.marker_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, json.dumps(result))
+        atomic_write_text(marker, json.dumps({"key": key, "result": result}))
         log(f"step {name}: done in {time.time() - t0:.1f}s")
         self.ran.append(name)
         return result
@@ -120,10 +130,8 @@ def run_cmd(cmd: list[str], *, log_file: str | os.PathLike | None = None, env: d
         log_file: if given, the output is also appended there (a run's full log survives).
         echo: called with each output line while the command runs (progress streaming).
     """
-    full_env = dict(os.environ)
-    full_env.update(env or {})
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=REPO_ROOT)
+                            env=subprocess_env(env), preexec_fn=die_with_parent)
     out_lines = []
     logf = open(log_file, "a", encoding="utf-8") if log_file else None
     try:
@@ -144,6 +152,28 @@ def run_cmd(cmd: list[str], *, log_file: str | os.PathLike | None = None, env: d
         tail = "".join(out_lines[-30:])
         raise SystemExit(f"command failed (exit {rc}): {' '.join(cmd)}\n--- last lines ---\n{tail}")
     return output
+
+
+def die_with_parent() -> None:
+    """In a child (Linux): get SIGKILL when the parent dies, so no orphan keeps writing outputs
+    (a checkpoint, a half-built data directory) after the pipeline was killed; elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def subprocess_env(extra: dict | None = None) -> dict:
+    """The environment for child processes: this one, with the repository on ``PYTHONPATH``.
+
+    Children run ``python -m powernorm_fairseq...`` from the caller's working directory (so relative
+    paths on the command line keep their meaning) whether or not the package is installed.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.update(extra or {})
+    return env
 
 
 def git_commit() -> str | None:

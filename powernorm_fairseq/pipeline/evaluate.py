@@ -40,6 +40,7 @@ from powernorm_fairseq.pipeline.common import (
     read_lines,
     run_cmd,
 )
+from powernorm_fairseq.pipeline.train import check_data_dir
 
 RECIPES = {
     "iwslt14": {"beam": 5, "lenpen": 1.0, "case_sensitive": False, "compound_split": False},
@@ -70,8 +71,12 @@ def _device_flags() -> list[str]:
 
 
 def compound_split(line: str) -> str:
-    """The paper's WMT14 compound splitting: ``a-b`` -> ``a ##AT##-##AT## b``."""
-    return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line))
+    r"""The paper's WMT14 compound splitting: ``a-b`` -> ``a ##AT##-##AT## b``.
+
+    Same regex and non-overlapping semantics as the Perl one-liner of fairseq's/the paper's
+    scripts (``s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g``), so ``a-b-c`` -> ``a ##AT##-##AT## b-c``.
+    """
+    return re.sub(r"(\S)-(\S)", r"\1 ##AT##-##AT## \2", line)
 
 
 def score_bleu(hyps_tok: list[str], refs_tok: list[str], refs_raw: list[str], *, lang: str,
@@ -105,6 +110,7 @@ def score_bleu(hyps_tok: list[str], refs_tok: list[str], refs_raw: list[str], *,
 
 def evaluate_bleu(args) -> dict:
     root, prep = load_prepared(args.data)
+    check_data_dir(prep["data_bin"], splits=("test",))
     if prep["kind"] != "translation":
         raise SystemExit(f"{root} holds a {prep['kind']} corpus; use `evaluate ppl`")
     recipe = RECIPES[args.recipe or prep["corpus"]] if (args.recipe or prep["corpus"]) in RECIPES else None
@@ -123,7 +129,8 @@ def evaluate_bleu(args) -> dict:
         prep["data_bin"], "--path", str(args.checkpoint), "--user-dir", str(PLUGIN_DIR),
         "--gen-subset", "test", "--source-lang", prep["src"], "--target-lang", prep["tgt"],
         "--beam", str(beam), "--lenpen", str(lenpen), "--batch-size", str(args.batch_size),
-        "--post-process", post, "--num-workers", "0", *_device_flags()]
+        "--post-process", post, "--num-workers", "0", "--max-len-a", str(args.max_len_a),
+        "--max-len-b", str(args.max_len_b), *_device_flags()]
     t0 = time.time()
     log(f"generating: beam {beam}, lenpen {lenpen}, {n_test} test sentences")
     output = run_cmd(cmd)
@@ -171,6 +178,7 @@ def test_set_tokens(data_bin: str | Path) -> int:
 
 def evaluate_ppl(args) -> dict:
     root, prep = load_prepared(args.data)
+    check_data_dir(prep["data_bin"], splits=("test",))
     if prep["kind"] != "lm":
         raise SystemExit(f"{root} holds a {prep['kind']} corpus; use `evaluate bleu`")
     expected = test_set_tokens(prep["data_bin"])
@@ -208,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--beam", type=int, help="default: the recipe's (IWSLT14 5, WMT14 4)")
     b.add_argument("--lenpen", type=float, help="default: the recipe's (IWSLT14 1.0, WMT14 0.6)")
     b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--max-len-a", type=float, default=0.0,
+                   help="hypothesis length limit a*src_len+b (fairseq's default 0*src+200)")
+    b.add_argument("--max-len-b", type=int, default=200)
     lm = sub.add_parser("ppl", help="language modelling: fairseq-eval-lm test perplexity")
     lm.add_argument("--tokens-per-sample", type=int, default=512)
     lm.add_argument("--context-window", type=int, default=0,
@@ -224,6 +235,7 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"checkpoint not found: {args.checkpoint}")
+    args.checkpoint = Path(args.checkpoint).resolve()
     return evaluate_bleu(args) if args.metric == "bleu" else evaluate_ppl(args)
 
 

@@ -496,6 +496,8 @@ def step_filter_train(corpus: Corpus, tok: Path, out: Path) -> dict:
 def step_bpe(corpus: Corpus, tok: Path, bpe_dir: Path, method: str, size: int) -> dict:
     """Learn a joint BPE on the training text of both sides; apply it to every split."""
     bpe_dir.mkdir(parents=True, exist_ok=True)
+    for stale in bpe_dir.glob(".*.tmp"):  # left by a run killed mid-step
+        stale.unlink()
     joint = bpe_dir / "train.joint.tmp"
     with open(joint, "w", encoding="utf-8") as f:
         for lang in corpus.langs:
@@ -543,17 +545,21 @@ def step_binarize(corpus: Corpus, text_dir: Path, dest: Path, workers: int, size
     """fairseq-preprocess into a temp dir, check its counts, then swap it into place."""
     tmp = dest.parent / (dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # LM: the prefixes are the files themselves, so fairseq writes dict.txt and {split}.bin/.idx,
+    # the names fairseq's language_modeling task reads.
+    suffix = "" if corpus.kind == "translation" else ".txt"
     cmd = python_module_cmd("fairseq_cli.preprocess") + [
-        "--trainpref", str(text_dir / "train"), "--validpref", str(text_dir / "valid"),
-        "--testpref", str(text_dir / "test"), "--destdir", str(tmp), "--workers", str(workers)]
+        "--trainpref", str(text_dir / "train") + suffix, "--validpref", str(text_dir / "valid") + suffix,
+        "--testpref", str(text_dir / "test") + suffix, "--destdir", str(tmp), "--workers", str(workers)]
     if corpus.kind == "translation":
         cmd += ["--source-lang", corpus.src, "--target-lang", corpus.tgt, "--joined-dictionary"]
     else:
-        cmd += ["--only-source", "--source-lang", "txt"]
+        cmd += ["--only-source"]
     output = run_cmd(cmd)
     counted = {}
     for lang, path, n_sents, n_tokens in _SENTS.findall(output):
         split = Path(path).name.split(".")[0]
+        lang = lang if corpus.kind == "translation" else "txt"
         counted[f"{split}.{lang}"] = {"sentences": int(n_sents), "tokens": int(n_tokens)}
         if int(n_sents) != sizes[split]:
             raise SystemExit(f"binarize: {path} gave {n_sents} sentences, expected {sizes[split]}")
@@ -583,7 +589,11 @@ def prepare(args) -> dict:
         check_sizes(corpus, raw, "fetch", None if corpus.valid_every else corpus.expected, fetched)
         return sources
 
-    sources = steps.run("fetch", fetch, [raw / f for f in fetched_files])
+    fetch_key = {"from": str(Path(args.from_dir).resolve()) if args.from_dir else None,
+                 "no_verify": args.no_verify}
+    if corpus.name == "synthetic":
+        fetch_key.update(seed=args.seed, train=args.synthetic_train)
+    sources = steps.run("fetch", fetch, [raw / f for f in fetched_files], key=fetch_key)
     dropped = steps.run("clean", lambda: step_clean(corpus, raw, clean, fetched),
                         [clean / f for f in fetched_files])
     text_dir = clean
@@ -612,7 +622,7 @@ def prepare(args) -> dict:
         steps.run("references", refs, [ref / f"test.{corpus.tgt}.tok", ref / f"test.{corpus.tgt}.detok"])
         size = args.bpe_size or corpus.bpe_merges
         bpe_info = steps.run("bpe", lambda: step_bpe(corpus, text_dir, bpe_dir, args.bpe, size),
-                             [bpe_dir / f for f in langs_files])
+                             [bpe_dir / f for f in langs_files], key={"method": args.bpe, "size": size})
         check_sizes(corpus, bpe_dir, "bpe", sizes)
         text_dir = bpe_dir
     else:

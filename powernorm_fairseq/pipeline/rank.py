@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from pathlib import Path
 
-from powernorm_fairseq.pipeline.common import atomic_write_json, import_plugin
+from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, import_plugin
 
 
 def param_digest(model) -> dict:
@@ -28,6 +29,24 @@ def param_digest(model) -> dict:
     buffers = {name: hashlib.sha256(b.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
                for name, b in sorted(model.named_buffers())}
     return {"params": h.hexdigest(), "buffers": buffers}
+
+
+def write_config_and_train(fairseq_train, argv: list[str]) -> None:
+    """``fairseq_cli.train.cli_main`` with one addition: rank 0 writes the resolved config.
+
+    The file ``<save_dir>/config.yaml`` is the complete configuration fairseq runs with (every
+    default filled in), written before training starts.
+    """
+    from fairseq import distributed_utils, options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import OmegaConf
+
+    sys.argv = ["fairseq-train", *argv]
+    args = options.parse_args_and_arch(options.get_training_parser())
+    cfg = convert_namespace_to_omegaconf(args)
+    if cfg.distributed_training.distributed_rank == 0:
+        atomic_write_text(Path(cfg.checkpoint.save_dir) / "config.yaml", OmegaConf.to_yaml(cfg))
+    distributed_utils.call_main(cfg, fairseq_train.main)
 
 
 def main(argv=None) -> None:
@@ -56,8 +75,7 @@ def main(argv=None) -> None:
 
         fairseq_train.Trainer = RecordingTrainer
     if entry == "train":
-        sys.argv = ["fairseq-train", *argv]
-        fairseq_train.cli_main()
+        write_config_and_train(fairseq_train, argv)
     else:
         from powernorm_fairseq import hydra_train
 

@@ -18,14 +18,14 @@ Launch modes (the world size W decides the gradient accumulation, see below):
 * SLURM: ``srun --ntasks-per-node G python -m powernorm_fairseq.pipeline.train ... --port 12345``
   (one task per GPU; fairseq builds the rendezvous from SLURM's variables; W = SLURM_NTASKS).
 
-Effective batch: the preset's ``max_tokens * update_freq`` is the paper's batch on one device;
-with W ranks, ``update_freq`` becomes ``ceil(target / (max_tokens * W))`` so that
-``max_tokens * update_freq * W`` stays at (or just above) the paper's. ``--effective-tokens`` sets
-another target.
+Effective batch: the preset's ``max_tokens * update_freq`` (LM presets: ``batch_size *
+update_freq``) is the paper's batch on one device; with W ranks, ``update_freq`` becomes
+``ceil(target / (max_tokens * W))`` so that ``max_tokens * update_freq * W`` stays at (or just
+above) the paper's. ``--effective-tokens`` (alias ``--effective-batch``) sets another target.
 
 Resuming: fairseq restores ``<save-dir>/checkpoint_last.pt``, so rerunning the same command continues
-an interrupted run. The full resolved configuration is written to ``<save-dir>/config.yaml`` and the
-launch details (command, world size, batch arithmetic) to ``<save-dir>/launch.json``.
+an interrupted run. The full resolved configuration is written to ``<save-dir>/config.yaml`` (by
+rank 0 in flags mode; copied from hydra's output in preset mode) and the launch details (command, world size, batch arithmetic) to ``<save-dir>/launch.json``.
 """
 
 from __future__ import annotations
@@ -33,28 +33,33 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     REPO_ROOT,
+    atomic_path,
     atomic_write_json,
     atomic_write_text,
+    die_with_parent,
     git_commit,
-    import_plugin,
     log,
     python_module_cmd,
+    subprocess_env,
 )
 
 NORMS = {"ln": "layer", "bn": "batch", "pnv": "power_v", "pn": "power"}
 
 
-def check_data_dir(data: str | Path, *, translation: bool | None = None) -> Path:
+def check_data_dir(data: str | Path, splits: tuple[str, ...] = ("train", "valid")) -> Path:
     """Fail with a clear message if ``data`` is not a complete fairseq data-bin directory.
 
     A directory made by the prepare step is complete once it exists (it is swapped in atomically);
@@ -68,11 +73,11 @@ def check_data_dir(data: str | Path, *, translation: bool | None = None) -> Path
     if markers.is_dir() and not (markers / "binarize").exists():
         raise SystemExit(f"{data} is from an unfinished prepare run (no {markers / 'binarize'}); "
                          "rerun the same prepare command to finish it.")
-    dicts = list(data.glob("dict.*.txt"))
+    dicts = list(data.glob("dict*.txt"))
     if not dicts:
-        raise SystemExit(f"{data} has no dict.*.txt: not a fairseq data-bin directory "
+        raise SystemExit(f"{data} has no dict*.txt: not a fairseq data-bin directory "
                          "(point --data at the data-bin folder written by prepare).")
-    for split in ("train", "valid"):
+    for split in splits:
         idx = list(data.glob(f"{split}*.idx"))
         if not idx:
             raise SystemExit(f"{data} has no {split} split ({split}*.idx); rerun prepare.")
@@ -82,6 +87,39 @@ def check_data_dir(data: str | Path, *, translation: bool | None = None) -> Path
                 raise SystemExit(f"{b} is missing or empty: the data directory is half-written; "
                                  "rerun prepare.")
     return data
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """A torch checkpoint is a zip file; a truncated one has no central directory (cheap check)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def repair_last_checkpoint(save_dir: Path) -> str | None:
+    """Make ``checkpoint_last.pt`` loadable before resuming; returns what was done, if anything.
+
+    fairseq writes ``checkpoint_E_U.pt`` atomically but then *copies* it to ``checkpoint_last.pt``;
+    a kill during that copy leaves a truncated ``checkpoint_last.pt`` and every rerun would fail.
+    It is replaced (atomically) by the newest readable epoch/update checkpoint.
+    """
+    last = save_dir / "checkpoint_last.pt"
+    if not last.exists() or _readable_checkpoint(last):
+        return None
+    candidates = sorted((p for p in save_dir.glob("checkpoint*.pt")
+                         if re.fullmatch(r"checkpoint(\d+|_\d+_\d+)\.pt", p.name)),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+    for cand in candidates:
+        if _readable_checkpoint(cand):
+            with atomic_path(last) as tmp:
+                shutil.copyfile(cand, tmp)
+            msg = f"{last} was truncated (killed while being copied); replaced by {cand.name}"
+            log(msg)
+            return msg
+    raise SystemExit(f"{last} is truncated and no intact checkpoint is left in {save_dir}; delete it "
+                     "to start over.")
 
 
 def _free_port() -> int:
@@ -117,12 +155,22 @@ def world_size(args) -> tuple[int, str]:
     return 1, "cpu"
 
 
-def scale_update_freq(max_tokens: int, update_freq: int, world: int, target: int | None) -> dict:
-    """Gradient accumulation that keeps ``max_tokens * update_freq * world`` at the target."""
-    target = target or max_tokens * update_freq
-    new_freq = max(1, math.ceil(target / (max_tokens * world)))
-    return {"target_tokens": target, "max_tokens": max_tokens, "world_size": world,
-            "update_freq": new_freq, "effective_tokens": max_tokens * new_freq * world}
+def scale_update_freq(per_rank: int, update_freq: int, world: int, target: int | None,
+                      unit: str = "tokens") -> dict:
+    """Per-rank batch and gradient accumulation that keep ``per_rank * update_freq * world`` at
+    the target (default: ``per_rank * update_freq``, the batch as given for one device).
+
+    ``per_rank`` is ``max_tokens`` (unit tokens) or ``batch_size`` (unit sequences, LM presets).
+    ``update_freq`` grows while one step of all ranks is below the target; when even one batch per
+    rank exceeds it (many ranks), the per-rank batch shrinks to ``ceil(target / world)`` instead.
+    """
+    target = target or per_rank * update_freq
+    if per_rank * world > target:
+        per_rank, new_freq = math.ceil(target / world), 1
+    else:
+        new_freq = math.ceil(target / (per_rank * world))
+    return {"unit": unit, "target": target, "per_rank": per_rank, "world_size": world,
+            "update_freq": new_freq, "effective": per_rank * new_freq * world}
 
 
 def preset_path(experiment: str, norm: str) -> Path:
@@ -143,14 +191,18 @@ def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[st
     elif arch.startswith("transformer_pn"):
         flags += ["--encoder-norm", NORMS[args.norm]]
     flags += overrides
-    max_tokens = _flag_value(flags, "--max-tokens")
+    max_tokens, batch_size = _flag_value(flags, "--max-tokens"), _flag_value(flags, "--batch-size")
     batch = {}
-    if max_tokens is None and world > 1:
-        raise SystemExit("pass --max-tokens so the effective batch can be scaled to the world size")
-    if max_tokens is not None:
-        batch = scale_update_freq(int(max_tokens), int(_flag_value(flags, "--update-freq", 1)),
-                                  world, args.effective_tokens)
-        flags += ["--update-freq", str(batch["update_freq"])]
+    if max_tokens is None and batch_size is None and world > 1:
+        raise SystemExit("pass --max-tokens or --batch-size so the effective batch can be scaled "
+                         "to the world size")
+    if max_tokens is not None or batch_size is not None:
+        unit = "tokens" if max_tokens is not None else "sequences"
+        batch = scale_update_freq(int(max_tokens or batch_size),
+                                  int(_flag_value(flags, "--update-freq", 1)), world,
+                                  args.effective_batch, unit)
+        flags += ["--max-tokens" if unit == "tokens" else "--batch-size", str(batch["per_rank"]),
+                  "--update-freq", str(batch["update_freq"])]
     if args.cpu or args.cpu_workers:
         flags.append("--cpu")
     return flags, batch
@@ -170,13 +222,24 @@ def build_preset_command(args, overrides: list[str], world: int) -> tuple[list[s
     hydra_args = ["--config-dir", str(path.parent), "--config-name", path.stem,
                   f"task.data={args.data}", f"checkpoint.save_dir={args.save_dir}",
                   f"common.user_dir={PLUGIN_DIR}", f"hydra.run.dir={args.save_dir}/hydra"]
+    # The preset's batch (max_tokens or batch_size, times update_freq) is the paper's, the target.
+    # A per-rank batch given as an override takes part in the arithmetic; an explicit update_freq
+    # override is kept as is. Hydra refuses a key given twice, so ours replace the user's.
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    freq = opt.get("update_freq", [1])
+    freq = int(freq[0] if isinstance(freq, list) else freq)
     batch = {}
-    max_tokens = ds.get("max_tokens")
-    if max_tokens:
-        freq = opt.get("update_freq", [1])
-        freq = freq[0] if isinstance(freq, list) else freq
-        batch = scale_update_freq(int(max_tokens), int(freq), world, args.effective_tokens)
-        hydra_args.append(f"optimization.update_freq=[{batch['update_freq']}]")
+    for unit, key in (("tokens", "max_tokens"), ("sequences", "batch_size")):
+        paper = ds.get(key)
+        if not paper or "optimization.update_freq" in given:
+            continue
+        per_rank = int(given.get(f"dataset.{key}", paper))
+        target = args.effective_batch or int(paper) * freq
+        batch = scale_update_freq(per_rank, 1, world, target, unit)
+        overrides = [o for o in overrides if not o.startswith(f"dataset.{key}=")]
+        hydra_args += [f"dataset.{key}={batch['per_rank']}",
+                       f"optimization.update_freq=[{batch['update_freq']}]"]
+        break
     if args.cpu or args.cpu_workers:
         hydra_args.append("common.cpu=true")
     return hydra_args + overrides, batch
@@ -192,26 +255,6 @@ def _distributed_args(mode: str, world: int, rank: int, port: int) -> list[str]:
     return [f"{d}distributed_backend=gloo", f"{d}distributed_init_method=tcp://127.0.0.1:{port}",
             f"{d}distributed_world_size={world}", f"{d}distributed_rank={rank}",
             f"{d}distributed_no_spawn=true", f"{d}ddp_backend=legacy_ddp"]
-
-
-def write_resolved_config(mode: str, argv: list[str], save_dir: Path) -> None:
-    """Write the full configuration fairseq will run with to ``save_dir/config.yaml``.
-
-    Flags mode parses the flags with fairseq's own parser (plugin included); preset mode gets the
-    same file from hydra (``hydra.run.dir``), copied here once training has composed it.
-    """
-    if mode != "flags":
-        return
-    from fairseq import options, utils
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from omegaconf import OmegaConf
-
-    # get_training_parser looks for --user-dir in sys.argv, not in `argv`: import the plugin first
-    utils.import_user_module(argparse.Namespace(user_dir=str(PLUGIN_DIR)))
-    import_plugin()
-    parser = options.get_training_parser()
-    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser, input_args=argv))
-    atomic_write_text(save_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def _stream(procs: list[subprocess.Popen], log_path: Path, echo) -> list[int]:
@@ -241,25 +284,25 @@ def train(args, overrides: list[str], echo=None) -> dict:
     echo = echo or (lambda line: print(line, flush=True))
     if args.norm not in NORMS:
         raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(NORMS)}")
-    check_data_dir(args.data)
-    args.save_dir = Path(args.save_dir or REPO_ROOT / "checkpoints" / f"{args.experiment}_{args.norm}")
+    args.data = check_data_dir(args.data).resolve()
+    args.save_dir = Path(args.save_dir or REPO_ROOT / "checkpoints" / f"{args.experiment}_{args.norm}").resolve()
     args.save_dir.mkdir(parents=True, exist_ok=True)
+    repaired = repair_last_checkpoint(args.save_dir)
     mode = "flags" if args.experiment == "flags" else "preset"
     world, how = world_size(args)
     build = build_flags_command if mode == "flags" else build_preset_command
     base, batch = build(args, overrides, world)
     if batch:
-        log(f"world size {world} ({how}): max_tokens {batch['max_tokens']} x update_freq "
-            f"{batch['update_freq']} x {world} = {batch['effective_tokens']} tokens per update "
-            f"(target {batch['target_tokens']})")
-        if batch["effective_tokens"] != batch["target_tokens"]:
-            log("note: the target is not a multiple of max_tokens x world size; rounded up")
+        log(f"world size {world} ({how}): {batch['per_rank']} {batch['unit']} x update_freq "
+            f"{batch['update_freq']} x {world} = {batch['effective']} {batch['unit']} per update "
+            f"(target {batch['target']})")
+        if batch["effective"] != batch["target"]:
+            log("note: the target is not a multiple of the per-rank batch x world size; rounded up")
     entry = "train" if mode == "flags" else "hydra"
-    write_resolved_config(mode, base, args.save_dir)
     record = {"experiment": args.experiment, "norm": args.norm, "mode": mode, "world_size": world,
               "launch": how, "batch": batch, "save_dir": str(args.save_dir), "data": str(args.data),
               "command": " ".join(sys.argv), "fairseq_args": base, "git_commit": git_commit(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "repaired": repaired}
     atomic_write_json(args.save_dir / "launch.json", record)
     log_path = args.save_dir / "train.log"
     t0 = time.time()
@@ -272,9 +315,10 @@ def train(args, overrides: list[str], echo=None) -> dict:
                 "--param-digest", str(digest_dir / f"rank{rank}.json"), entry,
                 *base, *_distributed_args(mode, world, rank, port)]
             procs.append(subprocess.Popen(
-                cmd, cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE if rank == 0 else None,
+                cmd, text=True, preexec_fn=die_with_parent, stdout=subprocess.PIPE if rank == 0 else None,
                 stderr=subprocess.STDOUT if rank == 0 else subprocess.DEVNULL,
-                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}))
+                # N ranks share the cores: one thread each unless the caller says otherwise
+                env=subprocess_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})))
         codes = _stream(procs, log_path, echo)
         if any(codes):
             raise SystemExit(f"training failed: rank exit codes {codes}; see {log_path}")
@@ -282,8 +326,8 @@ def train(args, overrides: list[str], echo=None) -> dict:
     else:
         extra = [f"--distributed-port={args.port}"] if how == "slurm" and mode == "flags" else []
         cmd = python_module_cmd("powernorm_fairseq.pipeline.rank") + [entry, *base, *extra]
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=subprocess_env(), preexec_fn=die_with_parent)
         codes = _stream([proc], log_path, echo)
         if codes[0]:
             raise SystemExit(f"training failed (exit {codes[0]}); see {log_path}")
@@ -328,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", help="checkpoint directory (default checkpoints/<experiment>_<norm>)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if GPUs are visible")
     p.add_argument("--cpu-workers", type=int, default=0, help="CPU data parallel with N ranks (gloo)")
-    p.add_argument("--effective-tokens", type=int, help="tokens per update to keep (default: the "
-                   "preset's max_tokens x update_freq)")
+    p.add_argument("--effective-tokens", "--effective-batch", dest="effective_batch", type=int,
+                   help="tokens (or LM sequences) per update to keep "
+                   "(default: the preset's max_tokens (batch_size) x update_freq, the paper's batch)")
     p.add_argument("--port", type=int, help="rendezvous port (CPU workers; required for SLURM)")
     return p
 

@@ -1,0 +1,186 @@
+"""Forward+backward speed and peak memory of every registered norm, relative to nn.LayerNorm.
+
+For each shape ``(T, B, C)`` and padding fraction, every norm (PN in both variants, before and
+after its warmup) and ``torch.nn.LayerNorm`` run one training step (forward, backward with a fixed
+upstream gradient) in interleaved repetitions in the same process; the median time of each is
+reported as a ratio to LayerNorm's. The ratio uses process CPU time (``time.process_time``), which
+other load on a shared machine does not inflate; wall-clock medians are reported beside it. Peak
+memory is the highest total of live CPU allocations above the step's starting point, from
+``torch.profiler``'s memory events.
+
+Usage::
+
+    OMP_NUM_THREADS=2 python benchmarks/norm_speed.py --out results/norm_speed.json
+
+Issue #6 targets (64x64x512, ~30% padding): PN <= 1.5x LayerNorm, PN-V and BN <= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from powernorm_fairseq.norms import build_norm  # noqa: E402
+
+DEFAULT_SHAPES = ["64x64x512", "128x32x1024", "128x32x512"]  # the last: 4096 tokens
+# (label, registry name, kwargs); "before"/"after" = inside / past PN's warmup
+NORMS = [
+    ("layer", "layer", {}),
+    ("batch", "batch", {}),
+    ("power_v", "power_v", {}),
+    ("power/paper/before", "power", {"warmup_updates": 10**9}),
+    ("power/paper/after", "power", {"warmup_updates": 0}),
+    ("power/reference/before", "power", {"variant": "reference", "warmup_updates": 10**9}),
+    ("power/reference/after", "power", {"variant": "reference", "warmup_updates": 0}),
+]
+
+
+def padding_mask(T: int, B: int, fraction: float, gen: torch.Generator) -> torch.Tensor | None:
+    """``(B, T)`` mask with right padding; sentence lengths spread so ~``fraction`` is padding."""
+    if fraction <= 0:
+        return None
+    pad_len = (torch.rand(B, generator=gen) * 2 * fraction * T).round().long().clamp(max=T - 1)
+    return torch.arange(T).unsqueeze(0) >= (T - pad_len).unsqueeze(1)
+
+
+def train_step(norm, x, mask, grad_y):
+    x.grad = None
+    y = norm(x) if mask is None else norm(x, padding_mask=mask)
+    y.backward(grad_y)
+
+
+def peak_bytes(norm, x, mask, grad_y) -> int:
+    """Peak of live CPU allocations during one training step above its start.
+
+    From ``torch.profiler`` memory profiling: every allocation/free is attributed once, as the
+    ``self_cpu_memory_usage`` of the innermost op (or a ``[memory]`` event); replayed in start-time
+    order. Inputs, parameters and ``grad_y`` exist before the step and are not counted.
+    """
+    x.grad = None  # freeing it inside the window would be an unattributed event
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(norm, x, mask, grad_y)
+    deltas = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def bench_shape(T, B, C, fraction, reps, warmup):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(T, B, C, generator=gen).requires_grad_()
+    grad_y = torch.randn(T, B, C, generator=gen)
+    mask = padding_mask(T, B, fraction, gen)
+    if mask is not None:
+        grad_y[mask.t()] = 0.0  # pads are masked downstream in a transformer
+    norms = {"torch.nn.LayerNorm": (torch.nn.LayerNorm(C), None)}
+    for label, name, kwargs in NORMS:
+        norms[label] = (build_norm(name, C, **kwargs).train(), mask)
+    for norm, m in norms.values():
+        for _ in range(warmup):
+            train_step(norm, x, m, grad_y)
+    cpu = {label: [] for label in norms}
+    wall = {label: [] for label in norms}
+    for _ in range(reps):
+        for label, (norm, m) in norms.items():
+            start_cpu, start_wall = time.process_time(), time.perf_counter()
+            train_step(norm, x, m, grad_y)
+            cpu[label].append(time.process_time() - start_cpu)
+            wall[label].append(time.perf_counter() - start_wall)
+    base_cpu = statistics.median(cpu["torch.nn.LayerNorm"])
+    base_wall = statistics.median(wall["torch.nn.LayerNorm"])
+    rows = []
+    for label, (norm, m) in norms.items():
+        med_cpu, med_wall = statistics.median(cpu[label]), statistics.median(wall[label])
+        rows.append(
+            {
+                "shape": f"{T}x{B}x{C}",
+                "pad": fraction,
+                "actual_pad": 0.0 if mask is None else round(mask.float().mean().item(), 3),
+                "norm": label,
+                "cpu_ms": round(med_cpu * 1e3, 3),
+                "wall_ms": round(med_wall * 1e3, 3),
+                "ratio_to_layernorm": round(med_cpu / base_cpu, 3),
+                "wall_ratio_to_layernorm": round(med_wall / base_wall, 3),
+                "peak_mib": round(peak_bytes(norm, x, m, grad_y) / 2**20, 2),
+            }
+        )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="TxBxC shapes")
+    parser.add_argument(
+        "--pad", nargs="+", type=float, default=[0.0, 0.3], help="padding fractions"
+    )
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions per norm")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per norm first")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    except ValueError:
+        raise SystemExit(f"--shapes must look like 64x64x512, got {args.shapes}") from None
+    if any(len(s) != 3 for s in shapes):
+        raise SystemExit(f"--shapes must look like 64x64x512, got {args.shapes}")
+
+    rows = []
+    header = (
+        f"{'shape':>12} {'pad':>5} {'norm':<24} {'cpu ms':>8} {'x LN':>6} {'wall ms':>8} "
+        f"{'x LN':>6} {'peak MiB':>9}"
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, {platform.processor() or ''}"
+    )
+    print(header)
+    print("-" * len(header))
+    for T, B, C in shapes:
+        for fraction in args.pad:
+            for row in bench_shape(T, B, C, fraction, args.reps, args.warmup):
+                rows.append(row)
+                print(
+                    f"{row['shape']:>12} {row['actual_pad']:>5.2f} {row['norm']:<24} "
+                    f"{row['cpu_ms']:>8.2f} {row['ratio_to_layernorm']:>6.2f} "
+                    f"{row['wall_ms']:>8.2f} {row['wall_ratio_to_layernorm']:>6.2f} "
+                    f"{row['peak_mib']:>9.1f}",
+                    flush=True,
+                )
+    if args.out:
+        result = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "reps": args.reps,
+            "timer": "ratio: median process_time; wall: median perf_counter",
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=args.out.parent, delete=False, suffix=".tmp"
+        ) as tmp:
+            json.dump(result, tmp, indent=1)
+        os.replace(tmp.name, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""In-process tests of the fairseq models ``transformer_pn`` / ``transformer_lm_pn`` and compat.
+
+Option parsing, where each norm goes, that every norm receives the padding mask, that fairseq's own
+LayerNorm transformer loads and computes the same, that incremental (beam) decoding scores what a
+full forward pass scores, the fairseq-fixed workarounds, and the hydra presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("fairseq")
+
+from fairseq import checkpoint_utils, options, tasks  # noqa: E402
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
+from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY  # noqa: E402
+from fairseq.models.transformer.transformer_config import (  # noqa: E402
+    EncDecBaseConfig,
+    TransformerConfig,
+)
+from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
+
+import powernorm_fairseq.models  # noqa: E402, F401  (registers the models, applies compat)
+from powernorm_fairseq import compat  # noqa: E402
+from powernorm_fairseq.models.pn_config import TransformerPNConfig  # noqa: E402
+from powernorm_fairseq.norms import NORM_CHOICES, NORM_REGISTRY  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MT_FLAGS = ["--task", "translation", "-s", "src", "-t", "tgt"]
+# (options, name) per norm kind, including both PowerNorm variants.
+NORM_CASES = {
+    "layer": [],
+    "batch": [],
+    "power_v": [],
+    "power_reference": ["--pn-variant", "reference", "--pn-warmup-updates", "2"],
+    "power_paper": ["--pn-variant", "paper", "--pn-warmup-updates", "2"],
+}
+
+
+def _kind(case: str) -> str:
+    return case.split("_")[0] if case.startswith("power_") and case != "power_v" else case
+
+
+def parse(argv: list[str], parser=None):
+    parser = parser or options.get_training_parser()
+    return options.parse_args_and_arch(parser, [str(a) for a in argv])
+
+
+def build(data, arch: str, *extra, lm: bool = False):
+    """(task, model, cfg) for ``arch`` on the tiny data-bin ``data``, built as fairseq-train does."""
+    task_flags = ["--task", "language_modeling", "--tokens-per-sample", "16"] if lm else MT_FLAGS
+    args = parse([data, "--arch", arch, *task_flags, *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    return task, task.build_model(cfg.model), cfg
+
+
+def batches(task, split: str, max_sentences: int = 8):
+    task.load_dataset(split)
+    itr = task.get_batch_iterator(
+        task.dataset(split), max_sentences=max_sentences, seed=1, ignore_invalid_inputs=True
+    ).next_epoch_itr(shuffle=False)
+    return list(itr)
+
+
+def norm_sites(model) -> dict[str, torch.nn.Module]:
+    """Qualified name -> module for every norm site of a PN model."""
+    names = ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm", "layer_norm")
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name.split(".")[-1] in names and module is not None
+    }
+
+
+# --------------------------------------------------------------------------- option parsing
+
+
+@pytest.mark.parametrize(
+    ("arch", "option", "task"),
+    [
+        ("transformer_pn_tiny", "--encoder-norm", MT_FLAGS),
+        ("transformer_pn_tiny", "--decoder-cross-attn-norm", MT_FLAGS),
+        ("transformer_lm_pn_tiny", "--decoder-norm", ["--task", "language_modeling"]),
+    ],
+)
+def test_bad_norm_fails_at_parsing_listing_choices(arch, option, task, capsys, tmp_path):
+    with pytest.raises(SystemExit) as excinfo:
+        parse([tmp_path, "--arch", arch, *task, option, "nonsense"])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: invalid choice: 'nonsense'" in err
+    for choice in NORM_CHOICES:
+        assert f"'{choice}'" in err
+
+
+def test_norm_options_parse_with_help_and_defaults(tmp_path):
+    args = parse([tmp_path, "--arch", "transformer_pn_tiny", *MT_FLAGS])
+    assert args.encoder_norm == "layer" and args.decoder_norm == "layer"
+    assert args.encoder_ffn_norm is None and args.decoder_cross_attn_norm is None
+    assert (args.pn_variant, args.pn_warmup_updates, args.pn_group_num) == ("reference", 0, -1)
+    assert args.encoder_normalize_before and args.decoder_normalize_before
+    parser = options.get_training_parser()
+    parse([tmp_path, "--arch", "transformer_pn_tiny", *MT_FLAGS], parser)
+    helps = {a.dest: a.help for a in parser._actions}
+    for dest in ("encoder_norm", "decoder_final_norm", "pn_warmup_updates", "track_norm_stats"):
+        assert helps.get(dest), f"--{dest} has no help text"
+    assert "learning-rate" in helps["pn_warmup_updates"]
+
+
+def test_every_registered_norm_is_a_choice():
+    assert set(NORM_CHOICES) == set(NORM_REGISTRY)
+
+
+# --------------------------------------------------------------------------- model structure
+
+
+def test_sites_follow_side_and_per_site_options(tiny_mt_data):
+    _, model, _ = build(
+        tiny_mt_data, "transformer_pn_tiny",
+        "--encoder-norm", "power", "--encoder-ffn-norm", "batch", "--encoder-final-norm", "power_v",
+        "--decoder-norm", "layer", "--decoder-cross-attn-norm", "power",
+        "--pn-variant", "reference",
+    )
+    kinds = {name: type(m).__name__ for name, m in norm_sites(model).items()}
+    assert kinds["encoder.layers.0.self_attn_layer_norm"] == "PowerNormReference"
+    assert kinds["encoder.layers.1.final_layer_norm"] == "MaskedBatchNorm"
+    assert kinds["encoder.layer_norm"] == "PowerNormV"
+    assert kinds["decoder.layers.0.self_attn_layer_norm"] == "LayerNorm"
+    assert kinds["decoder.layers.1.encoder_attn_layer_norm"] == "PowerNormReference"
+    assert kinds["decoder.layers.0.final_layer_norm"] == "LayerNorm"
+    assert kinds["decoder.layer_norm"] == "LayerNorm"
+    assert len(kinds) == (2 * 2 + 1) + (2 * 3 + 1)  # 2+2 layers and the two output norms
+    # GroupScaling groups default to the number of attention heads for the reference PN.
+    assert model.encoder.layers[0].self_attn_layer_norm.group_num == 4
+
+
+def test_pn_options_reach_the_norms(tiny_mt_data):
+    _, model, _ = build(
+        tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", "power", "--pn-variant", "paper",
+        "--pn-alpha-fwd", "0.8", "--pn-alpha-bkw", "0.7", "--pn-warmup-updates", "30",
+        "--pn-final-warmup-updates", "5",
+    )
+    layer_norm, final_norm = model.encoder.layers[0].final_layer_norm, model.encoder.layer_norm
+    assert type(layer_norm).__name__ == "PowerNormPaper"
+    assert (layer_norm.alpha_fwd, layer_norm.alpha_bkw) == (0.8, 0.7)
+    assert (layer_norm.warmup_updates, final_norm.warmup_updates) == (30, 5)
+    assert layer_norm.group_num == 0  # no pre-scaling for the paper variant by default
+
+
+def test_lm_sites(tiny_lm_data):
+    _, model, _ = build(
+        tiny_lm_data, "transformer_lm_pn_tiny", "--decoder-norm", "power_v",
+        "--decoder-ffn-norm", "batch", lm=True,
+    )
+    kinds = {name: type(m).__name__ for name, m in norm_sites(model).items()}
+    assert kinds == {
+        "decoder.layers.0.self_attn_layer_norm": "PowerNormV",
+        "decoder.layers.0.final_layer_norm": "MaskedBatchNorm",
+        "decoder.layers.1.self_attn_layer_norm": "PowerNormV",
+        "decoder.layers.1.final_layer_norm": "MaskedBatchNorm",
+        "decoder.layer_norm": "PowerNormV",
+    }
+    assert model.decoder.layers[0].normalize_before
+
+
+@pytest.mark.parametrize("case", ["batch", "power_v", "power_reference"])
+def test_every_norm_receives_the_padding_mask(tiny_mt_data, case):
+    kind = _kind(case)
+    _, model, _ = build(
+        tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
+        *NORM_CASES[case],
+    )
+    seen = {}
+
+    def hook(name):
+        def record(module, args, kwargs):
+            mask = args[1] if len(args) > 1 else kwargs.get("padding_mask")
+            seen[name] = None if mask is None else (tuple(mask.shape), tuple(args[0].shape))
+
+        return record
+
+    for name, module in norm_sites(model).items():
+        module.register_forward_pre_hook(hook(name), with_kwargs=True)
+    src = torch.tensor([[5, 6, 7, 2], [1, 1, 8, 2]])  # left-padded source (pad = 1, eos = 2)
+    prev = torch.tensor([[2, 9, 10, 11], [2, 12, 1, 1]])  # right-padded target
+    model.train()
+    model(src, torch.tensor([4, 2]), prev)
+    assert set(seen) == set(norm_sites(model))
+    for name, shapes in seen.items():
+        assert shapes is not None, f"{name} got no padding mask"
+        (b, t), (t_x, b_x, _) = shapes
+        assert (b, t) == (b_x, t_x), name
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def test_fairseq_layernorm_transformer_loads_and_matches(tiny_mt_data):
+    dims = [
+        "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+        "--decoder-ffn-embed-dim", "64", "--encoder-layers", "2", "--decoder-layers", "2",
+        "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+        "--encoder-normalize-before", "--decoder-normalize-before",
+    ]
+    task, ref, _ = build(tiny_mt_data, "transformer", *dims)
+    _, ours, _ = build(tiny_mt_data, "transformer_pn", *dims)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.eval()
+    ours.eval()
+    net_input = batches(task, "valid", 32)[0]["net_input"]
+    with torch.no_grad():
+        expected, _ = ref(**net_input)
+        got, _ = ours(**net_input)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_default_transformer_config_is_never_mutated(tiny_mt_data):
+    build(tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", "power")
+    assert not hasattr(EncDecBaseConfig, "norm")
+    assert TransformerConfig().encoder is EncDecBaseConfig  # fairseq's own (class) default
+    a, b = TransformerPNConfig(), TransformerPNConfig()
+    a.encoder.norm = "power"
+    assert b.encoder.norm == "layer"
+    names = {f.name for f in dataclasses.fields(type(a.encoder))}
+    assert {"norm", "self_attn_norm", "ffn_norm", "final_norm"} <= names
+
+
+def test_batch_by_size_keeps_the_tail():
+    from fairseq.data import data_utils
+
+    indices = np.arange(21)
+    sizes = np.full(21, 5, dtype=np.int64)
+    kwargs = dict(max_sentences=8, required_batch_size_multiple=8)
+    original = compat._ORIGINAL["batch_by_size"](indices, None, sizes, **kwargs)
+    patched = data_utils.batch_by_size(indices, None, sizes, **kwargs)
+    assert sum(map(len, original)) == 16  # fairseq-fixed drops the last 5
+    assert sorted(np.concatenate(patched).tolist()) == list(range(21))
+    assert [len(b) for b in patched] == [8, 8, 5]
+
+
+def test_checkpoint_with_namespace_loads_weights_only(tmp_path):
+    path = tmp_path / "ck.pt"
+    torch.save({"args": argparse.Namespace(arch="transformer_pn_tiny"), "model": {}}, path)
+    state = torch.load(path, weights_only=True)
+    assert state["args"].arch == "transformer_pn_tiny"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_gives_clear_error(tmp_path, damage):
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"not a checkpoint" * 10,
+                      "empty": b""}[damage])
+    with pytest.raises(compat.CheckpointError, match="truncated or corrupt") as excinfo:
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    assert str(path) in str(excinfo.value)
+    assert "--restore-file" in str(excinfo.value)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _warm_up_statistics(model, task, split="train", steps=3):
+    """A few training-mode forward/backward passes so running statistics move off their init."""
+    model.train()
+    for step, sample in enumerate(batches(task, split)[:steps], start=1):
+        model.set_num_updates(step)
+        out, _ = model(**sample["net_input"])
+        out.float().logsumexp(-1).mean().backward()
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_incremental_beam_search_scores_equal_full_forward(tiny_mt_data, case):
+    kind = _kind(case)
+    task, model, _ = build(
+        tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
+        *NORM_CASES[case],
+    )
+    _warm_up_statistics(model, task)
+    model.eval()
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=12)
+    sample = batches(task, "test")[0]
+    with torch.no_grad():
+        hypos = generator.generate([model], sample)
+    eos, pad = task.target_dictionary.eos(), task.target_dictionary.pad()
+    compared = 0
+    for i, sentence_hypos in enumerate(hypos):
+        src = sample["net_input"]["src_tokens"][i]
+        src = src[src.ne(pad)].unsqueeze(0)
+        for hypo in sentence_hypos:
+            tokens = hypo["tokens"].unsqueeze(0)
+            prev = torch.cat([tokens.new_full((1, 1), eos), tokens[:, :-1]], dim=1)
+            with torch.no_grad():
+                net_out = model(src, torch.tensor([src.numel()]), prev)
+                lprobs = model.get_normalized_probs(net_out, log_probs=True)
+            scores = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze()
+            torch.testing.assert_close(scores, hypo["positional_scores"], rtol=0, atol=1e-4)
+            compared += 1
+    assert compared == 3 * len(hypos)
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+def test_track_norm_stats_attaches_only_when_training(tiny_mt_data, tmp_path):
+    csv_path = tmp_path / "stats.csv"
+    task, model, _ = build(
+        tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", "power_v",
+        "--track-norm-stats", csv_path,
+    )
+    assert model.norm_tracker is None  # building (e.g. in fairseq-generate) does not attach
+    _warm_up_statistics(model, task, steps=2)
+    assert model.norm_tracker is not None
+    model.norm_tracker.close()
+    assert csv_path.exists() and csv_path.read_text().count("\n") >= 2
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _model_options(name: str) -> set[str]:
+    model_name = ARCH_MODEL_NAME_REGISTRY[name]
+    if model_name in MODEL_DATACLASS_REGISTRY:
+        return {f.name for f in dataclasses.fields(MODEL_DATACLASS_REGISTRY[model_name])}
+    parser = argparse.ArgumentParser()
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    ARCH_MODEL_REGISTRY[name].add_args(parser)
+    return {a.dest for a in parser._actions}
+
+
+PRESETS = sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_preset_names_known_options(path):
+    from fairseq.dataclass.configs import FairseqConfig
+
+    cfg = yaml.safe_load(path.read_text())
+    assert set(cfg) <= {f.name for f in dataclasses.fields(FairseqConfig)}
+    model = cfg["model"]
+    assert model["_name"] in ARCH_MODEL_NAME_REGISTRY
+    unknown = set(model) - {"_name"} - _model_options(model["_name"])
+    assert not unknown, f"{path.name}: unknown model options {sorted(unknown)}"
+    assert cfg["task"]["data"] == "???"  # the data path must be given on the command line
+
+
+def test_presets_cover_every_paper_row():
+    stems = {p.stem for p in PRESETS}
+    for task in ("iwslt14", "wmt14", "ptb", "wikitext103"):
+        for norm in ("ln", "bn", "pnv", "pn"):
+            assert f"{task}_{norm}" in stems
+
+
+def test_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, path)
+    with pytest.raises(compat.CheckpointError, match="is not a fairseq checkpoint"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))

@@ -1,0 +1,123 @@
+"""train: CPU data parallel really trains one model; a SIGKILLed run resumes to the same result."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from powernorm_fairseq.pipeline import prepare, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = ["--arch", "transformer_pn_tiny", "--share-all-embeddings", "--optimizer", "adam",
+        "--lr", "0.002", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4",
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--dropout", "0.1", "--max-tokens", "256", "--log-interval", "1", "--no-progress-bar",
+        "--num-workers", "0", "--seed", "3", "--pn-warmup-updates", "3", "--disable-validation"]
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare.main(["synthetic", "--out", str(out), "--synthetic-train", "600", "--seed", "2",
+                  "--bpe-size", "100", "--workers", "1"])
+    return out / "data-bin"
+
+
+def train_cmd(data_bin, save_dir, *extra):
+    return [sys.executable, "-m", "powernorm_fairseq.pipeline.train", "flags", "pn",
+            "--data", str(data_bin), "--save-dir", str(save_dir), *extra, "--", *TINY]
+
+
+def model_tensors(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_update_freq_keeps_the_effective_batch():
+    assert train.scale_update_freq(4096, 1, 1, None)["update_freq"] == 1
+    b = train.scale_update_freq(4096, 8, 4, None)  # paper: 8 x 4096 on one GPU; here 4 ranks
+    assert b["update_freq"] == 2 and b["effective"] == b["target"] == 32768
+    b = train.scale_update_freq(4096, 1, 1, 4096 * 128)  # WMT14's 128 GPUs on one device
+    assert b["update_freq"] == 128
+    b = train.scale_update_freq(3000, 1, 2, 8000)  # not a multiple: round up, never below
+    assert b["update_freq"] == 2 and b["effective"] == 12000
+    b = train.scale_update_freq(120, 1, 4, None, "sequences")  # more ranks than the batch needs
+    assert b["per_rank"] == 30 and b["update_freq"] == 1 and b["effective"] == 120
+
+
+def test_preset_batch_follows_the_paper_and_overrides(tmp_path):
+    args = train.build_parser().parse_args(["iwslt14", "pn", "--data", "x", "--save-dir", str(tmp_path)])
+    cmd, b = train.build_preset_command(args, ["dataset.max_tokens=1024"], 2)
+    assert b["target"] == 4096 and b["update_freq"] == 2 and b["effective"] == 4096
+    assert cmd.count("dataset.max_tokens=1024") == 1 and "optimization.update_freq=[2]" in cmd
+    cmd, b = train.build_preset_command(args, ["optimization.update_freq=[3]"], 2)
+    assert b == {} and cmd.count("optimization.update_freq=[3]") == 1
+    with pytest.raises(SystemExit, match="hydra overrides key=value"):
+        train.build_preset_command(args, ["--max-update", "3"], 1)
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_train_one_model(data_bin, tmp_path):
+    args = train.build_parser().parse_args(["flags", "pn", "--data", str(data_bin), "--save-dir",
+                                            str(tmp_path / "ckpt"), "--cpu-workers", "2"])
+    record = train.train(args, [*TINY, "--max-update", "4"], echo=lambda line: None)
+    assert record["world_size"] == 2 and record["launch"] == "cpu-workers"
+    check = record["rank_check"]
+    assert check["world_size"] == 2 and check["num_updates"] == 4
+    log = (tmp_path / "ckpt" / "train.log").read_text()
+    assert "'distributed_world_size': 2" in log
+    # effective batch: max_tokens 256 x update_freq 1 x 2 ranks
+    assert record["batch"]["effective"] == 512 and record["batch"]["unit"] == "tokens"
+    assert "distributed_world_size: 2" in (tmp_path / "ckpt" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(data_bin, tmp_path):
+    schedule = ["--max-update", "30", "--save-interval-updates", "6", "--cpu"]
+    # MKL may pick kernels by memory alignment, which changes float sums at the last bit (and Adam
+    # amplifies that); conditional numerical reproducibility makes reruns bitwise comparable.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+    subprocess.run(train_cmd(data_bin, tmp_path / "full", *schedule[4:]) + schedule[:4],
+                   check=True, cwd=REPO, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    cmd = train_cmd(data_bin, killed, *schedule[4:]) + schedule[:4]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint_1_6.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before the checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its training process, mid-epoch
+    assert proc.wait() == -signal.SIGKILL
+    last = torch.load(killed / "checkpoint_last.pt", weights_only=False)
+    assert last["optimizer_history"][-1]["num_updates"] < 30
+
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
+    a, b = model_tensors(tmp_path / "full" / "checkpoint_last.pt"), model_tensors(killed / "checkpoint_last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            assert (a[k] - b[k]).abs().max().item() <= 1e-6, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+    state = torch.load(killed / "checkpoint_last.pt", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 30
+    assert "restoring" in (killed / "train.log").read_text().lower() or \
+        "loaded checkpoint" in (killed / "train.log").read_text().lower()
+
+
+def test_truncated_checkpoint_last_is_replaced_by_the_newest_intact_one(tmp_path):
+    torch.save({"model": {"w": torch.zeros(2)}}, tmp_path / "checkpoint_1_4.pt")
+    time.sleep(0.01)
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "checkpoint_1_8.pt")
+    data = (tmp_path / "checkpoint_1_8.pt").read_bytes()
+    (tmp_path / "checkpoint_last.pt").write_bytes(data[: len(data) // 2])  # killed mid-copy
+    assert "replaced by checkpoint_1_8.pt" in train.repair_last_checkpoint(tmp_path)
+    assert torch.equal(model_tensors(tmp_path / "checkpoint_last.pt")["w"], torch.ones(2))
+    assert train.repair_last_checkpoint(tmp_path) is None  # intact now: nothing to do
