@@ -8,9 +8,15 @@ does not matter for speed), then decodes the same test set with the same beam, i
 - unfolded: ``python -m fairseq_cli.generate`` (the models as trained);
 - folded: ``python -m powernorm_fairseq.inference.generate`` (``fold_norms`` on the loaded model).
 
-It reports fairseq's own ``sentences/s`` (time inside beam search only; loading excluded), the
-median per variant, the ratios to LN, and whether the folded and the unfolded PN model produce
-identical hypotheses. By default every hypothesis is forced to ``--fixed-len`` tokens
+Two metrics, each the median per variant with its ratio to LN:
+
+- ``sentences/s`` (wall clock): fairseq's own figure (time inside beam search; loading excluded);
+- ``cpu_sentences/s`` (CPU time): test sentences minus valid sentences, divided by the CPU
+  seconds of the test decode minus those of a decode of the small valid split (one batch) with
+  the same command, so start-up cancels. Unlike the wall clock, it does not measure the other
+  jobs of a shared machine.
+
+It also reports whether the folded and the unfolded PN models produce identical hypotheses. By default every hypothesis is forced to ``--fixed-len`` tokens
 (``--min-len L --max-len-a 0 --max-len-b L``): barely trained models differ wildly in output
 length, which would otherwise dominate the timing.
 
@@ -27,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train_speed import NORM_FLAGS, SIZES, make_corpus, train_cmd
+from train_speed import NORM_FLAGS, SIZES, cpu_seconds_of, make_corpus, train_cmd
 
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
@@ -54,15 +60,17 @@ VARIANTS = {  # variant -> (trained model, generate module)
     "PN_paper_folded": ("PN_paper", FOLD),
 }
 _SPEED = re.compile(
-    r"Translated [\d,]+ sentences \([\d,]+ tokens\) in [\d.]+s \(([\d.]+) sentences/s"
+    r"Translated ([\d,]+) sentences \([\d,]+ tokens\) in [\d.]+s \(([\d.]+) sentences/s"
 )
 _HYPO = re.compile(r"^H-(\d+)\t\S+\t(.*)$", re.MULTILINE)
 
 
-def generate_cmd(module: str, data_bin: Path, checkpoint: Path, args: argparse.Namespace) -> list:
+def generate_cmd(
+    module: str, data_bin: Path, checkpoint: Path, subset: str, args: argparse.Namespace
+) -> list[str]:
     cmd = python_module_cmd(module) + [
         str(data_bin), "--user-dir", str(PLUGIN_DIR), "--task", "translation",
-        "--path", str(checkpoint), "--gen-subset", "test", "--beam", str(args.beam),
+        "--path", str(checkpoint), "--gen-subset", subset, "--beam", str(args.beam),
         "--batch-size", str(args.batch_size), "--num-workers", "0",
     ]  # fmt: skip
     if args.fixed_len:
@@ -71,11 +79,12 @@ def generate_cmd(module: str, data_bin: Path, checkpoint: Path, args: argparse.N
     return cmd
 
 
-def sentences_per_second(output: str) -> float:
+def translated(output: str) -> tuple[int, float]:
+    """(sentences, sentences/s) of fairseq-generate's 'Translated ...' line."""
     match = _SPEED.search(output)
     if match is None:
         raise SystemExit("fairseq-generate printed no 'Translated ... sentences/s' line")
-    return float(match.group(1))
+    return int(match.group(1).replace(",", "")), float(match.group(2))
 
 
 def hypotheses(output: str) -> dict[int, str]:
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="decode_speed_") as tmp:
         workdir = args.workdir or Path(tmp)
-        data_bin = make_corpus(workdir, 2000, args.test_sentences)
+        data_bin = make_corpus(workdir, 2000, args.test_sentences, n_valid=args.batch_size)
         checkpoints = {}
         for model, (norm, extra) in MODELS.items():
             save_dir = workdir / f"ckpt_{model}"
@@ -114,16 +123,28 @@ def main(argv: list[str] | None = None) -> dict:
             checkpoints[model] = save_dir / "checkpoint_last.pt"
             log(f"trained {model} for {args.train_updates} updates")
         load_before = os.getloadavg()
-        speeds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+
+        def decode(variant: str, subset: str, name: str) -> tuple[str, int, float, float]:
+            model, module = VARIANTS[variant]
+            cmd = generate_cmd(module, data_bin, checkpoints[model], subset, args)
+            out, cpu = cpu_seconds_of(cmd, workdir / f"generate_{variant}_{name}.log")
+            return (out, *translated(out), cpu)
+
+        # CPU seconds of start-up plus one batch, subtracted from every test decode
+        startup = {v: decode(v, "valid", "startup")[1:] for v in VARIANTS}
+        runs = {v: {"sentences/s": [], "cpu_sentences/s": []} for v in VARIANTS}
         hypos: dict[str, dict[int, str]] = {}
         for rep in range(args.repeats):
-            for variant, (model, module) in VARIANTS.items():
-                cmd = generate_cmd(module, data_bin, checkpoints[model], args)
-                out = run_cmd(cmd, log_file=workdir / f"generate_{variant}_{rep}.log")
-                speeds[variant].append(sentences_per_second(out))
+            for variant in VARIANTS:
+                out, n, wall_sps, cpu = decode(variant, "test", str(rep))
+                n0, _, cpu0 = startup[variant]
+                runs[variant]["sentences/s"].append(wall_sps)
+                runs[variant]["cpu_sentences/s"].append((n - n0) / (cpu - cpu0))
                 hypos.setdefault(variant, hypotheses(out))
-                log(f"{variant} run {rep}: {speeds[variant][-1]:.2f} sentences/s")
-    median = {v: statistics.median(s) for v, s in speeds.items()}
+                log(f"{variant} run {rep}: {wall_sps:.2f} sentences/s, "
+                    f"{runs[variant]['cpu_sentences/s'][-1]:.2f} per CPU second")  # fmt: skip
+    metrics = ("sentences/s", "cpu_sentences/s")
+    median = {m: {v: statistics.median(runs[v][m]) for v in VARIANTS} for m in metrics}
     identical = {
         model: sum(h == hypos[f"{model}_folded"].get(i) for i, h in hypos[model].items())
         for model in ("PN", "PN_paper")
@@ -133,9 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "arch": SIZES[args.size],
         "models": {m: NORM_FLAGS[norm] + extra for m, (norm, extra) in MODELS.items()},
-        "sentences_per_s": median,
-        "ratio_to_LN": {v: median[v] / median["LN"] for v in VARIANTS},
-        "runs": speeds,
+        "median": median,
+        "ratio_to_LN": {m: {v: median[m][v] / median[m]["LN"] for v in VARIANTS} for m in metrics},
+        "runs": runs,
+        "startup_valid_sentences_cpu_s": {v: [st[0], st[2]] for v, st in startup.items()},
         "folded_identical_hypotheses": identical,
         "hypotheses": len(hypos["LN"]),
         "loadavg_before_after": [load_before, os.getloadavg()],
@@ -143,9 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
         "hardware": hardware(),
         "argv": sys.argv,
     }
-    print(f"{'variant':<16} {'sent/s':>8} {'vs LN':>7}")
+    print(f"{'variant':<16} {'sent/s':>8} {'vs LN':>7} {'cpu sent/s':>11} {'vs LN':>7}")
     for v in VARIANTS:
-        print(f"{v:<16} {median[v]:>8.2f} {result['ratio_to_LN'][v]:>7.3f}")
+        cells = [f"{median[m][v]:>{w}.2f} {result['ratio_to_LN'][m][v]:>7.3f}"
+                 for m, w in zip(metrics, (8, 11), strict=True)]  # fmt: skip
+        print(f"{v:<16} " + " ".join(cells))
     for model, same in identical.items():
         print(f"{model} folded vs unfolded: {same}/{len(hypos[model])} identical hypotheses")
     if args.out:

@@ -117,7 +117,8 @@ def run_norm(norm: str, args, size: dict, data_dir: Path) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| norm | BLEU (tok, lc) | sacreBLEU (detok) | train time (s) | tokens/s | updates |"
+    head = ("| norm | BLEU (tok, lc) | sacreBLEU (detok) | train time (s) | words/s (fairseq wps) "
+            "| updates |")
     lines = [head, "|" + "---|" * 6]
     for r in rows:
         lines.append(f"| {r['norm']} | {r['bleu_tokenized']:.2f} | {r['sacrebleu_detok']:.2f} | "

@@ -9,7 +9,7 @@ Usage::
 
 For every (norm, seed) it runs, each step skipped when already done:
 
-1. train: the preset ``configs/<corpus>_<norm>.yaml`` through ``powernorm_fairseq.hydra_train``
+1. train: the preset ``configs/multi30k_<norm>.yaml`` / ``configs/ptb_cpu_<norm>.yaml`` through ``powernorm_fairseq.hydra_train``
    (checkpoints in ``runs/<corpus>/<norm>_s<seed>/``, git-ignored). Rerunning the same command
    resumes from ``checkpoint_last.pt``, so a killed run loses at most the updates since its last
    checkpoint (the presets save every 100 updates).
@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 from powernorm_fairseq.pipeline.common import atomic_write_json, git_commit  # noqa: E402
 
 CORPORA = {
-    # corpus: (data-bin relative to the prepared dir, evaluation script, task kind)
-    "multi30k": ("data/multi30k", "scripts/evaluate_bleu.sh", "translation"),
-    "ptb": ("data/ptb", "scripts/evaluate_ppl.sh", "lm"),
+    # corpus: (preset prefix configs/<prefix>_<norm>.yaml, prepared dir, evaluation script)
+    "multi30k": ("multi30k", "data/multi30k", "scripts/evaluate_bleu.sh"),
+    "ptb": ("ptb_cpu", "data/ptb", "scripts/evaluate_ppl.sh"),
 }
 VALID_RE = re.compile(r"valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)")
 TRAIN_EPOCH_RE = re.compile(r"\[train\]\[INFO\] - epoch (\d+) \| .*?\| wps ([\d.]+) .*?\| num_updates (\d+)"
@@ -92,6 +92,7 @@ class Run:
         self.dir = REPO / "runs" / corpus / self.name
         self.record_path = REPO / "results" / "runs" / corpus / f"{self.name}.json"
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.preset = f"{CORPORA[corpus][0]}_{norm}"
 
     def save(self, **updates) -> None:
         self.record.update(updates)
@@ -115,7 +116,7 @@ class Run:
 
     def train_cmd(self, data: Path) -> list[str]:
         return [sys.executable, "-m", "powernorm_fairseq.hydra_train",
-                "--config-name", f"{self.corpus}_{self.norm}",
+                "--config-name", self.preset,
                 f"task.data={data}", f"common.seed={self.seed}",
                 f"checkpoint.save_dir={self.dir}", f"hydra.run.dir={self.dir / 'hydra'}",
                 *self.args.override]
@@ -124,14 +125,14 @@ class Run:
         if self.record.get("status") == "done":
             self.log("done already (delete the record to rerun)")
             return
-        prepared, eval_script, kind = CORPORA[self.corpus]
+        _, prepared, eval_script = CORPORA[self.corpus]
         prepared = REPO / prepared
         data = prepared / "data-bin"
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "train.log"
         cmd = self.train_cmd(data)
         segments = self.record.get("train_segments", [])
-        self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, preset=f"configs/{self.corpus}_{self.norm}.yaml",
+        self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, preset=f"configs/{self.preset}.yaml",
                   command=shlex.join(["python", *cmd[1:]]), status="training", hardware=hardware())
         if not (self.dir / "train.done").exists():
             self.log("training")
@@ -164,7 +165,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", choices=sorted(CORPORA))
     p.add_argument("--norms", default="ln,bn,pnv,pn,pnpaper",
-                   help="comma list; each names a preset configs/<corpus>_<norm>.yaml")
+                   help="comma list; each names a preset configs/<prefix>_<norm>.yaml "
+                   "(prefix: multi30k, ptb_cpu)")
     p.add_argument("--seeds", default="1", help="comma list of seeds")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0 = inherit)")
@@ -174,8 +176,9 @@ def main(argv=None) -> None:
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for norm in args.norms.split(","):
-            if not (REPO / "configs" / f"{args.corpus}_{norm}.yaml").exists():
-                raise SystemExit(f"no preset configs/{args.corpus}_{norm}.yaml")
+            preset = REPO / "configs" / f"{CORPORA[args.corpus][0]}_{norm}.yaml"
+            if not preset.exists():
+                raise SystemExit(f"no preset {preset.relative_to(REPO)}")
             runs.append(Run(args.corpus, norm, seed, args))
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -23,14 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 PLUGIN = str(REPO / "powernorm_fairseq")
 WORDS = [f"w{i}" for i in range(30)]
 
-# (encoder norm, decoder norm, extra options): PN both sides (reference: GroupScaling kept),
-# the paper's PN (no pre-scaling: nothing left), PN-V and BN, and the released wiring.
+# (encoder norm, decoder norm, extra options, groups of the pre-scaling left after folding):
+# PN both sides (reference: GroupScaling with one group per head stays), the paper's PN (nothing
+# left), PN-V and BN, and the released wiring (PN in the encoder only).
 CASES = {
-    "pn_reference": ("power", "power", []),
-    "pn_paper": ("power", "power", ["--pn-variant", "paper"]),
-    "pn_v": ("power_v", "power_v", []),
-    "bn": ("batch", "batch", []),
-    "pn_encoder_only": ("power", "layer", []),
+    "pn_reference": ("power", "power", [], 4),
+    "pn_paper": ("power", "power", ["--pn-variant", "paper"], 0),
+    "pn_v": ("power_v", "power_v", [], 0),
+    "bn": ("batch", "batch", [], 0),
+    "pn_encoder_only": ("power", "layer", [], 4),
 }
 
 
@@ -96,7 +97,7 @@ def _incremental(model, src, lengths, prev):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_folded_fairseq_model_matches(dict_dir, case):
-    enc, dec, extra = CASES[case]
+    enc, dec, extra, groups = CASES[case]
     model, task = _build(dict_dir, enc, dec, extra)
     model = _prepare(model, task)
     folded = copy.deepcopy(model)
@@ -126,6 +127,7 @@ def test_folded_fairseq_model_matches(dict_dir, case):
         FoldedAffine if dec != "layer" else type(model.decoder.layer_norm),
     )
     assert isinstance(folded.encoder.layers[0].final_layer_norm, FoldedNorm)
+    assert folded.encoder.layers[0].final_layer_norm.group_num == groups
 
 
 def test_untied_output_projection_folds(dict_dir):

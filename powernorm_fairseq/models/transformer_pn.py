@@ -26,7 +26,7 @@ from powernorm_fairseq.modules import TransformerPNDecoder, TransformerPNEncoder
 from .pn_config import PNDecoderConfig, PNEncoderConfig, PowerNormOptions, TransformerPNConfig
 from .tracking import NormTrackingMixin
 
-_SUBCONFIGS = {"encoder": PNEncoderConfig, "decoder": PNDecoderConfig}
+_SIDE_CONFIGS = {"encoder": PNEncoderConfig, "decoder": PNDecoderConfig}
 _NORM_FIELDS = {
     "encoder": ("norm", "self_attn_norm", "ffn_norm", "final_norm"),
     "decoder": ("norm", "self_attn_norm", "cross_attn_norm", "ffn_norm", "final_norm"),
@@ -88,7 +88,7 @@ def fill_norm_defaults(args, norm_fields=None) -> None:
     """
     defaults = {f.name: f.default for f in fields(PowerNormOptions)}
     for side, names in (norm_fields or _NORM_FIELDS).items():
-        sub_defaults = {f.name: f.default for f in fields(_SUBCONFIGS[side])}
+        sub_defaults = {f.name: f.default for f in fields(_SIDE_CONFIGS[side])}
         defaults.update({f"{side}_{name}": sub_defaults[name] for name in names})
     for name, default in defaults.items():
         setattr(args, name, safe_getattr(args, name, default))

@@ -203,6 +203,12 @@ def hardware() -> dict:
     return info
 
 
+def invocation(module: str, argv: list[str] | None) -> str:
+    """The command line that reproduces a run: ``python -m module ARGS`` (for run records)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", "-m", module, *args])
+
+
 def python_module_cmd(module: str) -> list[str]:
     """``[python, -m, module]`` with the interpreter running this code (the project's venv)."""
     return [sys.executable, "-m", module]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from powernorm_fairseq.pipeline.common import (
     atomic_write_lines,
     git_commit,
     hardware,
+    invocation,
     log,
     python_module_cmd,
     read_lines,
@@ -155,7 +155,7 @@ def evaluate_bleu(args) -> dict:
         **scores, "beam": beam, "lenpen": lenpen, "recipe": args.recipe or prep["corpus"],
         "checkpoint": str(Path(args.checkpoint).resolve()), "data": str(root),
         "n_sentences_scored": len(hyps_tok), "n_test_sentences": n_test,
-        "hypotheses": str(out.with_suffix(".hyp.txt")), "command": " ".join(sys.argv),
+        "hypotheses": str(out.with_suffix(".hyp.txt")), "command": args.command,
         "fairseq_command": " ".join(cmd), "git_commit": git_commit(), "hardware": hardware(),
         "wall_s": round(time.time() - t0, 1)}
     atomic_write_json(out, record)
@@ -201,7 +201,7 @@ def evaluate_ppl(args) -> dict:
               "loss_base2": float(m_ppl.group(1)), "checkpoint": str(Path(args.checkpoint).resolve()),
               "data": str(root), "n_tokens_scored": scored, "n_test_tokens": expected,
               "context_window": args.context_window, "tokens_per_sample": args.tokens_per_sample,
-              "command": " ".join(sys.argv), "fairseq_command": " ".join(cmd),
+              "command": args.command, "fairseq_command": " ".join(cmd),
               "git_commit": git_commit(), "hardware": hardware(), "wall_s": round(time.time() - t0, 1)}
     atomic_write_json(out, record)
     log(f"test perplexity {record['value']} over {scored} tokens -> {out}")
@@ -233,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    args.command = invocation("powernorm_fairseq.pipeline.evaluate", argv)
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"checkpoint not found: {args.checkpoint}")
     args.checkpoint = Path(args.checkpoint).resolve()

@@ -49,6 +49,7 @@ from powernorm_fairseq.pipeline.common import (
     atomic_write_json,
     atomic_write_lines,
     git_commit,
+    invocation,
     log,
     python_module_cmd,
     read_lines,
@@ -638,7 +639,7 @@ def prepare(args) -> dict:
                         "detok": str(ref / f"test.{corpus.tgt}.detok")}
                        if corpus.kind == "translation" else None),
         "steps_run": steps.ran, "steps_skipped": steps.skipped,
-        "command": " ".join(sys.argv), "git_commit": git_commit(),
+        "command": getattr(args, "command", None) or " ".join(sys.argv), "git_commit": git_commit(),
         "wall_s": round(time.time() - t0, 1),
     }
     if steps.ran or not (out / "prepare.json").exists():
@@ -666,8 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> None:
-    prepare(build_parser().parse_args(argv))
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    args.command = invocation("powernorm_fairseq.pipeline.prepare", argv)
+    return prepare(args)
 
 
 if __name__ == "__main__":

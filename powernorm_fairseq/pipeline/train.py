@@ -51,6 +51,7 @@ from powernorm_fairseq.pipeline.common import (
     atomic_write_text,
     die_with_parent,
     git_commit,
+    invocation,
     log,
     python_module_cmd,
     subprocess_env,
@@ -301,7 +302,7 @@ def train(args, overrides: list[str], echo=None) -> dict:
     entry = "train" if mode == "flags" else "hydra"
     record = {"experiment": args.experiment, "norm": args.norm, "mode": mode, "world_size": world,
               "launch": how, "batch": batch, "save_dir": str(args.save_dir), "data": str(args.data),
-              "command": " ".join(sys.argv), "fairseq_args": base, "git_commit": git_commit(),
+              "command": getattr(args, "command", None) or " ".join(sys.argv), "fairseq_args": base, "git_commit": git_commit(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "repaired": repaired}
     atomic_write_json(args.save_dir / "launch.json", record)
     log_path = args.save_dir / "train.log"
@@ -324,7 +325,10 @@ def train(args, overrides: list[str], echo=None) -> dict:
             raise SystemExit(f"training failed: rank exit codes {codes}; see {log_path}")
         record["rank_check"] = check_rank_digests(digest_dir, world)
     else:
-        extra = [f"--distributed-port={args.port}"] if how == "slurm" and mode == "flags" else []
+        extra = []
+        if how == "slurm":
+            extra = [f"--distributed-port={args.port}" if mode == "flags"
+                     else f"distributed_training.distributed_port={args.port}"]
         cmd = python_module_cmd("powernorm_fairseq.pipeline.rank") + [entry, *base, *extra]
         proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=subprocess_env(), preexec_fn=die_with_parent)
@@ -387,6 +391,7 @@ def main(argv=None) -> dict:
         overrides = rest + argv[i + 1:]
     else:
         args, overrides = build_parser().parse_known_args(argv)
+    args.command = invocation("powernorm_fairseq.pipeline.train", argv)
     return train(args, overrides)
 
 
