@@ -67,7 +67,7 @@ def status_line(recs: list[dict]) -> str:
 
 
 def runs_table(runs: dict[str, list[dict]]) -> list[str]:
-    lines = ["| run | status | seed | commit (training) | hardware | train wall (s) | eval wall (s) | final valid loss | record |",
+    lines = ["| run | status | seed | commit (training) | hardware | training time (s, fairseq) | eval wall (s) | final valid loss | record |",
              "|---|---|---|---|---|---|---|---|---|"]
     for norm in ORDER:
         for r in runs.get(norm, []):
@@ -77,7 +77,7 @@ def runs_table(runs: dict[str, list[dict]]) -> list[str]:
             vl = r.get("valid_loss") or []
             last = f"{vl[-1][1]:.3f} @ {vl[-1][0]}" if vl else "-"
             lines.append(f"| {LABELS[norm]} | {r.get('status')} | {r['seed']} | {seg[-1].get('commit', '-')} | "
-                         f"{hw_s} | {r.get('train_wall_s', '-')} | {r.get('eval_wall_s', '-')} | {last} | "
+                         f"{hw_s} | {r.get("fairseq_train_s", "-")} | {r.get('eval_wall_s', '-')} | {last} | "
                          f"`{r['_file']}` |")
     return lines
 

@@ -50,6 +50,7 @@ VALID_RE = re.compile(r"valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updat
 TRAIN_EPOCH_RE = re.compile(r"\[train\]\[INFO\] - epoch (\d+) \| .*?\| wps ([\d.]+) .*?\| num_updates (\d+)"
                             r".*?\| train_wall (\d+)")
 INNER_WPS_RE = re.compile(r"train_inner.*?\| wps ([\d.]+) \|")
+DONE_RE = re.compile(r"done training in ([\d.]+) seconds")
 
 
 def hardware() -> dict:
@@ -79,6 +80,9 @@ def parse_log(log: Path) -> dict:
     inner = [float(w) for w in INNER_WPS_RE.findall(text)]
     inner.sort()
     return {
+        # fairseq's own training time, summed over resumed segments (excludes start-up and the
+        # final validation), so a segment whose driver was interrupted still counts
+        "fairseq_train_s": round(sum(float(s) for s in DONE_RE.findall(text)), 1),
         "valid_loss": [[u, valid[u]] for u in sorted(valid)],
         "epochs": epochs,
         "median_train_wps": inner[len(inner) // 2] if inner else None,
@@ -119,6 +123,8 @@ class Run:
                 "--config-name", self.preset,
                 f"task.data={data}", f"common.seed={self.seed}",
                 f"checkpoint.save_dir={self.dir}", f"hydra.run.dir={self.dir / 'hydra'}",
+                *(["model.track_norm_stats=" + str(self.dir / "norm_stats.csv")]
+                  if self.args.track_norm_stats else []),
                 *self.args.override]
 
     def run(self) -> None:
@@ -172,6 +178,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0 = inherit)")
     p.add_argument("--average", type=int, default=3, help="update checkpoints to average")
     p.add_argument("--override", nargs="*", default=[], help="extra hydra overrides for training")
+    p.add_argument("--track-norm-stats", action="store_true",
+                   help="also record the norm statistics of the first encoder norm (Figs. 2-4) in "
+                   "runs/<corpus>/<run>/norm_stats.csv; tracking does not change training")
     args = p.parse_args(argv)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
