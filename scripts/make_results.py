@@ -77,7 +77,7 @@ def runs_table(runs: dict[str, list[dict]]) -> list[str]:
             vl = r.get("valid_loss") or []
             last = f"{vl[-1][1]:.3f} @ {vl[-1][0]}" if vl else "-"
             lines.append(f"| {LABELS[norm]} | {r.get('status')} | {r['seed']} | {seg[-1].get('commit', '-')} | "
-                         f"{hw_s} | {r.get("fairseq_train_s", "-")} | {r.get('eval_wall_s', '-')} | {last} | "
+                         f"{hw_s} | {r.get('fairseq_train_s', '-')} | {r.get('eval_wall_s', '-')} | {last} | "
                          f"`{r['_file']}` |")
     return lines
 
