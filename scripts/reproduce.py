@@ -123,9 +123,20 @@ class Run:
                 "--config-name", self.preset,
                 f"task.data={data}", f"common.seed={self.seed}",
                 f"checkpoint.save_dir={self.dir}", f"hydra.run.dir={self.dir / 'hydra'}",
-                *(["model.track_norm_stats=" + str(self.dir / "norm_stats.csv")]
+                *(["++model.track_norm_stats=" + str(self.dir / "norm_stats.csv")]
                   if self.args.track_norm_stats else []),
                 *self.args.override]
+
+    def collect(self) -> None:
+        """Refresh the record of an unfinished run from its log (validation curve so far)."""
+        log = self.dir / "train.log"
+        if self.record.get("status") == "done" or not log.exists():
+            return
+        parsed = parse_log(log)
+        last = parsed["valid_loss"][-1][0] if parsed["valid_loss"] else 0
+        self.save(**parsed, status=f"unfinished: last validation at update {last}; rerun the same "
+                  "command to resume from checkpoint_last.pt")
+        self.log(self.record["status"])
 
     def run(self) -> None:
         if self.record.get("status") == "done":
@@ -181,6 +192,8 @@ def main(argv=None) -> None:
     p.add_argument("--track-norm-stats", action="store_true",
                    help="also record the norm statistics of the first encoder norm (Figs. 2-4) in "
                    "runs/<corpus>/<run>/norm_stats.csv; tracking does not change training")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: refresh the records of unfinished runs from their logs")
     args = p.parse_args(argv)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -189,6 +202,10 @@ def main(argv=None) -> None:
             if not preset.exists():
                 raise SystemExit(f"no preset {preset.relative_to(REPO)}")
             runs.append(Run(args.corpus, norm, seed, args))
+    if args.collect:
+        for run in runs:
+            run.collect()
+        return
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for run, fut in [(r, pool.submit(r.run)) for r in runs]:

@@ -149,3 +149,50 @@ def test_check_data_dir_errors(tmp_path):
     (tmp_path / "d" / "valid.src-tgt.src.bin").write_bytes(b"x")
     with pytest.raises(SystemExit, match="train.src-tgt.src.bin is missing or empty"):
         check_data_dir(tmp_path / "d")
+
+
+def test_iwslt14_extraction_from_the_release_layout(tmp_path):
+    """The recipe's tag cleanup and test-set assembly on a miniature de-en.tgz."""
+    import argparse
+    import io
+    import tarfile
+
+    train = {"de": "<url>http://x</url>\n<talkid>1</talkid>\n<title>Titel</title>\nHallo Welt .\n",
+             "en": "<url>http://x</url>\n<talkid>1</talkid>\n<title>Title</title>\nHello world .\n"}
+    archive = tmp_path / "de-en.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        def add(name, text):
+            data = text.encode()
+            info = tarfile.TarInfo(f"de-en/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for lang in ("de", "en"):
+            add(f"train.tags.de-en.{lang}", train[lang])
+            for i, stem in enumerate(prepare.IWSLT14_TEST):
+                add(f"{stem}.de-en.{lang}.xml",
+                    f'<doc>\n<seg id="1"> {lang} {i} it\u2019s </seg>\n</doc>\n')
+    args = argparse.Namespace(from_dir=str(tmp_path), no_verify=True, download_dir=str(tmp_path))
+    raw = tmp_path / "raw"
+    prepare.fetch_iwslt14(args, raw)
+    assert (raw / "train.de").read_text() == "Titel\nHallo Welt .\n"
+    assert (raw / "train.en").read_text() == "Title\nHello world .\n"
+    assert (raw / "test.en").read_text().splitlines() == [f"en {i} it's" for i in range(5)]
+
+
+def test_train_filter_and_valid_split(tmp_path):
+    corpus = prepare.CORPORA["iwslt14"]
+    tok, out = tmp_path / "tok", tmp_path / "filtered"
+    src = [f"w{i} x" for i in range(50)] + ["a b c d e f g"]  # the last pair: ratio 7 > 1.5
+    tgt = [f"v{i} y" for i in range(50)] + ["z"]
+    write = lambda p, lines: p.write_text("".join(x + "\n" for x in lines))  # noqa: E731
+    tok.mkdir()
+    write(tok / "train.de", src)
+    write(tok / "train.en", tgt)
+    write(tok / "test.de", ["t"])
+    write(tok / "test.en", ["t"])
+    info = prepare.step_filter_train(corpus, tok, out)
+    assert info == {"length_ratio_filtered": 1}
+    valid = (out / "valid.de").read_text().splitlines()
+    assert valid == ["w22 x", "w45 x"]  # every 23rd kept pair
+    assert len((out / "train.en").read_text().splitlines()) == 48

@@ -71,8 +71,9 @@ def test_two_cpu_workers_train_one_model(data_bin, tmp_path):
     assert check["world_size"] == 2 and check["num_updates"] == 4
     log = (tmp_path / "ckpt" / "train.log").read_text()
     assert "'distributed_world_size': 2" in log
-    # effective batch: max_tokens 256 x update_freq 1 x 2 ranks
-    assert record["batch"]["effective"] == 512 and record["batch"]["unit"] == "tokens"
+    # the flags' batch (256 tokens on one device) is kept: 2 ranks x 128 tokens x update_freq 1
+    b = record["batch"]
+    assert (b["per_rank"], b["update_freq"], b["effective"], b["unit"]) == (128, 1, 256, "tokens")
     assert "distributed_world_size: 2" in (tmp_path / "ckpt" / "config.yaml").read_text()
 
 

@@ -57,7 +57,9 @@ from powernorm_fairseq.pipeline.common import (
     subprocess_env,
 )
 
-NORMS = {"ln": "layer", "bn": "batch", "pnv": "power_v", "pn": "power"}
+# NORM argument -> model flags in 'flags' mode (in preset mode NORM only names the preset file).
+NORMS = {"ln": ("layer", []), "bn": ("batch", []), "pnv": ("power_v", []),
+         "pn": ("power", []), "pnpaper": ("power", ["--pn-variant", "paper"])}
 
 
 def check_data_dir(data: str | Path, splits: tuple[str, ...] = ("train", "valid")) -> Path:
@@ -187,10 +189,13 @@ def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[st
     """fairseq-train flags for 'flags' mode: the caller's flags plus data, save dir, norm, batch."""
     flags = [str(args.data), "--user-dir", str(PLUGIN_DIR), "--save-dir", str(args.save_dir)]
     arch = _flag_value(overrides, "--arch", "")
+    if args.norm not in NORMS:
+        raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(NORMS)}")
+    name, extra = NORMS[args.norm]
     if arch.startswith("transformer_lm_pn"):
-        flags += ["--decoder-norm", NORMS[args.norm]]
+        flags += ["--decoder-norm", name, *extra]
     elif arch.startswith("transformer_pn"):
-        flags += ["--encoder-norm", NORMS[args.norm]]
+        flags += ["--encoder-norm", name, *extra]
     flags += overrides
     max_tokens, batch_size = _flag_value(flags, "--max-tokens"), _flag_value(flags, "--batch-size")
     batch = {}
@@ -283,8 +288,6 @@ def _stream(procs: list[subprocess.Popen], log_path: Path, echo) -> list[int]:
 def train(args, overrides: list[str], echo=None) -> dict:
     """Launch training; returns the launch record (also written to ``save_dir/launch.json``)."""
     echo = echo or (lambda line: print(line, flush=True))
-    if args.norm not in NORMS:
-        raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(NORMS)}")
     args.data = check_data_dir(args.data).resolve()
     args.save_dir = Path(args.save_dir or REPO_ROOT / "checkpoints" / f"{args.experiment}_{args.norm}").resolve()
     args.save_dir.mkdir(parents=True, exist_ok=True)
@@ -371,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")
-    p.add_argument("norm", help=f"one of {sorted(NORMS)}")
+    p.add_argument("norm", help=f"flags mode: one of {sorted(NORMS)}; preset mode: the preset's suffix")
     p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
     p.add_argument("--save-dir", help="checkpoint directory (default checkpoints/<experiment>_<norm>)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if GPUs are visible")
