@@ -63,7 +63,9 @@ def speed(recs: list[dict]) -> str:
 
 
 def status_line(recs: list[dict]) -> str:
-    return ", ".join(f"s{r['seed']}: {r.get('status')}" for r in recs) or "not run"
+    return ", ".join(f"s{r['seed']}: {r.get('status')}"
+                     + (f" ({r['progress']})" if r.get("status") == "unfinished" and r.get("progress") else "")
+                     for r in recs) or "not run"
 
 
 def runs_table(runs: dict[str, list[dict]]) -> list[str]:
@@ -76,7 +78,8 @@ def runs_table(runs: dict[str, list[dict]]) -> list[str]:
             hw_s = f"{hw.get('cpu', '?')}, {hw.get('threads') or '?'} thread(s), torch {hw.get('torch', '?')}"
             vl = r.get("valid_loss") or []
             last = f"{vl[-1][1]:.3f} @ {vl[-1][0]}" if vl else "-"
-            lines.append(f"| {LABELS[norm]} | {r.get('status')} | {r['seed']} | {seg[-1].get('commit', '-')} | "
+            commit = seg[-1].get("commit") or r.get("trained_by_commit") or r.get("started_commit", "-")
+            lines.append(f"| {LABELS[norm]} | {r.get('status')} | {r['seed']} | {commit} | "
                          f"{hw_s} | {r.get('fairseq_train_s', '-')} | {r.get('eval_wall_s', '-')} | {last} | "
                          f"`{r['_file']}` |")
     return lines
@@ -111,6 +114,26 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str) -> bool:
     plt.close(fig)
     tmp.replace(out)
     return True
+
+
+def common_valid(runs: dict[str, list[dict]]) -> tuple[int | None, dict[str, float]]:
+    """Validation loss of every run at the largest update count that every run has reached.
+
+    Unfinished runs still give a fair comparison at equal training (same presets, same updates).
+    """
+    curves = [(norm, dict((u, v) for u, v in r.get("valid_loss") or []))
+              for norm in ORDER for r in runs.get(norm, [])]
+    curves = [(n, c) for n, c in curves if c]
+    if not curves:
+        return None, {}
+    shared = set.intersection(*(set(c) for _, c in curves))
+    if not shared:
+        return None, {}
+    step = max(shared)
+    per_norm: dict[str, list[float]] = {}
+    for norm, c in curves:
+        per_norm.setdefault(norm, []).append(c[step])
+    return step, {n: statistics.mean(v) for n, v in per_norm.items()}
 
 
 def ordering(scores: dict[str, float], higher_better: bool) -> str:
@@ -152,9 +175,11 @@ def table1() -> None:
         "from converged and far smaller than the paper's**; they test whether the ordering of the norms",
         "shows up early in training, not the paper's absolute numbers.",
         "",
-        "| norm | paper IWSLT14 BLEU | paper WMT14 BLEU | ours: Multi30k BLEU (tokenized, case-insensitive) | ours: sacreBLEU (detok.) | ours: train words/s (median) | runs |",
-        "|---|---|---|---|---|---|---|",
+        "| norm | paper IWSLT14 BLEU | paper WMT14 BLEU | ours: Multi30k BLEU (tokenized, case-insensitive) | ours: sacreBLEU (detok.) | ours: valid loss @ {step} updates | ours: train words/s (median) | runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    step, vl = common_valid(runs)
+    lines[-2] = lines[-2].replace("{step}", str(step))
     ours = {}
     for norm in ORDER:
         recs = runs.get(norm, [])
@@ -164,12 +189,16 @@ def table1() -> None:
             ours[norm] = statistics.mean(tok)
         p = PAPER_T1.get(norm, ("-", "-"))
         lines.append(f"| {LABELS[norm]} | {p[0]} | {p[1]} | {summary(tok)} | {summary(detok)} | "
-                     f"{speed(recs)} | {status_line(recs)} |")
+                     + (f"{vl[norm]:.3f} | " if norm in vl else "- | ")
+                     + f"{speed(recs)} | {status_line(recs)} |")
     lines += ["", "PN - LN: paper +0.4 (IWSLT14) / +0.6 (WMT14); ours: "
               + (f"{ours['pn'] - ours['ln']:+.2f} (reference variant)" if {"pn", "ln"} <= set(ours) else "n/a")
               + (f", {ours['pnpaper'] - ours['ln']:+.2f} (paper variant)" if {"pnpaper", "ln"} <= set(ours) else ""),
               "", "## Agreement with the paper (IWSLT14 column)", ""]
     lines += agreement(ours, {k: v[0] for k, v in PAPER_T1.items()}, higher_better=True)
+    if len(vl) >= 2:
+        lines += ["", f"Validation loss at {step} updates (lower is better), every run including "
+                  f"unfinished ones: {ordering(vl, higher_better=False)}."]
     if plotted:
         lines += ["", "## Validation loss", "", "![validation loss](multi30k_valid_loss.png)"]
     lines += ["", "## Runs", ""] + runs_table(runs)
@@ -191,9 +220,11 @@ def table2() -> None:
         "cores. The paper used a tensorized Transformer (Ma et al. 2019) whose code is not in fairseq,",
         "trained ~80 epochs; **our numbers are not comparable in absolute terms**.",
         "",
-        "| norm | paper PTB PPL | paper WikiText-103 PPL | ours: PTB test PPL | ours: train words/s (median) | runs |",
-        "|---|---|---|---|---|---|",
+        "| norm | paper PTB PPL | paper WikiText-103 PPL | ours: PTB test PPL | ours: valid loss @ {step} updates | ours: train words/s (median) | runs |",
+        "|---|---|---|---|---|---|---|",
     ]
+    step, vl = common_valid(runs)
+    lines[-2] = lines[-2].replace("{step}", str(step))
     ours = {}
     for norm in ORDER:
         recs = runs.get(norm, [])
@@ -201,11 +232,16 @@ def table2() -> None:
         if ppl:
             ours[norm] = statistics.mean(ppl)
         p = PAPER_T2.get(norm, ("-", "-"))
-        lines.append(f"| {LABELS[norm]} | {p[0]} | {p[1]} | {summary(ppl)} | {speed(recs)} | {status_line(recs)} |")
+        lines.append(f"| {LABELS[norm]} | {p[0]} | {p[1]} | {summary(ppl)} | "
+                     + (f"{vl[norm]:.3f} | " if norm in vl else "- | ")
+                     + f"{speed(recs)} | {status_line(recs)} |")
     lines += ["", "PN - LN: paper -5.6 (PTB) / -3.0 (WikiText-103); ours: "
               + (f"{ours['pn'] - ours['ln']:+.2f}" if {"pn", "ln"} <= set(ours) else "n/a"),
               "", "## Agreement with the paper (PTB column)", ""]
     lines += agreement(ours, {k: v[0] for k, v in PAPER_T2.items()}, higher_better=False)
+    if len(vl) >= 2:
+        lines += ["", f"Validation loss at {step} updates (lower is better), every run including "
+                  f"unfinished ones: {ordering(vl, higher_better=False)}."]
     if plotted:
         lines += ["", "## Validation loss", "", "![validation loss](ptb_valid_loss.png)"]
     lines += ["", "## Runs", ""] + runs_table(runs)

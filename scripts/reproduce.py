@@ -53,7 +53,7 @@ INNER_WPS_RE = re.compile(r"train_inner.*?\| wps ([\d.]+) \|")
 DONE_RE = re.compile(r"done training in ([\d.]+) seconds")
 
 
-def hardware() -> dict:
+def hardware(threads: int | None) -> dict:
     """What the run ran on (recorded beside every number)."""
     cpu = platform.processor()
     try:
@@ -65,7 +65,7 @@ def hardware() -> dict:
         pass
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
             "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
 
 
@@ -134,9 +134,9 @@ class Run:
             return
         parsed = parse_log(log)
         last = parsed["valid_loss"][-1][0] if parsed["valid_loss"] else 0
-        self.save(**parsed, status=f"unfinished: last validation at update {last}; rerun the same "
-                  "command to resume from checkpoint_last.pt")
-        self.log(self.record["status"])
+        self.save(**parsed, status="unfinished",
+                  progress=f"last validation at update {last}; rerun the same command to resume")
+        self.log(f"unfinished, {self.record['progress']}")
 
     def run(self) -> None:
         if self.record.get("status") == "done":
@@ -150,7 +150,8 @@ class Run:
         cmd = self.train_cmd(data)
         segments = self.record.get("train_segments", [])
         self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, preset=f"configs/{self.preset}.yaml",
-                  command=shlex.join(["python", *cmd[1:]]), status="training", hardware=hardware())
+                  command=shlex.join(["python", *cmd[1:]]), status="training", hardware=hardware(self.args.threads),
+                  started_commit=git_commit())
         if not (self.dir / "train.done").exists():
             self.log("training")
             start = time.strftime("%Y-%m-%d %H:%M:%S")
