@@ -100,10 +100,10 @@ def train_cmd(
     return cmd + ["--save-dir", str(save_dir), "--no-epoch-checkpoints"]
 
 
-def words_per_second(log_text: str, warmup: int) -> tuple[float, int]:
+def words_per_second(log_text: str, warmup: int) -> tuple[float, float, int]:
     """Total words / total time over the logged updates after the first ``warmup``.
 
-    Returns (wps, number of updates measured)."""
+    Returns (wps, words, number of updates measured)."""
     words = seconds = 0.0
     measured = 0
     for line in log_text.splitlines():
@@ -122,7 +122,7 @@ def words_per_second(log_text: str, warmup: int) -> tuple[float, int]:
             f"no train_inner log line after update {warmup}: did fairseq-train run more updates "
             "than --warmup (check --updates)?"
         )
-    return words / seconds, measured
+    return words / seconds, words, measured
 
 
 def cpu_seconds_of(cmd: list[str], log_file: Path) -> tuple[str, float]:
@@ -132,15 +132,6 @@ def cpu_seconds_of(cmd: list[str], log_file: Path) -> tuple[str, float]:
     out = run_cmd(cmd, log_file=log_file)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return out, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-
-
-def measured_words(log_text: str, warmup: int) -> float:
-    """Target words of the logged updates after the first ``warmup``."""
-    return sum(
-        float(json.loads(m.group(1))["wpb"])
-        for m in map(_TRAIN_INNER.search, log_text.splitlines())
-        if m and int(json.loads(m.group(1))["num_updates"]) > warmup
-    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -177,8 +168,8 @@ def measure_size(args: argparse.Namespace, data_bin: Path, workdir: Path, size: 
     for rep in range(args.repeats):
         for norm in NORM_FLAGS:
             out, cpu = train(norm, args.warmup + args.updates, str(rep))
-            wps, measured = words_per_second(out, args.warmup)
-            cpu_wps = measured_words(out, args.warmup) / (cpu - startup[norm])
+            wps, words, measured = words_per_second(out, args.warmup)
+            cpu_wps = words / (cpu - startup[norm])
             runs[norm]["wps"].append(wps)
             runs[norm]["cpu_wps"].append(cpu_wps)
             log(f"{size} {norm} run {rep}: {wps:.1f} wps, {cpu_wps:.1f} words per CPU second "
