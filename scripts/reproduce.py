@@ -146,6 +146,7 @@ class Run:
         prepared = REPO / prepared
         data = prepared / "data-bin"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.record.pop("error", None)  # from an earlier failed attempt of this run
         log = self.dir / "train.log"
         cmd = self.train_cmd(data)
         segments = self.record.get("train_segments", [])
