@@ -176,12 +176,30 @@ def test_set_tokens(data_bin: str | Path) -> int:
     return int(ds.sizes.sum())
 
 
+def trained_tokens_per_sample(checkpoint: str | Path) -> int:
+    """The task's ``tokens_per_sample`` stored in a fairseq LM checkpoint (its trusted config;
+    fairseq checkpoints hold config objects, hence ``weights_only=False``)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = state.get("cfg") or {}
+    task = cfg.get("task") if hasattr(cfg, "get") else None
+    value = task.get("tokens_per_sample") if hasattr(task, "get") else None  # dict or DictConfig
+    if value is None and state.get("args") is not None:
+        value = getattr(state["args"], "tokens_per_sample", None)
+    if value is None:
+        raise SystemExit(f"{checkpoint} does not record tokens_per_sample; pass --tokens-per-sample")
+    return int(value)
+
+
 def evaluate_ppl(args) -> dict:
     root, prep = load_prepared(args.data)
     check_data_dir(prep["data_bin"], splits=("test",))
     if prep["kind"] != "lm":
         raise SystemExit(f"{root} holds a {prep['kind']} corpus; use `evaluate bleu`")
     expected = test_set_tokens(prep["data_bin"])
+    if args.tokens_per_sample is None:
+        args.tokens_per_sample = trained_tokens_per_sample(args.checkpoint)
     cmd = python_module_cmd("fairseq_cli.eval_lm") + [
         prep["data_bin"], "--path", str(args.checkpoint), "--user-dir", str(PLUGIN_DIR),
         "--gen-subset", "test", "--max-tokens", str(args.max_tokens),
@@ -220,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hypothesis length limit a*src_len+b (fairseq's default 0*src+200)")
     b.add_argument("--max-len-b", type=int, default=200)
     lm = sub.add_parser("ppl", help="language modelling: fairseq-eval-lm test perplexity")
-    lm.add_argument("--tokens-per-sample", type=int, default=512)
+    lm.add_argument("--tokens-per-sample", type=int, default=None,
+                    help="block length (default: the one the checkpoint was trained with; a longer "
+                    "block than the model's positions makes fairseq-eval-lm skip every sample)")
     lm.add_argument("--context-window", type=int, default=0,
                     help="tokens of left context carried into each block (fairseq-eval-lm)")
     lm.add_argument("--max-tokens", type=int, default=4096)
