@@ -94,7 +94,20 @@ def test_ppl_fails_if_tokens_were_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "run_cmd", lambda cmd: (
         "Evaluated 990 tokens in 1.0s (990.00 tokens/s)\nLoss (base 2): 5.0000, Perplexity: 32.00"))
     with pytest.raises(SystemExit, match="scored 990 tokens, the test set has 1000"):
-        evaluate.main(["ppl", "--data", str(root), "--checkpoint", str(ckpt)])
+        evaluate.main(["ppl", "--data", str(root), "--checkpoint", str(ckpt), "--tokens-per-sample", "64"])
     monkeypatch.setattr(evaluate, "test_set_tokens", lambda d: 990)
-    out = evaluate.main(["ppl", "--data", str(root), "--checkpoint", str(ckpt)])
+    out = evaluate.main(["ppl", "--data", str(root), "--checkpoint", str(ckpt), "--tokens-per-sample", "64"])
     assert out["value"] == 32.0 and out["n_tokens_scored"] == 990
+
+
+def test_ppl_block_length_defaults_to_the_trained_one(tmp_path):
+    """fairseq-eval-lm skips every block longer than the model's positions: by default the
+    evaluation uses the checkpoint's own tokens_per_sample."""
+    import torch
+
+    ckpt = tmp_path / "lm.pt"
+    torch.save({"cfg": {"task": {"tokens_per_sample": 64}}, "model": {}}, ckpt)
+    assert evaluate.trained_tokens_per_sample(ckpt) == 64
+    torch.save({"cfg": {"task": {}}, "args": None, "model": {}}, ckpt)
+    with pytest.raises(SystemExit, match="pass --tokens-per-sample"):
+        evaluate.trained_tokens_per_sample(ckpt)
