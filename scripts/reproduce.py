@@ -49,7 +49,7 @@ CORPORA = {
 VALID_RE = re.compile(r"valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)")
 TRAIN_EPOCH_RE = re.compile(r"\[train\]\[INFO\] - epoch (\d+) \| .*?\| wps ([\d.]+) .*?\| num_updates (\d+)"
                             r".*?\| train_wall (\d+)")
-INNER_WPS_RE = re.compile(r"train_inner.*?\| wps ([\d.]+) \|")
+INNER_WPS_RE = re.compile(r"\[train_inner\].*?wps=([\d.]+),")
 DONE_RE = re.compile(r"done training in ([\d.]+) seconds")
 
 
@@ -128,11 +128,15 @@ class Run:
                 *self.args.override]
 
     def collect(self) -> None:
-        """Refresh the record of an unfinished run from its log (validation curve so far)."""
+        """Refresh what a record takes from the training log (validation curve, speed); an
+        unfinished run is marked as such, with how far it got."""
         log = self.dir / "train.log"
-        if self.record.get("status") == "done" or not log.exists():
+        if not log.exists():
             return
         parsed = parse_log(log)
+        if self.record.get("status") == "done":
+            self.save(**parsed)
+            return
         last = parsed["valid_loss"][-1][0] if parsed["valid_loss"] else 0
         self.save(**parsed, status="unfinished",
                   progress=f"last validation at update {last}; rerun the same command to resume")
@@ -195,7 +199,7 @@ def main(argv=None) -> None:
                    help="also record the norm statistics of the first encoder norm (Figs. 2-4) in "
                    "runs/<corpus>/<run>/norm_stats.csv; tracking does not change training")
     p.add_argument("--collect", action="store_true",
-                   help="train nothing: refresh the records of unfinished runs from their logs")
+                   help="train nothing: refresh the records from the training logs")
     args = p.parse_args(argv)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
