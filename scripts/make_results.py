@@ -11,6 +11,7 @@ own, labelled columns (PAPER.md sections 0 and 5). Rerun after any run finishes:
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -54,6 +55,9 @@ def metric(rec: dict, key: str) -> float | None:
         return None
     if key == "ppl":
         return ev.get("value")
+    if key == "len_ratio":  # hypothesis/reference length from sacrebleu's detail line
+        m = re.search(r"ratio = ([\d.]+)", (ev.get("bleu_tokenized") or {}).get("detail", ""))
+        return float(m.group(1)) if m else None
     return (ev.get(key) or {}).get("score")
 
 
@@ -175,7 +179,8 @@ TABLES = {
         ],
         "paper": PAPER_T1, "paper_cols": ("paper IWSLT14 BLEU", "paper WMT14 BLEU"),
         "metrics": (("bleu_tokenized", "ours: Multi30k BLEU (tokenized, case-insensitive)"),
-                    ("bleu_detok", "ours: sacreBLEU (detok.)")),
+                    ("bleu_detok", "ours: sacreBLEU (detok.)"),
+                    ("len_ratio", "ours: hyp/ref length")),
         "higher_better": True,
         "gap": "PN - LN: paper +0.4 (IWSLT14) / +0.6 (WMT14)",
         "agreement_title": "## Agreement with the paper (IWSLT14 column)",
