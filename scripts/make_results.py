@@ -175,7 +175,8 @@ TABLES = {
             "fixed, short budget on 2 CPU cores; the last 3 checkpoints (100 updates apart) averaged; beam 5,",
             "lenpen 1.0 (the paper's IWSLT14 settings) on test2016 (1,000 sentences). **These runs are far",
             "from converged and far smaller than the paper's**; they test whether the ordering of the norms",
-            "shows up early in training, not the paper's absolute numbers.",
+            "shows up early in training, not the paper's absolute numbers. Words/s were measured while",
+            "several runs shared the 2 cores: they are not a speed comparison (see `benchmarks/`).",
         ],
         "paper": PAPER_T1, "paper_cols": ("paper IWSLT14 BLEU", "paper WMT14 BLEU"),
         "metrics": (("bleu_tokenized", "ours: Multi30k BLEU (tokenized, case-insensitive)"),
@@ -194,7 +195,8 @@ TABLES = {
             "Setup: presets `configs/ptb_cpu_{ln,bn,pnv,pn,pnpaper}.yaml`, identical except the norm (at every",
             "decoder site); a 2-layer d-128 pre-norm fairseq Transformer LM, a short fixed budget on 2 CPU",
             "cores. The paper used a tensorized Transformer (Ma et al. 2019) whose code is not in fairseq,",
-            "trained ~80 epochs; **our numbers are not comparable in absolute terms**.",
+            "trained ~80 epochs; **our numbers are not comparable in absolute terms**. Words/s were",
+            "measured while several runs shared the 2 cores: they are not a speed comparison.",
         ],
         "paper": PAPER_T2, "paper_cols": ("paper PTB PPL", "paper WikiText-103 PPL"),
         "metrics": (("ppl", "ours: PTB test PPL"),),
@@ -258,7 +260,12 @@ def readme_section() -> None:
         table = [ln for ln in body if ln.startswith("|")]
         table = table[: table.index(next(ln for ln in table[2:] if not ln.startswith("| ") or ln.startswith("| run")))] \
             if any(ln.startswith("| run") for ln in table) else table
-        notes = [ln for ln in body if ln.startswith(("PN - LN", "Paper's ordering", "- ", "Validation loss at"))]
+        notes = []
+        for ln in body:
+            if ln.startswith(("PN - LN", "Paper's ordering", "Validation loss at")):
+                notes += ["", ln]
+            elif ln.startswith("- "):
+                notes += ([""] if notes and not notes[-1].startswith("- ") else []) + [ln]
         parts += [f"**{title}** (details, runs and plots: [`results/{name}`](results/{name}))", "",
                   *table, "", *notes, ""]
     new = text[: text.index(begin) + len(begin)] + "\n" + "\n".join(parts) + text[text.index(end):]
