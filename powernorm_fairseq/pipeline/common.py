@@ -177,11 +177,17 @@ def subprocess_env(extra: dict | None = None) -> dict:
 
 
 def git_commit() -> str | None:
-    """The repository's HEAD commit (with ``+dirty`` if the tree has changes), or None."""
+    """The repository's HEAD commit, or None.
+
+    ``+dirty`` is appended when tracked code differs from HEAD. Untracked files (a ``.venv``
+    link, prepared data) and ``results/`` (the run records a reproduction rewrites as it goes)
+    do not count: they cannot change what a run computes.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=REPO_ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
