@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -97,8 +98,13 @@ def bench_shape(T, B, C, fraction, reps, warmup):
             train_step(norm, x, m, grad_y)
     cpu = {label: [] for label in norms}
     wall = {label: [] for label in norms}
-    for _ in range(reps):
-        for label, (norm, m) in norms.items():
+    order = list(norms)
+    for rep in range(reps):
+        # a fresh order each repetition: the first step after another norm's pays for page
+        # faults of memory that norm freed, which would otherwise always land on the same norm
+        random.Random(rep).shuffle(order)
+        for label in order:
+            norm, m = norms[label]
             start_cpu, start_wall = time.process_time(), time.perf_counter()
             train_step(norm, x, m, grad_y)
             cpu[label].append(time.process_time() - start_cpu)

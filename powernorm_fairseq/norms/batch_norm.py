@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import fused
 from .base import MaskedNorm
 from .distributed import maybe_all_reduce
 from .functional import column_sum, column_sums, group_rms_scale, token_count
@@ -34,17 +35,21 @@ def batch_moments(x2d: Tensor, keep: Tensor | None, scratch: Tensor, *, center: 
         ``(mean (C,) or None, var (C,), count ())``; ``count`` may be 0 (then var is 0, not NaN).
     """
     count = token_count(x2d, keep).reshape(1)
-    if center:
+    if fused.usable(x2d, keep, shift):  # one read of x2d, no temporaries
+        s1, s2, _ = fused.colstats(x2d, keep, shift if center else None, s1=center)
+    elif center:
         torch.sub(x2d, shift, out=scratch)
         s1 = column_sum(scratch, keep)
         scratch.mul_(scratch)
-        s1, s2, count = maybe_all_reduce([s1, column_sum(scratch, keep), count], sync,
-                                         process_group)
+        s2 = column_sum(scratch, keep)
+    else:
+        s1, s2 = None, column_sum(torch.mul(x2d, x2d, out=scratch), keep)
+    if center:
+        s1, s2, count = maybe_all_reduce([s1, s2, count], sync, process_group)
         n = count.clamp(min=1)
         d = s1 / n
         return shift + d, (s2 / n - d * d).clamp_min(0), count[0]
-    torch.mul(x2d, x2d, out=scratch)
-    s2, count = maybe_all_reduce([column_sum(scratch, keep), count], sync, process_group)
+    s2, count = maybe_all_reduce([s2, count], sync, process_group)
     return None, s2 / count.clamp(min=1), count[0]
 
 
@@ -90,9 +95,13 @@ class BatchStatNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, keep, mean, rstd, count = ctx.saved_tensors
         hook = ctx.backward_hook
-        sum_gy = column_sum(grad_y, None)
-        grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
-        masked_gyx, sum_gyx = column_sums(grad_x, keep if hook is not None else None)
+        fast = fused.usable(x, grad_y, keep)
+        if fast:  # the three sums in one read of grad_y and x
+            sum_gy, sum_gyx, masked_gyx = fused.bwd_sums(grad_y, x, keep, masked=hook is not None)
+        else:
+            sum_gy = column_sum(grad_y, None)
+            grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
+            masked_gyx, sum_gyx = column_sums(grad_x, keep if hook is not None else None)
         sums = [sum_gyx] if mean is None else [sum_gy, sum_gyx]
         if hook is not None:
             sums.append(masked_gyx)
@@ -104,14 +113,17 @@ class BatchStatNormFunction(torch.autograd.Function):
         rn = rstd / count.clamp(min=1)
         coef_x = rn * rstd * g_xhat
         coef_0 = None if mean is None else rn * weight * sums[0] - coef_x * mean
-        torch.mul(grad_y, weight * rstd, out=grad_x)
-        if keep is None:
-            grad_x.addcmul_(x, coef_x, value=-1)
-            if coef_0 is not None:
-                grad_x.sub_(coef_0)
+        if fast:  # grad_x = dL/dy (weight rstd) - k (x coef_x + coef_0) in one pass
+            grad_x = fused.bwd_apply(grad_y, x, weight * rstd, coef_x, coef_0, corr_keep=keep)[0]
         else:
-            correction = x * coef_x if coef_0 is None else torch.addcmul(coef_0, x, coef_x)
-            grad_x.addcmul_(correction, keep.unsqueeze(1), value=-1)
+            torch.mul(grad_y, weight * rstd, out=grad_x)
+            if keep is None:
+                grad_x.addcmul_(x, coef_x, value=-1)
+                if coef_0 is not None:
+                    grad_x.sub_(coef_0)
+            else:
+                correction = x * coef_x if coef_0 is None else torch.addcmul(coef_0, x, coef_x)
+                grad_x.addcmul_(correction, keep.unsqueeze(1), value=-1)
         if hook is not None:
             hook(sums[-1])
         need = ctx.needs_input_grad

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import fused
+
 
 def keep_vector(padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """Float keep-vector from a padding mask.
@@ -70,18 +72,26 @@ class _GroupRMSScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group_num, eps):
+        ctx.group_num = group_num
+        if fused.usable(x):
+            y, rstd = fused.group_rms_forward(x.reshape(-1, x.shape[-1]), group_num, eps)
+            ctx.save_for_backward(x, rstd)
+            return y.view(x.shape)
         xg = x.reshape(-1, group_num, x.shape[-1] // group_num)
         # a last-dim vector norm is one fused read (no x*x temporary)
         mean_sq = torch.linalg.vector_norm(xg, dim=-1).square_().div_(xg.shape[-1])
         rstd = torch.rsqrt(mean_sq + eps)
         ctx.save_for_backward(x, rstd)
-        ctx.group_num = group_num
         return (xg * rstd.unsqueeze(-1)).view(x.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, rstd = ctx.saved_tensors
+        if fused.usable(x, grad_y, rstd):
+            c = x.shape[-1]
+            return fused.group_rms_backward(grad_y.reshape(-1, c), x.reshape(-1, c),
+                                            rstd).view(x.shape), None, None
         xg = x.reshape(-1, ctx.group_num, x.shape[-1] // ctx.group_num)
         gyg = grad_y.reshape(xg.shape)
         grad_x = torch.mul(gyg, xg)  # scratch for the group means first, then the gradient

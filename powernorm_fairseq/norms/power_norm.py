@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import fused
 from .base import MaskedNorm
 from .batch_norm import PRESCALE_EPS, BatchStatNormFunction
 from .distributed import maybe_all_reduce
@@ -122,27 +123,37 @@ class RunningPowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, on_stats):
-        y = torch.mul(x, x)  # scratch for the statistic first, then the output
         count = token_count(x, keep).reshape(1)
-        sum_sq, count = maybe_all_reduce([column_sum(y, keep), count], sync, process_group)
+        if fused.usable(x, keep, weight, bias, rstd):  # output and statistic in one pass
+            y, sum_sq, _ = fused.affine_colstats(x, keep, rstd * weight, bias)
+        else:
+            y = torch.mul(x, x)  # scratch for the statistic first, then the output
+            sum_sq = column_sum(y, keep)
+            torch.addcmul(bias, x, rstd * weight, out=y)
+        sum_sq, count = maybe_all_reduce([sum_sq, count], sync, process_group)
         count = count[0]
         ctx.backward_hook = on_stats(None, sum_sq / count.clamp(min=1), count, rstd)
         ctx.save_for_backward(x, weight, keep, rstd)
         ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
-        return torch.addcmul(bias, x, rstd * weight, out=y)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, keep, rstd = ctx.saved_tensors
-        grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
-        masked_gyx, sum_gyx = column_sums(grad_x, keep)
-        torch.mul(grad_y, weight * rstd, out=grad_x)
-        grad_x.addcmul_(x, ctx.nu.to(x.dtype) * rstd * rstd, value=-1)
+        coef_x = ctx.nu.to(x.dtype) * rstd * rstd
+        if fused.usable(x, grad_y, keep, weight):  # gradient and its sums in one pass
+            grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
+                grad_y, x, weight * rstd, coef_x, sum_keep=keep, sums=True)
+        else:
+            grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
+            masked_gyx, sum_gyx = column_sums(grad_x, keep)
+            torch.mul(grad_y, weight * rstd, out=grad_x)
+            grad_x.addcmul_(x, coef_x, value=-1)
+            sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
         ctx.backward_hook(maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0])
         need = ctx.needs_input_grad
-        return (grad_x, rstd * sum_gyx if need[1] else None,
-                column_sum(grad_y, None) if need[2] else None,
+        return (grad_x, rstd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
                 None, None, None, None, None, None)
 
 
@@ -321,8 +332,10 @@ class ReferencePowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, module, sync):
-        y = torch.mul(x, x)  # scratch for the statistics first, then the output
-        sum_sq, sum_sq_all = column_sums(y, keep)
+        if fused.usable(x, keep):  # both sums from one read of x, no temporary
+            _, sum_sq, sum_sq_all = fused.colstats(x, keep, s2all=True)
+        else:
+            sum_sq, sum_sq_all = column_sums(torch.mul(x, x), keep)
         count = token_count(x, keep).reshape(1)
         num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
         sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
@@ -331,7 +344,7 @@ class ReferencePowerFunction(torch.autograd.Function):
         rstd_fwd, rstd_bwd = module._step_statistics(sum_sq / count.clamp(min=1), count)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
         ctx.module, ctx.sync = module, sync
-        return torch.addcmul(bias, x, rstd_fwd * weight, out=y)
+        return torch.addcmul(bias, x, rstd_fwd * weight)
 
     @staticmethod
     @once_differentiable
@@ -341,10 +354,16 @@ class ReferencePowerFunction(torch.autograd.Function):
         c = 1.0 - module.alpha_bkw
         ema = module.ema_gz.view(-1)
         ema_c = ema.to(x.dtype)
-        grad_x = torch.mul(grad_y, x)  # scratch for the sum first, then the gradient
-        sum_gyx = column_sum(grad_x, None)
-        torch.mul(grad_y, weight * rstd_bwd, out=grad_x)
-        grad_x.addcmul_(x, c * ema_c * rstd_fwd * rstd_bwd, value=-1)
+        coef_x = c * ema_c * rstd_fwd * rstd_bwd
+        if fused.usable(x, grad_y, weight):  # gradient and its sums in one pass
+            grad_x, sum_gy, sum_gyx, _ = fused.bwd_apply(grad_y, x, weight * rstd_bwd, coef_x,
+                                                         sums=True)
+        else:
+            grad_x = torch.mul(grad_y, x)  # scratch for the sum first, then the gradient
+            sum_gyx = column_sum(grad_x, None)
+            torch.mul(grad_y, weight * rstd_bwd, out=grad_x)
+            grad_x.addcmul_(x, coef_x, value=-1)
+            sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
         (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, module.process_group)
         n_all = num_all.clamp(min=1)
         gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
@@ -353,8 +372,8 @@ class ReferencePowerFunction(torch.autograd.Function):
         unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
         module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
         need = ctx.needs_input_grad
-        return (grad_x, rstd_fwd * sum_gyx if need[1] else None,
-                column_sum(grad_y, None) if need[2] else None, None, None, None)
+        return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
+                None, None, None)
 
 
 class PowerNormReference(MaskedNorm):

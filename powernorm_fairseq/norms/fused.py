@@ -1,0 +1,260 @@
+"""Optional fused CPU kernels for the masked norms (C, OpenMP, loaded with ctypes).
+
+The norms' autograd Functions compute the same quantities with eager torch ops (the
+specification, and the path on GPU, for half precision and wherever these kernels are not
+available). On CPU with float32/float64 tensors they call these one-pass kernels instead:
+
+- forward statistics without temporaries (:func:`colstats`), or the output together with the
+  statistics when the scale is known before the batch (PN after warmup, :func:`affine_colstats`);
+- the backward's column sums (:func:`bwd_sums`), or the input gradient together with them when
+  its coefficients are known in advance (PN, :func:`bwd_apply`);
+- the per-token group RMS scaling of the released code and its gradient (:func:`group_rms`).
+
+The C source (``kernels/pn_kernels.c``) is compiled on first use with the system C compiler
+(``$CC``, else ``cc``; about one second) into ``$PN_KERNEL_CACHE`` (default
+``~/.cache/powernorm-fairseq/kernels``), keyed by a hash of the source, and written atomically.
+``PN_FUSED_KERNELS=0`` turns the kernels off; :func:`set_enabled` does the same in-process
+(tests run both paths). Without a compiler the norms warn once and run eagerly.
+
+Sums are accumulated in double per thread and reduced in thread order, so results are
+deterministic for a given ``torch.get_num_threads()``; they agree with the eager path to float
+rounding. The kernels link the OpenMP runtime torch already loaded (``libgomp.so.1``), so they
+share torch's thread pool instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_SRC_DIR = Path(__file__).resolve().parent / "kernels"
+_SOURCES = ("pn_kernels.c", "pn_kernels_impl.h")
+_ABI_VERSION = 1
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_load_failed = False
+_enabled = os.environ.get("PN_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no",
+                                                                           "off")
+
+_F = ctypes.c_void_p  # every pointer argument is passed as an address (or None)
+_SIGNATURES = {
+    "pn_colstats": [_F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, ctypes.c_int],
+    "pn_affine_colstats": [_F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F,
+                           ctypes.c_int],
+    "pn_bwd_sums": [_F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, ctypes.c_int],
+    "pn_bwd_apply": [_F, _F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, _F,
+                     ctypes.c_int],
+    "pn_group_rms_fwd": [_F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, _F,
+                         _F, ctypes.c_int],
+    "pn_group_rms_bwd": [_F, _F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _F,
+                         ctypes.c_int],
+}
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def set_enabled(flag: bool) -> bool:
+    """Use the fused kernels (True) or the eager torch path (False); returns the old setting."""
+    global _enabled
+    old, _enabled = _enabled, bool(flag)
+    return old
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PN_KERNEL_CACHE",
+                               Path.home() / ".cache" / "powernorm-fairseq" / "kernels"))
+
+
+def _build(target: Path) -> None:
+    """Compile the kernels into ``target`` (temp file in the same folder, then rename)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, "-O3", "-fopenmp", "-fPIC", "-shared", "-o", tmp,
+               str(_SRC_DIR / "pn_kernels.c")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _load_failed
+    if _lib is not None or _load_failed:
+        return _lib
+    with _lock:
+        if _lib is not None or _load_failed:
+            return _lib
+        try:
+            digest = hashlib.sha256()
+            for name in _SOURCES:
+                digest.update((_SRC_DIR / name).read_bytes())
+            digest.update(platform.machine().encode())
+            target = cache_dir() / f"pn_kernels_{digest.hexdigest()[:16]}.so"
+            if not target.exists():
+                _build(target)
+            lib = ctypes.CDLL(str(target))
+            if lib.pn_abi_version() != _ABI_VERSION:
+                raise RuntimeError(f"{target} has ABI {lib.pn_abi_version()}, "
+                                   f"expected {_ABI_VERSION}; delete it")
+            for name, argtypes in _SIGNATURES.items():
+                for suffix in _SUFFIX.values():
+                    fn = getattr(lib, f"{name}_{suffix}")
+                    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+            _lib = lib
+        except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+            _load_failed = True
+            warnings.warn(f"powernorm_fairseq: fused CPU kernels unavailable ({err}); using the "
+                          "eager torch path (same results, slower). Set PN_FUSED_KERNELS=0 to "
+                          "silence this.", RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernels are enabled and could be built/loaded on this machine."""
+    return _enabled and _load() is not None
+
+
+def usable(*tensors: Tensor | None) -> bool:
+    """True when the fused path applies: enabled, built, and every given tensor is a CPU tensor
+    of one dtype, float32 or float64 (None entries are ignored)."""
+    if not _enabled:
+        return False
+    dtype = None
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype not in _SUFFIX or (dtype and t.dtype != dtype):
+            return False
+        dtype = t.dtype
+    return dtype is not None and _load() is not None
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_lib, f"{name}_{_SUFFIX[dtype]}")
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _sums(n: int, want: bool, like: Tensor) -> Tensor | None:
+    return torch.empty(n, dtype=torch.float64, device=like.device) if want else None
+
+
+def _check(rc: int) -> None:
+    if rc:
+        raise MemoryError("powernorm_fairseq fused kernel could not allocate its scratch memory")
+
+
+def _out(s: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if s is None else s.to(dtype)
+
+
+def colstats(x: Tensor, keep: Tensor | None, shift: Tensor | None = None, *, s1: bool = False,
+             s2all: bool = False):
+    """Column sums over the real rows of ``d = x - shift`` in one read of ``x: (N, C)``.
+
+    Returns ``(sum_real d or None, sum_real d^2, sum_all d^2 or None)``, each ``(C,)`` in
+    ``x.dtype``. ``shift`` ``(C,)`` defaults to 0.
+    """
+    x, keep = _c(x), _c(keep)
+    n, c = x.shape
+    shift = x.new_zeros(c) if shift is None else shift.contiguous()
+    o1, o2, oa = _sums(c, s1, x), _sums(c, True, x), _sums(c, s2all, x)
+    _check(_fn("pn_colstats", x.dtype)(x.data_ptr(), _ptr(keep), shift.data_ptr(), n, c, _ptr(o1),
+                                        _ptr(o2), _ptr(oa), torch.get_num_threads()))
+    return _out(o1, x.dtype), _out(o2, x.dtype), _out(oa, x.dtype)
+
+
+def affine_colstats(x: Tensor, keep: Tensor | None, scale: Tensor, bias: Tensor, *,
+                    s2all: bool = False):
+    """``y = x * scale + bias`` and the column sums of ``x^2`` (real rows; all rows if
+    ``s2all``) in one pass. Returns ``(y (N, C), sum_real x^2 (C,), sum_all x^2 or None)``."""
+    x, keep, scale, bias = _c(x), _c(keep), scale.contiguous(), bias.contiguous()
+    n, c = x.shape
+    y = torch.empty_like(x)
+    o2, oa = _sums(c, True, x), _sums(c, s2all, x)
+    _check(_fn("pn_affine_colstats", x.dtype)(x.data_ptr(), _ptr(keep), scale.data_ptr(),
+                                               bias.data_ptr(), n, c, y.data_ptr(), _ptr(o2),
+                                               _ptr(oa), torch.get_num_threads()))
+    return y, _out(o2, x.dtype), _out(oa, x.dtype)
+
+
+def bwd_sums(grad_y: Tensor, x: Tensor, keep: Tensor | None, *, masked: bool = False):
+    """``(sum dL/dy, sum dL/dy * x, sum_real dL/dy * x or None)`` ``(C,)`` in one pass."""
+    grad_y, x, keep = _c(grad_y), _c(x), _c(keep)
+    n, c = x.shape
+    og, ogx, om = _sums(c, True, x), _sums(c, True, x), _sums(c, masked, x)
+    _check(_fn("pn_bwd_sums", x.dtype)(grad_y.data_ptr(), x.data_ptr(), _ptr(keep), n, c,
+                                        og.data_ptr(), ogx.data_ptr(), _ptr(om),
+                                        torch.get_num_threads()))
+    return _out(og, x.dtype), _out(ogx, x.dtype), _out(om, x.dtype)
+
+
+def bwd_apply(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor | None = None, *,
+              corr_keep: Tensor | None = None, sum_keep: Tensor | None = None,
+              sums: bool = False):
+    """``grad_x = dL/dy * a - m * (x * b + c)`` with ``m = corr_keep`` per row (1 if None).
+
+    With ``sums`` the same pass also returns ``sum dL/dy``, ``sum dL/dy * x`` (all rows) and
+    ``sum_{sum_keep} dL/dy * x`` (all rows if ``sum_keep`` is None). Returns
+    ``(grad_x, sum_gy, sum_gyx, masked_sum_gyx)`` (the sums None without ``sums``).
+    """
+    grad_y, x = _c(grad_y), _c(x)
+    corr_keep, sum_keep = _c(corr_keep), _c(sum_keep)
+    n, ch = x.shape
+    a, b = a.contiguous(), b.contiguous()
+    c = x.new_zeros(ch) if c is None else c.contiguous()
+    gx = torch.empty_like(x)
+    og, ogx, om = (_sums(ch, sums, x) for _ in range(3))
+    _check(_fn("pn_bwd_apply", x.dtype)(grad_y.data_ptr(), x.data_ptr(), a.data_ptr(),
+                                         b.data_ptr(), c.data_ptr(), _ptr(corr_keep),
+                                         _ptr(sum_keep), n, ch, gx.data_ptr(), _ptr(og),
+                                         _ptr(ogx), _ptr(om), torch.get_num_threads()))
+    return gx, _out(og, x.dtype), _out(ogx, x.dtype), _out(om, x.dtype)
+
+
+def group_rms_forward(x: Tensor, group_num: int, eps: float) -> tuple[Tensor, Tensor]:
+    """``y = x / sqrt(mean_group(x^2) + eps)`` per row; returns ``(y (N, C), rstd (N, G))``."""
+    x = x.contiguous()
+    n, c = x.shape
+    y = torch.empty_like(x)
+    rstd = x.new_empty(n, group_num)
+    _check(_fn("pn_group_rms_fwd", x.dtype)(x.data_ptr(), n, c, group_num, float(eps),
+                                             y.data_ptr(), rstd.data_ptr(),
+                                             torch.get_num_threads()))
+    return y, rstd
+
+
+def group_rms_backward(grad_y: Tensor, x: Tensor, rstd: Tensor) -> Tensor:
+    """Gradient of :func:`group_rms_forward`: ``gx = gy r - x r^3 mean_group(gy x)``."""
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    n, c = x.shape
+    gx = torch.empty_like(x)
+    _check(_fn("pn_group_rms_bwd", x.dtype)(grad_y.data_ptr(), x.data_ptr(), rstd.data_ptr(), n,
+                                             c, rstd.shape[1], gx.data_ptr(),
+                                             torch.get_num_threads()))
+    return gx

@@ -1,0 +1,52 @@
+/* Fused CPU kernels for powernorm_fairseq.norms (built on first use by ../fused.py, loaded with
+ * ctypes; the eager torch code is the fallback and the specification).
+ *
+ * Conventions: row-major contiguous (N, C) operands (row n = token, column c = channel), (C,)
+ * per-channel vectors, keep (N,) with 1 = real token and 0 = pad (NULL: every row is real),
+ * column sums written as double (C,) arrays (NULL: not wanted), nt = number of OpenMP threads.
+ * Functions return 0, or -1 when scratch memory could not be allocated.
+ *
+ * Why C and not torch ops: each eager op is one memory pass, and a norm's forward+backward in
+ * eager torch takes about eight passes over (N, C) where torch's fused LayerNorm takes three.
+ * These kernels do the same arithmetic in the minimum number of passes.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+static double *alloc_partials(int nt, int64_t width)
+{
+    return (double *)calloc((size_t)nt * (size_t)width, sizeof(double));
+}
+
+/* out[k][c] = sum over threads t of part[t][k][c], in thread order (deterministic). */
+static void reduce_partials(const double *part, int nt, int k, int64_t C, double *out[])
+{
+    for (int i = 0; i < k; ++i) {
+        if (!out[i]) continue;
+        for (int64_t c = 0; c < C; ++c) out[i][c] = 0.0;
+        for (int t = 0; t < nt; ++t) {
+            const double *p = part + ((size_t)t * k + i) * C;
+            for (int64_t c = 0; c < C; ++c) out[i][c] += p[c];
+        }
+    }
+}
+
+int pn_abi_version(void) { return 1; }
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+
+#define T float
+#define NAME(fn) CAT(fn, f32)
+#include "pn_kernels_impl.h"
+#undef T
+#undef NAME
+
+#define T double
+#define NAME(fn) CAT(fn, f64)
+#include "pn_kernels_impl.h"
+#undef T
+#undef NAME
