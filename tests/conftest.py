@@ -113,3 +113,16 @@ def tiny_lm_data(tmp_path_factory, fairseq_cli) -> Path:
     )
     (out / "raw").symlink_to(raw, target_is_directory=True)
     return out
+
+
+@pytest.fixture(params=["fused", "eager"])
+def kernel_path(request):
+    """Run a test once with the fused CPU kernels and once with the eager torch path
+    (``powernorm_fairseq.norms.fused``); the fused run skips where no C compiler is available."""
+    from powernorm_fairseq.norms import fused
+
+    if request.param == "fused" and not fused.available():
+        pytest.skip("fused CPU kernels unavailable (no C compiler, or PN_FUSED_KERNELS=0)")
+    old = fused.set_enabled(request.param == "fused")
+    yield request.param
+    fused.set_enabled(old)

@@ -20,6 +20,8 @@ from powernorm_fairseq.norms import (
 from powernorm_fairseq.norms.functional import group_rms_scale
 
 REPO = Path(__file__).resolve().parents[1]
+# every test here runs on both the fused CPU kernels and the eager path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernel_path")
 C = 8
 
 # (id, name, kwargs): every registered family, PN in both variants and with its options

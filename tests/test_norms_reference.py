@@ -15,6 +15,8 @@ from powernorm_fairseq.norms import PowerNormReference, build_norm
 DATA = json.loads((Path(__file__).parent / "data" / "reference_powernorm.json").read_text())
 CASES = {case["name"]: case for case in DATA["cases"]}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
+# every test here runs on both the fused CPU kernels and the eager path (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 
 def _tensor(values):
