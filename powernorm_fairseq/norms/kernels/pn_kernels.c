@@ -34,6 +34,19 @@ static void reduce_partials(const double *part, int nt, int k, int64_t C, double
     }
 }
 
+/* Rows summed in T before a flush into the double accumulators. */
+#define BLOCK_ROWS 16
+
+static void flush_f32(float *q, double *p, int64_t n)
+{
+    for (int64_t i = 0; i < n; ++i) { p[i] += (double)q[i]; q[i] = 0.0f; }
+}
+
+static void flush_f64(double *q, double *p, int64_t n)
+{
+    for (int64_t i = 0; i < n; ++i) { p[i] += q[i]; q[i] = 0.0; }
+}
+
 int pn_abi_version(void) { return 1; }
 
 #define CAT_(a, b) a##_##b
@@ -41,12 +54,16 @@ int pn_abi_version(void) { return 1; }
 
 #define T float
 #define NAME(fn) CAT(fn, f32)
+#define flush flush_f32
 #include "pn_kernels_impl.h"
 #undef T
 #undef NAME
+#undef flush
 
 #define T double
 #define NAME(fn) CAT(fn, f64)
+#define flush flush_f64
 #include "pn_kernels_impl.h"
 #undef T
 #undef NAME
+#undef flush

@@ -1,9 +1,10 @@
 /* One-pass CPU kernels of the masked norms, instantiated for T = float and T = double by
  * pn_kernels.c (which defines T and NAME(fn)). See pn_kernels.c for the conventions.
  *
- * Every kernel reads each (N, C) operand once. Column sums are accumulated in double, per thread,
- * over a static split of the rows, and reduced in thread order afterwards: the result depends on
- * the thread count but not on scheduling. Rows with keep[n] == 0 (pads) are skipped by masked
+ * Every kernel reads each (N, C) operand once. Column sums are accumulated per thread, over a
+ * static split of the rows: in T over blocks of BLOCK_ROWS rows (vectorizes at full width),
+ * flushed into double after each block (so the error does not grow with N), and reduced in
+ * thread order afterwards: the result depends on the thread count but not on scheduling. Rows with keep[n] == 0 (pads) are skipped by masked
  * sums, so a non-finite pad value cannot poison a statistic.
  */
 
@@ -12,11 +13,13 @@ int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int6
                       double *s1, double *s2, double *s2all, int nt)
 {
     double *part = alloc_partials(nt, 3 * C);
-    if (!part) return -1;
+    T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* per-thread block sums */
+    if (!part || !qall) { free(part); free(qall); return -1; }
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p1 = part + (size_t)tid * 3 * C, *p2 = p1 + C, *pa = p2 + C;
+        double *p = part + (size_t)tid * 3 * C;
+        T *q = qall + (size_t)tid * 3 * C, *q1 = q, *q2 = q + C, *qa = q + 2 * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *xr = x + n * C;
@@ -24,26 +27,28 @@ int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int6
             if (real && s2all) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
-                    double d = (double)(xr[c] - shift[c]);
-                    p1[c] += d; p2[c] += d * d; pa[c] += d * d;
+                    T d = xr[c] - shift[c];
+                    q1[c] += d; q2[c] += d * d; qa[c] += d * d;
                 }
             } else if (real) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
-                    double d = (double)(xr[c] - shift[c]);
-                    p1[c] += d; p2[c] += d * d;
+                    T d = xr[c] - shift[c];
+                    q1[c] += d; q2[c] += d * d;
                 }
             } else if (s2all) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
-                    double d = (double)(xr[c] - shift[c]);
-                    pa[c] += d * d;
+                    T d = xr[c] - shift[c];
+                    qa[c] += d * d;
                 }
             }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 3 * C);
         }
     }
     reduce_partials(part, nt, 3, C, (double *[]){s1, s2, s2all});
     free(part);
+    free(qall);
     return 0;
 }
 
@@ -52,11 +57,13 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
                              int64_t N, int64_t C, T *y, double *s2, double *s2all, int nt)
 {
     double *part = alloc_partials(nt, 2 * C);
-    if (!part) return -1;
+    T *qall = (T *)calloc((size_t)nt * 2 * C, sizeof(T));  /* per-thread block sums */
+    if (!part || !qall) { free(part); free(qall); return -1; }
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p2 = part + (size_t)tid * 2 * C, *pa = p2 + C;
+        double *p = part + (size_t)tid * 2 * C;
+        T *q = qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *xr = x + n * C;
@@ -66,23 +73,23 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
                     T v = xr[c];
-                    double d = (double)v;
                     yr[c] = v * scale[c] + bias[c];
-                    p2[c] += d * d; pa[c] += d * d;
+                    q2[c] += v * v; qa[c] += v * v;
                 }
             } else {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
                     T v = xr[c];
-                    double d = (double)v;
                     yr[c] = v * scale[c] + bias[c];
-                    pa[c] += d * d;
+                    qa[c] += v * v;
                 }
             }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
     reduce_partials(part, nt, 2, C, (double *[]){s2, s2all});
     free(part);
+    free(qall);
     return 0;
 }
 
@@ -91,27 +98,30 @@ int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t
                       double *sgy, double *sgyx, double *msgyx, int nt)
 {
     double *part = alloc_partials(nt, 3 * C);
-    if (!part) return -1;
+    T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* per-thread block sums */
+    if (!part || !qall) { free(part); free(qall); return -1; }
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *pg = part + (size_t)tid * 3 * C, *pgx = pg + C, *pm = pgx + C;
+        double *p = part + (size_t)tid * 3 * C;
+        T *q = qall + (size_t)tid * 3 * C, *qg = q, *qgx = q + C, *qm = q + 2 * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *gr = gy + n * C, *xr = x + n * C;
             if (keep != NULL && keep[n] != 0) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
-                    double g = (double)gr[c], gx = g * (double)xr[c];
-                    pg[c] += g; pgx[c] += gx; pm[c] += gx;
+                    T g = gr[c], gxv = g * xr[c];
+                    qg[c] += g; qgx[c] += gxv; qm[c] += gxv;
                 }
             } else {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
-                    double g = (double)gr[c];
-                    pg[c] += g; pgx[c] += g * (double)xr[c];
+                    T g = gr[c];
+                    qg[c] += g; qgx[c] += g * xr[c];
                 }
             }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 3 * C);
         }
     }
     if (keep == NULL && msgyx) {  /* every row is real: the masked sum is the plain one */
@@ -121,6 +131,7 @@ int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t
     }
     reduce_partials(part, nt, 3, C, (double *[]){sgy, sgyx, msgyx});
     free(part);
+    free(qall);
     return 0;
 }
 
@@ -132,43 +143,47 @@ int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T 
 {
     int sums = sgy || sgyx || msgyx;
     double *part = sums ? alloc_partials(nt, 3 * C) : NULL;
-    if (sums && !part) return -1;
+    T *qall = sums ? (T *)calloc((size_t)nt * 3 * C, sizeof(T)) : NULL;
+    if (sums && (!part || !qall)) { free(part); free(qall); return -1; }
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *pg = sums ? part + (size_t)tid * 3 * C : NULL;
-        double *pgx = sums ? pg + C : NULL, *pm = sums ? pgx + C : NULL;
+        double *p = sums ? part + (size_t)tid * 3 * C : NULL;
+        T *q = sums ? qall + (size_t)tid * 3 * C : NULL;
+        T *qg = q, *qgx = sums ? q + C : NULL, *qm = sums ? q + 2 * C : NULL;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *gr = gy + n * C, *xr = x + n * C;
             T *out = gx + n * C;
             T m = corr_keep ? corr_keep[n] : (T)1;
-            if (m != 0) {
+            int counted = sum_keep == NULL || sum_keep[n] != 0;
+            if (!sums) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) out[c] = gr[c] * a[c] - m * (xr[c] * b[c] + cc[c]);
-            } else {
-#pragma omp simd
-                for (int64_t c = 0; c < C; ++c) out[c] = gr[c] * a[c];
+                continue;
             }
-            if (!sums) continue;
-            if (sum_keep == NULL || sum_keep[n] != 0) {
+            if (counted) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
-                    double g = (double)gr[c], gxv = g * (double)xr[c];
-                    pg[c] += g; pgx[c] += gxv; pm[c] += gxv;
+                    T g = gr[c], xv = xr[c], gxv = g * xv;
+                    out[c] = g * a[c] - m * (xv * b[c] + cc[c]);
+                    qg[c] += g; qgx[c] += gxv; qm[c] += gxv;
                 }
             } else {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
-                    double g = (double)gr[c];
-                    pg[c] += g; pgx[c] += g * (double)xr[c];
+                    T g = gr[c], xv = xr[c];
+                    out[c] = g * a[c] - m * (xv * b[c] + cc[c]);
+                    qg[c] += g; qgx[c] += g * xv;
                 }
             }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 3 * C);
         }
     }
     if (sums) {
         reduce_partials(part, nt, 3, C, (double *[]){sgy, sgyx, msgyx});
         free(part);
+        free(qall);
     }
     return 0;
 }
@@ -183,10 +198,10 @@ int NAME(pn_group_rms_fwd)(const T *x, int64_t N, int64_t C, int64_t G, double e
         for (int64_t g = 0; g < G; ++g) {
             const T *xr = x + n * C + g * Cg;
             T *yr = y + n * C + g * Cg;
-            double ss = 0;
+            T ss = 0;
 #pragma omp simd reduction(+:ss)
-            for (int64_t j = 0; j < Cg; ++j) ss += (double)xr[j] * (double)xr[j];
-            T r = (T)(1.0 / sqrt(ss / (double)Cg + eps));
+            for (int64_t j = 0; j < Cg; ++j) ss += xr[j] * xr[j];
+            T r = (T)(1.0 / sqrt((double)ss / (double)Cg + eps));
             rstd[n * G + g] = r;
 #pragma omp simd
             for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r;
@@ -205,11 +220,11 @@ int NAME(pn_group_rms_bwd)(const T *gy, const T *x, const T *rstd, int64_t N, in
         for (int64_t g = 0; g < G; ++g) {
             const T *gr = gy + n * C + g * Cg, *xr = x + n * C + g * Cg;
             T *out = gx + n * C + g * Cg;
-            double s = 0;
+            T s = 0;
 #pragma omp simd reduction(+:s)
-            for (int64_t j = 0; j < Cg; ++j) s += (double)gr[j] * (double)xr[j];
+            for (int64_t j = 0; j < Cg; ++j) s += gr[j] * xr[j];
             T r = rstd[n * G + g];
-            T coef = (T)(s / (double)Cg * (double)r * (double)r * (double)r);
+            T coef = (T)((double)s / (double)Cg * (double)r * (double)r * (double)r);
 #pragma omp simd
             for (int64_t j = 0; j < Cg; ++j) out[j] = gr[j] * r - xr[j] * coef;
         }
