@@ -130,6 +130,22 @@ def bench_shape(T, B, C, fraction, reps, warmup):
     return rows
 
 
+def warm_allocator(mib: int = 31) -> None:
+    """Put glibc's allocator in the state it reaches inside a training process.
+
+    glibc serves a request of at least its mmap threshold (initially 128 KiB) with a fresh mmap,
+    whose pages are faulted in on first touch (about 1 ms per 8 MiB here), and raises the
+    threshold to the size of each mmapped block freed, up to 32 MiB. In training, activations
+    larger than a norm's buffers are freed every step, so the norms' (N, C) buffers come from the
+    heap without page faults. A benchmark that starts cold instead charges every norm per large
+    allocation until some bigger block happens to be freed; allocating and freeing one 31 MiB
+    block first gives every norm and LayerNorm the training-time state.
+    """
+    block = torch.empty(mib * 2**20 // 4, dtype=torch.float32)
+    block.fill_(0.0)
+    del block
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="TxBxC shapes")
@@ -139,7 +155,14 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=30, help="timed repetitions per norm")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per norm first")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument(
+        "--cold-allocator", action="store_true",
+        help="skip the allocator warm-up (see warm_allocator): every large buffer then costs "
+        "fresh pages, which penalizes norms by their number of full-size temporaries",
+    )
     args = parser.parse_args(argv)
+    if not args.cold_allocator:
+        warm_allocator()
     try:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     except ValueError:

@@ -1,7 +1,8 @@
 """Training speed of the same transformer with LayerNorm and with PowerNorm, through fairseq-train.
 
-For each model size, runs ``fairseq-train`` on one synthetic parallel corpus with LN and with PN
-(encoder and decoder), interleaved (LN, PN, LN, PN, ...), and measures the target words per
+For each model size, runs ``fairseq-train`` on one synthetic parallel corpus with LN, with PN (the
+plugin's default, released-code variant) and with PN-paper (Algorithm 2), each in encoder and
+decoder, interleaved (LN, PN, PN-paper, LN, ...), and measures the target words per
 second of the updates after the first ``--warmup`` (allocator and thread-pool warm-up) two ways:
 
 - ``wps`` (wall clock): fairseq's own per-update ``wps`` (``--log-interval 1``), combined as
@@ -48,8 +49,12 @@ SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_d
 # Norm of every normalization site (encoder and decoder) of the plugin's transformer_pn.
 NORM_FLAGS = {
     "LN": ["--encoder-norm", "layer", "--decoder-norm", "layer"],
+    # the plugin's default PN: the released code's variant (GroupScaling pre-scaling)
     "PN": ["--encoder-norm", "power", "--decoder-norm", "power"],
+    # Algorithm 2 of the paper
+    "PN-paper": ["--encoder-norm", "power", "--decoder-norm", "power", "--pn-variant", "paper"],
 }
+PN_NORMS = [n for n in NORM_FLAGS if n != "LN"]
 _TRAIN_INNER = re.compile(r"\| train_inner \| (\{.*\})\s*$")
 
 
@@ -153,10 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure_size(args: argparse.Namespace, data_bin: Path, workdir: Path, size: str) -> dict:
-    """Interleaved LN/PN runs at one model size; medians and PN/LN ratios of both metrics."""
+    """Interleaved LN/PN/PN-paper runs at one model size; medians and ratios to LN."""
 
     def train(norm: str, max_update: int, name: str) -> tuple[str, float]:
-        extra = shlex.split(args.pn_args) if norm == "PN" else []
+        extra = shlex.split(args.pn_args) if norm != "LN" else []
         cmd = train_cmd(data_bin, SIZES[size], norm, max_update, args.max_tokens, None, extra)
         return cpu_seconds_of(cmd, workdir / f"train_{size}_{norm}_{name}.log")
 
@@ -176,8 +181,13 @@ def measure_size(args: argparse.Namespace, data_bin: Path, workdir: Path, size: 
                 f"over {measured} updates")  # fmt: skip
     row = {"size": size, "arch": SIZES[size], "startup_cpu_s": startup, "runs": runs}
     for metric in ("wps", "cpu_wps"):
-        ln, pn = (statistics.median(runs[n][metric]) for n in ("LN", "PN"))
-        row.update({f"{metric}_LN": ln, f"{metric}_PN": pn, f"{metric}_ratio": pn / ln})
+        ln = statistics.median(runs["LN"][metric])
+        row[f"{metric}_LN"] = ln
+        for norm in PN_NORMS:
+            pn = statistics.median(runs[norm][metric])
+            # "<metric>_ratio" (no suffix) is the default PN's, as in earlier records
+            suffix = "" if norm == "PN" else f"_{norm}"
+            row.update({f"{metric}_{norm}": pn, f"{metric}_ratio{suffix}": pn / ln})
     return row
 
 
@@ -192,17 +202,20 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "train_speed",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
-        "pn_flags": NORM_FLAGS["PN"] + shlex.split(args.pn_args),
+        "pn_flags": {n: NORM_FLAGS[n] + shlex.split(args.pn_args) for n in PN_NORMS},
         "loadavg_before_after": [load_before, os.getloadavg()],
         "commit": git_commit(),
         "hardware": hardware(),
         "argv": sys.argv,
     }
-    print(f"{'size':<10} {'metric':<8} {'LN':>9} {'PN':>9} {'PN/LN':>7}")
+    print(f"{'size':<10} {'metric':<8} {'norm':<9} {'words/s':>9} {'x LN':>7}")
     for r in rows:
         for metric in ("wps", "cpu_wps"):
-            print(f"{r['size']:<10} {metric:<8} {r[f'{metric}_LN']:>9.1f} "
-                  f"{r[f'{metric}_PN']:>9.1f} {r[f'{metric}_ratio']:>7.3f}")  # fmt: skip
+            print(f"{r['size']:<10} {metric:<8} {'LN':<9} {r[f'{metric}_LN']:>9.1f} {1:>7.3f}")
+            for norm in PN_NORMS:
+                pn = r[f"{metric}_{norm}"]
+                print(f"{r['size']:<10} {metric:<8} {norm:<9} {pn:>9.1f} "
+                      f"{pn / r[f'{metric}_LN']:>7.3f}")  # fmt: skip
     if args.out:
         atomic_write_json(args.out, result)
     return result

@@ -8,7 +8,10 @@ available). On CPU with float32/float64 tensors they call these one-pass kernels
   statistics when the scale is known before the batch (PN after warmup, :func:`affine_colstats`);
 - the backward's column sums (:func:`bwd_sums`), or the input gradient together with them when
   its coefficients are known in advance (PN, :func:`bwd_apply`);
-- the per-token group RMS scaling of the released code and its gradient (:func:`group_rms`).
+- the per-token group RMS scaling of the released code and its gradient
+  (:func:`group_rms_forward`), alone or fused with the reference PN's statistics, output and
+  gradient (:func:`grms_colstats`, :func:`grms_affine`, :func:`grms_backward`), so that the
+  scaled input is never stored.
 
 The C source (``kernels/pn_kernels.c``) is compiled on first use with the system C compiler
 (``$CC``, else ``cc``; about one second; ``-march=native`` where the compiler accepts it) into
@@ -62,6 +65,12 @@ _SIGNATURES = {
                          _F, ctypes.c_int],
     "pn_group_rms_bwd": [_F, _F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _F,
                          ctypes.c_int],
+    "pn_grms_colstats": [_F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                         _F, _F, _F, ctypes.c_int],
+    "pn_grms_affine": [_F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _F,
+                       ctypes.c_int],
+    "pn_grms_bwd": [_F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _F, _F, _F,
+                    ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -281,3 +290,42 @@ def group_rms_backward(grad_y: Tensor, x: Tensor, rstd: Tensor) -> Tensor:
                                              c, rstd.shape[1], gx.data_ptr(),
                                              torch.get_num_threads()))
     return gx
+
+
+def grms_colstats(x: Tensor, keep: Tensor | None, group_num: int, eps: float):
+    """Group RMS scaling statistics without storing ``z = x * r``: returns
+    ``(r (N, G), sum_real z^2 (C,), sum_all z^2 (C,))`` from one read of ``x: (N, C)``."""
+    x, keep = _c(x), _c(keep)
+    n, c = x.shape
+    rstd = x.new_empty(n, group_num)
+    o2, oa = _sums(c, True, x), _sums(c, True, x)
+    _check(_fn("pn_grms_colstats", x.dtype)(x.data_ptr(), _ptr(keep), n, c, group_num,
+                                             float(eps), rstd.data_ptr(), o2.data_ptr(),
+                                             oa.data_ptr(), torch.get_num_threads()))
+    return rstd, _out(o2, x.dtype), _out(oa, x.dtype)
+
+
+def grms_affine(x: Tensor, rstd: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """``y = x * r[n, g] * scale + bias`` (one pass)."""
+    x, rstd, scale, bias = x.contiguous(), rstd.contiguous(), scale.contiguous(), bias.contiguous()
+    n, c = x.shape
+    y = torch.empty_like(x)
+    _check(_fn("pn_grms_affine", x.dtype)(x.data_ptr(), rstd.data_ptr(), scale.data_ptr(),
+                                           bias.data_ptr(), n, c, rstd.shape[1], y.data_ptr(),
+                                           torch.get_num_threads()))
+    return y
+
+
+def grms_backward(grad_y: Tensor, x: Tensor, rstd: Tensor, a: Tensor, b: Tensor):
+    """Gradient through ``y = f(z)``, ``z = x * r`` with ``dL/dz = dL/dy * a - z * b`` and the
+    group RMS scaling's exact gradient; returns ``(grad_x, sum dL/dy, sum dL/dy * z)``."""
+    grad_y, x, rstd = grad_y.contiguous(), x.contiguous(), rstd.contiguous()
+    a, b = a.contiguous(), b.contiguous()
+    n, c = x.shape
+    gx = torch.empty_like(x)
+    og, oz = _sums(c, True, x), _sums(c, True, x)
+    _check(_fn("pn_grms_bwd", x.dtype)(grad_y.data_ptr(), x.data_ptr(), rstd.data_ptr(),
+                                        a.data_ptr(), b.data_ptr(), n, c, rstd.shape[1],
+                                        gx.data_ptr(), og.data_ptr(), oz.data_ptr(),
+                                        torch.get_num_threads()))
+    return gx, _out(og, x.dtype), _out(oz, x.dtype)

@@ -307,6 +307,18 @@ class PowerNormPaper(MaskedNorm):
         return update
 
 
+def _update_ema_gz(module, ema, ema_c, weight, rstd_fwd, total_gyx, sum_sq_all, num_all, count):
+    """The released ``ema_gz`` update (mean over all positions, D5) and the instability count;
+    ``total_gyx = sum dL/dy * x`` over all positions (and ranks), ``x`` the PN input."""
+    c = 1.0 - module.alpha_bkw
+    n_all = num_all.clamp(min=1)
+    gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
+    new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
+    ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
+    unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
+    module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
+
+
 class ReferencePowerFunction(torch.autograd.Function):
     r"""The released ``PowerFunction`` step: ``y = weight * x * rstd_fwd + bias``.
 
@@ -365,14 +377,53 @@ class ReferencePowerFunction(torch.autograd.Function):
             grad_x.addcmul_(x, coef_x, value=-1)
             sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
         (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, module.process_group)
-        n_all = num_all.clamp(min=1)
-        gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
-        new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
-        ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
-        unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
-        module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
+        _update_ema_gz(module, ema, ema_c, weight, rstd_fwd, total_gyx, sum_sq_all, num_all,
+                       count)
         need = ctx.needs_input_grad
         return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
+                None, None, None)
+
+
+class ReferenceGroupPowerFunction(torch.autograd.Function):
+    r""":class:`ReferencePowerFunction` applied to the group-RMS-scaled input
+    ``z = x * r``, ``r = 1/sqrt(mean_group(x^2) + 1e-5)`` per token and group, as one Function
+    on the fused CPU kernels (``fused.grms_*``): ``z`` is never stored (recomputed from ``x`` and
+    ``r`` in the backward), forward and backward take two and one passes over ``(N, C)``. Same
+    arithmetic as ``ReferencePowerFunction.apply(group_rms_scale(x), ...)``, which is the path
+    wherever the kernels are unavailable.
+
+    Shape: x ``(N, C)``; weight, bias ``(C,)``; keep ``(N,)`` or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, keep, module, sync):
+        rstd_g, sum_sq, sum_sq_all = fused.grms_colstats(x, keep, module.group_num,
+                                                         PRESCALE_EPS)
+        count = token_count(x, keep).reshape(1)
+        num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
+        sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
+            [sum_sq, sum_sq_all, count, num_all], sync, module.process_group)
+        count, num_all = count[0], num_all[0]
+        rstd_fwd, rstd_bwd = module._step_statistics(sum_sq / count.clamp(min=1), count)
+        ctx.save_for_backward(x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
+        ctx.module, ctx.sync = module, sync
+        return fused.grms_affine(x, rstd_g, rstd_fwd * weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
+        module = ctx.module
+        c = 1.0 - module.alpha_bkw
+        ema = module.ema_gz.view(-1)
+        ema_c = ema.to(x.dtype)
+        grad_x, sum_gy, sum_gyz = fused.grms_backward(grad_y, x, rstd_g, weight * rstd_bwd,
+                                                      c * ema_c * rstd_fwd * rstd_bwd)
+        (total_gyz,) = maybe_all_reduce([sum_gyz], ctx.sync, module.process_group)
+        _update_ema_gz(module, ema, ema_c, weight, rstd_fwd, total_gyz, sum_sq_all, num_all,
+                       count)
+        need = ctx.needs_input_grad
+        return (grad_x, rstd_fwd * sum_gyz if need[1] else None, sum_gy if need[2] else None,
                 None, None, None)
 
 
@@ -495,15 +546,19 @@ class PowerNormReference(MaskedNorm):
         state_dict.setdefault(prefix + "num_unstable", torch.zeros_like(self.num_unstable))
 
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        weight, bias = self._affine_or_identity(x2d.dtype)
+        if self.training:
+            self._calls_since_check += 1
+            if self._calls_since_check >= self.check_every:
+                self.check_stability()
+            if self.group_num and fused.usable(x2d, keep, weight, bias):
+                return ReferenceGroupPowerFunction.apply(x2d, weight, bias, keep, self,
+                                                         self._sync())
         if self.group_num:
             x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
-        weight, bias = self._affine_or_identity(x2d.dtype)
-        phi = self.running_phi.view(-1).to(x2d.dtype)
         if not self.training:
+            phi = self.running_phi.view(-1).to(x2d.dtype)
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(phi + self.eps))
-        self._calls_since_check += 1
-        if self._calls_since_check >= self.check_every:
-            self.check_stability()
         return ReferencePowerFunction.apply(x2d, weight, bias, keep, self, self._sync())
 
     def _step_statistics(self, psi2_b: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:

@@ -231,3 +231,110 @@ int NAME(pn_group_rms_bwd)(const T *gy, const T *x, const T *rstd, int64_t N, in
     }
     return 0;
 }
+
+/* The released PN's GroupScaling fused with its statistics (reference variant).
+ * Pass 1: r[n, g] = 1 / sqrt(mean_j x[n, g, j]^2 + eps), z = x r, and the column sums
+ * s2 += k z^2, s2all += z^2 (s2all nullable); z itself is not stored. */
+int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int64_t G,
+                           double eps, T *rstd, double *s2, double *s2all, int nt)
+{
+    int64_t Cg = C / G;
+    double *part = alloc_partials(nt, 2 * C);
+    T *qall = (T *)calloc((size_t)nt * 2 * C, sizeof(T));
+    if (!part || !qall) { free(part); free(qall); return -1; }
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        double *p = part + (size_t)tid * 2 * C;
+        T *q = qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
+        int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
+        for (int64_t n = lo; n < hi; ++n) {
+            int real = keep == NULL || keep[n] != 0;
+            for (int64_t g = 0; g < G; ++g) {
+                const T *xr = x + n * C + g * Cg;
+                T ss = 0;
+#pragma omp simd reduction(+:ss)
+                for (int64_t j = 0; j < Cg; ++j) ss += xr[j] * xr[j];
+                T r = (T)(1.0 / sqrt((double)ss / (double)Cg + eps));
+                rstd[n * G + g] = r;
+                T r2 = r * r, *q2g = q2 + g * Cg, *qag = qa + g * Cg;
+                if (real) {
+#pragma omp simd
+                    for (int64_t j = 0; j < Cg; ++j) {
+                        T v = xr[j] * xr[j] * r2;
+                        q2g[j] += v; qag[j] += v;
+                    }
+                } else {
+#pragma omp simd
+                    for (int64_t j = 0; j < Cg; ++j) qag[j] += xr[j] * xr[j] * r2;
+                }
+            }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
+        }
+    }
+    reduce_partials(part, nt, 2, C, (double *[]){s2, s2all});
+    free(part);
+    free(qall);
+    return 0;
+}
+
+/* Pass 2: y = x r[n, g] * scale + bias. */
+int NAME(pn_grms_affine)(const T *x, const T *rstd, const T *scale, const T *bias, int64_t N,
+                         int64_t C, int64_t G, T *y, int nt)
+{
+    int64_t Cg = C / G;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        for (int64_t g = 0; g < G; ++g) {
+            const T *xr = x + n * C + g * Cg, *sc = scale + g * Cg, *bi = bias + g * Cg;
+            T *yr = y + n * C + g * Cg;
+            T r = rstd[n * G + g];
+#pragma omp simd
+            for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r * sc[j] + bi[j];
+        }
+    }
+    return 0;
+}
+
+/* Backward of both: with z = x r, gz = gy a - z b (the PN step), then the GroupScaling gradient
+ * gx = gz r - x r^3 mean_j(gz x) per row and group; in the same pass sgy += gy and
+ * sgz += gy z over all rows (outputs nullable). gz lives only in a per-thread row buffer. */
+int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const T *b, int64_t N,
+                      int64_t C, int64_t G, T *gx, double *sgy, double *sgz, int nt)
+{
+    int64_t Cg = C / G;
+    double *part = alloc_partials(nt, 2 * C);
+    T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* 2C block sums + C row buffer */
+    if (!part || !qall) { free(part); free(qall); return -1; }
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        double *p = part + (size_t)tid * 2 * C;
+        T *q = qall + (size_t)tid * 3 * C, *qg = q, *qz = q + C, *gz = q + 2 * C;
+        int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
+        for (int64_t n = lo; n < hi; ++n) {
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t o = n * C + g * Cg;
+                const T *gr = gy + o, *xr = x + o, *ag = a + g * Cg, *bg = b + g * Cg;
+                T *out = gx + o, *gzg = gz + g * Cg, *qgg = qg + g * Cg, *qzg = qz + g * Cg;
+                T r = rstd[n * G + g], dot = 0;
+#pragma omp simd reduction(+:dot)
+                for (int64_t j = 0; j < Cg; ++j) {
+                    T gv = gr[j], zv = xr[j] * r;
+                    T gzv = gv * ag[j] - zv * bg[j];
+                    gzg[j] = gzv;
+                    qgg[j] += gv; qzg[j] += gv * zv;
+                    dot += gzv * xr[j];
+                }
+                T coef = (T)((double)dot / (double)Cg * (double)r * (double)r * (double)r);
+#pragma omp simd
+                for (int64_t j = 0; j < Cg; ++j) out[j] = gzg[j] * r - xr[j] * coef;
+            }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
+        }
+    }
+    reduce_partials(part, nt, 2, C, (double *[]){sgy, sgz});
+    free(part);
+    free(qall);
+    return 0;
+}
