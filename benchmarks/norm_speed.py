@@ -10,7 +10,12 @@ memory is the highest total of live CPU allocations above the step's starting po
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/norm_speed.py --out results/norm_speed.json
+    OMP_NUM_THREADS=1 python benchmarks/norm_speed.py --out results/norm_speed.json
+
+With more than one thread, process CPU time also counts OpenMP workers spinning between ops (more
+for the norms that run more ops), so read the wall-clock ratios of multi-thread runs. The fused CPU
+kernels are used when available (``PN_FUSED_KERNELS=0`` measures the eager path), and glibc's
+allocator is first put in its training-time state (:func:`warm_allocator`).
 
 Issue #6 targets (64x64x512, ~30% padding): PN <= 1.5x LayerNorm, PN-V and BN <= 2x.
 """
@@ -32,7 +37,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from powernorm_fairseq.norms import build_norm  # noqa: E402
+from powernorm_fairseq.norms import build_norm, fused  # noqa: E402
+from powernorm_fairseq.pipeline.common import git_commit  # noqa: E402
 
 DEFAULT_SHAPES = ["64x64x512", "128x32x1024", "128x32x512"]  # the last: 4096 tokens
 # (label, registry name, kwargs); "before"/"after" = inside / past PN's warmup
@@ -200,6 +206,11 @@ def main(argv=None):
             "cpu_count": os.cpu_count(),
             "reps": args.reps,
             "timer": "ratio: median process_time; wall: median perf_counter",
+            "fused_kernels": fused.available(),
+            "allocator_warmup": not args.cold_allocator,
+            "commit": git_commit(),
+            "argv": sys.argv,
+            "loadavg_after": os.getloadavg(),
             "rows": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
