@@ -181,7 +181,31 @@ class Run:
         evaluation = json.loads(out.read_text())
         self.save(evaluation=evaluation, eval_wall_s=round(wall, 1), eval_command=shlex.join(eval_cmd),
                   status="done", commit=git_commit())
-        self.log(f"done: {json.dumps({k: v for k, v in evaluation.items() if 'bleu' in k or 'ppl' in k})[:200]}")
+        self.log(f"done: {json.dumps({k: v for k, v in evaluation.items() if 'bleu' in k or k in ('metric', 'value')})[:200]}")
+
+    def evaluate_last(self) -> None:
+        """Evaluate ``checkpoint_last.pt`` (the final weights, not averaged) of a finished run
+        into the record's ``evaluation_last``; skipped when done already or when the checkpoint
+        is gone (checkpoints live outside the repository)."""
+        if self.record.get("status") != "done" or "evaluation_last" in self.record:
+            return
+        ckpt = self.dir / "checkpoint_last.pt"
+        if not ckpt.exists():
+            self.log(f"no {ckpt}; the last checkpoint cannot be evaluated")
+            return
+        _, prepared, eval_script = CORPORA[self.corpus]
+        out = self.dir / "eval_last.json"
+        cmd = ["bash", eval_script, "--data", str(REPO / prepared), "--checkpoint", str(ckpt),
+               "--out", str(out)]
+        self.log("evaluating the last checkpoint")
+        wall = self.sh(cmd, self.dir / "train.log")
+        self.save(evaluation_last=json.loads(out.read_text()), eval_last_wall_s=round(wall, 1),
+                  eval_last_command=shlex.join(cmd), eval_last_commit=git_commit())
+
+
+def _run_and_eval_last(run: Run) -> None:
+    run.run()
+    run.evaluate_last()
 
 
 def main(argv=None) -> None:
@@ -198,6 +222,10 @@ def main(argv=None) -> None:
     p.add_argument("--track-norm-stats", action="store_true",
                    help="also record the norm statistics of the first encoder norm (Figs. 2-4) in "
                    "runs/<corpus>/<run>/norm_stats.csv; tracking does not change training")
+    p.add_argument("--eval-last", action="store_true",
+                   help="also evaluate the last checkpoint (not averaged) of every finished run "
+                   "whose checkpoints are still in runs/, as the record's evaluation_last; "
+                   "averaging checkpoints of a short run mixes very different weights")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: refresh the records from the training logs")
     args = p.parse_args(argv)
@@ -214,7 +242,8 @@ def main(argv=None) -> None:
         return
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for run, fut in [(r, pool.submit(r.run)) for r in runs]:
+        job = _run_and_eval_last if args.eval_last else Run.run
+        for run, fut in [(r, pool.submit(job, r)) for r in runs]:
             try:
                 fut.result()
             except Exception as e:  # one failed run must not stop the others; its record says so
