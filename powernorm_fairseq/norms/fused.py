@@ -21,7 +21,7 @@ source and of the CPU's feature flags, and written atomically.
 (tests run both paths). Without a compiler the norms warn once and run eagerly.
 
 Column sums are accumulated per thread in the input's dtype over blocks of 16 rows, then in
-double, and reduced in thread order, so results are deterministic for a given
+double, reduced in thread order and returned in the input's dtype, so results are deterministic for a given
 ``torch.get_num_threads()``; they agree with the eager path to float rounding (and are closer to
 the float64 result than the eager float32 path, whose GEMM sums lose more). The kernels link the OpenMP runtime torch already loaded (``libgomp.so.1``), so they
 share torch's thread pool instead of starting a second one.
@@ -45,10 +45,11 @@ from torch import Tensor
 
 _SRC_DIR = Path(__file__).resolve().parent / "kernels"
 _SOURCES = ("pn_kernels.c", "pn_kernels_impl.h")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_funcs: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] = {}  # (name, dtype) -> C function
 _load_failed = False
 _enabled = os.environ.get("PN_FUSED_KERNELS", "1").strip().lower() not in ("0", "false", "no",
                                                                            "off")
@@ -144,9 +145,10 @@ def _load() -> ctypes.CDLL | None:
                 raise RuntimeError(f"{target} has ABI {lib.pn_abi_version()}, "
                                    f"expected {_ABI_VERSION}; delete it")
             for name, argtypes in _SIGNATURES.items():
-                for suffix in _SUFFIX.values():
+                for dtype, suffix in _SUFFIX.items():
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, ctypes.c_int
+                    _funcs[name, dtype] = fn
             _lib = lib
         except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
             _load_failed = True
@@ -164,24 +166,29 @@ def available() -> bool:
 def usable(*tensors: Tensor | None) -> bool:
     """True when the fused path applies: enabled, built, and every given tensor is a CPU tensor
     of one dtype, float32 or float64 (None entries are ignored)."""
-    if not _enabled:
+    if not _enabled or (_lib is None and _load() is None):
         return False
     dtype = None
     for t in tensors:
         if t is None:
             continue
-        if t.device.type != "cpu" or t.dtype not in _SUFFIX or (dtype and t.dtype != dtype):
+        if t.is_cuda or t.device.type != "cpu" or t.dtype not in _SUFFIX:
             return False
-        dtype = t.dtype
-    return dtype is not None and _load() is not None
+        if dtype is None:
+            dtype = t.dtype
+        elif t.dtype != dtype:
+            return False
+    return dtype is not None
 
 
 def _fn(name: str, dtype: torch.dtype):
-    lib = _load()
-    if lib is None:
-        raise RuntimeError("powernorm_fairseq fused CPU kernels are unavailable; check "
-                           "fused.usable(...) first")
-    return getattr(lib, f"{name}_{_SUFFIX[dtype]}")
+    fn = _funcs.get((name, dtype))
+    if fn is None:
+        if _load() is None:
+            raise RuntimeError("powernorm_fairseq fused CPU kernels are unavailable; check "
+                               "fused.usable(...) first")
+        fn = _funcs[name, dtype]
+    return fn
 
 
 def _ptr(t: Tensor | None):
@@ -193,16 +200,12 @@ def _c(t: Tensor | None) -> Tensor | None:
 
 
 def _sums(n: int, want: bool, like: Tensor) -> Tensor | None:
-    return torch.empty(n, dtype=torch.float64, device=like.device) if want else None
+    return like.new_empty(n) if want else None
 
 
 def _check(rc: int) -> None:
     if rc:
         raise MemoryError("powernorm_fairseq fused kernel could not allocate its scratch memory")
-
-
-def _out(s: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if s is None else s.to(dtype)
 
 
 def colstats(x: Tensor, keep: Tensor | None, shift: Tensor | None = None, *, s1: bool = False,
@@ -218,7 +221,7 @@ def colstats(x: Tensor, keep: Tensor | None, shift: Tensor | None = None, *, s1:
     o1, o2, oa = _sums(c, s1, x), _sums(c, True, x), _sums(c, s2all, x)
     _check(_fn("pn_colstats", x.dtype)(x.data_ptr(), _ptr(keep), shift.data_ptr(), n, c, _ptr(o1),
                                         _ptr(o2), _ptr(oa), torch.get_num_threads()))
-    return _out(o1, x.dtype), _out(o2, x.dtype), _out(oa, x.dtype)
+    return o1, o2, oa
 
 
 def affine_colstats(x: Tensor, keep: Tensor | None, scale: Tensor, bias: Tensor, *,
@@ -232,7 +235,7 @@ def affine_colstats(x: Tensor, keep: Tensor | None, scale: Tensor, bias: Tensor,
     _check(_fn("pn_affine_colstats", x.dtype)(x.data_ptr(), _ptr(keep), scale.data_ptr(),
                                                bias.data_ptr(), n, c, y.data_ptr(), _ptr(o2),
                                                _ptr(oa), torch.get_num_threads()))
-    return y, _out(o2, x.dtype), _out(oa, x.dtype)
+    return y, o2, oa
 
 
 def bwd_sums(grad_y: Tensor, x: Tensor, keep: Tensor | None, *, masked: bool = False):
@@ -243,7 +246,7 @@ def bwd_sums(grad_y: Tensor, x: Tensor, keep: Tensor | None, *, masked: bool = F
     _check(_fn("pn_bwd_sums", x.dtype)(grad_y.data_ptr(), x.data_ptr(), _ptr(keep), n, c,
                                         og.data_ptr(), ogx.data_ptr(), _ptr(om),
                                         torch.get_num_threads()))
-    return _out(og, x.dtype), _out(ogx, x.dtype), _out(om, x.dtype)
+    return og, ogx, om
 
 
 def bwd_apply(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor | None = None, *,
@@ -266,7 +269,7 @@ def bwd_apply(grad_y: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor | None 
                                          b.data_ptr(), c.data_ptr(), _ptr(corr_keep),
                                          _ptr(sum_keep), n, ch, gx.data_ptr(), _ptr(og),
                                          _ptr(ogx), _ptr(om), torch.get_num_threads()))
-    return gx, _out(og, x.dtype), _out(ogx, x.dtype), _out(om, x.dtype)
+    return gx, og, ogx, om
 
 
 def group_rms_forward(x: Tensor, group_num: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -302,7 +305,7 @@ def grms_colstats(x: Tensor, keep: Tensor | None, group_num: int, eps: float):
     _check(_fn("pn_grms_colstats", x.dtype)(x.data_ptr(), _ptr(keep), n, c, group_num,
                                              float(eps), rstd.data_ptr(), o2.data_ptr(),
                                              oa.data_ptr(), torch.get_num_threads()))
-    return rstd, _out(o2, x.dtype), _out(oa, x.dtype)
+    return rstd, o2, oa
 
 
 def grms_affine(x: Tensor, rstd: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
@@ -328,4 +331,4 @@ def grms_backward(grad_y: Tensor, x: Tensor, rstd: Tensor, a: Tensor, b: Tensor)
                                         a.data_ptr(), b.data_ptr(), n, c, rstd.shape[1],
                                         gx.data_ptr(), og.data_ptr(), oz.data_ptr(),
                                         torch.get_num_threads()))
-    return gx, _out(og, x.dtype), _out(oz, x.dtype)
+    return gx, og, oz

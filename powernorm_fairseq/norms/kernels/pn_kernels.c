@@ -3,7 +3,8 @@
  *
  * Conventions: row-major contiguous (N, C) operands (row n = token, column c = channel), (C,)
  * per-channel vectors, keep (N,) with 1 = real token and 0 = pad (NULL: every row is real),
- * column sums written as double (C,) arrays (NULL: not wanted), nt = number of OpenMP threads.
+ * column sums written as (C,) arrays of the input's type (accumulated in double; NULL: not
+ * wanted), nt = number of OpenMP threads.
  * Functions return 0, or -1 when scratch memory could not be allocated.
  *
  * Why C and not torch ops: each eager op is one memory pass, and a norm's forward+backward in
@@ -21,19 +22,6 @@ static double *alloc_partials(int nt, int64_t width)
     return (double *)calloc((size_t)nt * (size_t)width, sizeof(double));
 }
 
-/* out[k][c] = sum over threads t of part[t][k][c], in thread order (deterministic). */
-static void reduce_partials(const double *part, int nt, int k, int64_t C, double *out[])
-{
-    for (int i = 0; i < k; ++i) {
-        if (!out[i]) continue;
-        for (int64_t c = 0; c < C; ++c) out[i][c] = 0.0;
-        for (int t = 0; t < nt; ++t) {
-            const double *p = part + ((size_t)t * k + i) * C;
-            for (int64_t c = 0; c < C; ++c) out[i][c] += p[c];
-        }
-    }
-}
-
 /* Rows summed in T before a flush into the double accumulators. */
 #define BLOCK_ROWS 16
 
@@ -47,7 +35,7 @@ static void flush_f64(double *q, double *p, int64_t n)
     for (int64_t i = 0; i < n; ++i) { p[i] += q[i]; q[i] = 0.0; }
 }
 
-int pn_abi_version(void) { return 1; }
+int pn_abi_version(void) { return 2; }
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)

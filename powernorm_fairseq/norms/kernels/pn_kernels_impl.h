@@ -8,9 +8,22 @@
  * sums, so a non-finite pad value cannot poison a statistic.
  */
 
+/* out[i][c] = (T) sum over threads t of part[t][i][c], in thread order (deterministic). */
+static void NAME(reduce_partials)(const double *part, int nt, int k, int64_t C, T *out[])
+{
+    for (int i = 0; i < k; ++i) {
+        if (!out[i]) continue;
+        for (int64_t c = 0; c < C; ++c) {
+            double acc = 0.0;
+            for (int t = 0; t < nt; ++t) acc += part[((size_t)t * k + i) * C + c];
+            out[i][c] = (T)acc;
+        }
+    }
+}
+
 /* s1 += k (x - shift), s2 += k (x - shift)^2, s2all += (x - shift)^2 (each output nullable) */
 int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int64_t C,
-                      double *s1, double *s2, double *s2all, int nt)
+                      T *s1, T *s2, T *s2all, int nt)
 {
     double *part = alloc_partials(nt, 3 * C);
     T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* per-thread block sums */
@@ -46,7 +59,7 @@ int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int6
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 3 * C);
         }
     }
-    reduce_partials(part, nt, 3, C, (double *[]){s1, s2, s2all});
+    NAME(reduce_partials)(part, nt, 3, C, (T *[]){s1, s2, s2all});
     free(part);
     free(qall);
     return 0;
@@ -54,7 +67,7 @@ int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int6
 
 /* y = x * scale + bias; s2 += k x^2, s2all += x^2 (s2all nullable) */
 int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T *bias,
-                             int64_t N, int64_t C, T *y, double *s2, double *s2all, int nt)
+                             int64_t N, int64_t C, T *y, T *s2, T *s2all, int nt)
 {
     double *part = alloc_partials(nt, 2 * C);
     T *qall = (T *)calloc((size_t)nt * 2 * C, sizeof(T));  /* per-thread block sums */
@@ -87,7 +100,7 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
-    reduce_partials(part, nt, 2, C, (double *[]){s2, s2all});
+    NAME(reduce_partials)(part, nt, 2, C, (T *[]){s2, s2all});
     free(part);
     free(qall);
     return 0;
@@ -95,7 +108,7 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
 
 /* sgy += gy, sgyx += gy x (over all rows), msgyx += k gy x (each output nullable) */
 int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t C,
-                      double *sgy, double *sgyx, double *msgyx, int nt)
+                      T *sgy, T *sgyx, T *msgyx, int nt)
 {
     double *part = alloc_partials(nt, 3 * C);
     T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* per-thread block sums */
@@ -129,7 +142,7 @@ int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t
             memcpy(part + (size_t)t * 3 * C + 2 * C, part + (size_t)t * 3 * C + C,
                    C * sizeof(double));
     }
-    reduce_partials(part, nt, 3, C, (double *[]){sgy, sgyx, msgyx});
+    NAME(reduce_partials)(part, nt, 3, C, (T *[]){sgy, sgyx, msgyx});
     free(part);
     free(qall);
     return 0;
@@ -139,7 +152,7 @@ int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t
  * sgy += gy, sgyx += gy x over all rows and msgyx += sum_keep[n] gy x. */
 int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T *cc,
                        const T *corr_keep, const T *sum_keep, int64_t N, int64_t C, T *gx,
-                       double *sgy, double *sgyx, double *msgyx, int nt)
+                       T *sgy, T *sgyx, T *msgyx, int nt)
 {
     int sums = sgy || sgyx || msgyx;
     double *part = sums ? alloc_partials(nt, 3 * C) : NULL;
@@ -181,7 +194,7 @@ int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T 
         }
     }
     if (sums) {
-        reduce_partials(part, nt, 3, C, (double *[]){sgy, sgyx, msgyx});
+        NAME(reduce_partials)(part, nt, 3, C, (T *[]){sgy, sgyx, msgyx});
         free(part);
         free(qall);
     }
@@ -236,7 +249,7 @@ int NAME(pn_group_rms_bwd)(const T *gy, const T *x, const T *rstd, int64_t N, in
  * Pass 1: r[n, g] = 1 / sqrt(mean_j x[n, g, j]^2 + eps), z = x r, and the column sums
  * s2 += k z^2, s2all += z^2 (s2all nullable); z itself is not stored. */
 int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int64_t G,
-                           double eps, T *rstd, double *s2, double *s2all, int nt)
+                           double eps, T *rstd, T *s2, T *s2all, int nt)
 {
     int64_t Cg = C / G;
     double *part = alloc_partials(nt, 2 * C);
@@ -272,7 +285,7 @@ int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int6
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
-    reduce_partials(part, nt, 2, C, (double *[]){s2, s2all});
+    NAME(reduce_partials)(part, nt, 2, C, (T *[]){s2, s2all});
     free(part);
     free(qall);
     return 0;
@@ -300,7 +313,7 @@ int NAME(pn_grms_affine)(const T *x, const T *rstd, const T *scale, const T *bia
  * gx = gz r - x r^3 mean_j(gz x) per row and group; in the same pass sgy += gy and
  * sgz += gy z over all rows (outputs nullable). gz lives only in a per-thread row buffer. */
 int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const T *b, int64_t N,
-                      int64_t C, int64_t G, T *gx, double *sgy, double *sgz, int nt)
+                      int64_t C, int64_t G, T *gx, T *sgy, T *sgz, int nt)
 {
     int64_t Cg = C / G;
     double *part = alloc_partials(nt, 2 * C);
@@ -333,7 +346,7 @@ int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const 
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
-    reduce_partials(part, nt, 2, C, (double *[]){sgy, sgz});
+    NAME(reduce_partials)(part, nt, 2, C, (T *[]){sgy, sgz});
     free(part);
     free(qall);
     return 0;
