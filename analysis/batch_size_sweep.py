@@ -11,8 +11,10 @@ accumulation update_freq = N_eff / N), scored with fairseq-generate, and plotted
     # CPU scale: plain fairseq flags after --
     python analysis/batch_size_sweep.py --experiment flags --data data/multi30k/data-bin --cpu \\
         --sizes 128 256 512 1024 --out runs/fig5 -- --arch transformer_pn_tiny --max-update 300 ...
-    # print the commands only
+    # print the commands only; or plot what OUT/points holds (sweeps run in parallel over
+    # disjoint --norms into one OUT)
     python analysis/batch_size_sweep.py ... --dry-run
+    python analysis/batch_size_sweep.py --data DATA --out OUT --plot-only
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "corpus recipe of pipeline.evaluate for prepared data, else beam 5, lenpen 1.0)")
     p.add_argument("--plot", help="figure path (default: OUT/fig5_batch_size.png)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--plot-only", action="store_true",
+                   help="train nothing: plot the points already recorded in OUT/points (e.g. "
+                   "after several sweeps over disjoint --norms ran in parallel into one OUT)")
     return p
 
 
@@ -60,10 +65,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.train_args, args.eval_args = train_args, args.eval_args.split()
-    try:
-        records = run_sweep(args)
-    except ValueError as e:
-        parser.error(str(e))
+    if args.plot_only:
+        import json
+
+        paths = sorted((Path(args.out) / "points").glob("*.json"))
+        if not paths:
+            parser.error(f"no recorded points in {Path(args.out) / 'points'}")
+        records = [json.loads(p.read_text()) for p in paths]
+        args.dry_run = False
+    else:
+        try:
+            records = run_sweep(args)
+        except ValueError as e:
+            parser.error(str(e))
     if args.dry_run:
         return
     from powernorm_fairseq.analysis.plots import plot_sweep

@@ -187,3 +187,17 @@ def test_columns_are_documented():
 
     for col in COLUMNS:
         assert f"``{col}``" in tracking.__doc__, col
+
+
+def test_sweep_cli_plot_only_uses_recorded_points(tmp_path):
+    points = tmp_path / "s" / "points"
+    points.mkdir(parents=True)
+    for norm, n, bleu in (("batch", 512, 10.0), ("batch", 4096, 12.0), ("power", 512, 13.0)):
+        (points / f"{norm}_{n}.json").write_text(json.dumps(
+            {"norm": norm, "stat_tokens": n, "effective_tokens": 4096, "bleu": bleu}))
+    _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "s"), "--plot-only"])
+    assert (tmp_path / "s" / "fig5_batch_size.png").stat().st_size > 0
+    assert not (tmp_path / "s" / "runs").exists()  # nothing was trained
+    with pytest.raises(SystemExit):
+        _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "empty"),
+                                       "--plot-only"])
