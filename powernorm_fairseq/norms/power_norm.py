@@ -307,6 +307,20 @@ class PowerNormPaper(MaskedNorm):
         return update
 
 
+def _reference_step(x, keep, sum_sq, sum_sq_all, module, sync):
+    """The released forward statistics step from the column sums of the (scaled) input squared
+    over the real tokens (``sum_sq``) and over all positions (``sum_sq_all``), all-reduced with
+    the counts when ``sync``; advances ``module``'s ``iters`` and ``running_phi``. Returns
+    ``(rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)``."""
+    count = token_count(x, keep).reshape(1)
+    num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
+    sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
+        [sum_sq, sum_sq_all, count, num_all], sync, module.process_group)
+    count, num_all = count[0], num_all[0]
+    rstd_fwd, rstd_bwd = module._step_statistics(sum_sq / count.clamp(min=1), count)
+    return rstd_fwd, rstd_bwd, sum_sq_all, num_all, count
+
+
 def _update_ema_gz(module, ema, ema_c, weight, rstd_fwd, total_gyx, sum_sq_all, num_all, count):
     """The released ``ema_gz`` update (mean over all positions, D5) and the instability count;
     ``total_gyx = sum dL/dy * x`` over all positions (and ranks), ``x`` the PN input."""
@@ -348,12 +362,8 @@ class ReferencePowerFunction(torch.autograd.Function):
             _, sum_sq, sum_sq_all = fused.colstats(x, keep, s2all=True)
         else:
             sum_sq, sum_sq_all = column_sums(torch.mul(x, x), keep)
-        count = token_count(x, keep).reshape(1)
-        num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
-        sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
-            [sum_sq, sum_sq_all, count, num_all], sync, module.process_group)
-        count, num_all = count[0], num_all[0]
-        rstd_fwd, rstd_bwd = module._step_statistics(sum_sq / count.clamp(min=1), count)
+        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = _reference_step(
+            x, keep, sum_sq, sum_sq_all, module, sync)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
         ctx.module, ctx.sync = module, sync
         return torch.addcmul(bias, x, rstd_fwd * weight)
@@ -399,12 +409,8 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keep, module, sync):
         rstd_g, sum_sq, sum_sq_all = fused.grms_colstats(x, keep, module.group_num,
                                                          PRESCALE_EPS)
-        count = token_count(x, keep).reshape(1)
-        num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
-        sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
-            [sum_sq, sum_sq_all, count, num_all], sync, module.process_group)
-        count, num_all = count[0], num_all[0]
-        rstd_fwd, rstd_bwd = module._step_statistics(sum_sq / count.clamp(min=1), count)
+        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = _reference_step(
+            x, keep, sum_sq, sum_sq_all, module, sync)
         ctx.save_for_backward(x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
         ctx.module, ctx.sync = module, sync
         return fused.grms_affine(x, rstd_g, rstd_fwd * weight, bias)
