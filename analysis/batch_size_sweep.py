@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         if not paths:
             parser.error(f"no recorded points in {Path(args.out) / 'points'}")
         records = [json.loads(p.read_text()) for p in paths]
+        effective = {r.get("effective_tokens") for r in records}
+        if len(effective) > 1:  # e.g. a sweep run with --sizes 512 alone defaults N_eff to 512
+            parser.error(f"the points in {Path(args.out) / 'points'} have different effective "
+                         f"batches {sorted(effective)}; Fig. 5 compares sizes at one N_eff")
+        args.effective_tokens = effective.pop()
+        args.sizes = sorted({r["stat_tokens"] for r in records})
         args.dry_run = False
     else:
         try:
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.plot or str(Path(args.out) / "fig5_batch_size.png")
     plot_sweep(records, out, title=f"{args.experiment}: effective batch "
                f"{args.effective_tokens or max(args.sizes)} tokens")
-    print(f"wrote {out} and {Path(args.out) / 'sweep.json'}")
+    print(f"wrote {out}" + ("" if args.plot_only else f" and {Path(args.out) / 'sweep.json'}"))
 
 
 if __name__ == "__main__":

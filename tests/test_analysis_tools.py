@@ -201,3 +201,7 @@ def test_sweep_cli_plot_only_uses_recorded_points(tmp_path):
     with pytest.raises(SystemExit):
         _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "empty"),
                                        "--plot-only"])
+    (points / "power_4096.json").write_text(json.dumps(
+        {"norm": "power", "stat_tokens": 4096, "effective_tokens": 8192, "bleu": 1.0}))
+    with pytest.raises(SystemExit):  # points of different effective batches do not mix
+        _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "s"), "--plot-only"])
