@@ -321,16 +321,31 @@ def _reference_step(x, keep, sum_sq, sum_sq_all, module, sync):
     return rstd_fwd, rstd_bwd, sum_sq_all, num_all, count
 
 
-def _update_ema_gz(module, ema, ema_c, weight, rstd_fwd, total_gyx, sum_sq_all, num_all, count):
-    """The released ``ema_gz`` update (mean over all positions, D5) and the instability count;
-    ``total_gyx = sum dL/dy * x`` over all positions (and ranks), ``x`` the PN input."""
+def _ema_coef(module, rstd_fwd: Tensor, rstd_bwd: Tensor) -> Tensor:
+    """The released backward's coefficient of ``x``: ``(1 - alpha_bkw) ema_gz rstd_fwd rstd_bwd``."""
+    ema = module.ema_gz.view(-1).to(rstd_fwd.dtype)
+    return (1.0 - module.alpha_bkw) * ema * rstd_fwd * rstd_bwd
+
+
+def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, sum_sq_all,
+                               num_all, count):
+    """Shared end of the released backward: the ``ema_gz`` update (mean over all positions, D5)
+    from ``sum_gyx = sum dL/dy * x`` (all-reduced when ``sync``; ``x`` the PN input), the
+    instability count, and the gradients to return."""
+    module = ctx.module
+    (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, module.process_group)
     c = 1.0 - module.alpha_bkw
+    ema = module.ema_gz.view(-1)
+    ema_c = ema.to(total_gyx.dtype)
     n_all = num_all.clamp(min=1)
     gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
     new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
     ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
     unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
     module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
+    need = ctx.needs_input_grad
+    return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
+            None, None, None)
 
 
 class ReferencePowerFunction(torch.autograd.Function):
@@ -372,11 +387,7 @@ class ReferencePowerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
-        module = ctx.module
-        c = 1.0 - module.alpha_bkw
-        ema = module.ema_gz.view(-1)
-        ema_c = ema.to(x.dtype)
-        coef_x = c * ema_c * rstd_fwd * rstd_bwd
+        coef_x = _ema_coef(ctx.module, rstd_fwd, rstd_bwd)
         if fused.usable(x, grad_y, weight):  # gradient and its sums in one pass
             grad_x, sum_gy, sum_gyx, _ = fused.bwd_apply(grad_y, x, weight * rstd_bwd, coef_x,
                                                          sums=True)
@@ -386,12 +397,8 @@ class ReferencePowerFunction(torch.autograd.Function):
             torch.mul(grad_y, weight * rstd_bwd, out=grad_x)
             grad_x.addcmul_(x, coef_x, value=-1)
             sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
-        (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, module.process_group)
-        _update_ema_gz(module, ema, ema_c, weight, rstd_fwd, total_gyx, sum_sq_all, num_all,
-                       count)
-        need = ctx.needs_input_grad
-        return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
-                None, None, None)
+        return _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd,
+                                          sum_sq_all, num_all, count)
 
 
 class ReferenceGroupPowerFunction(torch.autograd.Function):
@@ -419,18 +426,10 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
-        module = ctx.module
-        c = 1.0 - module.alpha_bkw
-        ema = module.ema_gz.view(-1)
-        ema_c = ema.to(x.dtype)
         grad_x, sum_gy, sum_gyz = fused.grms_backward(grad_y, x, rstd_g, weight * rstd_bwd,
-                                                      c * ema_c * rstd_fwd * rstd_bwd)
-        (total_gyz,) = maybe_all_reduce([sum_gyz], ctx.sync, module.process_group)
-        _update_ema_gz(module, ema, ema_c, weight, rstd_fwd, total_gyz, sum_sq_all, num_all,
-                       count)
-        need = ctx.needs_input_grad
-        return (grad_x, rstd_fwd * sum_gyz if need[1] else None, sum_gy if need[2] else None,
-                None, None, None)
+                                                      _ema_coef(ctx.module, rstd_fwd, rstd_bwd))
+        return _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyz, weight, rstd_fwd,
+                                          sum_sq_all, num_all, count)
 
 
 class PowerNormReference(MaskedNorm):

@@ -21,18 +21,39 @@ static void NAME(reduce_partials)(const double *part, int nt, int k, int64_t C, 
     }
 }
 
+/* Scratch of a column-sum kernel: double partials (nt x width) and block sums in T
+ * (nt x (width + extra); extra = a per-thread row buffer where a kernel needs one). */
+typedef struct { double *part; T *qall; } NAME(scratch_t);
+
+static int NAME(scratch_alloc)(NAME(scratch_t) *s, int nt, int64_t width, int64_t extra)
+{
+    s->part = alloc_partials(nt, width);
+    s->qall = (T *)calloc((size_t)nt * (size_t)(width + extra), sizeof(T));
+    if (s->part && s->qall) return 0;
+    free(s->part);
+    free(s->qall);
+    return -1;
+}
+
+/* Reduce the partials into out[0..k) (see reduce_partials) and free the scratch. */
+static void NAME(scratch_finish)(NAME(scratch_t) *s, int nt, int k, int64_t C, T *out[])
+{
+    NAME(reduce_partials)(s->part, nt, k, C, out);
+    free(s->part);
+    free(s->qall);
+}
+
 /* s1 += k (x - shift), s2 += k (x - shift)^2, s2all += (x - shift)^2 (each output nullable) */
 int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int64_t C,
                       T *s1, T *s2, T *s2all, int nt)
 {
-    double *part = alloc_partials(nt, 3 * C);
-    T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* per-thread block sums */
-    if (!part || !qall) { free(part); free(qall); return -1; }
+    NAME(scratch_t) sc;
+    if (NAME(scratch_alloc)(&sc, nt, 3 * C, 0)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = part + (size_t)tid * 3 * C;
-        T *q = qall + (size_t)tid * 3 * C, *q1 = q, *q2 = q + C, *qa = q + 2 * C;
+        double *p = sc.part + (size_t)tid * 3 * C;
+        T *q = sc.qall + (size_t)tid * 3 * C, *q1 = q, *q2 = q + C, *qa = q + 2 * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *xr = x + n * C;
@@ -59,9 +80,7 @@ int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int6
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 3 * C);
         }
     }
-    NAME(reduce_partials)(part, nt, 3, C, (T *[]){s1, s2, s2all});
-    free(part);
-    free(qall);
+    NAME(scratch_finish)(&sc, nt, 3, C, (T *[]){s1, s2, s2all});
     return 0;
 }
 
@@ -69,14 +88,13 @@ int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int6
 int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T *bias,
                              int64_t N, int64_t C, T *y, T *s2, T *s2all, int nt)
 {
-    double *part = alloc_partials(nt, 2 * C);
-    T *qall = (T *)calloc((size_t)nt * 2 * C, sizeof(T));  /* per-thread block sums */
-    if (!part || !qall) { free(part); free(qall); return -1; }
+    NAME(scratch_t) sc;
+    if (NAME(scratch_alloc)(&sc, nt, 2 * C, 0)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = part + (size_t)tid * 2 * C;
-        T *q = qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
+        double *p = sc.part + (size_t)tid * 2 * C;
+        T *q = sc.qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *xr = x + n * C;
@@ -100,9 +118,7 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
-    NAME(reduce_partials)(part, nt, 2, C, (T *[]){s2, s2all});
-    free(part);
-    free(qall);
+    NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){s2, s2all});
     return 0;
 }
 
@@ -110,14 +126,13 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
 int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t C,
                       T *sgy, T *sgyx, T *msgyx, int nt)
 {
-    double *part = alloc_partials(nt, 3 * C);
-    T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* per-thread block sums */
-    if (!part || !qall) { free(part); free(qall); return -1; }
+    NAME(scratch_t) sc;
+    if (NAME(scratch_alloc)(&sc, nt, 3 * C, 0)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = part + (size_t)tid * 3 * C;
-        T *q = qall + (size_t)tid * 3 * C, *qg = q, *qgx = q + C, *qm = q + 2 * C;
+        double *p = sc.part + (size_t)tid * 3 * C;
+        T *q = sc.qall + (size_t)tid * 3 * C, *qg = q, *qgx = q + C, *qm = q + 2 * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *gr = gy + n * C, *xr = x + n * C;
@@ -139,12 +154,10 @@ int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t
     }
     if (keep == NULL && msgyx) {  /* every row is real: the masked sum is the plain one */
         for (int t = 0; t < nt; ++t)
-            memcpy(part + (size_t)t * 3 * C + 2 * C, part + (size_t)t * 3 * C + C,
+            memcpy(sc.part + (size_t)t * 3 * C + 2 * C, sc.part + (size_t)t * 3 * C + C,
                    C * sizeof(double));
     }
-    NAME(reduce_partials)(part, nt, 3, C, (T *[]){sgy, sgyx, msgyx});
-    free(part);
-    free(qall);
+    NAME(scratch_finish)(&sc, nt, 3, C, (T *[]){sgy, sgyx, msgyx});
     return 0;
 }
 
@@ -155,14 +168,13 @@ int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T 
                        T *sgy, T *sgyx, T *msgyx, int nt)
 {
     int sums = sgy || sgyx || msgyx;
-    double *part = sums ? alloc_partials(nt, 3 * C) : NULL;
-    T *qall = sums ? (T *)calloc((size_t)nt * 3 * C, sizeof(T)) : NULL;
-    if (sums && (!part || !qall)) { free(part); free(qall); return -1; }
+    NAME(scratch_t) sc = {NULL, NULL};
+    if (sums && NAME(scratch_alloc)(&sc, nt, 3 * C, 0)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = sums ? part + (size_t)tid * 3 * C : NULL;
-        T *q = sums ? qall + (size_t)tid * 3 * C : NULL;
+        double *p = sums ? sc.part + (size_t)tid * 3 * C : NULL;
+        T *q = sums ? sc.qall + (size_t)tid * 3 * C : NULL;
         T *qg = q, *qgx = sums ? q + C : NULL, *qm = sums ? q + 2 * C : NULL;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
@@ -194,9 +206,7 @@ int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T 
         }
     }
     if (sums) {
-        NAME(reduce_partials)(part, nt, 3, C, (T *[]){sgy, sgyx, msgyx});
-        free(part);
-        free(qall);
+        NAME(scratch_finish)(&sc, nt, 3, C, (T *[]){sgy, sgyx, msgyx});
     }
     return 0;
 }
@@ -252,14 +262,13 @@ int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int6
                            double eps, T *rstd, T *s2, T *s2all, int nt)
 {
     int64_t Cg = C / G;
-    double *part = alloc_partials(nt, 2 * C);
-    T *qall = (T *)calloc((size_t)nt * 2 * C, sizeof(T));
-    if (!part || !qall) { free(part); free(qall); return -1; }
+    NAME(scratch_t) sc;
+    if (NAME(scratch_alloc)(&sc, nt, 2 * C, 0)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = part + (size_t)tid * 2 * C;
-        T *q = qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
+        double *p = sc.part + (size_t)tid * 2 * C;
+        T *q = sc.qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             int real = keep == NULL || keep[n] != 0;
@@ -285,9 +294,7 @@ int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int6
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
-    NAME(reduce_partials)(part, nt, 2, C, (T *[]){s2, s2all});
-    free(part);
-    free(qall);
+    NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){s2, s2all});
     return 0;
 }
 
@@ -316,14 +323,13 @@ int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const 
                       int64_t C, int64_t G, T *gx, T *sgy, T *sgz, int nt)
 {
     int64_t Cg = C / G;
-    double *part = alloc_partials(nt, 2 * C);
-    T *qall = (T *)calloc((size_t)nt * 3 * C, sizeof(T));  /* 2C block sums + C row buffer */
-    if (!part || !qall) { free(part); free(qall); return -1; }
+    NAME(scratch_t) sc;  /* 2C block sums + a C row buffer per thread */
+    if (NAME(scratch_alloc)(&sc, nt, 2 * C, C)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = part + (size_t)tid * 2 * C;
-        T *q = qall + (size_t)tid * 3 * C, *qg = q, *qz = q + C, *gz = q + 2 * C;
+        double *p = sc.part + (size_t)tid * 2 * C;
+        T *q = sc.qall + (size_t)tid * 3 * C, *qg = q, *qz = q + C, *gz = q + 2 * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             for (int64_t g = 0; g < G; ++g) {
@@ -346,8 +352,6 @@ int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const 
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
-    NAME(reduce_partials)(part, nt, 2, C, (T *[]){sgy, sgz});
-    free(part);
-    free(qall);
+    NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){sgy, sgz});
     return 0;
 }
