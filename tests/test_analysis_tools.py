@@ -109,6 +109,7 @@ def test_sweep_plan_and_bleu():
         plan(["batch"], [300], 1024)
     with pytest.raises(ValueError, match="unknown norms"):
         plan(["group"], [128], None)
+    assert [p.name for p in plan(["pn"], [256], 1024, seed=2)] == ["pn_256_s2"]
     assert parse_bleu("x\nGenerate test with beam=5: BLEU4 = 12.34, 40.1/...\n") == 12.34
     with pytest.raises(SystemExit, match="no BLEU"):
         parse_bleu("nothing")
@@ -180,6 +181,39 @@ def test_sweep_cli_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dataset.max_tokens=512 optimization.update_freq=[8]" in out and "update_freq 8" in out
     assert "optimization.max_update=10" in out and "fairseq_cli.generate" in out
+
+
+def test_sweep_seed_names_points_and_sets_the_seed(tmp_path):
+    """--seed: the seed reaches training (flags or hydra), names the points and is recorded;
+    a second seed in the same OUT adds points, and the figure averages them."""
+    seen = []
+
+    def runner(cmd, log_file=None):
+        seen.append(cmd)
+        return "BLEU4 = 20.0, ..." if "fairseq_cli.generate" in cmd else ""
+
+    records = run_sweep(_sweep_args(tmp_path, norms=["pn"], sizes=[256], seed=3), runner=runner)
+    assert records[0]["seed"] == 3 and seen[0][-4:-2] == ["--seed", "3"]
+    assert (tmp_path / "sweep" / "points" / "pn_256_s3.json").exists()
+    run_sweep(_sweep_args(tmp_path, norms=["pn"], sizes=[256]), runner=runner)  # preset's own seed
+    assert "--seed" not in seen[2] and (tmp_path / "sweep" / "points" / "pn_256.json").exists()
+    with pytest.raises(ValueError, match="--seed sets the seed"):
+        run_sweep(_sweep_args(tmp_path, seed=4, train_args=["--seed", "1"]), runner=runner)
+    run_sweep(_sweep_args(tmp_path, experiment="multi30k", norms=["pn"], sizes=[128], seed=2,
+                          train_args=[], dry_run=True), runner=runner)
+    from powernorm_fairseq.analysis.sweep import SweepPoint, train_command
+
+    cmd = train_command(SweepPoint("power", 128, 256, 2), _sweep_args(
+        tmp_path, experiment="multi30k", train_args=["optimization.max_update=5"]), tmp_path)
+    assert cmd[-4:] == ["dataset.max_tokens=128", "optimization.update_freq=[2]", "common.seed=2",
+                        "optimization.max_update=5"]
+
+    from powernorm_fairseq.analysis.plots import plot_sweep
+
+    recs = [{"norm": "power", "stat_tokens": n, "bleu": b}
+            for n, b in ((256, 20.0), (256, 22.0), (512, 21.0))]
+    plot_sweep(recs, tmp_path / "seeds.png")
+    _png_ok(tmp_path / "seeds.png")
 
 
 def test_columns_are_documented():

@@ -187,27 +187,38 @@ def plot_stat_boxes(
 def plot_sweep(records: Iterable[Mapping], out: str | os.PathLike, title: str | None = None) -> None:
     """Fig. 5: BLEU against the number of tokens per statistics batch, one line per norm.
 
+    Several records of one norm and size (different seeds) are drawn as the line through their
+    mean, with each seed's score as a small open marker; the legend gives the seed count.
+
     Args:
         records: dicts with ``norm``, ``stat_tokens`` and ``bleu`` (records without BLEU are skipped).
         out: image path.
     """
-    by_norm: dict[str, list[tuple[int, float]]] = {}
+    by_norm: dict[str, dict[int, list[float]]] = {}
     for rec in records:
         if rec.get("bleu") is None:
             continue
-        by_norm.setdefault(rec["norm"], []).append((int(rec["stat_tokens"]), float(rec["bleu"])))
+        by_norm.setdefault(rec["norm"], {}).setdefault(int(rec["stat_tokens"]), []).append(
+            float(rec["bleu"]))
     if not by_norm:
         raise ValueError("no finished sweep points with a BLEU score to plot")
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
-    sizes = sorted({n for pts in by_norm.values() for n, _ in pts})
+    sizes = sorted({n for pts in by_norm.values() for n in pts})
     order = list(NORM_LABELS)  # LN, BN, PN-V, PN: the paper's order, fixed colors
     ranked = sorted(by_norm.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
                                                      else len(order), kv[0]))
     for i, (norm, pts) in enumerate(ranked):
-        pts.sort()
-        ax.plot([n for n, _ in pts], [b for _, b in pts], marker="o",
-                color=_COLORS[i % len(_COLORS)], label=NORM_LABELS.get(norm, norm))
+        color = _COLORS[i % len(_COLORS)]
+        ns = sorted(pts)
+        runs = {len(pts[n]) for n in ns}
+        label = NORM_LABELS.get(norm, norm)
+        if runs != {1}:
+            label += f" (mean of {'/'.join(map(str, sorted(runs)))} seeds)"
+            for n in ns:
+                ax.plot([n] * len(pts[n]), pts[n], linestyle="none", marker="o", markersize=4,
+                        markerfacecolor="none", color=color, alpha=0.6)
+        ax.plot(ns, [sum(pts[n]) / len(pts[n]) for n in ns], marker="o", color=color, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in sizes])
     ax.set_xlabel("Tokens per statistics batch (effective batch fixed)")

@@ -7,8 +7,10 @@ LayerNorm has no batch statistics, so its curve shows what accumulation alone ch
 
 Every point is trained with the pipeline (``python -m powernorm_fairseq.pipeline.train``, which
 keeps ``max_tokens * update_freq * world_size`` at ``--effective-tokens``) and scored with
-``pipeline.evaluate`` (or ``fairseq_cli.generate``, see :func:`eval_command`); it writes ``<out>/points/<norm>_<N>.json`` when done, so a rerun skips
-finished points (and fairseq resumes an interrupted training from ``checkpoint_last.pt``).
+``pipeline.evaluate`` (or ``fairseq_cli.generate``, see :func:`eval_command`); it writes
+``<out>/points/<norm>_<N>.json`` when done (``<norm>_<N>_s<seed>.json`` for an explicit seed), so a
+rerun skips finished points (and fairseq resumes an interrupted training from ``checkpoint_last.pt``).
+Further seeds go into the same ``<out>`` and the figure averages them per point.
 """
 
 from __future__ import annotations
@@ -42,22 +44,26 @@ _BLEU = re.compile(r"BLEU4? = ([0-9.]+)")
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One training run of the sweep: ``norm`` (registry name) with ``stat_tokens`` per forward."""
+    """One training run of the sweep: ``norm`` (registry name) with ``stat_tokens`` per forward;
+    ``seed`` None keeps the preset's (or the flags') own seed."""
 
     norm: str
     stat_tokens: int
     effective_tokens: int
+    seed: int | None = None
 
     @property
     def name(self) -> str:
-        return f"{NORM_ALIASES[self.norm]}_{self.stat_tokens}"
+        seed = "" if self.seed is None else f"_s{self.seed}"
+        return f"{NORM_ALIASES[self.norm]}_{self.stat_tokens}{seed}"
 
     @property
     def update_freq(self) -> int:
         return self.effective_tokens // self.stat_tokens
 
 
-def plan(norms: Sequence[str], sizes: Sequence[int], effective_tokens: int | None) -> list[SweepPoint]:
+def plan(norms: Sequence[str], sizes: Sequence[int], effective_tokens: int | None,
+         seed: int | None = None) -> list[SweepPoint]:
     """The sweep's points, norms outer, sizes ascending. ``effective_tokens`` defaults to the
     largest size; every size must divide it (integral gradient accumulation)."""
     if not norms or not sizes:
@@ -70,7 +76,7 @@ def plan(norms: Sequence[str], sizes: Sequence[int], effective_tokens: int | Non
     if bad:
         raise ValueError(f"sizes {bad} do not divide the effective batch {eff}: gradient "
                          "accumulation needs effective_tokens = size x update_freq")
-    return [SweepPoint(_REGISTRY_NAME[NORM_ALIASES[n]], s, eff)
+    return [SweepPoint(_REGISTRY_NAME[NORM_ALIASES[n]], s, eff, seed)
             for n in norms for s in sorted(set(sizes))]
 
 
@@ -84,6 +90,7 @@ def parse_bleu(output: str) -> float:
 
 
 _BATCH_FLAGS = ("--max-tokens", "--update-freq", "dataset.max_tokens", "optimization.update_freq")
+_SEED_FLAGS = ("--seed", "common.seed")
 
 
 def train_command(point: SweepPoint, args, save_dir: Path) -> list[str]:
@@ -98,6 +105,10 @@ def train_command(point: SweepPoint, args, save_dir: Path) -> list[str]:
     clash = [a for a in args.train_args if a.split("=")[0] in _BATCH_FLAGS]
     if clash:
         raise ValueError(f"the sweep sets the batch itself; remove {clash} from the training args")
+    clash = [a for a in args.train_args if a.split("=")[0] in _SEED_FLAGS]
+    if clash and point.seed is not None:
+        raise ValueError(f"--seed sets the seed (and names the points); remove {clash} from the "
+                         "training args")
     cmd = python_module_cmd("powernorm_fairseq.pipeline.train") + [
         args.experiment, NORM_ALIASES[point.norm], "--data", str(args.data),
         "--save-dir", str(save_dir), "--effective-tokens", str(point.effective_tokens)]
@@ -105,10 +116,12 @@ def train_command(point: SweepPoint, args, save_dir: Path) -> list[str]:
         cmd.append("--cpu")
     if args.experiment == "flags":
         batch = ["--max-tokens", str(point.stat_tokens)]
+        seed = [] if point.seed is None else ["--seed", str(point.seed)]
     else:
         batch = [f"dataset.max_tokens={point.stat_tokens}",
                  f"optimization.update_freq=[{point.update_freq}]"]
-    return cmd + ["--", *batch, *args.train_args]
+        seed = [] if point.seed is None else [f"common.seed={point.seed}"]
+    return cmd + ["--", *batch, *seed, *args.train_args]
 
 
 def eval_command(args, save_dir: Path) -> tuple[list[str], Callable[[str], float]]:
@@ -139,11 +152,11 @@ def run_sweep(args, runner: Callable[..., str] = run_cmd) -> list[dict]:
     """Train and score every point not done yet; returns all records (also ``<out>/sweep.json``).
 
     ``args`` carries ``experiment, data, out, norms, sizes, effective_tokens, cpu, checkpoint,
-    train_args, eval_args, dry_run`` (see ``analysis/batch_size_sweep.py``).
+    train_args, eval_args, dry_run`` and optionally ``seed`` (see ``analysis/batch_size_sweep.py``).
     ``runner(cmd, log_file=...)`` runs a command and returns its output (tests replace it).
     """
     out = Path(args.out)
-    points = plan(args.norms, args.sizes, args.effective_tokens)
+    points = plan(args.norms, args.sizes, args.effective_tokens, getattr(args, "seed", None))
     records = []
     for point in points:
         record_path = out / "points" / f"{point.name}.json"
