@@ -18,6 +18,13 @@ and is idempotent. It changes fairseq's behaviour in these ways only:
    whenever its size is not a multiple of ``--required-batch-size-multiple`` (default 8), so
    validation, ``fairseq-generate`` and ``fairseq-eval-lm`` silently scored a subset. The patched
    function keeps it (upstream fairseq's behaviour).
+4. **Checkpoint copies are atomic.** fairseq writes a checkpoint once (to a temporary file, then
+   renamed) and *copies* it to the other names it saves at that point, ``checkpoint_last.pt``
+   included, with a plain ``shutil.copyfile``. A run killed during that copy left a truncated
+   ``checkpoint_last.pt``, the very file a resume reads. The copy now goes to ``<name>.tmp`` and is
+   renamed over the target, so the target holds either the old or the new checkpoint, whole.
+   Only the ``PathManager`` seen by ``fairseq.checkpoint_utils`` is replaced (a subclass); remote
+   paths, which cannot be renamed, keep fairseq's copy.
 
 Two further constraints are respected by the plugin's code rather than patched: fairseq's
 ``TransformerConfig`` uses its sub-config *classes* as defaults, so the plugin never writes to a
@@ -33,7 +40,9 @@ import argparse
 import collections
 import functools
 import logging
+import os
 import pickle
+import shutil
 import sys
 import typing
 import zipfile
@@ -193,6 +202,29 @@ def batch_by_size_keep_tail(
     )
 
 
+def _atomic_copy_path_manager(base: type) -> type:
+    """A subclass of fairseq's ``PathManager`` whose ``copy`` to a local file is atomic."""
+
+    class AtomicCopyPathManager(base):
+        @staticmethod
+        def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+            if not base.supports_rename(dst_path):
+                return base.copy(src_path, dst_path, overwrite=overwrite)
+            if not overwrite and os.path.exists(dst_path):
+                return False  # iopath's answer for an existing target without overwrite
+            tmp = f"{dst_path}.tmp"
+            try:
+                shutil.copyfile(src_path, tmp)
+                os.replace(tmp, dst_path)  # atomic on one filesystem: old or new, never half
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            return True
+
+    AtomicCopyPathManager.__qualname__ = f"atomic_copy({base.__qualname__})"
+    return AtomicCopyPathManager
+
+
 _ORIGINAL: dict = {}
 
 
@@ -227,6 +259,8 @@ def install() -> None:
     )
     _ORIGINAL["batch_by_size"] = data_utils.batch_by_size
     data_utils.batch_by_size = batch_by_size_keep_tail
+    _ORIGINAL["checkpoint_utils.PathManager"] = checkpoint_utils.PathManager
+    checkpoint_utils.PathManager = _atomic_copy_path_manager(checkpoint_utils.PathManager)
 
     # On the command line a CheckpointError is the whole story: print it without the traceback.
     if not getattr(sys.excepthook, "powernorm", False):

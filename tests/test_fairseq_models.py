@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,31 @@ def test_batch_by_size_keeps_the_tail():
     assert sum(map(len, original)) == 16  # fairseq-fixed drops the last 5
     assert sorted(np.concatenate(patched).tolist()) == list(range(21))
     assert [len(b) for b in patched] == [8, 8, 5]
+
+
+def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
+    """fairseq copies checkpoint_N.pt to checkpoint_last.pt: a copy killed midway must leave the
+    old checkpoint_last.pt whole (and no temporary file); a finished copy replaces it."""
+    pm = checkpoint_utils.PathManager
+    assert issubclass(pm, compat._ORIGINAL["checkpoint_utils.PathManager"])
+    src, dst = tmp_path / "checkpoint3.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(b"new" * 1000)
+    dst.write_bytes(b"old")
+    real_copyfile = shutil.copyfile
+
+    def killed_copy(a, b):
+        Path(b).write_bytes(Path(a).read_bytes()[:10])
+        raise KeyboardInterrupt  # e.g. the run is stopped while copying
+
+    monkeypatch.setattr(shutil, "copyfile", killed_copy)
+    with pytest.raises(KeyboardInterrupt):
+        pm.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint3.pt", "checkpoint_last.pt"]
+    monkeypatch.setattr(shutil, "copyfile", real_copyfile)
+    assert pm.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == src.read_bytes()
+    assert not pm.copy(str(src), str(dst), overwrite=False)  # iopath: no overwrite, no copy
 
 
 def test_checkpoint_with_namespace_loads_weights_only(tmp_path):
