@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         return
     from powernorm_fairseq.analysis.plots import plot_sweep
+    from powernorm_fairseq.analysis.sweep import sweep_table
+
+    print(sweep_table(records))  # BLEU per point: the mean over seeds, each seed in brackets
 
     out = args.plot or str(Path(args.out) / "fig5_batch_size.png")
     plot_sweep(records, out, title=f"{args.experiment}: effective batch "

@@ -216,6 +216,23 @@ def test_sweep_seed_names_points_and_sets_the_seed(tmp_path):
     _png_ok(tmp_path / "seeds.png")
 
 
+def test_sweep_table_means_seeds_and_compares_with_ln():
+    from powernorm_fairseq.analysis.sweep import sweep_table
+
+    recs = [{"norm": "power", "stat_tokens": 512, "bleu": 22.0, "seed": 2},
+            {"norm": "power", "stat_tokens": 512, "bleu": 20.0},  # the preset's seed: listed first
+            {"norm": "layer", "stat_tokens": 512, "bleu": 19.5},
+            {"norm": "power", "stat_tokens": 1024, "bleu": 18.0},
+            {"norm": "batch", "stat_tokens": 1024, "bleu": None}]  # unfinished: skipped
+    lines = sweep_table(recs).splitlines()
+    assert lines[0] == "| N (tokens per statistics batch) | LN | PN |"
+    assert lines[2] == "| 512 | 19.50 | 21.00 (20.00 / 22.00) |"
+    assert lines[3] == "| 1024 | - | 18.00 |"
+    assert lines[-2:] == ["| 512 | +1.50 |", "| 1024 | - |"]
+    with pytest.raises(ValueError, match="no finished"):
+        sweep_table([{"norm": "power", "stat_tokens": 512, "bleu": None}])
+
+
 def test_columns_are_documented():
     from powernorm_fairseq.analysis import tracking
 

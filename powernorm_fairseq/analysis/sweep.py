@@ -33,7 +33,7 @@ from powernorm_fairseq.pipeline.common import (
     run_cmd,
 )
 
-__all__ = ["NORM_ALIASES", "SweepPoint", "parse_bleu", "plan", "run_sweep"]
+__all__ = ["NORM_ALIASES", "SweepPoint", "parse_bleu", "plan", "run_sweep", "sweep_table"]
 
 #: short names of the pipeline (train.py) for the registry names, and the short names themselves
 NORM_ALIASES = {"layer": "ln", "batch": "bn", "power_v": "pnv", "power": "pn",
@@ -191,3 +191,46 @@ def run_sweep(args, runner: Callable[..., str] = run_cmd) -> list[dict]:
     if not args.dry_run:
         atomic_write_json(out / "sweep.json", {"command": " ".join(sys.argv), "points": records})
     return records
+
+
+def sweep_table(records: Sequence[dict]) -> str:
+    """Markdown tables of the recorded points: BLEU per size (rows) and norm (columns), the mean
+    over seeds with each seed's score in brackets (the preset's own seed first, then ``--seed``
+    values ascending), and each norm's mean minus LN's at the same size."""
+    from powernorm_fairseq.analysis.plots import NORM_LABELS
+
+    scores: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for rec in records:
+        if rec.get("bleu") is not None:
+            seed = rec.get("seed")
+            scores.setdefault((rec["norm"], int(rec["stat_tokens"])), []).append(
+                (-1 if seed is None else int(seed), float(rec["bleu"])))
+    if not scores:
+        raise ValueError("no finished sweep points with a BLEU score")
+    norms = sorted({n for n, _ in scores}, key=lambda n: (list(NORM_LABELS).index(n)
+                                                          if n in NORM_LABELS else 99, n))
+    sizes = sorted({s for _, s in scores})
+    mean = {k: sum(b for _, b in v) / len(v) for k, v in scores.items()}
+    head = "| N (tokens per statistics batch) | " + " | ".join(
+        NORM_LABELS.get(n, n) for n in norms) + " |"
+    rule = "|---|" + "---|" * len(norms)
+
+    def cell(key):
+        if key not in scores:
+            return "-"
+        runs = sorted(scores[key])
+        if len(runs) == 1:
+            return f"{runs[0][1]:.2f}"
+        return f"{mean[key]:.2f} ({' / '.join(f'{b:.2f}' for _, b in runs)})"
+
+    lines = [head, rule] + [f"| {s} | " + " | ".join(cell((n, s)) for n in norms) + " |"
+                            for s in sizes]
+    if "layer" in norms and len(norms) > 1:
+        others = [n for n in norms if n != "layer"]
+        lines += ["", "| N | " + " | ".join(f"{NORM_LABELS.get(n, n)} - LN" for n in others)
+                  + " |", "|---|" + "---|" * len(others)]
+        for s in sizes:
+            diffs = [f"{mean[(n, s)] - mean[('layer', s)]:+.2f}"
+                     if (n, s) in mean and ("layer", s) in mean else "-" for n in others]
+            lines.append(f"| {s} | " + " | ".join(diffs) + " |")
+    return "\n".join(lines)
