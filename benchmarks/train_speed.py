@@ -34,6 +34,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+# this checkout's package, not another installed copy, so that --user-dir and the children's
+# PYTHONPATH (pipeline.common.subprocess_env) name this checkout as well
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from powernorm_fairseq import synthetic
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
