@@ -28,6 +28,7 @@ __all__ = [
     "plot_sweep",
     "read_stats",
     "save_figure",
+    "sweep_scores",
 ]
 
 NORM_LABELS = {"layer": "LN", "batch": "BN", "power_v": "PN-V", "power": "PN"}
@@ -184,6 +185,24 @@ def plot_stat_boxes(
 
 
 # ------------------------------------------------------------------------------ Fig. 5
+def sweep_scores(records: Iterable[Mapping]) -> dict[str, dict[int, list[float]]]:
+    """BLEU of the finished sweep points: ``{norm: {N: [bleu per seed]}}``, norms in the paper's
+    order (LN, BN, PN-V, PN, then others by name), sizes ascending, and each point's seeds with
+    the preset's own seed (a record without ``seed``) first, then ascending. Records without
+    BLEU are skipped; none left raises ``ValueError``."""
+    runs: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for rec in records:
+        if rec.get("bleu") is not None:
+            seed = -1 if rec.get("seed") is None else int(rec["seed"])
+            runs.setdefault(rec["norm"], {}).setdefault(int(rec["stat_tokens"]), []).append(
+                (seed, float(rec["bleu"])))
+    if not runs:
+        raise ValueError("no finished sweep points with a BLEU score")
+    order = list(NORM_LABELS)
+    return {norm: {n: [b for _, b in sorted(runs[norm][n])] for n in sorted(runs[norm])}
+            for norm in sorted(runs, key=lambda m: (order.index(m) if m in order else len(order), m))}
+
+
 def plot_sweep(records: Iterable[Mapping], out: str | os.PathLike, title: str | None = None) -> None:
     """Fig. 5: BLEU against the number of tokens per statistics batch, one line per norm.
 
@@ -194,23 +213,13 @@ def plot_sweep(records: Iterable[Mapping], out: str | os.PathLike, title: str | 
         records: dicts with ``norm``, ``stat_tokens`` and ``bleu`` (records without BLEU are skipped).
         out: image path.
     """
-    by_norm: dict[str, dict[int, list[float]]] = {}
-    for rec in records:
-        if rec.get("bleu") is None:
-            continue
-        by_norm.setdefault(rec["norm"], {}).setdefault(int(rec["stat_tokens"]), []).append(
-            float(rec["bleu"]))
-    if not by_norm:
-        raise ValueError("no finished sweep points with a BLEU score to plot")
+    by_norm = sweep_scores(records)
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
     sizes = sorted({n for pts in by_norm.values() for n in pts})
-    order = list(NORM_LABELS)  # LN, BN, PN-V, PN: the paper's order, fixed colors
-    ranked = sorted(by_norm.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order
-                                                     else len(order), kv[0]))
-    for i, (norm, pts) in enumerate(ranked):
+    for i, (norm, pts) in enumerate(by_norm.items()):  # the paper's order: fixed colors
         color = _COLORS[i % len(_COLORS)]
-        ns = sorted(pts)
+        ns = list(pts)
         runs = {len(pts[n]) for n in ns}
         label = NORM_LABELS.get(norm, norm)
         if runs != {1}:

@@ -197,33 +197,25 @@ def sweep_table(records: Sequence[dict]) -> str:
     """Markdown tables of the recorded points: BLEU per size (rows) and norm (columns), the mean
     over seeds with each seed's score in brackets (the preset's own seed first, then ``--seed``
     values ascending), and each norm's mean minus LN's at the same size."""
-    from powernorm_fairseq.analysis.plots import NORM_LABELS
+    from powernorm_fairseq.analysis.plots import NORM_LABELS, sweep_scores
 
-    scores: dict[tuple[str, int], list[tuple[int, float]]] = {}
-    for rec in records:
-        if rec.get("bleu") is not None:
-            seed = rec.get("seed")
-            scores.setdefault((rec["norm"], int(rec["stat_tokens"])), []).append(
-                (-1 if seed is None else int(seed), float(rec["bleu"])))
-    if not scores:
-        raise ValueError("no finished sweep points with a BLEU score")
-    norms = sorted({n for n, _ in scores}, key=lambda n: (list(NORM_LABELS).index(n)
-                                                          if n in NORM_LABELS else 99, n))
-    sizes = sorted({s for _, s in scores})
-    mean = {k: sum(b for _, b in v) / len(v) for k, v in scores.items()}
+    scores = sweep_scores(records)
+    norms = list(scores)
+    sizes = sorted({n for pts in scores.values() for n in pts})
+    mean = {(norm, n): sum(b) / len(b) for norm, pts in scores.items() for n, b in pts.items()}
     head = "| N (tokens per statistics batch) | " + " | ".join(
         NORM_LABELS.get(n, n) for n in norms) + " |"
     rule = "|---|" + "---|" * len(norms)
 
-    def cell(key):
-        if key not in scores:
+    def cell(norm, n):
+        runs = scores[norm].get(n)
+        if not runs:
             return "-"
-        runs = sorted(scores[key])
         if len(runs) == 1:
-            return f"{runs[0][1]:.2f}"
-        return f"{mean[key]:.2f} ({' / '.join(f'{b:.2f}' for _, b in runs)})"
+            return f"{runs[0]:.2f}"
+        return f"{mean[(norm, n)]:.2f} ({' / '.join(f'{b:.2f}' for b in runs)})"
 
-    lines = [head, rule] + [f"| {s} | " + " | ".join(cell((n, s)) for n in norms) + " |"
+    lines = [head, rule] + [f"| {s} | " + " | ".join(cell(n, s) for n in norms) + " |"
                             for s in sizes]
     if "layer" in norms and len(norms) > 1:
         others = [n for n in norms if n != "layer"]
