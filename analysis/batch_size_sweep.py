@@ -11,7 +11,7 @@ accumulation update_freq = N_eff / N), scored with fairseq-generate, and plotted
     # CPU scale: plain fairseq flags after --
     python analysis/batch_size_sweep.py --experiment flags --data data/multi30k/data-bin --cpu \\
         --sizes 128 256 512 1024 --out runs/fig5 -- --arch transformer_pn_tiny --max-update 300 ...
-    # another seed into the same OUT: the figure shows the mean over seeds and each seed's point
+    # another seed into the same OUT; --plot-only then shows the mean over seeds and each seed
     python analysis/batch_size_sweep.py ... --seed 2
     # print the commands only; or plot what OUT/points holds (sweeps run in parallel over
     # disjoint --norms into one OUT)
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per update N_eff, fixed for all points (default: the largest size)")
     p.add_argument("--seed", type=int,
                    help="training seed of these points (common.seed / --seed); the points are then "
-                   "named <norm>_<N>_s<seed>, so several seeds share one --out and the figure "
-                   "averages them. Default: the preset's (or the flags') own seed, names <norm>_<N>")
+                   "named <norm>_<N>_s<seed>, so several seeds share one --out (--plot-only then "
+                   "draws and tabulates all of them, averaged per point). Default: the preset's (or the flags') own seed, names <norm>_<N>")
     p.add_argument("--cpu", action="store_true", help="train and evaluate on CPU")
     p.add_argument("--checkpoint", default="checkpoint_last.pt",
                    help="checkpoint file of each run to score (default: checkpoint_last.pt)")

@@ -10,7 +10,8 @@ keeps ``max_tokens * update_freq * world_size`` at ``--effective-tokens``) and s
 ``pipeline.evaluate`` (or ``fairseq_cli.generate``, see :func:`eval_command`); it writes
 ``<out>/points/<norm>_<N>.json`` when done (``<norm>_<N>_s<seed>.json`` for an explicit seed), so a
 rerun skips finished points (and fairseq resumes an interrupted training from ``checkpoint_last.pt``).
-Further seeds go into the same ``<out>`` and the figure averages them per point.
+Further seeds go into the same ``<out>``; a sweep plots its own points, and ``--plot-only`` plots
+every recorded point of ``<out>``, averaging the seeds of each.
 """
 
 from __future__ import annotations
