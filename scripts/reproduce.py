@@ -3,23 +3,31 @@
 
 Usage::
 
-    python scripts/reproduce.py multi30k --norms ln,bn,pnv,pn,pnpaper --seeds 1,2 --jobs 2
-    python scripts/reproduce.py ptb --norms ln,bn,pnv,pn,pnpaper --seeds 1
+    python scripts/reproduce.py multi30k --seeds 1,2,3 --jobs 2 --threads 1   # the converged campaign
+    python scripts/reproduce.py ptb --seeds 1,2,3 --jobs 2 --threads 1
+    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 # the budget run
     python scripts/make_results.py          # tables + plots from the records
 
-For every (norm, seed) it runs, each step skipped when already done:
+Campaigns (``--campaign``; every setting of each lives in ``CAMPAIGNS`` below, once):
 
-1. train: the preset ``configs/multi30k_<norm>.yaml`` / ``configs/ptb_cpu_<norm>.yaml`` through ``powernorm_fairseq.hydra_train``
-   (checkpoints in ``runs/<corpus>/<norm>_s<seed>/``, git-ignored). Rerunning the same command
-   resumes from ``checkpoint_last.pt``, so a killed run loses at most the updates since its last
-   checkpoint (the presets save every 100 updates).
-2. average: the last ``--average`` update checkpoints with ``scripts/average_checkpoints.py``.
-3. evaluate: ``scripts/evaluate_bleu.sh`` (translation) or ``scripts/evaluate_ppl.sh`` (LM).
+* ``converged`` (default): the preset ``configs/<prefix>_<norm>.yaml`` trained to convergence as the
+  paper does: a checkpoint every epoch, stop after ``PATIENCE`` epochs without a better validation
+  loss (the released ``--early-stop 5``; fairseq's ``--patience``), with an epoch cap per corpus.
+  Each run is evaluated three ways: the paper's protocol (the average of the last 5 epoch
+  checkpoints), the best checkpoint, and the last. For BLEU, each norm's averaged model is then
+  compared with LN's of the same seed by sacreBLEU's paired bootstrap.
+  Records: ``results/runs/<corpus>/<norm>_s<seed>.json``.
+* ``budget``: one run to convergence that keeps every epoch checkpoint (the campaign's sizing
+  run). Records: ``results/budget/<corpus>/``.
+* ``pilot``: the earlier short fixed budgets (500 / 300 updates, the last 3 update checkpoints
+  averaged). Records: ``results/pilot/runs/<corpus>/``. Kept so those records stay reproducible.
 
-and writes ``results/runs/<corpus>/<norm>_s<seed>.json`` (tracked in git): status, command,
-commit, seed, hardware, wall time of each training segment, the validation curve, training speed
-and the evaluation record. The record is rewritten after every step, so the tables fill in run by
-run and an unfinished run says so.
+For every (norm, seed) it runs, each step skipped when already done: train (through
+``powernorm_fairseq.hydra_train``; checkpoints in ``runs/<campaign>/<corpus>/<norm>_s<seed>/``,
+git-ignored; rerunning the same command resumes from ``checkpoint_last.pt``), average, evaluate.
+The record (status, command, commit, seed, hardware, wall time and core-hours of each segment, the
+validation curve, the stopping epoch, the evaluations) is rewritten after every step, and so is the
+campaign's status table ``results/status.md`` (done / running / to do, core-hours spent and left).
 """
 
 from __future__ import annotations
@@ -30,27 +38,68 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from powernorm_fairseq.pipeline.common import atomic_write_json, git_commit  # noqa: E402
+from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, git_commit  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Corpus:
+    prefix: str        # presets configs/<prefix>_<norm>.yaml
+    prepared: str      # the prepared directory (prepare_<corpus>.sh)
+    metric: str        # "bleu" or "ppl" (powernorm_fairseq.pipeline.evaluate)
+    max_epoch: int     # the converged campaign's cap (results/README.md: the budget arithmetic)
+
 
 CORPORA = {
-    # corpus: (preset prefix configs/<prefix>_<norm>.yaml, prepared dir, evaluation script)
-    "multi30k": ("multi30k", "data/multi30k", "scripts/evaluate_bleu.sh"),
-    "ptb": ("ptb_cpu", "data/ptb", "scripts/evaluate_ppl.sh"),
+    "multi30k": Corpus("multi30k", "data/multi30k", "bleu", max_epoch=60),
+    "ptb": Corpus("ptb_cpu", "data/ptb", "ppl", max_epoch=40),
 }
-VALID_RE = re.compile(r"valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)")
+NORMS = ("ln", "bn", "pnv", "pn", "pnpaper")
+PATIENCE = 5        # the released --early-stop 5
+AVERAGE_EPOCHS = 5  # the paper averages the last 5 epoch checkpoints
+
+
+def _to_convergence(corpus: Corpus, keep_last_epochs: int, max_epoch: int | None = None) -> list[str]:
+    """Hydra overrides that turn a fixed-budget preset into a run to convergence."""
+    return ["optimization.max_update=0", f"optimization.max_epoch={max_epoch or corpus.max_epoch}",
+            f"checkpoint.patience={PATIENCE}", "checkpoint.save_interval_updates=0",
+            "checkpoint.keep_interval_updates=-1", f"checkpoint.keep_last_epochs={keep_last_epochs}"]
+
+
+@dataclass(frozen=True)
+class Campaign:
+    records: str                 # results/<...>/<corpus>/<norm>_s<seed>.json
+    overrides: object            # Corpus -> list of hydra overrides
+    evaluations: tuple[str, ...]  # which checkpoints are evaluated (see Run.checkpoint_for)
+    average: tuple[str, int]     # ("epoch" | "update", how many) for the "avg" evaluation
+    significance: bool = False   # paired bootstrap against LN of the same seed (BLEU)
+
+
+CAMPAIGNS = {
+    "converged": Campaign("results/runs", lambda c: _to_convergence(c, AVERAGE_EPOCHS),
+                          ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True),
+    # keeps every epoch checkpoint, with a higher cap: the run that sizes the campaign
+    "budget": Campaign("results/budget", lambda c: _to_convergence(c, -1, max_epoch=80),
+                       ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS)),
+    "pilot": Campaign("results/pilot/runs", lambda c: [], ("avg",), ("update", 3)),
+}
+
+VALID_RE = re.compile(r"epoch (\d+) \| valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)")
 TRAIN_EPOCH_RE = re.compile(r"\[train\]\[INFO\] - epoch (\d+) \| .*?\| wps ([\d.]+) .*?\| num_updates (\d+)"
                             r".*?\| train_wall (\d+)")
 INNER_WPS_RE = re.compile(r"\[train_inner\].*?wps=([\d.]+),")
 DONE_RE = re.compile(r"done training in ([\d.]+) seconds")
+EARLY_STOP_RE = re.compile(r"early stop since valid performance hasn't improved for last (\d+) runs")
 
 
 def hardware(threads: int | None) -> dict:
@@ -70,33 +119,59 @@ def hardware(threads: int | None) -> dict:
 
 
 def parse_log(log: Path) -> dict:
-    """Validation curve and training speed from a fairseq training log."""
+    """Validation curve, stopping and training speed from a fairseq training log (all segments)."""
     text = log.read_text(errors="replace") if log.exists() else ""
-    valid = {}
-    for loss, upd in VALID_RE.findall(text):
+    valid, by_epoch = {}, {}
+    for epoch, loss, upd in VALID_RE.findall(text):
         valid[int(upd)] = float(loss)
-    epochs = [{"epoch": int(e), "wps": float(w), "num_updates": int(u), "train_wall": int(t)}
-              for e, w, u, t in TRAIN_EPOCH_RE.findall(text)]
-    inner = [float(w) for w in INNER_WPS_RE.findall(text)]
-    inner.sort()
-    return {
+        by_epoch[int(epoch)] = float(loss)
+    epochs = {}
+    for e, w, u, t in TRAIN_EPOCH_RE.findall(text):  # a resumed epoch is logged again: keep the last
+        epochs[int(e)] = {"epoch": int(e), "wps": float(w), "num_updates": int(u), "train_wall": int(t)}
+    inner = sorted(float(w) for w in INNER_WPS_RE.findall(text))
+    out = {
         # fairseq's own training time, summed over resumed segments (excludes start-up and the
         # final validation), so a segment whose driver was interrupted still counts
         "fairseq_train_s": round(sum(float(s) for s in DONE_RE.findall(text)), 1),
         "valid_loss": [[u, valid[u]] for u in sorted(valid)],
-        "epochs": epochs,
+        "valid_loss_by_epoch": [[e, by_epoch[e]] for e in sorted(by_epoch)],
+        "epochs": [epochs[e] for e in sorted(epochs)],
         "median_train_wps": inner[len(inner) // 2] if inner else None,
     }
+    if by_epoch:
+        best = min(by_epoch, key=lambda e: (by_epoch[e], e))
+        out.update(last_epoch=max(by_epoch), best_epoch=best, best_valid_loss=by_epoch[best])
+    if epochs:
+        last = epochs[max(epochs)]
+        walls = sum(e["train_wall"] for e in epochs.values())
+        out["train_s_per_update"] = round(walls / last["num_updates"], 3) if last["num_updates"] else None
+    m = EARLY_STOP_RE.search(text)
+    out["stopped_by"] = f"patience ({m.group(1)} epochs without a better validation loss)" if m else None
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Run:
     def __init__(self, corpus: str, norm: str, seed: int, args):
         self.corpus, self.norm, self.seed, self.args = corpus, norm, seed, args
+        self.spec = CORPORA[corpus]
+        self.campaign = CAMPAIGNS[args.campaign]
         self.name = f"{norm}_s{seed}"
-        self.dir = REPO / "runs" / corpus / self.name
-        self.record_path = REPO / "results" / "runs" / corpus / f"{self.name}.json"
+        sub = "" if args.campaign == "pilot" else f"{args.campaign}/"  # the pilot's runs predate campaigns
+        self.dir = REPO / "runs" / f"{sub}{corpus}" / self.name
+        self.record_path = REPO / self.campaign.records / corpus / f"{self.name}.json"
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
-        self.preset = f"{CORPORA[corpus][0]}_{norm}"
+        self.preset = f"{self.spec.prefix}_{norm}"
+        self.lock = self.dir / "run.lock"
 
     def save(self, **updates) -> None:
         self.record.update(updates)
@@ -104,6 +179,9 @@ class Run:
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {self.corpus}/{self.name}: {msg}", flush=True)
+
+    def threads(self) -> int:
+        return self.args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
 
     def sh(self, cmd: list[str], log: Path) -> float:
         env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -123,133 +201,241 @@ class Run:
                 "--config-name", self.preset,
                 f"task.data={data}", f"common.seed={self.seed}",
                 f"checkpoint.save_dir={self.dir}", f"hydra.run.dir={self.dir / 'hydra'}",
+                *self.campaign.overrides(self.spec),
                 *(["++model.track_norm_stats=" + str(self.dir / "norm_stats.csv")]
                   if self.args.track_norm_stats else []),
                 *self.args.override]
 
+    def core_hours(self) -> float:
+        segs = self.record.get("train_segments", []) + list((self.record.get("eval_segments") or {}).values())
+        return round(sum(s["wall_s"] * (s.get("threads") or 1) for s in segs) / 3600, 3)
+
+    def state(self) -> str:
+        """done / running / interrupted / failed / to do, for the status table."""
+        status = self.record.get("status")
+        if status in (None, "to do"):
+            return "to do"
+        if status in ("done", "failed"):
+            return status
+        if self.lock.exists():
+            try:
+                pid = int(self.lock.read_text().split()[0])
+            except (ValueError, IndexError):
+                pid = -1
+            if pid > 0 and pid_alive(pid):
+                return "running"
+        return "interrupted (rerun the command to resume)"
+
     def collect(self) -> None:
-        """Refresh what a record takes from the training log (validation curve, speed); an
-        unfinished run is marked as such, with how far it got."""
+        """Refresh what a record takes from the training log (validation curve, speed)."""
         log = self.dir / "train.log"
-        if not log.exists():
+        if log.exists():
+            self.save(**parse_log(log))
+
+    def checkpoint_for(self, which: str) -> Path:
+        return {"avg": self.dir / "checkpoint_avg.pt", "best": self.dir / "checkpoint_best.pt",
+                "last": self.dir / "checkpoint_last.pt"}[which]
+
+    def average(self, log: Path) -> None:
+        avg = self.checkpoint_for("avg")
+        kind, n = self.campaign.average
+        if avg.exists():
             return
-        parsed = parse_log(log)
-        if self.record.get("status") == "done":
-            self.save(**parsed)
-            return
-        last = parsed["valid_loss"][-1][0] if parsed["valid_loss"] else 0
-        self.save(**parsed, status="unfinished",
-                  progress=f"last validation at update {last}; rerun the same command to resume")
-        self.log(f"unfinished, {self.record['progress']}")
+        self.log(f"averaging the last {n} {kind} checkpoints")
+        self.sh([sys.executable, "scripts/average_checkpoints.py", "--dir", str(self.dir),
+                 f"--num-{kind}-checkpoints", str(n), "--output", str(avg)], log)
+        self.save(averaged=f"last {n} {kind} checkpoints")
+
+    def evaluate(self, which: str, log: Path) -> dict:
+        evaluations = self.record.setdefault("evaluations", {})
+        if which in evaluations:
+            return evaluations[which]
+        out = self.dir / f"eval_{which}.json"
+        cmd = ["bash", f"scripts/evaluate_{self.spec.metric}.sh", "--data", str(REPO / self.spec.prepared),
+               "--checkpoint", str(self.checkpoint_for(which)), "--out", str(out)]
+        self.log(f"evaluating the {which} checkpoint")
+        wall = self.sh(cmd, log)
+        evaluation = json.loads(out.read_text())
+        evaluation["eval_command"] = shlex.join(cmd)
+        evaluations[which] = evaluation
+        segs = self.record.setdefault("eval_segments", {})
+        segs[which] = {"wall_s": round(wall, 1), "threads": self.threads(), "commit": git_commit()}
+        self.save(evaluations=evaluations, eval_segments=segs, core_hours=self.core_hours())
+        return evaluation
 
     def run(self) -> None:
         if self.record.get("status") == "done":
             self.log("done already (delete the record to rerun)")
             return
-        _, prepared, eval_script = CORPORA[self.corpus]
-        prepared = REPO / prepared
-        data = prepared / "data-bin"
+        data = REPO / self.spec.prepared / "data-bin"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.record.pop("error", None)  # from an earlier failed attempt of this run
         log = self.dir / "train.log"
         cmd = self.train_cmd(data)
         segments = self.record.get("train_segments", [])
-        self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, preset=f"configs/{self.preset}.yaml",
-                  command=shlex.join(["python", *cmd[1:]]), status="training", hardware=hardware(self.args.threads),
-                  started_commit=git_commit())
-        if not (self.dir / "train.done").exists():
-            self.log("training")
-            start = time.strftime("%Y-%m-%d %H:%M:%S")
-            commit = git_commit()
-            try:
-                wall = self.sh(cmd, log)
-            finally:
-                parsed = parse_log(log)
-            segments.append({"started": start, "wall_s": round(wall, 1), "commit": commit})
-            (self.dir / "train.done").write_text("")
-            self.save(train_segments=segments, train_wall_s=round(sum(s["wall_s"] for s in segments), 1), **parsed)
-        avg = self.dir / "checkpoint_avg.pt"
-        if not avg.exists():
-            self.log(f"averaging the last {self.args.average} checkpoints")
-            self.sh([sys.executable, "scripts/average_checkpoints.py", "--dir", str(self.dir),
-                     "--num-update-checkpoints", str(self.args.average), "--output", str(avg)], log)
-        self.save(averaged=f"last {self.args.average} update checkpoints (every 100 updates)", status="evaluating")
-        self.log("evaluating")
-        out = self.dir / "eval.json"
-        eval_cmd = ["bash", eval_script, "--data", str(prepared), "--checkpoint", str(avg), "--out", str(out)]
-        wall = self.sh(eval_cmd, log)
-        evaluation = json.loads(out.read_text())
-        self.save(evaluation=evaluation, eval_wall_s=round(wall, 1), eval_command=shlex.join(eval_cmd),
-                  status="done", commit=git_commit())
-        self.log(f"done: {json.dumps({k: v for k, v in evaluation.items() if 'bleu' in k or k in ('metric', 'value')})[:200]}")
-
-    def evaluate_last(self) -> None:
-        """Evaluate ``checkpoint_last.pt`` (the final weights, not averaged) of a finished run
-        into the record's ``evaluation_last``; skipped when done already or when the checkpoint
-        is gone (checkpoints live outside the repository)."""
-        if self.record.get("status") != "done" or "evaluation_last" in self.record:
-            return
-        ckpt = self.dir / "checkpoint_last.pt"
-        if not ckpt.exists():
-            self.log(f"no {ckpt}; the last checkpoint cannot be evaluated")
-            return
-        _, prepared, eval_script = CORPORA[self.corpus]
-        out = self.dir / "eval_last.json"
-        cmd = ["bash", eval_script, "--data", str(REPO / prepared), "--checkpoint", str(ckpt),
-               "--out", str(out)]
-        self.log("evaluating the last checkpoint")
-        wall = self.sh(cmd, self.dir / "train.log")
-        self.save(evaluation_last=json.loads(out.read_text()), eval_last_wall_s=round(wall, 1),
-                  eval_last_command=shlex.join(cmd), eval_last_commit=git_commit())
+        self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, campaign=self.args.campaign,
+                  preset=f"configs/{self.preset}.yaml", command=shlex.join(["python", *cmd[1:]]),
+                  status="training", hardware=hardware(self.args.threads),
+                  started_commit=self.record.get("started_commit") or git_commit())
+        atomic_write_text(self.lock, f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            if not (self.dir / "train.done").exists():
+                self.log("training")
+                start = time.strftime("%Y-%m-%d %H:%M:%S")
+                commit = git_commit()
+                t0 = time.time()
+                try:
+                    self.sh(cmd, log)
+                finally:
+                    segments.append({"started": start, "wall_s": round(time.time() - t0, 1),
+                                     "threads": self.threads(), "commit": commit})
+                    self.save(train_segments=segments,
+                              train_wall_s=round(sum(s["wall_s"] for s in segments), 1),
+                              core_hours=self.core_hours(), **parse_log(log))
+                (self.dir / "train.done").write_text("")
+            parsed = parse_log(log)
+            if parsed.get("stopped_by") is None and parsed.get("last_epoch") and \
+                    self.args.campaign != "pilot":
+                parsed["stopped_by"] = f"epoch cap ({parsed['last_epoch']} epochs; not converged by the rule)"
+            self.save(status="evaluating", **parsed)
+            if "avg" in self.campaign.evaluations:
+                self.average(log)
+            for which in self.campaign.evaluations:
+                self.evaluate(which, log)
+            self.save(status="done", commit=git_commit(), core_hours=self.core_hours())
+            self.log("done")
+        finally:
+            self.lock.unlink(missing_ok=True)
 
 
-def _run_and_eval_last(run: Run) -> None:
-    run.run()
-    run.evaluate_last()
+def significance(runs: list[Run]) -> None:
+    """Paired bootstrap (sacreBLEU, 1000 samples) of each norm's averaged model against LN's of the
+    same seed, on the test set, for the tokenized (paper) and the detokenized BLEU; stored in the
+    norm's record as ``paired_bootstrap``. Needs both runs done; skipped when already there."""
+    from powernorm_fairseq.analysis.stats import paired_bootstrap_bleu
+    from powernorm_fairseq.pipeline.evaluate import load_prepared
+    from powernorm_fairseq.pipeline.common import read_lines
+
+    by_key = {(r.corpus, r.norm, r.seed): r for r in runs}
+    for run in runs:
+        base = by_key.get((run.corpus, "ln", run.seed))
+        if run.norm == "ln" or base is None or run.spec.metric != "bleu" or "paired_bootstrap" in run.record:
+            continue
+        if run.record.get("status") != "done" or base.record.get("status") != "done":
+            continue
+        _, prep = load_prepared(REPO / run.spec.prepared)
+        lower = True  # the Multi30k/IWSLT14 recipes are lowercased (evaluate.RECIPES)
+        result = {"vs": f"ln_s{run.seed}", "checkpoint": "avg"}
+        for key, field, refs, tok in (("bleu_detok", "hypotheses", prep["references"]["detok"], "13a"),
+                                      ("bleu_tokenized", "hypotheses_tokenized", prep["references"]["tok"], "none")):
+            hyp = Path(run.record["evaluations"]["avg"].get(field, ""))
+            hyp_base = Path(base.record["evaluations"]["avg"].get(field, ""))
+            if not (hyp.is_file() and hyp_base.is_file()):
+                run.log(f"no {hyp.name} beside both evaluations: paired bootstrap of {key} skipped")
+                continue
+            result[key] = paired_bootstrap_bleu(read_lines(refs), read_lines(hyp_base), read_lines(hyp),
+                                                tokenize=tok, lowercase=lower)
+        if len(result) > 2:
+            run.save(paired_bootstrap=result)
+            run.log(f"paired bootstrap vs LN: p = {result.get('bleu_tokenized', {}).get('p_value')}")
+
+
+def write_status(args) -> None:
+    """Rewrite ``results/status.md``: every run of every campaign that has a record or is asked
+    for now, with its state, stopping epoch and core-hours; totals spent and estimated left."""
+    lines = ["# Run status", "",
+             "Written by `scripts/reproduce.py` after every step (and by `--status`). "
+             "Core-hours = wall time x threads of every training and evaluation segment.", ""]
+    for campaign in ("converged", "budget", "pilot"):
+        spec = CAMPAIGNS[campaign]
+        rows, spent, done_hours, todo = [], 0.0, {}, {}
+        for corpus in CORPORA:
+            names = {p.stem for p in (REPO / spec.records / corpus).glob("*.json")}
+            if campaign == args.campaign and corpus == args.corpus:
+                names |= {f"{n}_s{s}" for n in args.norms for s in args.seed_list}
+            for name in sorted(names, key=lambda n: (NORMS.index(n.split("_s")[0]) if n.split("_s")[0] in NORMS
+                                                     else 99, int(n.split("_s")[1]))):
+                norm, seed = name.split("_s")
+                ns = argparse.Namespace(**{**vars(args), "campaign": campaign})
+                run = Run(corpus, norm, int(seed), ns)
+                state, hours = run.state(), run.core_hours()
+                spent += hours
+                if state == "done":
+                    done_hours.setdefault(corpus, []).append(hours)
+                else:
+                    todo[corpus] = todo.get(corpus, 0) + 1
+                rec = run.record
+                rows.append(f"| {corpus} | {name} | {state} | {rec.get('last_epoch', '-')} | "
+                            f"{rec.get('best_epoch', '-')} | {rec.get('stopped_by') or '-'} | {hours:.2f} |")
+        if not rows:
+            continue
+        left = []
+        for corpus, n in todo.items():
+            per = done_hours.get(corpus)
+            left.append(f"{corpus}: {n} run(s) not done, about {n * sum(per) / len(per):.1f} core-hours at the "
+                        f"mean of its {len(per)} done run(s)" if per else
+                        f"{corpus}: {n} run(s) not done (no done run yet to estimate from)")
+        lines += [f"## Campaign `{campaign}`", "",
+                  "| corpus | run | state | last epoch | best epoch | stopped by | core-hours |",
+                  "|---|---|---|---|---|---|---|", *rows, "",
+                  f"Spent: {spent:.2f} core-hours. Left: " + ("; ".join(left) or "nothing") + ".", ""]
+    lines.append(f"Last written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
+    atomic_write_text(REPO / "results" / "status.md", "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", choices=sorted(CORPORA))
-    p.add_argument("--norms", default="ln,bn,pnv,pn,pnpaper",
+    p.add_argument("--campaign", choices=sorted(CAMPAIGNS), default="converged",
+                   help="converged (default): to convergence, 3 evaluations; budget: the sizing run; "
+                   "pilot: the earlier short fixed budgets")
+    p.add_argument("--norms", default=",".join(NORMS),
                    help="comma list; each names a preset configs/<prefix>_<norm>.yaml "
                    "(prefix: multi30k, ptb_cpu)")
-    p.add_argument("--seeds", default="1", help="comma list of seeds")
+    p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0 = inherit)")
-    p.add_argument("--average", type=int, default=3, help="update checkpoints to average")
     p.add_argument("--override", nargs="*", default=[], help="extra hydra overrides for training")
     p.add_argument("--track-norm-stats", action="store_true",
                    help="also record the norm statistics of the first encoder norm (Figs. 2-4) in "
-                   "runs/<corpus>/<run>/norm_stats.csv; tracking does not change training")
-    p.add_argument("--eval-last", action="store_true",
-                   help="also evaluate the last checkpoint (not averaged) of every finished run "
-                   "whose checkpoints are still in runs/, as the record's evaluation_last; "
-                   "averaging checkpoints of a short run mixes very different weights")
+                   "runs/<campaign>/<corpus>/<run>/norm_stats.csv; tracking does not change training")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: refresh the records from the training logs")
+    p.add_argument("--status", action="store_true", help="train nothing: rewrite results/status.md")
     args = p.parse_args(argv)
-    runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for norm in args.norms.split(","):
-            preset = REPO / "configs" / f"{CORPORA[args.corpus][0]}_{norm}.yaml"
-            if not preset.exists():
-                raise SystemExit(f"no preset {preset.relative_to(REPO)}")
-            runs.append(Run(args.corpus, norm, seed, args))
+    args.norms = args.norms.split(",")
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    unknown = [n for n in args.norms if not (REPO / "configs" / f"{CORPORA[args.corpus].prefix}_{n}.yaml").exists()]
+    if unknown:
+        raise SystemExit(f"--norms: no preset configs/{CORPORA[args.corpus].prefix}_<norm>.yaml for "
+                         f"{', '.join(unknown)} (choose from {', '.join(NORMS)})")
+    runs = [Run(args.corpus, norm, seed, args) for seed in args.seed_list for norm in args.norms]
+    if args.status:
+        write_status(args)
+        return
     if args.collect:
         for run in runs:
             run.collect()
+        write_status(args)
         return
+    write_status(args)
     failed = []
+
+    def job(run: Run) -> None:
+        try:
+            run.run()
+        except Exception as e:  # one failed run must not stop the others; its record says so
+            run.save(status="failed", error=str(e))
+            run.log(f"FAILED: {e}")
+            failed.append(run.name)
+        finally:
+            write_status(args)
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        job = _run_and_eval_last if args.eval_last else Run.run
-        for run, fut in [(r, pool.submit(job, r)) for r in runs]:
-            try:
-                fut.result()
-            except Exception as e:  # one failed run must not stop the others; its record says so
-                run.save(status="failed", error=str(e))
-                run.log(f"FAILED: {e}")
-                failed.append(run.name)
+        list(pool.map(job, runs))
+    if CAMPAIGNS[args.campaign].significance:
+        significance(runs)
+    write_status(args)
     if failed:
         raise SystemExit(f"failed runs: {', '.join(failed)}")
 

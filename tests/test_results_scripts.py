@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -36,6 +40,79 @@ def test_parse_log_reads_curve_speed_and_time(tmp_path):
     assert parsed["median_train_wps"] == 538.4
     assert parsed["fairseq_train_s"] == 120.5  # resumed segments add up
     assert parsed["epochs"] == [{"epoch": 1, "wps": 500.5, "num_updates": 124, "train_wall": 800}]
+    assert parsed["valid_loss_by_epoch"] == [[1, 8.234]]  # the end-of-epoch validation wins
+    assert parsed["train_s_per_update"] == round(800 / 124, 3)
+    assert parsed["stopped_by"] is None
+
+
+CONVERGED_LOG = "".join(
+    f"[2026-12-01 10:00:00,000][valid][INFO] - epoch {e:03d} | valid on 'valid' subset | loss {v} | "
+    f"nll_loss 1 | ppl 2 | num_updates {124 * e}\n"
+    f"[2026-12-01 10:00:01,000][train][INFO] - epoch {e:03d} | loss 5 | wps 900.0 | ups 1 | "
+    f"num_updates {124 * e} | lr 0.001 | train_wall 100 | wall 101\n"
+    for e, v in enumerate([6.0, 5.0, 4.5, 4.6, 4.7, 4.55, 4.8, 4.9], start=1)
+) + ("[2026-12-01 10:00:02,000][fairseq_cli.train][INFO] - early stop since valid performance "
+     "hasn't improved for last 5 runs\n")
+
+
+def test_parse_log_reads_the_stopping_rule(tmp_path):
+    reproduce = load_script("reproduce")
+    log = tmp_path / "train.log"
+    log.write_text(CONVERGED_LOG)
+    parsed = reproduce.parse_log(log)
+    assert (parsed["last_epoch"], parsed["best_epoch"], parsed["best_valid_loss"]) == (8, 3, 4.5)
+    assert parsed["stopped_by"].startswith("patience (5 epochs")
+    assert parsed["train_s_per_update"] == round(800 / (124 * 8), 3)
+
+
+def test_converged_campaign_overrides_are_the_papers_rule():
+    reproduce = load_script("reproduce")
+    ov = reproduce.CAMPAIGNS["converged"].overrides(reproduce.CORPORA["multi30k"])
+    assert "checkpoint.patience=5" in ov and "checkpoint.save_interval_updates=0" in ov
+    assert "checkpoint.keep_last_epochs=5" in ov and "optimization.max_update=0" in ov
+    assert f"optimization.max_epoch={reproduce.CORPORA['multi30k'].max_epoch}" in ov
+    assert reproduce.CAMPAIGNS["converged"].evaluations == ("avg", "best", "last")
+    assert reproduce.CAMPAIGNS["pilot"].overrides(reproduce.CORPORA["ptb"]) == []
+
+
+def test_status_table_tells_running_interrupted_and_to_do(tmp_path, monkeypatch):
+    reproduce = load_script("reproduce")
+    monkeypatch.setattr(reproduce, "REPO", tmp_path)
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    seg = {"wall_s": 7200.0, "threads": 1}
+    (recs / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, "status": "done",
+                                                 "train_segments": [seg], "last_epoch": 30}))
+    (recs / "bn_s1.json").write_text(json.dumps({"norm": "bn", "seed": 1, "status": "training",
+                                                 "train_segments": [{"wall_s": 3600.0, "threads": 1}]}))
+    (recs / "pn_s1.json").write_text(json.dumps({"norm": "pn", "seed": 1, "status": "training"}))
+    lock = tmp_path / "runs" / "converged" / "multi30k" / "bn_s1" / "run.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{os.getpid()} host\n")  # a live process holds it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    lock = tmp_path / "runs" / "converged" / "multi30k" / "pn_s1" / "run.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{dead} host\n")
+    args = reproduce.argparse.Namespace(campaign="converged", corpus="multi30k", norms=["ln", "bn", "pn", "pnv"],
+                                        seed_list=[1], threads=1, track_norm_stats=False, override=[])
+    reproduce.write_status(args)
+    status = (tmp_path / "results" / "status.md").read_text()
+    assert "| multi30k | ln_s1 | done | 30 |" in status and "| 2.00 |" in status
+    assert "| multi30k | bn_s1 | running |" in status
+    assert "| multi30k | pn_s1 | interrupted" in status
+    assert "| multi30k | pnv_s1 | to do |" in status
+    assert "Spent: 3.00 core-hours" in status
+    assert "multi30k: 3 run(s) not done, about 6.0 core-hours at the mean of its 1 done run(s)" in status
+
+
+def converged_record(norm, seed, bleu, **extra):
+    ev = {w: {"value": bleu + d, "bleu_tokenized": {"score": bleu + d, "signature": "nrefs:1|tok:none"},
+              "bleu_detok": {"score": bleu + d - 0.5}} for w, d in (("avg", 0.0), ("best", -0.2), ("last", -0.4))}
+    return {"norm": norm, "seed": seed, "status": "done", "evaluations": ev, "last_epoch": 30 + seed,
+            "best_epoch": 25 + seed, "core_hours": 1.5, "stopped_by": "patience (5 epochs ...)",
+            "valid_loss_by_epoch": [[1, 6.0], [2, 5.0 - seed * 0.01]], "hardware": {"cpu": "test", "threads": 1},
+            "train_segments": [{"commit": "abc"}], **extra}
 
 
 @pytest.fixture
@@ -43,31 +120,53 @@ def results_dir(tmp_path, monkeypatch):
     make_results = load_script("make_results")
     monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(make_results, "REPO", tmp_path)
-    (tmp_path / "README.md").write_text("intro\n<!-- results:begin -->\nold\n<!-- results:end -->\nrest\n")
+    (tmp_path / "README.md").write_text("intro\n<!-- results:begin -->\nSTALE-CONTENT\n<!-- results:end -->\nrest\n")
     runs = tmp_path / "results" / "runs" / "multi30k"
     runs.mkdir(parents=True)
-    for norm, bleu, status in (("ln", 20.0, "done"), ("pn", 21.5, "done"), ("bn", None, "unfinished")):
-        rec = {"norm": norm, "seed": 1, "status": status, "valid_loss": [[100, 6.0], [200, 5.5]],
-               "median_train_wps": 600.0, "hardware": {"cpu": "test"}}
-        if bleu is not None:
-            rec["evaluation"] = {"bleu_tokenized": {"score": bleu, "detail": "BLEU = x (ratio = 1.010)"},
-                                 "bleu_detok": {"score": bleu - 0.1}}
-        else:
-            rec["progress"] = "last validation at update 200"
-        (runs / f"{norm}_s1.json").write_text(json.dumps(rec))
+    # LN 20, 21, 22; PN +1.0, +1.2, +1.1 (a consistent gain); BN -1, +1, 0 (noise)
+    for seed, (ln, pn, bn) in enumerate([(20.0, 21.0, 19.0), (21.0, 22.2, 22.0), (22.0, 23.1, 22.0)], start=1):
+        (runs / f"ln_s{seed}.json").write_text(json.dumps(converged_record("ln", seed, ln)))
+        pb = {"bleu_tokenized": {"p_value": 0.001, "signature": "bs:1000", "system": {"score": pn},
+                                 "baseline": {"score": ln}}}
+        (runs / f"pn_s{seed}.json").write_text(json.dumps(converged_record("pn", seed, pn, paired_bootstrap=pb)))
+        (runs / f"bn_s{seed}.json").write_text(json.dumps(converged_record("bn", seed, bn)))
+    pilot = tmp_path / "results" / "pilot" / "runs" / "multi30k"
+    pilot.mkdir(parents=True)
+    (pilot / "pnpaper_s1.json").write_text(json.dumps({
+        "norm": "pnpaper", "seed": 1, "status": "done", "known_fault": "fault 1",
+        "evaluation": {"bleu_tokenized": {"score": 19.0}, "bleu_detok": {"score": 18.9}},
+        "valid_loss": [[100, 6.0], [200, 5.5]]}))
     return make_results, tmp_path
 
 
-def test_tables_come_from_records_and_mark_unfinished_runs(results_dir):
+def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero(results_dir):
     make_results, root = results_dir
-    make_results.main()
+    make_results.main([])
     table = (root / "results" / "table1_multi30k.md").read_text()
-    assert "| LN | 35.5 | 29.5 | 20.00 (1 seed) | 19.90 (1 seed) | 1.01 (1 seed) | 5.500 |" in table
-    assert "ours: +1.50 (reference variant)" in table
-    assert "unfinished (last validation at update 200)" in table
-    assert "| PN-V | 35.4 | 28.5 | not run |" in table
-    assert (root / "results" / "multi30k_valid_loss.png").stat().st_size > 0
+    assert "| LN | 35.5 | 29.5 | 21.00 ± 1.00 (3 seeds, range 20.00-22.00) |" in table
+    # PN - LN = 1.1 +- t(0.975, 2) * 0.1 / sqrt(3) = 1.10 [0.85, 1.35]
+    assert "+1.10 [+0.85, +1.35] (3 seeds): PN > LN (better)" in table
+    assert "BN | +0.00 [" in table and "no significant difference at this scale" in table
+    assert "s1: 21.00 vs 20.00, p = 0.001" in table
+    assert "- Does PN (reference variant) beat LN? PN > LN (better)" in table
+    assert "s1: 31 (26)" in table  # stopping and best epoch per seed
+    assert (root / "results" / "multi30k_valid_loss.png").stat().st_size > 1000
     readme = (root / "README.md").read_text()
-    assert "old" not in readme and "| LN | 35.5" in readme and readme.endswith("rest\n")
+    assert "STALE-CONTENT" not in readme and "PN > LN (better)" in readme and readme.endswith("rest\n")
     ptb = (root / "results" / "table2_ptb.md").read_text()
-    assert "| LN | 53.2 | 20.9 | not run |" in ptb
+    assert "| LN | 53.2 | 20.9 | not run |" in ptb and "- Does BN fall behind LN? not run yet" in ptb
+    pilot = (root / "results" / "pilot" / "table1_multi30k.md").read_text()
+    assert "PN (paper variant) (trained with fault 1) | 19.00 (1 seed)" in pilot
+
+
+def test_make_results_help_writes_nothing(tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in (REPO / "results").rglob("*") if p.is_file()}
+    readme = (REPO / "README.md").read_text()
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "make_results.py"), "--help"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "usage" in out.stdout
+    assert {p: p.stat().st_mtime_ns for p in (REPO / "results").rglob("*") if p.is_file()} == before
+    assert (REPO / "README.md").read_text() == readme
+
+
+

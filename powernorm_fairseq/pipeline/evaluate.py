@@ -105,6 +105,7 @@ def score_bleu(hyps_tok: list[str], refs_tok: list[str], refs_raw: list[str], *,
         "bleu_detok": {"score": round(d.score, 2), "signature": str(detokenized.get_signature()),
                        "detail": str(d)},
         "hyps_detok": hyps_detok,
+        "hyps_paper": hyps_paper,
     }
 
 
@@ -148,6 +149,8 @@ def evaluate_bleu(args) -> dict:
                         case_sensitive=recipe["case_sensitive"], compound=recipe["compound_split"])
     out = Path(args.out or Path(args.checkpoint).with_suffix(".bleu.json"))
     atomic_write_lines(out.with_suffix(".hyp.txt"), scores.pop("hyps_detok"))
+    # the hypotheses as the paper's metric scores them (paired bootstrap of the tokenized BLEU)
+    atomic_write_lines(out.with_suffix(".hyp.tok.txt"), scores.pop("hyps_paper"))
     record = {
         "metric": "bleu", "value": scores["bleu_tokenized"]["score"],
         "metric_definition": ("tokenized BLEU, " + ("case-sensitive, compound-split"
@@ -155,7 +158,8 @@ def evaluate_bleu(args) -> dict:
         **scores, "beam": beam, "lenpen": lenpen, "recipe": args.recipe or prep["corpus"],
         "checkpoint": str(Path(args.checkpoint).resolve()), "data": str(root),
         "n_sentences_scored": len(hyps_tok), "n_test_sentences": n_test,
-        "hypotheses": str(out.with_suffix(".hyp.txt")), "command": args.command,
+        "hypotheses": str(out.with_suffix(".hyp.txt")),
+        "hypotheses_tokenized": str(out.with_suffix(".hyp.tok.txt")), "command": args.command,
         "fairseq_command": " ".join(cmd), "git_commit": git_commit(), "hardware": hardware(),
         "wall_s": round(time.time() - t0, 1)}
     atomic_write_json(out, record)
