@@ -1,6 +1,8 @@
 """Norms under recomputation and graph capture: activation checkpointing, ``torch.compile``,
 TorchScript (issue 13 fault 2, issue 18 items 1 and 22). Pure torch, no fairseq needed."""
 
+import os
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -37,12 +39,14 @@ class _Stack(torch.nn.Module):
         return checkpoint(self.block, x, pad, use_reentrant=self.mode == "reentrant")
 
 
-def _step(stack, step, seed):
+def _step(stack, step, seed, call=None):
+    """One training step of ``stack`` (called through ``call``, e.g. its compiled form);
+    returns ``(output, input gradient, parameter gradients, norm buffers)``."""
     x, pad = _batch(seed=seed)
     x.requires_grad_()
     stack.norm.set_num_updates(step)
     stack.zero_grad()
-    y = stack(x, pad)
+    y = (stack if call is None else call)(x, pad)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed))
     gy[pad.t()] = 0.0
     y.backward(gy)
@@ -87,3 +91,51 @@ def test_forward_in_backward_without_snapshot_changes_nothing():
 
     Probe.apply(torch.ones(1, requires_grad=True)).sum().backward()
     torch.testing.assert_close(_buffers(norm), before)
+
+
+BACKENDS = ["aot_eager", "inductor"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("target", ["norm", "stack"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_compiled_equals_eager(cfg, target, backend):
+    """``torch.compile`` of the norm alone, or of Linear -> norm -> Linear, gives the eager
+    numbers (outputs, input and parameter gradients, every buffer) to 1e-5 in 4 training steps
+    (warmup 2 where set: before and after it) and then in eval, for every norm; stateful norms
+    graph-break and run eagerly.
+    CI uses the ``aot_eager`` backend (Dynamo and AOT autograd tracing, where the wrong numbers
+    of issue 18 item 1 came from); ``inductor`` adds code generation, about 2 minutes per graph
+    on 2 CPU cores, and runs with PN_TEST_INDUCTOR=1."""
+    if backend == "inductor" and os.environ.get("PN_TEST_INDUCTOR") != "1":
+        pytest.skip("inductor compiles take minutes on CPU; set PN_TEST_INDUCTOR=1")
+    _, name, kwargs = cfg
+    torch._dynamo.reset()
+    plain, module = _Stack(name, kwargs), _Stack(name, kwargs)
+    if target == "stack":
+        compiled = torch.compile(module, backend=backend)
+    else:
+        norm = torch.compile(module.norm, backend=backend)
+
+        def compiled(x, pad):
+            return module.out(norm(module.inp(x), padding_mask=pad))
+    for step in range(4):
+        ref, got = _step(plain, step, 60 + step), _step(module, step, 60 + step, call=compiled)
+        for a, b in zip(ref, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    plain.eval(), module.eval()
+    x, pad = _batch(seed=70)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, pad), plain(x, pad), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_buffers(module.norm), _buffers(plain.norm))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_torchscript_is_refused_with_a_clear_error(cfg):
+    """TorchScript is not supported (README section 2): ``torch.jit.script`` of a norm, or of a
+    model containing one, raises one sentence that says so and what to use instead."""
+    _, name, kwargs = cfg
+    stack = _Stack(name, kwargs).eval()
+    for target in (stack.norm, stack):
+        with pytest.raises(RuntimeError, match="do not support TorchScript"):
+            torch.jit.script(target)

@@ -86,6 +86,15 @@ class MaskedNorm(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first: fail with a sentence instead of
+        # a TorchScript compiler trace (the forward takes PEP 604 unions, calls autograd
+        # Functions with Python callbacks and the ctypes kernels, none of which TorchScript
+        # compiles)
+        raise RuntimeError(
+            f"{type(self).__name__}: powernorm_fairseq norms do not support TorchScript "
+            "(torch.jit.script). Run the model eagerly, or compile it with torch.compile.")
+
     def reset_running_stats(self) -> None:
         """Reset running buffers to their initial values (no-op for stateless norms)."""
 
