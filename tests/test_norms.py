@@ -368,6 +368,19 @@ def test_safeguard_acts_only_where_nu_recurrence_does_not_contract(w, safeguard,
     torch.testing.assert_close(norm.nu, expected.reshape(1))
 
 
+@pytest.mark.parametrize(("w", "counted"), [(1.5, False), (2.5, True)])
+def test_reference_counts_unstable_only_where_recurrence_does_not_contract(w, counted):
+    """The reference variant's ``num_unstable`` uses the paper variant's condition ``w >= 2``."""
+    a_b = 0.5
+    norm = build_norm("power", 1, variant="reference", alpha_bkw=a_b, group_num=0,
+                      affine=False).double()
+    with torch.no_grad():
+        norm.running_phi.fill_((1 - a_b) / w - norm.eps)
+    x = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64, requires_grad=True)
+    norm(x).backward(torch.ones_like(x))
+    assert int(norm.num_unstable) == int(counted)
+
+
 def test_non_finite_statistics_are_skipped_without_safeguard():
     """The skip of non-finite statistics does not depend on ``safeguard`` (fault 6's words)."""
     for safeguard in (True, False):
@@ -564,7 +577,8 @@ def _drifting_run(norm, steps, seed=0):
 
 @pytest.mark.slow
 def test_paper_variant_stays_finite_under_scale_drift():
-    """(1 - alpha_bkw) * Gamma reaches ~60 here: the clamp keeps nu a convex combination."""
+    """(1 - alpha_bkw) * Gamma reaches ~60 here: the safeguard (nu = Lambda / Gamma wherever
+    it reaches 2) keeps nu bounded."""
     max_nu = {}
     for safeguard, steps in ((True, 2000), (False, 400)):
         norm = _make("power", {"safeguard": safeguard}).train()
@@ -578,7 +592,7 @@ def test_paper_variant_stays_finite_under_scale_drift():
                 assert torch.isfinite(buf.float()).all(), name
             assert torch.isfinite(norm.weight.grad).all()
     assert max_nu[True] < 2.0
-    assert not max_nu[False] < 10 * max_nu[True]  # without the clamp nu is amplified (or NaN)
+    assert not max_nu[False] < 10 * max_nu[True]  # without the safeguard nu is amplified (or NaN)
 
 
 def test_reference_variant_counts_instability_and_warns_once():

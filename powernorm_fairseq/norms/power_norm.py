@@ -355,7 +355,7 @@ def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, s
     gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
     new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
     ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
-    unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
+    unstable = (count > 0) & ((c * gamma_all >= 2).any() | ~torch.isfinite(new).all())
     module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
     need = ctx.needs_input_grad
     return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
@@ -372,8 +372,8 @@ class ReferencePowerFunction(torch.autograd.Function):
       (D2); computed as ``dL/dy * (weight rstd_bwd) - x * (c E rstd_fwd rstd_bwd)``.
     - ``E += mean(approx * z)`` over ALL ``T*B`` positions, pads included (D5):
       ``(weight rstd_fwd sum(dL/dy x) - c E rstd_fwd^2 sum(x^2)) / (T*B)``; skipped when the batch
-      has no real token. ``num_unstable += 1`` when ``c * mean(z^2) > 1`` for some channel (the
-      recurrence then amplifies ``E``) or ``E`` became non-finite (batches without real tokens
+      has no real token. ``num_unstable += 1`` when ``c * mean(z^2) >= 2`` for some channel (the
+      recurrence then amplifies ``E``: it contracts only below 2, as in the paper variant) or ``E`` became non-finite (batches without real tokens
       are not counted); no safeguard otherwise.
     - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
 
@@ -475,7 +475,7 @@ class PowerNormReference(MaskedNorm):
     real tokens leaves ``running_phi`` and ``ema_gz`` unchanged (the released code would divide by
     zero).
 
-    Divergence counting: ``num_unstable`` counts backward steps where ``(1-alpha_bkw) Gamma > 1``
+    Divergence counting: ``num_unstable`` counts backward steps where ``(1-alpha_bkw) Gamma >= 2``
     (``Gamma = mean z^2`` over all positions) or ``ema_gz`` became non-finite. It is accumulated as
     a tensor (no host sync); the module reads it every ``check_every`` training calls and when its
     state dict is taken, and then warns once.
@@ -555,7 +555,7 @@ class PowerNormReference(MaskedNorm):
             self._warned = True
             warnings.warn(
                 f"PowerNormReference({self.num_features}): the ema_gz recurrence was unstable in "
-                f"{count} step(s) ((1-alpha_bkw)*mean(z^2) > 1 or non-finite ema_gz); this "
+                f"{count} step(s) ((1-alpha_bkw)*mean(z^2) >= 2 or non-finite ema_gz); this "
                 "variant has no safeguard. Raise alpha_bkw, use group_num >= 1, or use "
                 "variant='paper'.", RuntimeWarning, stacklevel=2)
         return count
