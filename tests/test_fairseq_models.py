@@ -363,11 +363,12 @@ def _rel_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("case", list(NORM_CASES))
-def test_appended_pad_columns_change_no_gradient(tiny_mt_data, case):
+def test_appended_pad_columns_change_no_gradient(tiny_mt_data, case, kernel_path):
     """Appending pad columns (source, target and previous tokens) leaves every parameter gradient
     of transformer_pn unchanged (relative <= 1e-6), before and after the PN warmup (2 updates);
     issue 13 fault 1. The reference variant's backward reaches pads by design (deviation D5):
-    there the gradients must differ once its ema_gz is non-zero, as documented."""
+    there the gradients must differ once its ema_gz is non-zero, as documented. Both kernel
+    paths."""
     kind = _kind(case)
     task, model, _ = build(
         tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
@@ -406,7 +407,8 @@ def test_activation_checkpointing_changes_nothing(tiny_mt_data, case, flags):
     """With ``--checkpoint-activations`` (``--offload-activations`` implies it) fairseq re-runs
     each layer's forward in the backward; the gradients, losses and every buffer over 3 SGD
     steps (crossing the PN warmup) agree with a plain run to 1e-6 (float64, where the two
-    backward graphs' different summation orders stay far below that); issue 13 fault 2."""
+    backward graphs' different summation orders stay far below that); issue 13 fault 2.
+    Default kernel path; ``test_norms_recompute.py`` runs both."""
     kind = _kind(case)
     common = ["--encoder-norm", kind, "--decoder-norm", kind, *NO_DROPOUT, *NORM_CASES[case]]
     task, plain, _ = build(tiny_mt_data, "transformer_pn_tiny", *common)
