@@ -5,15 +5,13 @@ import os
 
 import pytest
 import torch
+from test_norms import CONFIGS, C, _batch, _buffers, _ids  # the registry's test configs
 from torch.utils.checkpoint import checkpoint
 
 from powernorm_fairseq.norms import build_norm
 
-from test_norms import CONFIGS, _batch, _buffers, _ids
-
 # every test here runs on both the fused CPU kernels and the eager path (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("kernel_path")
-C = 8
 
 
 class _Stack(torch.nn.Module):
