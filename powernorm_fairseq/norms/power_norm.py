@@ -373,8 +373,8 @@ class ReferencePowerFunction(torch.autograd.Function):
     - ``E += mean(approx * z)`` over ALL ``T*B`` positions, pads included (D5):
       ``(weight rstd_fwd sum(dL/dy x) - c E rstd_fwd^2 sum(x^2)) / (T*B)``; skipped when the batch
       has no real token. ``num_unstable += 1`` when ``c * mean(z^2) >= 2`` for some channel (the
-      recurrence then amplifies ``E``: it contracts only below 2, as in the paper variant) or ``E`` became non-finite (batches without real tokens
-      are not counted); no safeguard otherwise.
+      recurrence then amplifies ``E``; below 2 it contracts, as in the paper variant) or ``E``
+      became non-finite (batches without real tokens are not counted); no safeguard otherwise.
     - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
 
     The forward computes ``psi_B^2`` over the real tokens and ``sum(x^2)`` over all positions
