@@ -186,7 +186,7 @@ def test_batch_norm_matches_torch_without_padding():
 
 
 def _paper_steps_by_hand(xs, gys, keep, weight, bias, eps, a_f, a_b, warmup, safeguard):
-    """Algorithm 2 (with PN-V warmup and the w <= 1 clamp) step by step, float64, per channel."""
+    """Algorithm 2 (with PN-V warmup and the safeguard for w >= 2) step by step, float64."""
     psi2, nu = torch.ones(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64)
     n = keep.sum()
     out = []
@@ -206,13 +206,13 @@ def _paper_steps_by_hand(xs, gys, keep, weight, bias, eps, a_f, a_b, warmup, saf
             r = 1 / torch.sqrt(psi2 + eps)
             x_hat = x2 * r
             g = weight * gy2
-            x_tilde = g - nu * x_hat
+            x_tilde = g - keep[:, None] * nu * x_hat  # pads are in no statistic: no correction
             gx = x_tilde * r
         y = weight * x_hat + bias
         step = (1 - a_b) * (keep[:, None] * x_tilde * x_hat).sum(0) / n
         w = (1 - a_b) * (keep[:, None] * x_hat * x_hat).sum(0) / n
         if safeguard:
-            step = torch.where(w > 1, step / w, step)
+            step = torch.where(w >= 2, step / w, step)
         nu = nu + step
         psi2 = a_f * psi2 + (1 - a_f) * psi2_b
         out.append({"y": y.reshape(x.shape), "grad_x": gx.reshape(x.shape),
@@ -299,6 +299,96 @@ def test_padding_invariance(cfg):
         if t == 0 or not name == "power" or kwargs.get("variant") != "reference":
             # reference D5: ema_gz (hence later gradients) sees pads by design
             torch.testing.assert_close(ga, gb)
+
+
+def _pad_stack(name, kwargs, seed=0):
+    """Linear -> norm -> Linear in float64, as in a transformer sublayer."""
+    torch.manual_seed(seed)
+    return torch.nn.ModuleDict({
+        "inp": torch.nn.Linear(C, C), "norm": build_norm(name, C, **kwargs),
+        "out": torch.nn.Linear(C, C)}).double().train()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_appended_pads_change_no_gradient(cfg):
+    """Appending pad steps of random content (the loss ignores pads) leaves every parameter
+    gradient and buffer unchanged, before and after warmup; issue 13 fault 1. The reference
+    variant's backward applies its correction to pads too (deviation D5), so there pads do
+    change the first Linear's gradient once ``ema_gz`` is non-zero."""
+    _, name, kwargs = cfg
+    plain, padded = _pad_stack(name, kwargs), _pad_stack(name, kwargs)
+    gen = torch.Generator().manual_seed(5)
+    reference = kwargs.get("variant") == "reference"
+    changed = []
+    for step in range(4):  # warmup_updates=2 where set: two PN-V steps, then PN
+        x, pad = _batch(dtype=torch.float64, seed=30 + step)
+        extra = 3
+        x_ext = torch.cat([x, torch.randn(extra, *x.shape[1:], generator=gen,
+                                          dtype=torch.float64) * 3.0])
+        pad_ext = torch.cat([pad, torch.ones(pad.shape[0], extra, dtype=torch.bool)], dim=1)
+        target = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        for stack, inp, mask in ((plain, x, pad), (padded, x_ext, pad_ext)):
+            stack["norm"].set_num_updates(step)
+            stack.zero_grad()
+            h = stack["norm"](stack["inp"](inp), padding_mask=mask)
+            out = stack["out"](h)[: x.shape[0]]
+            (out * target)[~pad.t()].sum().backward()
+        grads = [(n, p.grad, q.grad) for (n, p), q in
+                 zip(plain.named_parameters(), padded.parameters(), strict=True)]
+        if reference:
+            changed.append(max(((a - b).norm() / a.norm()).item() for _, a, b in grads))
+            continue
+        for pname, a, b in grads:
+            assert (a - b).norm() <= 1e-6 * a.norm() + 1e-12, (step, pname)
+        torch.testing.assert_close(_buffers(plain), _buffers(padded), rtol=1e-9, atol=1e-12)
+    if reference:
+        assert changed[0] <= 1e-6 and max(changed) > 1e-3  # D5, documented
+
+
+@pytest.mark.parametrize(("w", "safeguard", "acts"),
+                         [(1.5, True, False), (1.99, True, False), (2.0, True, True),
+                          (3.0, True, True), (3.0, False, False)])
+def test_safeguard_acts_only_where_nu_recurrence_does_not_contract(w, safeguard, acts):
+    """``w = (1 - alpha_bkw) Gamma``: the step of ``nu`` is Algorithm 2's while ``|1 - w| < 1``;
+    for ``w >= 2`` the safeguard makes ``nu_t = Lambda / Gamma``; issue 13 fault 6."""
+    a_b = 0.5
+    norm = build_norm("power", 1, alpha_bkw=a_b, safeguard=safeguard, affine=False,
+                      eps=2.0 ** -20).double()  # w = 2 exactly: 1/4 - eps + eps is exact
+    gamma = w / (1 - a_b)
+    with torch.no_grad():  # running psi^2 such that mean(x_hat^2) = gamma for x = +-1
+        norm.running_psi2.fill_(1.0 / gamma - norm.eps)
+        norm.nu.fill_(0.3)
+    x = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64, requires_grad=True)
+    gy = torch.tensor([[0.2], [0.1], [0.4], [0.3]], dtype=torch.float64)
+    norm(x).backward(gy)
+    x_hat = x.detach() * gamma ** 0.5
+    lam = (gy * x_hat).mean()
+    algorithm_2 = 0.3 * (1 - w) + (1 - a_b) * lam
+    expected = lam / gamma if acts else algorithm_2
+    torch.testing.assert_close(norm.nu, expected.reshape(1))
+
+
+@pytest.mark.parametrize(("w", "counted"), [(1.5, False), (2.5, True)])
+def test_reference_counts_unstable_only_where_recurrence_does_not_contract(w, counted):
+    """The reference variant's ``num_unstable`` uses the paper variant's condition ``w >= 2``."""
+    a_b = 0.5
+    norm = build_norm("power", 1, variant="reference", alpha_bkw=a_b, group_num=0,
+                      affine=False).double()
+    with torch.no_grad():
+        norm.running_phi.fill_((1 - a_b) / w - norm.eps)
+    x = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]], dtype=torch.float64, requires_grad=True)
+    norm(x).backward(torch.ones_like(x))
+    assert int(norm.num_unstable) == int(counted)
+
+
+def test_non_finite_statistics_are_skipped_without_safeguard():
+    """The skip of non-finite statistics does not depend on ``safeguard`` (fault 6's words)."""
+    for safeguard in (True, False):
+        norm = build_norm("power", C, safeguard=safeguard)
+        x, _ = _batch()
+        x[0, 0, 0] = float("inf")
+        norm(x.requires_grad_()).backward(torch.ones(x.shape))
+        assert torch.isfinite(norm.running_psi2).all() and torch.isfinite(norm.nu).all()
 
 
 @pytest.mark.parametrize("cfg", STATEFUL, ids=_ids(STATEFUL))
@@ -487,7 +577,8 @@ def _drifting_run(norm, steps, seed=0):
 
 @pytest.mark.slow
 def test_paper_variant_stays_finite_under_scale_drift():
-    """(1 - alpha_bkw) * Gamma reaches ~60 here: the clamp keeps nu a convex combination."""
+    """(1 - alpha_bkw) * Gamma reaches ~60 here: the safeguard (nu = Lambda / Gamma wherever
+    it reaches 2) keeps nu bounded."""
     max_nu = {}
     for safeguard, steps in ((True, 2000), (False, 400)):
         norm = _make("power", {"safeguard": safeguard}).train()
@@ -501,7 +592,7 @@ def test_paper_variant_stays_finite_under_scale_drift():
                 assert torch.isfinite(buf.float()).all(), name
             assert torch.isfinite(norm.weight.grad).all()
     assert max_nu[True] < 2.0
-    assert not max_nu[False] < 10 * max_nu[True]  # without the clamp nu is amplified (or NaN)
+    assert not max_nu[False] < 10 * max_nu[True]  # without the safeguard nu is amplified (or NaN)
 
 
 def test_reference_variant_counts_instability_and_warns_once():

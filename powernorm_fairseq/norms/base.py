@@ -4,10 +4,14 @@
 the running buffers' reset, ``extra_repr``, state-dict versioning, input/mask validation and the
 ``(T, B, C)`` / ``(N, C)`` plumbing, plus float32 statistics under half precision and autocast.
 Subclasses implement only :meth:`MaskedNorm._normalize` on a ``(N, C)`` view.
+
+It also makes the stateful norms safe under activation checkpointing and ``torch.compile``
+(see :meth:`MaskedNorm.forward`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -41,6 +45,16 @@ class MaskedNorm(nn.Module):
     _version = 1
     #: Whether a per-token pre-scaling (GroupScaling) precedes the per-channel affine eval map.
     has_prescale = False
+    #: Whether training forwards update buffers (running statistics, step counters). Stateful
+    #: norms run eagerly under ``torch.compile`` and are recomputed from a snapshot of their state.
+    stateful = True
+    #: Host-side (Python) attributes a training forward reads or advances, kept with the buffers'
+    #: snapshot for a recomputation.
+    _host_state: tuple[str, ...] = ()
+    #: Snapshots kept for recomputation, newest last (a layer called k <= this many times before
+    #: its backward recomputes exactly); older ones are dropped, so memory stays bounded when
+    #: nothing is recomputed.
+    _max_snapshots = 8
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
                  sync_stats: bool = False, process_group=None, device=None, dtype=None):
@@ -61,6 +75,7 @@ class MaskedNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        self._snapshots: collections.deque = collections.deque(maxlen=self._max_snapshots)
 
     def _apply(self, fn, recurse=True):
         # fairseq --fp16 / bf16 casts whole models; running statistics such as psi^2 = E[x^2]
@@ -70,6 +85,15 @@ class MaskedNorm(nn.Module):
             if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
                 self._buffers[name] = buf.float()
         return self
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first: fail with a sentence instead of
+        # a TorchScript compiler trace (the forward takes PEP 604 unions, calls autograd
+        # Functions with Python callbacks and the ctypes kernels, none of which TorchScript
+        # compiles)
+        raise RuntimeError(
+            f"{type(self).__name__}: powernorm_fairseq norms do not support TorchScript "
+            "(torch.jit.script). Run the model eagerly, or compile it with torch.compile.")
 
     def reset_running_stats(self) -> None:
         """Reset running buffers to their initial values (no-op for stateless norms)."""
@@ -120,6 +144,58 @@ class MaskedNorm(nn.Module):
         return padding_mask.bool()
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Normalize ``x`` (see the class docstring for shapes).
+
+        A training forward of a stateful norm that runs while autograd executes a backward pass
+        is a recomputation (``torch.utils.checkpoint``, reentrant or not; fairseq's
+        ``checkpoint_wrapper``, i.e. ``--checkpoint-activations``, with or without
+        ``--offload-activations``). It runs on the state the original forward saw (a snapshot
+        of the buffers taken before that forward, newest first) and leaves the state as it
+        found it, so it reproduces the original output bit for bit and updates no statistic;
+        the backward then updates the backward-time statistics (``nu``, ``ema_gz``) once.
+
+        Stateful norms run eagerly under ``torch.compile`` (a clean graph break): their custom
+        autograd Functions update buffers in the forward and backward and call the fused CPU
+        kernels through ``ctypes``, neither of which a traced graph can reproduce.
+        """
+        if not self.stateful:
+            return self._forward(x, padding_mask)
+        return self._forward_stateful(x, padding_mask)
+
+    @torch.compiler.disable
+    def _forward_stateful(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        if not self.training:
+            return self._forward(x, padding_mask)
+        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recomputation
+            return self._recompute(x, padding_mask)
+        self._snapshots.append(self._snapshot())
+        return self._forward(x, padding_mask)
+
+    def _snapshot(self) -> dict:
+        with torch.no_grad():
+            state = {name: buf.clone() for name, buf in self._buffers.items() if buf is not None}
+        state.update((attr, getattr(self, attr)) for attr in self._host_state)
+        return state
+
+    def _restore(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, buf in self._buffers.items():
+                if buf is not None:
+                    buf.copy_(state[name])
+        for attr in self._host_state:
+            setattr(self, attr, state[attr])
+
+    def _recompute(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        # no snapshot left (a forward called from a backward hook, a second recomputation):
+        # run on the current state, still without changing it
+        current = self._snapshot()
+        self._restore(self._snapshots.pop() if self._snapshots else current)
+        try:
+            return self._forward(x, padding_mask)
+        finally:
+            self._restore(current)
+
+    def _forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         mask = self._check_input(x, padding_mask)
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
         no_autocast = (torch.autocast(x.device.type, enabled=False)

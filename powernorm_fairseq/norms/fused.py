@@ -164,9 +164,11 @@ def available() -> bool:
 
 
 def usable(*tensors: Tensor | None) -> bool:
-    """True when the fused path applies: enabled, built, and every given tensor is a CPU tensor
-    of one dtype, float32 or float64 (None entries are ignored)."""
-    if not _enabled or (_lib is None and _load() is None):
+    """True when the fused path applies: enabled, built, not being traced (``torch.compile``,
+    ``torch.jit.trace``: a graph cannot record a ``ctypes`` call), and every given tensor is a
+    CPU tensor of one dtype, float32 or float64 (None entries are ignored)."""
+    if (not _enabled or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or (_lib is None and _load() is None)):
         return False
     dtype = None
     for t in tensors:

@@ -34,6 +34,8 @@ class LayerNorm(MaskedNorm):
         >>> y = norm(torch.randn(10, 4, 512), padding_mask=torch.zeros(4, 10, dtype=torch.bool))
     """
 
+    stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
+
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
                  sync_stats: bool = False, process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)

@@ -115,7 +115,10 @@ class RunningPowerFunction(torch.autograd.Function):
         \frac{\partial L}{\partial \gamma} = \sum \frac{\partial L}{\partial y} \hat x, \quad
         \frac{\partial L}{\partial \beta} = \sum \frac{\partial L}{\partial y}
 
-    computed as ``grad_x = dL/dy * (weight r) - x * (nu r^2)``. The hook then receives the masked
+    computed as ``grad_x = dL/dy * (weight r) - k * x * (nu r^2)`` with ``k`` = 1 for real tokens
+    and 0 for pads: the ``nu`` correction stands for the gradient through the statistic, which
+    pads do not enter, so a pad's input gradient is its own ``dL/dy * weight * r`` (exactly 0 when
+    the loss does not depend on the pad's output). The hook then receives the masked
     sum ``sum_j k_j dL/dy_j x_j`` ``(C,)`` (all-reduced when ``sync``) and updates ``nu``.
 
     Shape: x ``(N, C)``; weight, bias, rstd, nu ``(C,)``; keep ``(N,)`` or None.
@@ -144,12 +147,15 @@ class RunningPowerFunction(torch.autograd.Function):
         coef_x = ctx.nu.to(x.dtype) * rstd * rstd
         if fused.usable(x, grad_y, keep, weight):  # gradient and its sums in one pass
             grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
-                grad_y, x, weight * rstd, coef_x, sum_keep=keep, sums=True)
+                grad_y, x, weight * rstd, coef_x, corr_keep=keep, sum_keep=keep, sums=True)
         else:
             grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
             masked_gyx, sum_gyx = column_sums(grad_x, keep)
             torch.mul(grad_y, weight * rstd, out=grad_x)
-            grad_x.addcmul_(x, coef_x, value=-1)
+            if keep is None:
+                grad_x.addcmul_(x, coef_x, value=-1)
+            else:
+                grad_x.addcmul_(x * coef_x, keep.unsqueeze(1), value=-1)
             sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
         ctx.backward_hook(maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0])
         need = ctx.needs_input_grad
@@ -165,7 +171,9 @@ class PowerNormPaper(MaskedNorm):
     - forward: ``x_hat = x / sqrt(psi^2_{t-1} + eps)``, ``y = weight * x_hat + bias``, then
       ``psi^2_t = alpha_fwd psi^2_{t-1} + (1 - alpha_fwd) psi_B^2`` with ``psi_B^2 = mean(x^2)``
       over the real tokens.
-    - backward: ``g = weight * dL/dy``, ``x_tilde = g - nu_{t-1} x_hat``,
+    - backward: ``g = weight * dL/dy``, ``x_tilde = g - nu_{t-1} x_hat`` at real tokens and
+      ``x_tilde = g`` at pads (pads do not enter ``psi_B^2``, so no statistic's gradient reaches
+      them: with the loss independent of pads their input gradient is exactly 0),
       ``dL/dx = x_tilde / sqrt(psi^2_{t-1} + eps)``, and
       ``nu_t = nu_{t-1} + (1 - alpha_bkw) mean(x_tilde * x_hat)`` (mean over the real tokens),
       i.e. ``nu_t = nu_{t-1} (1 - w) + (1 - alpha_bkw) Lambda`` with ``w = (1 - alpha_bkw) Gamma``.
@@ -180,11 +188,14 @@ class PowerNormPaper(MaskedNorm):
     module, so gradient accumulation does not shorten it. Plain-torch users with
     ``warmup_updates > 0`` call ``norm.set_num_updates(step)`` themselves.
 
-    Safeguards (deviations that act only where Algorithm 2 would break down): the ``nu``
-    recurrence is a convex combination only while ``w in (0, 1]``; with ``safeguard=True`` (default)
-    ``w`` is clamped to 1 (the whole increment is scaled by ``min(1, 1/w)``, so ``nu_t`` becomes
-    ``Lambda / Gamma`` in the clamped step), and updates of ``psi^2`` / ``nu`` with a non-finite
-    batch statistic, or from a batch without real tokens, are skipped.
+    Safeguard (a deviation that acts only where Algorithm 2 would break down): the ``nu``
+    recurrence contracts while ``|1 - w| < 1``, i.e. ``0 < w < 2``, and amplifies ``nu`` for
+    ``w >= 2``. With ``safeguard=True`` (default), in a step and channel with ``w >= 2`` (and only
+    there) the increment is scaled by ``1/w``, so that ``nu_t = Lambda / Gamma``, the fixed point
+    of the recurrence; every step with ``w < 2`` is Algorithm 2's. ``safeguard=False`` never
+    changes the step. Independently of ``safeguard``, an update of ``psi^2`` or ``nu`` with a
+    non-finite batch statistic, or from a batch without real tokens, is skipped (the buffer
+    keeps its value).
 
     Args:
         num_features: ``C``.
@@ -194,7 +205,8 @@ class PowerNormPaper(MaskedNorm):
         warmup_updates: optimizer updates of PN-V before PN. Default: 0.
         group_num: per-token RMS pre-scaling in ``group_num`` channel groups (the released code's
             GroupScaling, eps 1e-5, also at eval); 0 = off. Default: 0.
-        safeguard: clamp ``w`` to 1 as described above. Default: True.
+        safeguard: scale the ``nu`` step by ``1/w`` where ``w >= 2``, as described above.
+            Default: True.
         affine, sync_stats, process_group, device, dtype: see
             :class:`~powernorm_fairseq.norms.base.MaskedNorm`. With ``sync_stats`` the forward
             ``psi_B^2`` and the backward ``Lambda`` are all-reduced (one collective each).
@@ -212,6 +224,8 @@ class PowerNormPaper(MaskedNorm):
         ...     norm.set_num_updates(step)
         ...     norm(torch.randn(7, 3, 512)).sum().backward()
     """
+
+    _host_state = ("_num_updates_host",)
 
     def __init__(self, num_features: int, eps: float = 1e-5, alpha_fwd: float = 0.9,
                  alpha_bkw: float = 0.9, warmup_updates: int = 0, group_num: int = 0,
@@ -270,9 +284,9 @@ class PowerNormPaper(MaskedNorm):
                 nu = self.nu.to(gamma.dtype)
                 lam = weight * rstd * masked_sum_gyx / count.clamp(min=1)
                 step = one_minus_a * (lam - nu * gamma)
-                if self.safeguard:
+                if self.safeguard:  # only where the recurrence would not contract
                     w = one_minus_a * gamma
-                    step = step * torch.where(w > 1, 1.0 / w, torch.ones_like(w))
+                    step = step * torch.where(w >= 2, 1.0 / w, torch.ones_like(w))
                 ok = (count > 0) & torch.isfinite(step)
                 self.nu.copy_(torch.where(ok, nu + step, nu).to(self.nu.dtype))
 
@@ -341,7 +355,7 @@ def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, s
     gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
     new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
     ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
-    unstable = (count > 0) & ((c * gamma_all > 1).any() | ~torch.isfinite(new).all())
+    unstable = (count > 0) & ((c * gamma_all >= 2).any() | ~torch.isfinite(new).all())
     module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
     need = ctx.needs_input_grad
     return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
@@ -358,9 +372,9 @@ class ReferencePowerFunction(torch.autograd.Function):
       (D2); computed as ``dL/dy * (weight rstd_bwd) - x * (c E rstd_fwd rstd_bwd)``.
     - ``E += mean(approx * z)`` over ALL ``T*B`` positions, pads included (D5):
       ``(weight rstd_fwd sum(dL/dy x) - c E rstd_fwd^2 sum(x^2)) / (T*B)``; skipped when the batch
-      has no real token. ``num_unstable += 1`` when ``c * mean(z^2) > 1`` for some channel (the
-      recurrence then amplifies ``E``) or ``E`` became non-finite (batches without real tokens
-      are not counted); no safeguard otherwise.
+      has no real token. ``num_unstable += 1`` when ``c * mean(z^2) >= 2`` for some channel (the
+      recurrence then amplifies ``E``; below 2 it contracts, as in the paper variant) or ``E``
+      became non-finite (batches without real tokens are not counted); no safeguard otherwise.
     - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
 
     The forward computes ``psi_B^2`` over the real tokens and ``sum(x^2)`` over all positions
@@ -449,7 +463,9 @@ class PowerNormReference(MaskedNorm):
     - D6: the backward is the ``ema_gz`` approximation from the first step (see
       :class:`ReferencePowerFunction`); ``ema_gz = nu / (1 - alpha_bkw)`` in Algorithm 2's terms.
     - D5: ``ema_gz`` is updated with a mean over all ``T*B`` positions, pads included, while
-      ``psi_B^2`` excludes pads.
+      ``psi_B^2`` excludes pads; and the correction ``- c E z rstd_bwd`` of the input gradient is
+      applied at every position, so pads receive a gradient even when the loss ignores them
+      (which attention then carries into the parameters; the paper variant gives pads none).
     - D7: no cross-rank sync unless ``sync_stats=True`` (then ``psi_B^2``, the position count and
       the ``ema_gz`` increment are all-reduced: an opt-in departure from the released code).
 
@@ -459,7 +475,7 @@ class PowerNormReference(MaskedNorm):
     real tokens leaves ``running_phi`` and ``ema_gz`` unchanged (the released code would divide by
     zero).
 
-    Divergence counting: ``num_unstable`` counts backward steps where ``(1-alpha_bkw) Gamma > 1``
+    Divergence counting: ``num_unstable`` counts backward steps where ``(1-alpha_bkw) Gamma >= 2``
     (``Gamma = mean z^2`` over all positions) or ``ema_gz`` became non-finite. It is accumulated as
     a tensor (no host sync); the module reads it every ``check_every`` training calls and when its
     state dict is taken, and then warns once.
@@ -488,6 +504,7 @@ class PowerNormReference(MaskedNorm):
     """
 
     check_every = 1000
+    _host_state = ("_calls_since_check",)
 
     def __init__(self, num_features: int, eps: float = 1e-5, alpha_fwd: float = 0.9,
                  alpha_bkw: float = 0.9, warmup_updates: int = 0, group_num: int = 1,
@@ -538,7 +555,7 @@ class PowerNormReference(MaskedNorm):
             self._warned = True
             warnings.warn(
                 f"PowerNormReference({self.num_features}): the ema_gz recurrence was unstable in "
-                f"{count} step(s) ((1-alpha_bkw)*mean(z^2) > 1 or non-finite ema_gz); this "
+                f"{count} step(s) ((1-alpha_bkw)*mean(z^2) >= 2 or non-finite ema_gz); this "
                 "variant has no safeguard. Raise alpha_bkw, use group_num >= 1, or use "
                 "variant='paper'.", RuntimeWarning, stacklevel=2)
         return count
