@@ -17,7 +17,8 @@ from . import fused
 from .base import MaskedNorm
 from .batch_norm import PRESCALE_EPS, BatchStatNormFunction
 from .distributed import maybe_all_reduce
-from .functional import column_sum, column_sums, group_rms_scale, token_count
+from .functional import (column_sum, column_sums, grad_times_x, group_rms_scale, token_count,
+                         zero_pads_)
 
 
 def _check_alpha(name: str, value: float) -> None:
@@ -128,7 +129,7 @@ class RunningPowerFunction(torch.autograd.Function):
             y, sum_sq, _ = fused.affine_colstats(x, keep, rstd * weight, bias)
         else:
             y = torch.mul(x, x)  # scratch for the statistic first, then the output
-            sum_sq = column_sum(y, keep)
+            sum_sq = column_sum(zero_pads_(y, keep), None)
             torch.addcmul(bias, x, rstd * weight, out=y)
         sum_sq, count = maybe_all_reduce([sum_sq, count], sync, process_group)
         count = count[0]
@@ -146,7 +147,8 @@ class RunningPowerFunction(torch.autograd.Function):
             grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
                 grad_y, x, weight * rstd, coef_x, sum_keep=keep, sums=True)
         else:
-            grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
+            # scratch for the sums first, then the gradient
+            grad_x = grad_times_x(grad_y, x, keep, torch.empty_like(x))
             masked_gyx, sum_gyx = column_sums(grad_x, keep)
             torch.mul(grad_y, weight * rstd, out=grad_x)
             grad_x.addcmul_(x, coef_x, value=-1)
@@ -375,8 +377,10 @@ class ReferencePowerFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keep, module, sync):
         if fused.usable(x, keep):  # both sums from one read of x, no temporary
             _, sum_sq, sum_sq_all = fused.colstats(x, keep, s2all=True)
-        else:
-            sum_sq, sum_sq_all = column_sums(torch.mul(x, x), keep)
+        else:  # pads enter sum_sq_all (D5), not sum_sq, also when they are inf or NaN
+            sq = torch.mul(x, x)
+            sum_sq_all = column_sum(sq, None)
+            sum_sq = sum_sq_all if keep is None else column_sum(zero_pads_(sq, keep), None)
         rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = _reference_step(
             x, keep, sum_sq, sum_sq_all, module, sync)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
