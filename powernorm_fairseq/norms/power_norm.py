@@ -479,7 +479,8 @@ class PowerNormReference(MaskedNorm):
 
     Buffers (released names and shapes, so a released state dict loads): ``running_phi``
     ``(1, C, 1, 1)`` init 1, ``ema_gz`` ``(1, C, 1, 1)`` init 0, ``iters`` ``(1,)`` long init 0;
-    plus ``num_unstable`` ``(1,)`` long (filled with 0 when loading a released state dict).
+    plus ``num_unstable`` ``(1,)`` long (filled with 0 when loading a released state dict: a
+    plain dict, or one with torch's ``_metadata`` version 1, alone or inside a model's state).
 
     Shape:
         - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
@@ -550,6 +551,9 @@ class PowerNormReference(MaskedNorm):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.check_stability()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    #: 2 = has ``num_unstable``; the released ``MaskPowerNorm`` saves version 1 (torch's default)
+    _version = 2
 
     def _upgrade_legacy_state(self, state_dict: dict, prefix: str) -> None:
         state_dict.setdefault(prefix + "num_unstable", torch.zeros_like(self.num_unstable))
