@@ -16,7 +16,8 @@ Fixtures (all session-scoped, built once in a temporary directory):
   Splits train (300 lines), valid (30), test (27); raw text in ``tiny_lm_data / "raw"``.
 - ``plugin_dir``: the ``--user-dir`` path (str).
 - ``device`` (function-scoped, parametrized): ``"cpu"`` and ``"cuda"`` (``$PN_TEST_DEVICES``);
-  the CUDA run skips, naming the device, without a GPU. ``kernel_path``: fused / eager norms.
+  the CUDA run skips, naming the device, without a GPU; ``on_device`` also makes it torch's
+  default device. ``kernel_path``: fused / eager norms.
 
 Fairseq is optional for the pure-torch tests: these fixtures skip when it is not installed.
 """
@@ -141,6 +142,21 @@ def device(request) -> str:
             pytest.skip(f"device {name!r}: the fused kernels are CPU-only (the eager run covers "
                         "this device)")
     return name
+
+
+@pytest.fixture
+def on_device(device):
+    """``device`` as torch's default device for the test (``torch.set_default_device``): tensors
+    from factory functions and new modules land there. Tensors drawn from an explicit CPU
+    ``torch.Generator`` must still be moved (``.to(torch.get_default_device())``)."""
+    import torch
+
+    old = torch.get_default_device()
+    torch.set_default_device(device)
+    try:
+        yield device
+    finally:
+        torch.set_default_device(old)
 
 
 @pytest.fixture(params=["fused", "eager"])
