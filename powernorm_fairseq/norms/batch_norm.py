@@ -11,8 +11,14 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from .base import MaskedNorm
 from .distributed import maybe_all_reduce
-from .functional import (column_sum, column_sums, grad_times_x, group_rms_scale, token_count,
-                         zero_pads_)
+from .functional import (
+    column_sum,
+    column_sums,
+    grad_times_x,
+    group_rms_scale,
+    token_count,
+    zero_pads_,
+)
 
 #: eps of the per-token RMS pre-scaling (the released code's LayerScaling1D / GroupScaling1D).
 PRESCALE_EPS = 1e-5

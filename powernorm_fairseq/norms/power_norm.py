@@ -17,8 +17,14 @@ from . import fused
 from .base import MaskedNorm
 from .batch_norm import PRESCALE_EPS, BatchStatNormFunction
 from .distributed import maybe_all_reduce
-from .functional import (column_sum, column_sums, grad_times_x, group_rms_scale, token_count,
-                         zero_pads_)
+from .functional import (
+    column_sum,
+    column_sums,
+    grad_times_x,
+    group_rms_scale,
+    token_count,
+    zero_pads_,
+)
 
 
 def _check_alpha(name: str, value: float) -> None:
