@@ -155,3 +155,46 @@ def test_reference_variant_keeps_released_pad_behaviour(device):
     torch.testing.assert_close(dirty["y"], clean["y"])
     torch.testing.assert_close(dirty["running_phi"], clean["running_phi"])
     assert not torch.isfinite(dirty["ema_gz"]).all()
+
+
+# ----------------------------------------------------------------------------- CPU vs CUDA
+
+AGREEMENT = CONFIGS + [("power_reference", "power", {"variant": "reference", "group_num": 2,
+                                                      "warmup_updates": 1})]
+PRECISION_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="device 'cuda': no CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("dtype", list(PRECISION_TOL), ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("cfg", AGREEMENT, ids=_ids(AGREEMENT))
+def test_cuda_matches_cpu(cfg, dtype):
+    """The same three training steps (with pads, the module cast to ``dtype`` as fairseq
+    ``--fp16``/``--bf16`` cast it) on CUDA and on the CPU: outputs, input and parameter
+    gradients and buffers agree. The module is built on the CPU and moved (as fairseq does), so
+    a tensor created without ``device=`` in the norms would fail here."""
+    _, name, kwargs = cfg
+    runs = {}
+    for device in ("cpu", "cuda"):
+        norm = _make(name, kwargs, "cpu").to(device=device, dtype=dtype)
+        T, B = 6, 4
+        pad = _pad_mask(T, B, device)
+        steps = []
+        for t in range(3):
+            norm.set_num_updates(t)
+            norm.zero_grad()
+            gen = torch.Generator().manual_seed(30 + t)
+            x = (torch.randn(T, B, C, generator=gen) * 3 + 1).to(device=device, dtype=dtype)
+            gy = torch.randn(T, B, C, generator=gen).to(device=device, dtype=dtype)
+            x.requires_grad_()
+            y = norm(x, padding_mask=pad)
+            y.backward(gy)
+            steps.append({"y": y, "grad_x": x.grad, "grad_weight": norm.weight.grad,
+                          "grad_bias": norm.bias.grad, **dict(norm.named_buffers())})
+        runs[device] = [{k: v.detach().cpu().clone() for k, v in s.items()} for s in steps]
+    tol = PRECISION_TOL[dtype]
+    for t, (a, b) in enumerate(zip(runs["cpu"], runs["cuda"], strict=True)):
+        for key in a:
+            assert b[key].dtype == a[key].dtype, key
+            torch.testing.assert_close(b[key].double(), a[key].double(), atol=tol, rtol=tol,
+                                       msg=f"step {t}: {key}, cuda vs cpu")
