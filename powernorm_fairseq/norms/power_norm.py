@@ -366,7 +366,8 @@ class ReferencePowerFunction(torch.autograd.Function):
       (D2); computed as ``dL/dy * (weight rstd_bwd) - x * (c E rstd_fwd rstd_bwd)``.
     - ``E += mean(approx * z)`` over ALL ``T*B`` positions, pads included (D5):
       ``(weight rstd_fwd sum(dL/dy x) - c E rstd_fwd^2 sum(x^2)) / (T*B)``; skipped when the batch
-      has no real token. ``num_unstable += 1`` when ``c * mean(z^2) > 1`` for some channel (the
+      has no real token. So an inf or NaN at a pad makes ``E`` (and the later gradients)
+      non-finite, as in the released code; ``running_phi`` (real tokens only) stays clean. ``num_unstable += 1`` when ``c * mean(z^2) > 1`` for some channel (the
       recurrence then amplifies ``E``) or ``E`` became non-finite (batches without real tokens
       are not counted); no safeguard otherwise.
     - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
