@@ -312,37 +312,6 @@ def _warm_up_statistics(model, task, split="train", steps=3, device="cpu"):
     model.zero_grad()
 
 
-@pytest.mark.parametrize("case", list(NORM_CASES))
-def test_incremental_beam_search_scores_equal_full_forward(tiny_mt_data, case, device):
-    kind = _kind(case)
-    task, model, _ = build(
-        tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
-        *NORM_CASES[case],
-    )
-    model.to(device)
-    _warm_up_statistics(model, task, device=device)
-    model.eval()
-    generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=12)
-    sample = _to(batches(task, "test")[0], device)
-    with torch.no_grad():
-        hypos = generator.generate([model], sample)
-    eos, pad = task.target_dictionary.eos(), task.target_dictionary.pad()
-    compared = 0
-    for i, sentence_hypos in enumerate(hypos):
-        src = sample["net_input"]["src_tokens"][i]
-        src = src[src.ne(pad)].unsqueeze(0)
-        for hypo in sentence_hypos:
-            tokens = hypo["tokens"].unsqueeze(0)
-            prev = torch.cat([tokens.new_full((1, 1), eos), tokens[:, :-1]], dim=1)
-            with torch.no_grad():
-                net_out = model(src, torch.tensor([src.numel()], device=src.device), prev)
-                lprobs = model.get_normalized_probs(net_out, log_probs=True)
-            scores = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze()
-            torch.testing.assert_close(scores, hypo["positional_scores"], rtol=0, atol=1e-4)
-            compared += 1
-    assert compared == 3 * len(hypos)
-
-
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -379,6 +348,37 @@ def test_training_steps_in_each_precision(tiny_mt_data, case, precision, device)
             assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), name
             moved |= not torch.equal(buf, initial[name])
     assert moved or kind == "layer"
+
+
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_incremental_beam_search_scores_equal_full_forward(tiny_mt_data, case, device):
+    kind = _kind(case)
+    task, model, _ = build(
+        tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
+        *NORM_CASES[case],
+    )
+    model.to(device)
+    _warm_up_statistics(model, task, device=device)
+    model.eval()
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=12)
+    sample = _to(batches(task, "test")[0], device)
+    with torch.no_grad():
+        hypos = generator.generate([model], sample)
+    eos, pad = task.target_dictionary.eos(), task.target_dictionary.pad()
+    compared = 0
+    for i, sentence_hypos in enumerate(hypos):
+        src = sample["net_input"]["src_tokens"][i]
+        src = src[src.ne(pad)].unsqueeze(0)
+        for hypo in sentence_hypos:
+            tokens = hypo["tokens"].unsqueeze(0)
+            prev = torch.cat([tokens.new_full((1, 1), eos), tokens[:, :-1]], dim=1)
+            with torch.no_grad():
+                net_out = model(src, torch.tensor([src.numel()], device=src.device), prev)
+                lprobs = model.get_normalized_probs(net_out, log_probs=True)
+            scores = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze()
+            torch.testing.assert_close(scores, hypo["positional_scores"], rtol=0, atol=1e-4)
+            compared += 1
+    assert compared == 3 * len(hypos)
 
 
 # --------------------------------------------------------------------------- tracking
