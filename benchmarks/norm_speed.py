@@ -18,6 +18,11 @@ kernels are used when available (``PN_FUSED_KERNELS=0`` measures the eager path)
 allocator is first put in its training-time state (:func:`warm_allocator`).
 
 Issue #6 targets (64x64x512, ~30% padding): PN <= 1.5x LayerNorm, PN-V and BN <= 2x.
+
+``--device cuda`` runs the same steps on the GPU (the norms' eager torch path; the fused kernels
+are CPU-only): each step is timed in wall-clock time between ``torch.cuda.synchronize()`` calls
+(process CPU time says nothing about GPU work, so ``ratio_to_layernorm`` is the wall ratio
+there), and peak memory is ``torch.cuda.max_memory_allocated`` above the step's start.
 """
 
 from __future__ import annotations
@@ -89,19 +94,36 @@ def peak_bytes(norm, x, mask, grad_y) -> int:
     return peak
 
 
-def bench_shape(T, B, C, fraction, reps, warmup):
+def cuda_peak_bytes(norm, x, mask, grad_y) -> int:
+    """:func:`peak_bytes` on a CUDA device: ``torch.cuda.max_memory_allocated`` during one
+    training step above the allocation at its start."""
+    x.grad = None
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(norm, x, mask, grad_y)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def bench_shape(T, B, C, fraction, reps, warmup, device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(T, B, C, generator=gen).requires_grad_()
+    x = torch.randn(T, B, C, generator=gen)
     grad_y = torch.randn(T, B, C, generator=gen)
     mask = padding_mask(T, B, fraction, gen)
     if mask is not None:
         grad_y[mask.t()] = 0.0  # pads are masked downstream in a transformer
-    norms = {"torch.nn.LayerNorm": (torch.nn.LayerNorm(C), None)}
+        mask = mask.to(device)
+    x, grad_y = x.to(device).requires_grad_(), grad_y.to(device)
+    cuda = torch.device(device).type == "cuda"
+    norms = {"torch.nn.LayerNorm": (torch.nn.LayerNorm(C).to(device), None)}
     for label, name, kwargs in NORMS:
-        norms[label] = (build_norm(name, C, **kwargs).train(), mask)
+        norms[label] = (build_norm(name, C, **kwargs).to(device).train(), mask)
     for norm, m in norms.values():
         for _ in range(warmup):
             train_step(norm, x, m, grad_y)
+    if cuda:
+        torch.cuda.synchronize()
     cpu = {label: [] for label in norms}
     wall = {label: [] for label in norms}
     order = list(norms)
@@ -113,10 +135,15 @@ def bench_shape(T, B, C, fraction, reps, warmup):
             norm, m = norms[label]
             start_cpu, start_wall = time.process_time(), time.perf_counter()
             train_step(norm, x, m, grad_y)
+            if cuda:
+                torch.cuda.synchronize()
             cpu[label].append(time.process_time() - start_cpu)
             wall[label].append(time.perf_counter() - start_wall)
+    if cuda:  # process CPU time does not measure GPU work: the ratio is the wall-clock one
+        cpu = wall
     base_cpu = statistics.median(cpu["torch.nn.LayerNorm"])
     base_wall = statistics.median(wall["torch.nn.LayerNorm"])
+    measure_peak = cuda_peak_bytes if cuda else peak_bytes
     rows = []
     for label, (norm, m) in norms.items():
         med_cpu, med_wall = statistics.median(cpu[label]), statistics.median(wall[label])
@@ -130,7 +157,8 @@ def bench_shape(T, B, C, fraction, reps, warmup):
                 "wall_ms": round(med_wall * 1e3, 3),
                 "ratio_to_layernorm": round(med_cpu / base_cpu, 3),
                 "wall_ratio_to_layernorm": round(med_wall / base_wall, 3),
-                "peak_mib": round(peak_bytes(norm, x, m, grad_y) / 2**20, 2),
+                "device": str(x.device),
+                "peak_mib": round(measure_peak(norm, x, m, grad_y) / 2**20, 2),
             }
         )
     return rows
@@ -162,11 +190,24 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per norm first")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument(
+        "--device", default="cpu",
+        help="cpu (default) or cuda[:N]: where the norms and torch.nn.LayerNorm run",
+    )
+    parser.add_argument(
         "--cold-allocator", action="store_true",
         help="skip the allocator warm-up (see warm_allocator): every large buffer then costs "
         "fresh pages, which penalizes norms by their number of full-size temporaries",
     )
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device must be cpu or cuda[:N], got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu or cuda[:N], got {args.device!r}")
     if not args.cold_allocator:
         warm_allocator()
     try:
@@ -181,15 +222,17 @@ def main(argv=None):
         f"{'shape':>12} {'pad':>5} {'norm':<24} {'cpu ms':>8} {'x LN':>6} {'wall ms':>8} "
         f"{'x LN':>6} {'peak MiB':>9}"
     )
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, {platform.processor() or ''}"
+        + (f", device {device} ({gpu})" if gpu else "")
     )
     print(header)
     print("-" * len(header))
     for T, B, C in shapes:
         for fraction in args.pad:
-            for row in bench_shape(T, B, C, fraction, args.reps, args.warmup):
+            for row in bench_shape(T, B, C, fraction, args.reps, args.warmup, device):
                 rows.append(row)
                 print(
                     f"{row['shape']:>12} {row['actual_pad']:>5.2f} {row['norm']:<24} "
@@ -205,8 +248,13 @@ def main(argv=None):
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "reps": args.reps,
-            "timer": "ratio: median process_time; wall: median perf_counter",
-            "fused_kernels": fused.available(),
+            "timer": ("ratio: median process_time; wall: median perf_counter"
+                      if gpu is None else
+                      "ratio and wall: median perf_counter between torch.cuda.synchronize()"),
+            "device": str(device),
+            "gpu": gpu,
+            "cuda": torch.version.cuda if gpu else None,
+            "fused_kernels": fused.available() and gpu is None,
             "allocator_warmup": not args.cold_allocator,
             "commit": git_commit(),
             "argv": sys.argv,

@@ -15,6 +15,9 @@ Fixtures (all session-scoped, built once in a temporary directory):
 - ``tiny_lm_data``: data-bin for ``--task language_modeling``: sentences of a toy grammar.
   Splits train (300 lines), valid (30), test (27); raw text in ``tiny_lm_data / "raw"``.
 - ``plugin_dir``: the ``--user-dir`` path (str).
+- ``device`` (function-scoped, parametrized): ``"cpu"`` and ``"cuda"`` (``$PN_TEST_DEVICES``);
+  the CUDA run skips, naming the device, without a GPU; ``on_device`` also makes it torch's
+  default device. ``kernel_path``: fused / eager norms.
 
 Fairseq is optional for the pure-torch tests: these fixtures skip when it is not installed.
 """
@@ -113,6 +116,47 @@ def tiny_lm_data(tmp_path_factory, fairseq_cli) -> Path:
     )
     (out / "raw").symlink_to(raw, target_is_directory=True)
     return out
+
+
+def _test_devices() -> list[str]:
+    """Devices of the ``device`` fixture: ``$PN_TEST_DEVICES`` (comma-separated), default
+    ``cpu,cuda`` (``scripts/device_check.sh`` sets ``cuda``)."""
+    names = [d.strip() for d in os.environ.get("PN_TEST_DEVICES", "cpu,cuda").split(",")]
+    return [d for d in names if d] or ["cpu"]
+
+
+@pytest.fixture(params=_test_devices())
+def device(request) -> str:
+    """Run a test once per device (``"cpu"``, ``"cuda"``). The CUDA run is skipped, with a reason
+    naming the device, where ``torch.cuda.is_available()`` is False; combined with
+    ``kernel_path``, the fused run is skipped on CUDA (the fused kernels are CPU-only, the eager
+    run covers the CUDA path)."""
+    import torch
+
+    name = request.param
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            pytest.skip(f"device {name!r}: no CUDA device (torch.cuda.is_available() is False)")
+        callspec = getattr(request.node, "callspec", None)
+        if callspec is not None and callspec.params.get("kernel_path") == "fused":
+            pytest.skip(f"device {name!r}: the fused kernels are CPU-only (the eager run covers "
+                        "this device)")
+    return name
+
+
+@pytest.fixture
+def on_device(device):
+    """``device`` as torch's default device for the test (``torch.set_default_device``): tensors
+    from factory functions and new modules land there. Tensors drawn from an explicit CPU
+    ``torch.Generator`` must still be moved (``.to(torch.get_default_device())``)."""
+    import torch
+
+    old = torch.get_default_device()
+    torch.set_default_device(device)
+    try:
+        yield device
+    finally:
+        torch.set_default_device(old)
 
 
 @pytest.fixture(params=["fused", "eager"])

@@ -20,7 +20,7 @@ import yaml
 
 pytest.importorskip("fairseq")
 
-from fairseq import checkpoint_utils, options, tasks  # noqa: E402
+from fairseq import checkpoint_utils, options, tasks, utils  # noqa: E402
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf  # noqa: E402
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY  # noqa: E402
 from fairseq.models.transformer.transformer_config import (  # noqa: E402
@@ -175,12 +175,13 @@ def test_lm_sites(tiny_lm_data):
 
 
 @pytest.mark.parametrize("case", ["batch", "power_v", "power_reference"])
-def test_every_norm_receives_the_padding_mask(tiny_mt_data, case):
+def test_every_norm_receives_the_padding_mask(tiny_mt_data, case, device):
     kind = _kind(case)
     _, model, _ = build(
         tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
         *NORM_CASES[case],
     )
+    model.to(device)
     seen = {}
 
     def hook(name):
@@ -192,10 +193,10 @@ def test_every_norm_receives_the_padding_mask(tiny_mt_data, case):
 
     for name, module in norm_sites(model).items():
         module.register_forward_pre_hook(hook(name), with_kwargs=True)
-    src = torch.tensor([[5, 6, 7, 2], [1, 1, 8, 2]])  # left-padded source (pad = 1, eos = 2)
-    prev = torch.tensor([[2, 9, 10, 11], [2, 12, 1, 1]])  # right-padded target
+    src = torch.tensor([[5, 6, 7, 2], [1, 1, 8, 2]], device=device)  # left-padded (pad 1, eos 2)
+    prev = torch.tensor([[2, 9, 10, 11], [2, 12, 1, 1]], device=device)  # right-padded target
     model.train()
-    model(src, torch.tensor([4, 2]), prev)
+    model(src, torch.tensor([4, 2], device=device), prev)
     assert set(seen) == set(norm_sites(model))
     for name, shapes in seen.items():
         assert shapes is not None, f"{name} got no padding mask"
@@ -297,27 +298,71 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path, damage):
 # --------------------------------------------------------------------------- inference
 
 
-def _warm_up_statistics(model, task, split="train", steps=3):
+def _to(sample, device):
+    return utils.apply_to_sample(lambda t: t.to(device), sample)
+
+
+def _warm_up_statistics(model, task, split="train", steps=3, device="cpu"):
     """A few training-mode forward/backward passes so running statistics move off their init."""
     model.train()
     for step, sample in enumerate(batches(task, split)[:steps], start=1):
+        sample = _to(sample, device)
         model.set_num_updates(step)
         out, _ = model(**sample["net_input"])
         out.float().logsumexp(-1).mean().backward()
     model.zero_grad()
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("case", list(NORM_CASES))
-def test_incremental_beam_search_scores_equal_full_forward(tiny_mt_data, case):
+def test_training_steps_in_each_precision(tiny_mt_data, case, precision, device):
+    """Training steps of ``transformer_pn_tiny`` with the whole model cast to fp32/fp16/bf16 (as
+    fairseq ``--fp16`` / ``--bf16`` cast it), past PN's warmup: finite loss and gradients, norm
+    buffers kept in float32, finite, and moved off their initial values."""
     kind = _kind(case)
     task, model, _ = build(
         tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
         *NORM_CASES[case],
     )
-    _warm_up_statistics(model, task)
+    model.to(device=device, dtype=PRECISIONS[precision]).train()
+    norm_buffers = {f"{site}.{k}": v for site, norm in norm_sites(model).items()
+                    for k, v in norm.named_buffers()}
+    initial = {k: v.clone() for k, v in norm_buffers.items() if v.is_floating_point()}
+    for step, sample in enumerate(batches(task, "train")[:4], start=1):
+        sample = _to(sample, device)
+        model.set_num_updates(step)
+        out, _ = model(**sample["net_input"])
+        loss = out.float().log_softmax(-1).gather(-1, sample["target"].unsqueeze(-1)).mean()
+        (-loss).backward()
+        assert torch.isfinite(loss), f"step {step}: loss {loss.item()}"
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), f"step {step}: grad of {name}"
+        model.zero_grad()
+    moved = False
+    for site, norm in norm_sites(model).items():
+        for name, buf in ((f"{site}.{k}", v) for k, v in norm.named_buffers()):
+            if name not in initial:
+                continue
+            assert buf.dtype == torch.float32 and torch.isfinite(buf).all(), name
+            moved |= not torch.equal(buf, initial[name])
+    assert moved or kind == "layer"
+
+
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_incremental_beam_search_scores_equal_full_forward(tiny_mt_data, case, device):
+    kind = _kind(case)
+    task, model, _ = build(
+        tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", kind, "--decoder-norm", kind,
+        *NORM_CASES[case],
+    )
+    model.to(device)
+    _warm_up_statistics(model, task, device=device)
     model.eval()
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=3, max_len_b=12)
-    sample = batches(task, "test")[0]
+    sample = _to(batches(task, "test")[0], device)
     with torch.no_grad():
         hypos = generator.generate([model], sample)
     eos, pad = task.target_dictionary.eos(), task.target_dictionary.pad()
@@ -329,7 +374,7 @@ def test_incremental_beam_search_scores_equal_full_forward(tiny_mt_data, case):
             tokens = hypo["tokens"].unsqueeze(0)
             prev = torch.cat([tokens.new_full((1, 1), eos), tokens[:, :-1]], dim=1)
             with torch.no_grad():
-                net_out = model(src, torch.tensor([src.numel()]), prev)
+                net_out = model(src, torch.tensor([src.numel()], device=src.device), prev)
                 lprobs = model.get_normalized_probs(net_out, log_probs=True)
             scores = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze()
             torch.testing.assert_close(scores, hypo["positional_scores"], rtol=0, atol=1e-4)

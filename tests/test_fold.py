@@ -121,17 +121,17 @@ class EncDec(nn.Module):
             x = layer(x, src_pad)
         enc = self.encoder.layer_norm(x, padding_mask=src_pad)
         y = self.decoder.embed_tokens(tgt).transpose(0, 1)
-        causal = torch.full((tgt.shape[1], tgt.shape[1]), float("-inf")).triu(1)
+        causal = torch.full((tgt.shape[1], tgt.shape[1]), float("-inf"), device=tgt.device).triu(1)
         for layer in self.decoder.layers:
             y = layer(y, None, enc, src_pad, causal)
         return self.decoder.output_projection(self.decoder.layer_norm(y))
 
 
-def _inputs():
+def _inputs(device="cpu"):
     src = torch.randint(0, VOCAB, (3, 7))
     src_pad = torch.zeros(3, 7, dtype=torch.bool)
     src_pad[1, 5:] = True
-    return src, torch.randint(0, VOCAB, (3, 5)), src_pad
+    return src.to(device), torch.randint(0, VOCAB, (3, 5)).to(device), src_pad.to(device)
 
 
 def _trained(model):
@@ -156,11 +156,11 @@ NORM_MAKERS = {
 
 @pytest.mark.parametrize("norm", ["contract", "contract_prescale"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_fold_matches_unfolded(norm, tied):
+def test_fold_matches_unfolded(norm, tied, device):
     torch.manual_seed(0)
-    model = _trained(EncDec(NORM_MAKERS[norm], tied=tied))
+    model = _trained(EncDec(NORM_MAKERS[norm], tied=tied)).to(device)
     folded = copy.deepcopy(model)
-    src, tgt, src_pad = _inputs()
+    src, tgt, src_pad = _inputs(device)
     with torch.no_grad():
         expected = model(src, tgt, src_pad)
         report = fold_norms(folded)
@@ -197,11 +197,11 @@ def test_registry_cases_cover_every_norm():
 
 
 @pytest.mark.parametrize("case", sorted(REGISTRY_CASES))
-def test_fold_registered_norms(case):
+def test_fold_registered_norms(case, device):
     name, kwargs = REGISTRY_CASES[case]
     torch.manual_seed(0)
-    model = EncDec(lambda: build_norm(name, C, **kwargs))
-    src, tgt, src_pad = _inputs()
+    model = EncDec(lambda: build_norm(name, C, **kwargs)).to(device)
+    src, tgt, src_pad = _inputs(device)
     with torch.no_grad():
         for _ in range(3):  # train-mode forwards move the running statistics
             model(src, tgt, src_pad)
@@ -226,16 +226,16 @@ def test_layer_norm_untouched():
     assert isinstance(model.encoder.layer_norm, nn.LayerNorm)
 
 
-def test_mixed_encoder_pn_decoder_ln():
+def test_mixed_encoder_pn_decoder_ln(device):
     """The released setup: PN in the encoder, LN in the decoder."""
     torch.manual_seed(0)
     model = EncDec(NORM_MAKERS["layer"])
     model.encoder = Stack(
         lambda: ContractNorm(C, group_num=HEADS), False, model.encoder.embed_tokens
     )
-    model = _trained(model)
+    model = _trained(model).to(device)
     folded = copy.deepcopy(model)
-    src, tgt, src_pad = _inputs()
+    src, tgt, src_pad = _inputs(device)
     with torch.no_grad():
         expected = model(src, tgt, src_pad)
         report = fold_norms(folded)
@@ -264,13 +264,13 @@ def test_unknown_structure_gets_fused_affine():
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_consumer_without_bias_gets_one():
+def test_consumer_without_bias_gets_one(device):
     torch.manual_seed(0)
     model = EncDec(lambda: ContractNorm(C), tied=False)
     model.decoder.layers[0].fc1 = nn.Linear(C, FFN, bias=False)
-    model = _trained(model)
+    model = _trained(model).to(device)
     folded = copy.deepcopy(model)
-    src, tgt, src_pad = _inputs()
+    src, tgt, src_pad = _inputs(device)
     with torch.no_grad():
         expected = model(src, tgt, src_pad)
         fold_norms(folded)
@@ -321,13 +321,13 @@ def test_fold_module_is_pure_torch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
-def test_folded_prescale(dtype):
+def test_folded_prescale(dtype, device):
     """Per-token group RMS scaling, computed in at least float32, returned in the input dtype."""
-    x = torch.randn(5, 3, C, dtype=torch.float64) * 3
+    x = torch.randn(5, 3, C, dtype=torch.float64).to(device) * 3
     x[0, 0] = 0.0  # an all-zero token stays finite thanks to eps
     groups = x.view(5, 3, HEADS, C // HEADS)
     expected = (groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-5)).view(x.shape)
-    got = FoldedNorm(HEADS).eval()(x.to(dtype))
+    got = FoldedNorm(HEADS).to(device).eval()(x.to(dtype))
     assert got.dtype == dtype
     tol = 1e-3 if dtype == torch.float16 else 1e-6
     torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)

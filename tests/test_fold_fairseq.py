@@ -59,7 +59,7 @@ def _build(dict_dir, enc, dec, extra, share=True):
     return model, task
 
 
-def _batch(task, bsz=4, src_len=7, tgt_len=6, seed=1):
+def _batch(task, bsz=4, src_len=7, tgt_len=6, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     d = task.source_dictionary
     lengths = torch.randint(3, src_len + 1, (bsz,), generator=g)
@@ -70,15 +70,16 @@ def _batch(task, bsz=4, src_len=7, tgt_len=6, seed=1):
         src[i, -1] = d.eos()
     prev = torch.randint(d.nspecial, len(d), (bsz, tgt_len), generator=g)
     prev[:, 0] = d.eos()
-    return src, lengths, prev
+    return src.to(device), lengths.to(device), prev.to(device)
 
 
-def _prepare(model, task):
+def _prepare(model, task, device="cpu"):
     """Train-mode forwards move the running statistics; random norm weights make the affine
-    maps non-trivial; then eval mode."""
+    maps non-trivial; then eval mode (on ``device``)."""
+    model.to(device)
     with torch.no_grad():
         for seed in range(3):
-            model(*_batch(task, seed=seed + 10))
+            model(*_batch(task, seed=seed + 10, device=device))
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.2 * torch.randn_like(p))
@@ -96,13 +97,13 @@ def _incremental(model, src, lengths, prev):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_folded_fairseq_model_matches(dict_dir, case):
+def test_folded_fairseq_model_matches(dict_dir, case, device):
     enc, dec, extra, groups = CASES[case]
     model, task = _build(dict_dir, enc, dec, extra)
-    model = _prepare(model, task)
+    model = _prepare(model, task, device)
     folded = copy.deepcopy(model)
     report = fold_norms(folded)
-    src, lengths, prev = _batch(task)
+    src, lengths, prev = _batch(task, device=device)
     with torch.no_grad():
         expected = model(src, lengths, prev)[0]
         torch.testing.assert_close(folded(src, lengths, prev)[0], expected, atol=1e-5, rtol=1e-5)
@@ -142,12 +143,12 @@ def test_untied_output_projection_folds(dict_dir):
         )
 
 
-def test_beam_search_identical(dict_dir):
+def test_beam_search_identical(dict_dir, device):
     model, task = _build(dict_dir, "power", "power", [])
-    model = _prepare(model, task)
+    model = _prepare(model, task, device)
     folded = copy.deepcopy(model)
     fold_norms(folded)
-    src, lengths, _ = _batch(task, bsz=6, seed=3)
+    src, lengths, _ = _batch(task, bsz=6, seed=3, device=device)
     sample = {"net_input": {"src_tokens": src, "src_lengths": lengths}}
     hypos = [
         SequenceGenerator([m], task.target_dictionary, beam_size=3, max_len_b=8).generate(

@@ -20,7 +20,8 @@ from powernorm_fairseq.norms import (
 from powernorm_fairseq.norms.functional import group_rms_scale
 
 REPO = Path(__file__).resolve().parents[1]
-# every test here runs on both the fused CPU kernels and the eager path (tests/conftest.py)
+# every test here runs on both the fused CPU kernels and the eager path, and those taking
+# ``on_device`` on the CPU and on CUDA where available (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("kernel_path")
 C = 8
 
@@ -52,7 +53,8 @@ def _make(name, kwargs, dtype=torch.float32, seed=0):
 
 def _batch(T=5, B=3, dtype=torch.float32, seed=1, scale=1.0, mean=0.0):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, B, C, generator=gen, dtype=dtype) * scale + mean
+    x = torch.randn(T, B, C, generator=gen, dtype=dtype).to(torch.get_default_device())
+    x = x * scale + mean
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[0, T - 2:] = True
     pad[2, T - 1:] = True
@@ -126,7 +128,7 @@ def test_must_work_snippet_without_fairseq():
 # ----------------------------------------------------------------------------- shapes, affine
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
-def test_shapes_2d_and_affine_off(cfg):
+def test_shapes_2d_and_affine_off(cfg, on_device):
     _, name, kwargs = cfg
     norm = build_norm(name, C, affine=False, **kwargs)
     assert norm.weight is None and norm.bias is None
@@ -148,7 +150,7 @@ GRADCHECK = [c for c in CONFIGS if c[0] in
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nopad", "pad"])
 @pytest.mark.parametrize("cfg", GRADCHECK, ids=_ids(GRADCHECK))
-def test_gradcheck_exact_gradient(cfg, masked):
+def test_gradcheck_exact_gradient(cfg, masked, on_device):
     """BN, PN-V (and PN's PN-V warmup) have the exact gradient, pads included."""
     _, name, kwargs = cfg
     norm = _make(name, kwargs, dtype=torch.float64).train()
@@ -224,7 +226,7 @@ def _paper_steps_by_hand(xs, gys, keep, weight, bias, eps, a_f, a_b, warmup, saf
 @pytest.mark.parametrize(("warmup", "growth", "safeguard"),
                          [(0, 0.2, True), (2, 0.2, True), (0, 2.0, True), (0, 2.0, False)],
                          ids=["plain", "warmup", "clamped", "unclamped"])
-def test_paper_variant_follows_algorithm_2(warmup, growth, safeguard):
+def test_paper_variant_follows_algorithm_2(warmup, growth, safeguard, on_device):
     """Several steps with padding; growth 2.0 makes (1 - alpha_bkw) * Gamma exceed 1."""
     eps, a_f, a_b = 1e-5, 0.8, 0.7
     norm = _make("power", {"warmup_updates": warmup, "alpha_fwd": a_f, "alpha_bkw": a_b,
@@ -392,7 +394,7 @@ def test_non_finite_statistics_are_skipped_without_safeguard():
 
 
 @pytest.mark.parametrize("cfg", STATEFUL, ids=_ids(STATEFUL))
-def test_eval_is_fixed_affine_map(cfg):
+def test_eval_is_fixed_affine_map(cfg, on_device):
     _, name, kwargs = cfg
     norm = _make(name, kwargs).train()
     for t in range(3):
@@ -435,7 +437,7 @@ def test_train_and_eval_differ_and_running_stats_move():
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
-def test_no_host_sync_in_training_step(cfg, monkeypatch):
+def test_no_host_sync_in_training_step(cfg, monkeypatch, on_device):
     """Forward and backward never read tensor values on the host (.item(), bool(), int())."""
     _, name, kwargs = cfg
     norm = _make(name, kwargs).train()
@@ -457,7 +459,7 @@ def test_no_host_sync_in_training_step(cfg, monkeypatch):
 # ----------------------------------------------------------------------------- state dict
 
 @pytest.mark.parametrize("cfg", STATEFUL, ids=_ids(STATEFUL))
-def test_state_dict_round_trip(cfg):
+def test_state_dict_round_trip(cfg, on_device):
     _, name, kwargs = cfg
     norm = _make(name, kwargs).train()
     for t in range(3):
@@ -490,7 +492,7 @@ def test_paper_num_updates_survives_reload():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
-def test_half_precision_input(cfg, dtype):
+def test_half_precision_input(cfg, dtype, on_device):
     _, name, kwargs = cfg
     norm = _make(name, kwargs).train()
     x, pad = _batch(scale=200.0)  # x^2 overflows fp16: statistics must be float32
@@ -506,7 +508,7 @@ def test_half_precision_input(cfg, dtype):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
-def test_half_module(cfg):
+def test_half_module(cfg, on_device):
     """fairseq --fp16 casts parameters and buffers to fp16: statistics still in float32."""
     _, name, kwargs = cfg
     norm = _make(name, kwargs).half().train()
@@ -522,12 +524,12 @@ def test_half_module(cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
-def test_autocast(cfg):
+def test_autocast(cfg, on_device):
     _, name, kwargs = cfg
     norm = _make(name, kwargs).train()
     proj = torch.nn.Linear(C, C)
     x, pad = _batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(torch.device(on_device).type, dtype=torch.bfloat16):
         h = proj(x)
         y = norm(h, pad)
         assert y.dtype == h.dtype == torch.bfloat16
@@ -540,7 +542,7 @@ def test_autocast(cfg):
 # ----------------------------------------------------------------------------- degenerate batches
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
-def test_all_padding_and_empty_batch(cfg):
+def test_all_padding_and_empty_batch(cfg, on_device):
     _, name, kwargs = cfg
     norm = _make(name, kwargs).train()
     x, pad = _batch()

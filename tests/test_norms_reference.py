@@ -5,6 +5,7 @@ step by step on fixed inputs (3 cases: with/without padding, group_num 1/2/4, wa
 """
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,94 @@ def test_released_state_dict_loads():
     torch.testing.assert_close(scale, released["weight"] / (released["running_phi"].view(-1)
                                                             + 1e-5).sqrt())
     torch.testing.assert_close(shift, released["bias"])
+
+
+def _released_state_after(case, k, prefix=""):
+    """The released ``MaskPowerNorm``'s state dict after step ``k`` of ``case``, as torch saves it:
+    an OrderedDict with ``_metadata`` version 1 (torch's default ``_version``) for the module."""
+    C = case["C"]
+    step = case["steps"][k]
+    state = OrderedDict([
+        (prefix + "weight", _tensor(case["weight"])),
+        (prefix + "bias", _tensor(case["bias"])),
+        (prefix + "running_phi", _tensor(step["running_phi_after"]).view(1, C, 1, 1)),
+        (prefix + "ema_gz", _tensor(step["ema_gz_after"]).view(1, C, 1, 1)),
+        (prefix + "iters", torch.tensor([k + 1], dtype=torch.long)),
+    ])
+    state._metadata = OrderedDict([(prefix.rstrip("."), {"version": 1})])
+    return state
+
+
+def _continue_like_released(name, norm, mask, start, grads_of=None):
+    """Steps ``start..`` of ``case`` from the loaded state equal the released module's."""
+    case = CASES[name]
+    grads_of = grads_of or norm
+    for k in range(start, len(case["steps"])):
+        step = case["steps"][k]
+        grads_of.zero_grad()
+        x = _tensor(step["x_T_B_C"]).requires_grad_()
+        y = norm(x, padding_mask=mask)
+        y.backward(_tensor(step["grad_y"]))
+        where = f"{name} step {k} after loading"
+        torch.testing.assert_close(y, _tensor(step["y"]), **TOL, msg=f"y, {where}")
+        torch.testing.assert_close(x.grad, _tensor(step["grad_x"]), **TOL, msg=f"grad_x, {where}")
+        torch.testing.assert_close(norm.weight.grad, _tensor(step["grad_weight"]), **TOL,
+                                   msg=f"grad_weight, {where}")
+        torch.testing.assert_close(norm.running_phi.view(-1), _tensor(step["running_phi_after"]),
+                                   **TOL, msg=f"running_phi, {where}")
+        torch.testing.assert_close(norm.ema_gz.view(-1), _tensor(step["ema_gz_after"]), **TOL,
+                                   msg=f"ema_gz, {where}")
+        assert int(norm.iters) == k + 1
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_released_state_dict_with_metadata_loads_strictly_and_continues(name):
+    """Issue #13 fault 3: the released module's own ``state_dict()`` (``_metadata`` version 1,
+    no ``num_unstable``) loads strictly, and training continues as the released module did."""
+    case = CASES[name]
+    start = 1  # state after the first step; the remaining steps must match
+    norm = _build(case).train()
+    norm.load_state_dict(_released_state_after(case, start - 1), strict=True)
+    assert int(norm.num_unstable) == 0
+    _continue_like_released(name, norm, _mask(case), start)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_released_model_checkpoint_with_metadata_loads_strictly(name, tmp_path):
+    """The same state nested in a model's state dict, as fairseq saves it
+    (``torch.save({"model": model.state_dict(), ...})``, metadata per submodule), loads
+    strictly into a model holding the reference variant and continues identically."""
+    case = CASES[name]
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(case["C"], case["C"])
+            self.final_layer_norm = _build(case)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Module()
+            self.encoder.layers = torch.nn.ModuleList([Layer()])
+
+    source = Model()
+    prefix = "encoder.layers.0.final_layer_norm."
+    state = source.state_dict()
+    metadata = state._metadata
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    released = _released_state_after(case, 0, prefix)
+    state.update(released)
+    metadata.update(released._metadata)  # torch's own entries for the parents, v1 for the norm
+    state._metadata = metadata
+    assert state._metadata[prefix.rstrip(".")] == {"version": 1}
+    path = tmp_path / "checkpoint_last.pt"
+    torch.save({"model": state, "args": None, "optimizer_history": []}, path)
+
+    model = Model().train()
+    loaded = torch.load(path, weights_only=False)["model"]
+    assert loaded._metadata[prefix.rstrip(".")]["version"] == 1  # the metadata survives pickling
+    model.load_state_dict(loaded, strict=True)
+    norm = model.encoder.layers[0].final_layer_norm
+    _continue_like_released(name, norm, _mask(case), 1, grads_of=model)

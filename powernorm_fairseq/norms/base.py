@@ -213,11 +213,14 @@ class MaskedNorm(nn.Module):
         return self.training and sync_enabled(self.sync_stats, self.process_group)
 
     def _upgrade_legacy_state(self, state_dict: dict, prefix: str) -> None:
-        """Fill in what a state dict without version metadata may lack (released-code format)."""
+        """Fill in what a state dict older than ``_version`` may lack (released-code format)."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if local_metadata.get("version") is None:
+        # no metadata (a plain dict) or an older version: torch stamps every module's
+        # state_dict with its class's _version, so the released modules' carry version 1
+        version = local_metadata.get("version")
+        if version is None or version < self._version:
             self._upgrade_legacy_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

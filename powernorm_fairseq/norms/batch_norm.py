@@ -11,39 +11,79 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from .base import MaskedNorm
 from .distributed import maybe_all_reduce
-from .functional import column_sum, column_sums, group_rms_scale, token_count
+from .functional import (
+    column_sum,
+    column_sums,
+    grad_times_x,
+    group_rms_scale,
+    token_count,
+    zero_pads_,
+)
 
 #: eps of the per-token RMS pre-scaling (the released code's LayerScaling1D / GroupScaling1D).
 PRESCALE_EPS = 1e-5
+
+
+def _first_real_row(x2d: Tensor, keep: Tensor | None, count: Tensor) -> Tensor:
+    """Row ``(C,)`` of the first real token (0 if there is none), without a host sync."""
+    if x2d.shape[0] == 0:
+        return x2d.new_zeros(x2d.shape[1])
+    index = torch.zeros(1, dtype=torch.long, device=x2d.device) if keep is None \
+        else keep.argmax().reshape(1)  # argmax returns the first maximum
+    row = x2d.index_select(0, index)[0]
+    return torch.where(count > 0, row, torch.zeros_like(row))
 
 
 def batch_moments(x2d: Tensor, keep: Tensor | None, scratch: Tensor, *, center: bool,
                   shift: Tensor | None = None, sync: bool = False, process_group=None):
     """Per-channel statistics over the real tokens, all-reduced in one collective when ``sync``.
 
-    With ``center``: mean and biased variance, from the sums of ``x - shift`` (``shift``, e.g. the
-    running mean, is the same on all ranks), so that one all-reduce suffices and float32
-    cancellation stays small once ``shift`` is close to the mean. Without: the quadratic mean
+    With ``center``: mean and biased variance from the sums of ``d = x - K`` over the real
+    tokens, ``mean = K + sum(d)/n``, ``var = sum(d^2)/n - (sum(d)/n)^2`` (the shifted-data
+    algorithm). Its float32 cancellation grows with ``((mean - K) / std)^2``, so ``K`` must be
+    close to the batch mean: ``shift`` if given, else the first real token of the batch (one
+    sample, so ``|mean - K|`` is of the order of ``std``; and ``x - K`` is exact in floating
+    point for ``x`` within a factor 2 of ``K``). A running mean is not a good ``K``: far from the
+    batch mean on the first steps and after a shift of the data (float32 BN then collapsed its
+    variance at mean/std = 1e3, issue #13). Under ``sync`` with the local ``K`` (different on
+    every rank) the sums are moved to ``K = 0`` in float64 before the one all-reduce, where the
+    cancellation costs ~1e-16 relative. Without ``center``: the quadratic mean
     ``psi_B^2 = mean(x^2)`` (returned as ``var``) and ``mean = None``.
+
+    Pads never enter a statistic, also when they hold inf or NaN (see :func:`zero_pads_`).
 
     Args:
         x2d: ``(N, C)``; no gradient flows through the statistics here.
         keep: ``(N,)`` 1 = real token, or None.
         scratch: ``(N, C)`` buffer overwritten with temporaries (the caller reuses it).
+        shift: ``(C,)`` the ``K`` above, the same on every rank; None = the first real token.
 
     Returns:
         ``(mean (C,) or None, var (C,), count ())``; ``count`` may be 0 (then var is 0, not NaN).
     """
     count = token_count(x2d, keep).reshape(1)
-    if fused.usable(x2d, keep, shift):  # one read of x2d, no temporaries
+    local_shift = center and shift is None
+    if local_shift:
+        shift = _first_real_row(x2d, keep, count[0])
+    if fused.usable(x2d, keep, shift):  # one read of x2d, no temporaries; pad rows skipped
         s1, s2, _ = fused.colstats(x2d, keep, shift if center else None, s1=center)
     elif center:
-        torch.sub(x2d, shift, out=scratch)
-        s1 = column_sum(scratch, keep)
+        zero_pads_(torch.sub(x2d, shift, out=scratch), keep)
+        s1 = column_sum(scratch, None)
         scratch.mul_(scratch)
-        s2 = column_sum(scratch, keep)
+        s2 = column_sum(scratch, None)
     else:
-        s1, s2 = None, column_sum(torch.mul(x2d, x2d, out=scratch), keep)
+        s1, s2 = None, column_sum(zero_pads_(torch.mul(x2d, x2d, out=scratch), keep), None)
+    if center and sync and local_shift:
+        f64 = torch.float64
+        k, a, c = shift.to(f64), s1.to(f64), count.to(f64)
+        # sum x = sum d + n K, sum x^2 = sum d^2 + K (2 sum d + n K)
+        sx, sxx, c = maybe_all_reduce([a + c * k, s2.to(f64) + k * (2 * a + c * k), c], sync,
+                                      process_group)
+        n = c.clamp(min=1)
+        mean = sx / n
+        var = (sxx / n - mean * mean).clamp_min(0)
+        return mean.to(x2d.dtype), var.to(x2d.dtype), c[0].to(x2d.dtype)
     if center:
         s1, s2, count = maybe_all_reduce([s1, s2, count], sync, process_group)
         n = count.clamp(min=1)
@@ -74,7 +114,8 @@ class BatchStatNormFunction(torch.autograd.Function):
     The backward hook, if any, is called with the (synced) masked sum
     ``sum_j k_j dL/dy_j x_j`` ``(C,)``, so PN can track its backward statistic during warmup.
 
-    Shape: x ``(N, C)``; weight, bias, shift ``(C,)``; keep ``(N,)`` or None.
+    Shape: x ``(N, C)``; weight, bias ``(C,)``; shift ``(C,)`` or None (see
+    :func:`batch_moments`); keep ``(N,)`` or None.
     """
 
     @staticmethod
@@ -100,7 +141,8 @@ class BatchStatNormFunction(torch.autograd.Function):
             sum_gy, sum_gyx, masked_gyx = fused.bwd_sums(grad_y, x, keep, masked=hook is not None)
         else:
             sum_gy = column_sum(grad_y, None)
-            grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
+            # scratch for the sums first, then the gradient
+            grad_x = grad_times_x(grad_y, x, keep, torch.empty_like(x))
             masked_gyx, sum_gyx = column_sums(grad_x, keep if hook is not None else None)
         sums = [sum_gyx] if mean is None else [sum_gy, sum_gyx]
         if hook is not None:
@@ -123,7 +165,7 @@ class BatchStatNormFunction(torch.autograd.Function):
                     grad_x.sub_(coef_0)
             else:
                 correction = x * coef_x if coef_0 is None else torch.addcmul(coef_0, x, coef_x)
-                grad_x.addcmul_(correction, keep.unsqueeze(1), value=-1)
+                grad_x.sub_(zero_pads_(correction, keep))  # not * keep: a pad x may be inf
         if hook is not None:
             hook(sums[-1])
         need = ctx.needs_input_grad
@@ -208,8 +250,7 @@ class MaskedBatchNorm(MaskedNorm):
         if not self.training:
             scale = weight * torch.rsqrt(self.running_var.to(x2d.dtype) + self.eps)
             return torch.addcmul(bias - self.running_mean.to(x2d.dtype) * scale, x2d, scale)
-        return BatchStatNormFunction.apply(x2d, weight, bias, keep, True,
-                                           self.running_mean.to(x2d.dtype), self.eps,
+        return BatchStatNormFunction.apply(x2d, weight, bias, keep, True, None, self.eps,
                                            self._sync(), self.process_group, self._update_running)
 
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor, rstd: Tensor) -> None:

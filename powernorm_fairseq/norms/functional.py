@@ -54,6 +54,31 @@ def column_sum(x2d: Tensor, keep: Tensor | None) -> Tensor:
     return torch.mm(keep.unsqueeze(0), x2d).squeeze(0)
 
 
+def zero_pads_(x2d: Tensor, keep: Tensor | None) -> Tensor:
+    """Set the pad rows of ``x2d: (N, C)`` to 0 in place and return it (no-op for ``keep=None``).
+
+    Masked sums of a possibly non-finite operand go through this, then an unmasked
+    :func:`column_sum`: the product ``keep @ x2d`` would turn an inf or NaN at a pad into
+    ``0 * inf = NaN`` in the statistic.
+    """
+    if keep is not None:
+        x2d.masked_fill_((keep == 0).unsqueeze(1), 0)
+    return x2d
+
+
+def grad_times_x(grad_y: Tensor, x2d: Tensor, keep: Tensor | None, out: Tensor) -> Tensor:
+    """``out = grad_y * x2d`` with ``0 * anything = 0`` when there are pads (``keep`` given).
+
+    A backward's sums over all positions include the pads (their outputs depend on the
+    statistics too), where ``dL/dy`` is 0 (the loss ignores pads) but ``x`` may be inf or NaN:
+    IEEE ``0 * inf = NaN`` would reach every real token's gradient through the sums.
+    """
+    torch.mul(grad_y, x2d, out=out)
+    if keep is not None:
+        out.masked_fill_(grad_y == 0, 0)
+    return out
+
+
 def column_sums(x2d: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(masked, total)`` column sums ``(C,)`` from ONE read of ``x2d`` (a 2-row GEMM
     ``[keep; 1] @ x2d``); without a mask both are the plain column sum."""

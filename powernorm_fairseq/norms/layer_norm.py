@@ -15,7 +15,9 @@ class LayerNorm(MaskedNorm):
         y = \frac{x - \mathrm{E}_c[x]}{\sqrt{\mathrm{Var}_c[x] + \epsilon}} \cdot \gamma + \beta
 
     Statistics are per token, so pads never influence real tokens; ``padding_mask`` is validated
-    and otherwise ignored. Same numbers as ``torch.nn.LayerNorm(C, eps)`` (the released code's LN).
+    and otherwise ignored. Same numbers as ``torch.nn.LayerNorm(C, eps)`` (the released code's LN);
+    like it, the weight/bias gradients sum over every position, so an inf or NaN at a pad makes
+    them non-finite (real-token outputs and input gradients stay clean).
 
     Args:
         num_features: ``C``.

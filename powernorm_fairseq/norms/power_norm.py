@@ -17,7 +17,14 @@ from . import fused
 from .base import MaskedNorm
 from .batch_norm import PRESCALE_EPS, BatchStatNormFunction
 from .distributed import maybe_all_reduce
-from .functional import column_sum, column_sums, group_rms_scale, token_count
+from .functional import (
+    column_sum,
+    column_sums,
+    grad_times_x,
+    group_rms_scale,
+    token_count,
+    zero_pads_,
+)
 
 
 def _check_alpha(name: str, value: float) -> None:
@@ -131,7 +138,7 @@ class RunningPowerFunction(torch.autograd.Function):
             y, sum_sq, _ = fused.affine_colstats(x, keep, rstd * weight, bias)
         else:
             y = torch.mul(x, x)  # scratch for the statistic first, then the output
-            sum_sq = column_sum(y, keep)
+            sum_sq = column_sum(zero_pads_(y, keep), None)
             torch.addcmul(bias, x, rstd * weight, out=y)
         sum_sq, count = maybe_all_reduce([sum_sq, count], sync, process_group)
         count = count[0]
@@ -149,13 +156,14 @@ class RunningPowerFunction(torch.autograd.Function):
             grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
                 grad_y, x, weight * rstd, coef_x, corr_keep=keep, sum_keep=keep, sums=True)
         else:
-            grad_x = torch.mul(grad_y, x)  # scratch for the sums first, then the gradient
+            # scratch for the sums first, then the gradient
+            grad_x = grad_times_x(grad_y, x, keep, torch.empty_like(x))
             masked_gyx, sum_gyx = column_sums(grad_x, keep)
             torch.mul(grad_y, weight * rstd, out=grad_x)
             if keep is None:
                 grad_x.addcmul_(x, coef_x, value=-1)
-            else:
-                grad_x.addcmul_(x * coef_x, keep.unsqueeze(1), value=-1)
+            else:  # pads get no correction (their loss gradient is 0; x there may be non-finite)
+                grad_x.sub_(zero_pads_(x * coef_x, keep))
             sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
         ctx.backward_hook(maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0])
         need = ctx.needs_input_grad
@@ -372,9 +380,11 @@ class ReferencePowerFunction(torch.autograd.Function):
       (D2); computed as ``dL/dy * (weight rstd_bwd) - x * (c E rstd_fwd rstd_bwd)``.
     - ``E += mean(approx * z)`` over ALL ``T*B`` positions, pads included (D5):
       ``(weight rstd_fwd sum(dL/dy x) - c E rstd_fwd^2 sum(x^2)) / (T*B)``; skipped when the batch
-      has no real token. ``num_unstable += 1`` when ``c * mean(z^2) >= 2`` for some channel (the
-      recurrence then amplifies ``E``; below 2 it contracts, as in the paper variant) or ``E``
-      became non-finite (batches without real tokens are not counted); no safeguard otherwise.
+      has no real token. So an inf or NaN at a pad makes ``E`` (and the later gradients)
+      non-finite, as in the released code; ``running_phi`` (real tokens only) stays clean.
+      ``num_unstable += 1`` when ``c * mean(z^2) >= 2`` for some channel (the recurrence then
+      amplifies ``E``; below 2 it contracts, as in the paper variant) or ``E`` became non-finite
+      (batches without real tokens are not counted); no safeguard otherwise.
     - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
 
     The forward computes ``psi_B^2`` over the real tokens and ``sum(x^2)`` over all positions
@@ -389,8 +399,10 @@ class ReferencePowerFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keep, module, sync):
         if fused.usable(x, keep):  # both sums from one read of x, no temporary
             _, sum_sq, sum_sq_all = fused.colstats(x, keep, s2all=True)
-        else:
-            sum_sq, sum_sq_all = column_sums(torch.mul(x, x), keep)
+        else:  # pads enter sum_sq_all (D5), not sum_sq, also when they are inf or NaN
+            sq = torch.mul(x, x)
+            sum_sq_all = column_sum(sq, None)
+            sum_sq = sum_sq_all if keep is None else column_sum(zero_pads_(sq, keep), None)
         rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = _reference_step(
             x, keep, sum_sq, sum_sq_all, module, sync)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
@@ -491,7 +503,8 @@ class PowerNormReference(MaskedNorm):
 
     Buffers (released names and shapes, so a released state dict loads): ``running_phi``
     ``(1, C, 1, 1)`` init 1, ``ema_gz`` ``(1, C, 1, 1)`` init 0, ``iters`` ``(1,)`` long init 0;
-    plus ``num_unstable`` ``(1,)`` long (filled with 0 when loading a released state dict).
+    plus ``num_unstable`` ``(1,)`` long (filled with 0 when loading a released state dict: a
+    plain dict, or one with torch's ``_metadata`` version 1, alone or inside a model's state).
 
     Shape:
         - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
@@ -563,6 +576,9 @@ class PowerNormReference(MaskedNorm):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.check_stability()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    #: 2 = has ``num_unstable``; the released ``MaskPowerNorm`` saves version 1 (torch's default)
+    _version = 2
 
     def _upgrade_legacy_state(self, state_dict: dict, prefix: str) -> None:
         state_dict.setdefault(prefix + "num_unstable", torch.zeros_like(self.num_unstable))

@@ -22,6 +22,10 @@ static double *alloc_partials(int nt, int64_t width)
     return (double *)calloc((size_t)nt * (size_t)width, sizeof(double));
 }
 
+/* g * x with 0 * anything = 0: the backward sums include pad rows, where the upstream gradient
+ * g is 0 but x may be inf or NaN (IEEE 0 * inf = NaN would reach every real token). */
+#define SAFE_MUL(g, x) ((g) == 0 ? (g) : (g) * (x))
+
 /* Rows summed in T before a flush into the double accumulators. */
 #define BLOCK_ROWS 16
 

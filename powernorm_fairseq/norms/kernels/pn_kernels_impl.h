@@ -122,7 +122,8 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
     return 0;
 }
 
-/* sgy += gy, sgyx += gy x (over all rows), msgyx += k gy x (each output nullable) */
+/* sgy += gy, sgyx += gy x (over all rows), msgyx += k gy x (each output nullable); at pad rows
+ * gy x is taken as 0 where gy = 0 (pads' upstream gradient), also for x = inf or NaN. */
 int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t C,
                       T *sgy, T *sgyx, T *msgyx, int nt)
 {
@@ -141,6 +142,12 @@ int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t
                 for (int64_t c = 0; c < C; ++c) {
                     T g = gr[c], gxv = g * xr[c];
                     qg[c] += g; qgx[c] += gxv; qm[c] += gxv;
+                }
+            } else if (keep != NULL) {  /* pad: 0 * x = 0 even for x = inf or NaN */
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    T g = gr[c];
+                    qg[c] += g; qgx[c] += SAFE_MUL(g, xr[c]);
                 }
             } else {
 #pragma omp simd
@@ -162,7 +169,9 @@ int NAME(pn_bwd_sums)(const T *gy, const T *x, const T *keep, int64_t N, int64_t
 }
 
 /* gx = gy * a - m_n (x * b + c), m_n = corr_keep[n] (or 1); in the same pass (outputs nullable)
- * sgy += gy, sgyx += gy x over all rows and msgyx += sum_keep[n] gy x. */
+ * sgy += gy, sgyx += gy x over all rows and msgyx += sum_keep[n] gy x. Pad rows (m_n = 0 or
+ * sum_keep[n] = 0) take gy x as 0 where gy = 0, and gx = gy a where m_n = 0, so a non-finite
+ * pad x reaches neither the sums nor (with corr_keep) any gradient. */
 int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T *cc,
                        const T *corr_keep, const T *sum_keep, int64_t N, int64_t C, T *gx,
                        T *sgy, T *sgyx, T *msgyx, int nt)
@@ -182,27 +191,33 @@ int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T 
             T *out = gx + n * C;
             T m = corr_keep ? corr_keep[n] : (T)1;
             int counted = sum_keep == NULL || sum_keep[n] != 0;
-            if (!sums) {
+            if (m == 0 || !counted) {  /* a pad: its x (maybe inf or NaN) must not reach the
+                                        * sums or, without a correction, its gradient */
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    T g = gr[c], xv = xr[c];
+                    out[c] = m == 0 ? g * a[c] : g * a[c] - m * (xv * b[c] + cc[c]);
+                    if (sums) {
+                        qg[c] += g;
+                        T gxv = SAFE_MUL(g, xv);
+                        qgx[c] += gxv;
+                        if (counted) qm[c] += gxv;
+                    }
+                }
+            } else if (!sums) {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) out[c] = gr[c] * a[c] - m * (xr[c] * b[c] + cc[c]);
                 continue;
-            }
-            if (counted) {
+            } else {
 #pragma omp simd
                 for (int64_t c = 0; c < C; ++c) {
                     T g = gr[c], xv = xr[c], gxv = g * xv;
                     out[c] = g * a[c] - m * (xv * b[c] + cc[c]);
                     qg[c] += g; qgx[c] += gxv; qm[c] += gxv;
                 }
-            } else {
-#pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                    T g = gr[c], xv = xr[c];
-                    out[c] = g * a[c] - m * (xv * b[c] + cc[c]);
-                    qg[c] += g; qgx[c] += g * xv;
-                }
             }
-            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 3 * C);
+            if (sums && ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1))
+                flush(q, p, 3 * C);
         }
     }
     if (sums) {
