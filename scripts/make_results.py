@@ -292,7 +292,12 @@ def readme_section() -> None:
     atomic_write_text(readme, new)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    # parsed before any work, so that --help only prints (it used to rewrite README.md and tables)
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+                            ).parse_args(argv)
     for corpus, spec in TABLES.items():
         build_table(corpus, spec)
     readme_section()
