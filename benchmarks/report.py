@@ -10,8 +10,8 @@ padding; CPU-time ratios for one thread, wall-clock ratios otherwise, see norm_s
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -60,10 +60,12 @@ def train_speed_table(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
-    if not paths:
-        raise SystemExit(__doc__)
-    for path in paths:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("records", nargs="+", type=Path, metavar="RECORD",
+                   help="JSON records written by benchmarks/norm_speed.py or train_speed.py")
+    for path in p.parse_args(argv).records:
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such benchmark record")
         record = json.loads(path.read_text())
         print(f"### {path}\n")
         if record.get("benchmark") == "train_speed":

@@ -13,7 +13,9 @@ and is idempotent. It changes fairseq's behaviour in these ways only:
    ``ValueError``): a truncated or corrupt file, a file holding a non-allow-listed object, or a
    checkpoint whose parameters do not fit the model being trained (another architecture or other
    norms). The message names the file and what to do; on the command line only the message is
-   printed, not the stack trace.
+   printed, not the stack trace. Training refuses to resume from an average of checkpoints
+   (``scripts/average_checkpoints.py`` marks it with an ``average`` field and leaves out the
+   optimizer state and data position) unless ``--reset-optimizer`` asks for a fresh optimizer.
 3. **No batch is dropped.** fairseq-fixed's ``data_utils.batch_by_size`` discards the last batch
    whenever its size is not a multiple of ``--required-batch-size-multiple`` (default 8), so
    validation, ``fairseq-generate`` and ``fairseq-eval-lm`` silently scored a subset. The patched
@@ -25,6 +27,12 @@ and is idempotent. It changes fairseq's behaviour in these ways only:
    renamed over the target, so the target holds either the old or the new checkpoint, whole.
    Only the ``PathManager`` seen by ``fairseq.checkpoint_utils`` is replaced (a subclass); remote
    paths, which cannot be renamed, keep fairseq's copy.
+5. **fairseq-eval-lm scores every token or fails.** It drops every sample longer than the model's
+   ``max_positions`` with a warning ("N samples have invalid sizes and will be skipped"); left at
+   fairseq's default ``--tokens-per-sample 1024``, a model trained on shorter blocks scored 0
+   tokens and reported perplexity 1.00 with exit 0. While ``LanguageModelingTask``'s
+   ``eval_lm_dataloader`` (used by fairseq-eval-lm only) builds its batches, a skipped sample or an
+   empty split raises :class:`EvaluationError` naming ``--tokens-per-sample``.
 
 Two further constraints are respected by the plugin's code rather than patched: fairseq's
 ``TransformerConfig`` uses its sub-config *classes* as defaults, so the plugin never writes to a
@@ -57,6 +65,10 @@ _INSTALLED = False
 
 class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message says which file and what to do."""
+
+
+class EvaluationError(ValueError):
+    """An evaluation would not score the whole split; the message says which flag to pass."""
 
 
 def _checkpoint_safe_globals() -> list:
@@ -95,7 +107,7 @@ def _checked_load_checkpoint_to_cpu(load):
     @functools.wraps(load)
     def load_checkpoint_to_cpu(path, *args, **kwargs):
         try:
-            return load(path, *args, **kwargs)
+            state = load(path, *args, **kwargs)
         except pickle.UnpicklingError as e:
             if "Unsupported global" in str(e):
                 raise CheckpointError(
@@ -112,8 +124,21 @@ def _checked_load_checkpoint_to_cpu(load):
                 f"{path} is not a fairseq checkpoint (it has no {e} entry): pass a checkpoint "
                 "written by fairseq-train (checkpoint_*.pt) or an average of such checkpoints"
             ) from e
+        if _TRAINING_LOAD.get("active") and not _TRAINING_LOAD.get("reset_optimizer") \
+                and isinstance(state, dict) and state.get("average"):
+            raise CheckpointError(
+                f"{path} is an average of checkpoints (scripts/average_checkpoints.py): it has no "
+                "optimizer state and no position in the data, so training cannot resume from it. "
+                "To continue the run, train from its checkpoint_last.pt; to fine-tune from the "
+                "averaged weights, add --reset-optimizer --reset-dataloader --reset-meters."
+            )
+        return state
 
     return load_checkpoint_to_cpu
+
+
+# Set while Trainer.load_checkpoint runs: the checkpoint being read is for training, not decoding.
+_TRAINING_LOAD: dict = {}
 
 
 def _first_line(e: BaseException) -> str:
@@ -138,6 +163,8 @@ def _checked_trainer_load_checkpoint(load):
 
     @functools.wraps(load)
     def load_checkpoint(self, filename, *args, **kwargs):
+        reset_optimizer = kwargs.get("reset_optimizer", args[0] if args else False)
+        _TRAINING_LOAD.update(active=True, reset_optimizer=bool(reset_optimizer))
         try:
             return load(self, filename, *args, **kwargs)
         except CheckpointError:
@@ -157,8 +184,52 @@ def _checked_trainer_load_checkpoint(load):
                 "--reset-optimizer --reset-dataloader --reset-meters only to fine-tune a "
                 "matching model)."
             ) from e
+        finally:
+            _TRAINING_LOAD.clear()
 
     return load_checkpoint
+
+
+# Set while an eval-lm dataloader is built: its size filter must not drop anything.
+_EVAL_LM: dict = {}
+
+
+def _eval_lm_dataloader_in_full(build):
+    """Wrap ``LanguageModelingTask.eval_lm_dataloader`` (fairseq-eval-lm's batches)."""
+
+    @functools.wraps(build)
+    def eval_lm_dataloader(self, dataset, *args, **kwargs):
+        _EVAL_LM["active"] = True
+        try:
+            return build(self, dataset, *args, **kwargs)
+        finally:
+            _EVAL_LM.clear()
+
+    return eval_lm_dataloader
+
+
+def _filter_nothing_in_eval_lm(filter_indices):
+    """Wrap ``FairseqTask.filter_indices_by_size``: under eval-lm, a dropped sample is an error."""
+
+    @functools.wraps(filter_indices)
+    def filter_indices_by_size(self, indices, dataset, max_positions=None, *args, **kwargs):
+        kept = filter_indices(self, indices, dataset, max_positions, *args, **kwargs)
+        if not _EVAL_LM.get("active"):
+            return kept
+        fix = (f"Pass --tokens-per-sample N with N <= {max_positions} (the model's max_positions; "
+               "use the block length it was trained with), so that every token is scored.")
+        if len(indices) == 0:
+            raise EvaluationError("fairseq-eval-lm: the split has no samples, 0 tokens would be "
+                                  "scored; check --gen-subset and the data directory.")
+        if len(kept) < len(indices):
+            raise EvaluationError(
+                f"fairseq-eval-lm would skip {len(indices) - len(kept)} of {len(indices)} samples "
+                f"(longer than max_positions={max_positions}) and score "
+                f"{'no token' if len(kept) == 0 else 'only part of the split'}: the perplexity "
+                f"would not be the split's. {fix}")
+        return kept
+
+    return filter_indices_by_size
 
 
 def batch_by_size_keep_tail(
@@ -230,7 +301,7 @@ _ORIGINAL: dict = {}
 
 def _excepthook(previous):
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, CheckpointError):
+        if issubclass(exc_type, (CheckpointError, EvaluationError)):
             print(f"error: {exc}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
@@ -246,6 +317,8 @@ def install() -> None:
         return
     from fairseq import checkpoint_utils, trainer
     from fairseq.data import data_utils
+    from fairseq.tasks.fairseq_task import FairseqTask
+    from fairseq.tasks.language_modeling import LanguageModelingTask
 
     torch.serialization.add_safe_globals(_checkpoint_safe_globals())
 
@@ -259,10 +332,16 @@ def install() -> None:
     )
     _ORIGINAL["batch_by_size"] = data_utils.batch_by_size
     data_utils.batch_by_size = batch_by_size_keep_tail
+    _ORIGINAL["LanguageModelingTask.eval_lm_dataloader"] = LanguageModelingTask.eval_lm_dataloader
+    LanguageModelingTask.eval_lm_dataloader = _eval_lm_dataloader_in_full(
+        LanguageModelingTask.eval_lm_dataloader
+    )
+    _ORIGINAL["FairseqTask.filter_indices_by_size"] = FairseqTask.filter_indices_by_size
+    FairseqTask.filter_indices_by_size = _filter_nothing_in_eval_lm(FairseqTask.filter_indices_by_size)
     _ORIGINAL["checkpoint_utils.PathManager"] = checkpoint_utils.PathManager
     checkpoint_utils.PathManager = _atomic_copy_path_manager(checkpoint_utils.PathManager)
 
-    # On the command line a CheckpointError is the whole story: print it without the traceback.
+    # On the command line a CheckpointError / EvaluationError is the whole story: print it without the traceback.
     if not getattr(sys.excepthook, "powernorm", False):
         sys.excepthook = _excepthook(sys.excepthook)
     _INSTALLED = True

@@ -104,7 +104,7 @@ def run_norm(norm: str, args, size: dict, data_dir: Path) -> dict:
     stats = steps.run("train", do_train, key={"arch": args.arch, "seed": args.seed, **size})
     avg = save_dir / "checkpoint_avg.pt"
     steps.run("average", lambda: average.average_checkpoints(
-        average.find_checkpoints(save_dir, size["average_last"], "epoch"), avg), [avg])
+        average.find_checkpoints(save_dir, size["average_last"], "epoch"), avg, force=True), [avg])
     record_path = run_dir / "bleu.json"
     record = steps.run("evaluate", lambda: evaluate.main(
         ["bleu", "--data", str(data_dir), "--checkpoint", str(avg), "--recipe", "synthetic",

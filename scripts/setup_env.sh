@@ -12,6 +12,12 @@
 # * A venv that already holds this exact dependency set (stamp file keyed by pyproject.toml's hash)
 #   is reused as is.
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) echo "usage: bash scripts/setup_env.sh   (no arguments; environment: PYTHON, PN_VENV, PN_TORCH_SPEC)"
+             sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+  "") ;;
+  *) echo "[setup] error: unknown argument $1 (see --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${PN_VENV:-.venv}

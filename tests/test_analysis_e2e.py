@@ -55,6 +55,15 @@ def test_track_norm_stats_train_resume_plot(tmp_path, fairseq_cli, tiny_mt_data,
     rows = _rows(stats)
     assert [int(r["step"]) for r in rows] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
+    # a new run (another norm, another save dir) on the same file: refused, the file untouched
+    # (its rows used to be appended, steps restarting at 0, and plotted as one curve)
+    written = stats.read_bytes()
+    other = [tiny_mt_data, "--user-dir", plugin_dir, *TRAIN, "--encoder-norm", "power",
+             "--save-dir", tmp_path / "ck_pn", "--track-norm-stats", stats, "--max-update", "2"]
+    proc = fairseq_cli("train", *other, check=False)
+    assert proc.returncode != 0 and "is not continued" in proc.stderr
+    assert stats.read_bytes() == written
+
     _cli("plot_stats").main([str(stats), "--out", str(tmp_path / "fig4.png")])
     _png_ok(tmp_path / "fig4.png")
     _cli("embedding_spectrum").main([str(save / "checkpoint_last.pt"), "--labels", "BN",

@@ -276,3 +276,36 @@ def test_only_rank_zero_records(tmp_path, monkeypatch):
     model = _model("batch")
     assert attach_tracker(model, tmp_path / "s.csv") is None
     assert not model.norm._forward_pre_hooks and not (tmp_path / "s.csv").exists()
+
+
+def _train_steps(model, tracker, updates):
+    x, mask = _batch(0)
+    for update in updates:
+        for m in model.modules():  # what fairseq's BaseFairseqModel.set_num_updates does
+            if hasattr(m, "set_num_updates") and m is not model:
+                m.set_num_updates(update)
+        model(x, mask)[1].backward()
+    tracker.close()
+
+
+def test_existing_file_is_continued_only_by_a_resume_of_its_run(tmp_path):
+    path = tmp_path / "s.csv"
+    pn = _model("power")
+    _train_steps(pn, attach_tracker(pn, path, start_step=0), range(4))
+    written = path.read_bytes()
+    # a brand-new run (update 0), of another norm or of the same norm: refused, file untouched
+    for name in ("batch", "power"):
+        with pytest.raises(ValueError, match=r"s\.csv holds .*not continued.*--track-norm-stats"):
+            attach_tracker(_model(name), path, start_step=0)
+    with pytest.raises(ValueError, match="another norm or layer"):
+        attach_tracker(_model("batch"), path, start_step=3)
+    assert path.read_bytes() == written
+    # a resume from update 2 (rows 2 and 3 were logged after that checkpoint): they are replaced
+    resumed = _model("power")
+    _train_steps(resumed, attach_tracker(resumed, path, start_step=2), (2, 3, 4))
+    assert [int(r["step"]) for r in _read(path)] == [0, 1, 2, 3, 4]
+    # a file that starts later (update 5) than the checkpoint being resumed (3): not continued
+    later = _model("power")
+    _train_steps(later, attach_tracker(later, tmp_path / "late.csv", start_step=5), (5, 6))
+    with pytest.raises(ValueError, match="steps 5..6 of another run; this run starts at update 3"):
+        attach_tracker(_model("power"), tmp_path / "late.csv", start_step=3)

@@ -117,3 +117,63 @@ def test_script_is_importable_and_runs(tmp_path):
                     "--output", str(tmp_path / "avg.pt")], check=True, cwd=tmp_path)
     state = torch.load(tmp_path / "avg.pt", weights_only=False)
     assert torch.equal(state["model"]["encoder.w"], torch.full((3, 4), 1.5))
+
+
+def _with_training_state(path):
+    state = torch.load(path, weights_only=False)
+    state["last_optimizer_state"] = {"state": {0: {"exp_avg": torch.ones(3)}}}
+    state["extra_state"] = {"epoch": 3, "train_iterator": {"epoch": 3, "iterations_in_epoch": 7}}
+    torch.save(state, path)
+    return path
+
+
+def test_refuses_to_overwrite_inputs_fairseq_names_and_existing_files(tmp_path):
+    a = make_ckpt(tmp_path / "checkpoint1.pt", 1, 1)
+    b = make_ckpt(tmp_path / "checkpoint2.pt", 2, 2)
+    last = make_ckpt(tmp_path / "checkpoint_last.pt", 2, 2)
+    before = {p: p.read_bytes() for p in (a, b, last)}
+    for out, force, match in [(b, True, "one of the checkpoints being averaged"),
+                              (last, True, "name fairseq writes"),
+                              (tmp_path / "checkpoint_best.pt", True, "name fairseq writes"),
+                              (tmp_path / "checkpoint_3_300.pt", True, "name fairseq writes")]:
+        with pytest.raises(SystemExit, match=match):
+            average.main(["--inputs", str(a), str(b), "--output", str(out)] + ["--force"] * force)
+    avg = tmp_path / "avg.pt"
+    avg.write_bytes(b"my file")
+    with pytest.raises(SystemExit, match="exists; pass --force"):
+        average.main(["--inputs", str(a), str(b), "--output", str(avg)])
+    assert avg.read_bytes() == b"my file"
+    assert {p: p.read_bytes() for p in (a, b, last)} == before
+    assert not (tmp_path / "checkpoint_best.pt").exists()
+    average.main(["--inputs", str(a), str(b), "--output", str(avg), "--force"])
+    assert torch.load(avg, weights_only=False)["average"]["num_updates"] == 2
+
+
+def test_average_has_no_training_state_and_is_marked(tmp_path):
+    paths = [_with_training_state(make_ckpt(tmp_path / f"checkpoint{i}.pt", i, i)) for i in (1, 2)]
+    average.average_checkpoints(paths, tmp_path / "avg.pt")
+    state = torch.load(tmp_path / "avg.pt", weights_only=False)
+    assert "last_optimizer_state" not in state
+    assert "train_iterator" not in state["extra_state"] and state["extra_state"]["epoch"] == 3
+    assert state["average"]["inputs"] == [str(p) for p in paths]
+    assert state["optimizer_history"][-1]["num_updates"] == 2  # fairseq-generate still loads it
+
+
+def test_records_of_a_replaced_average_are_removed(tmp_path):
+    a = make_ckpt(tmp_path / "checkpoint1.pt", 1, 1)
+    b = make_ckpt(tmp_path / "checkpoint2.pt", 2, 2)
+    avg = tmp_path / "checkpoint_avg.pt"
+    average.average_checkpoints([a, b], avg)
+    records = [tmp_path / n for n in ("checkpoint_avg.bleu.json", "checkpoint_avg.bleu.hyp.txt",
+                                      "checkpoint_avg.ppl.json")]
+    other = tmp_path / "checkpoint2.bleu.json"  # a record of another checkpoint stays
+    for r in [*records, other]:
+        r.write_text("{}")
+    summary = average.main(["--inputs", str(a), "--output", str(avg), "--force"])
+    assert not any(r.exists() for r in records) and other.exists()
+    assert sorted(summary["removed_records"]) == sorted(map(str, records))
+    # a new average where an old one was deleted by hand: its old records go too
+    avg.unlink()
+    records[0].write_text("{}")
+    average.main(["--inputs", str(a), str(b), "--output", str(avg)])
+    assert not records[0].exists()

@@ -197,3 +197,46 @@ def test_checkpoint_of_other_norms_fails_with_one_clear_line(
     assert "does not fit the model being trained" in proc.stderr
     assert str(tmp_path / "checkpoint_last.pt") in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_lm_that_would_skip_samples_fails_naming_the_flag(
+    train_lm, fairseq_cli, tiny_lm_data, plugin_dir
+):
+    """fairseq's default --tokens-per-sample (1024) exceeds the model's 32 positions: every sample
+    was skipped, 0 tokens scored, perplexity 1.00, exit 0. Now: a one-line error naming the flag."""
+    save_dir, _ = train_lm("layer")
+    proc = fairseq_cli(
+        "eval_lm", tiny_lm_data, "--user-dir", plugin_dir, "--path", save_dir / "checkpoint_last.pt",
+        "--gen-subset", "test", "--batch-size", 4, check=False,
+    )
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "would skip" in proc.stderr and "score no token" in proc.stderr
+    assert "--tokens-per-sample N with N <= 32" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Perplexity" not in proc.stderr
+
+
+def test_average_decodes_but_training_does_not_resume_from_it(
+    train_mt, fairseq_cli, tiny_mt_data, plugin_dir, tmp_path
+):
+    """An average has no optimizer state and no data position: fairseq-generate uses it, training
+    refuses to resume from it (it used to continue silently from the averaged weights)."""
+    from powernorm_fairseq.pipeline import average
+
+    save_dir, _ = train_mt("power")
+    avg = tmp_path / "checkpoint_avg.pt"
+    average.main(["--inputs", str(save_dir / "checkpoint_last.pt"),
+                  str(save_dir / "checkpoint_best.pt"), "--output", str(avg)])
+    proc = fairseq_cli(
+        "generate", tiny_mt_data, "--user-dir", plugin_dir, "-s", "src", "-t", "tgt",
+        "--path", avg, "--beam", 2, "--batch-size", 8, "--gen-subset", "test",
+    )
+    n_test = len((tiny_mt_data / "raw" / "test.src").read_text().splitlines())
+    assert f"Translated {n_test} sentences" in proc.stderr
+    proc = fairseq_cli(
+        "train", tiny_mt_data, "--user-dir", plugin_dir, *MT_TRAIN, "--encoder-norm", "power",
+        "--decoder-norm", "power", "--max-update", 8, "--save-dir", tmp_path / "resume",
+        "--restore-file", avg, check=False,
+    )
+    assert proc.returncode != 0
+    assert f"{avg} is an average of checkpoints" in proc.stderr and "--reset-optimizer" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -196,3 +196,20 @@ def test_train_filter_and_valid_split(tmp_path):
     valid = (out / "valid.de").read_text().splitlines()
     assert valid == ["w22 x", "w45 x"]  # every 23rd kept pair
     assert len((out / "train.en").read_text().splitlines()) == 48
+
+
+def test_changed_from_contents_redo_every_step(tmp_path):
+    """The skip of finished steps is keyed on the --from files' size and mtime, not their path."""
+    pairs = small_corpus(tmp_path)
+    d = write_corpus(tmp_path / "corpus", pairs)
+    out = tmp_path / "out"
+    first = run_prepare("synthetic", "--from", str(d), "--out", str(out), "--bpe-size", "50")
+    assert first["sizes"]["train"] == 40
+    with open(d / "train.src", "a") as f_src, open(d / "train.tgt", "a") as f_tgt:
+        f_src.write("ein neuer satz .\n")
+        f_tgt.write("a new sentence .\n")
+    again = run_prepare("synthetic", "--from", str(d), "--out", str(out), "--bpe-size", "50")
+    assert again["steps_run"] == ["fetch", "clean", "tokenize", "references", "bpe", "binarize"]
+    assert again["sizes"]["train"] == 41
+    unchanged = run_prepare("synthetic", "--from", str(d), "--out", str(out), "--bpe-size", "50")
+    assert unchanged["steps_run"] == []

@@ -130,3 +130,39 @@ def test_truncated_checkpoint_last_is_replaced_by_the_newest_intact_one(tmp_path
     assert "replaced by checkpoint_1_8.pt" in train.repair_last_checkpoint(tmp_path)
     assert torch.equal(model_tensors(tmp_path / "checkpoint_last.pt")["w"], torch.ones(2))
     assert train.repair_last_checkpoint(tmp_path) is None  # intact now: nothing to do
+
+
+TINY_PTB = ["model.decoder_layers=1", "model.decoder_embed_dim=16", "model.decoder_input_dim=16",
+            "model.decoder_output_dim=16", "model.decoder_ffn_embed_dim=32", "dataset.batch_size=8",
+            "optimization.update_freq=[1]", "optimization.max_update=2", "dataset.num_workers=0",
+            "common.log_interval=1"]
+
+
+def _records(save_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(save_dir).as_posix(): p.read_bytes() for p in sorted(save_dir.rglob("*"))
+            if p.is_file() and (p.name in ("launch.json", "config.yaml") or ".hydra" in p.parts)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["flags", "preset"])
+def test_refused_launch_leaves_the_runs_records_intact(mode, data_bin, tiny_lm_data, tmp_path):
+    """`train.sh <preset> ln --save-dir <a PN run>`: fairseq refuses the PN checkpoint, and the PN
+    run's launch.json, config.yaml and hydra config are as they were (they used to be rewritten)."""
+    save = tmp_path / "run"
+    if mode == "flags":
+        def launch(norm):
+            return train.main(["flags", norm, "--data", str(data_bin), "--save-dir", str(save),
+                               "--cpu", "--", *TINY, "--max-update", "2"])
+    else:
+        def launch(norm):
+            return train.main(["ptb", norm, "--data", str(tiny_lm_data), "--save-dir", str(save),
+                               "--cpu", *TINY_PTB])
+    launch("pn")
+    before = _records(save)
+    assert "launch.json" in before and "config.yaml" in before
+    assert mode == "flags" or "hydra/.hydra/config.yaml" in before
+    with pytest.raises(SystemExit, match="training failed"):
+        launch("ln")
+    assert "does not fit the model being trained" in (save / "train.log").read_text()
+    assert _records(save) == before
+    assert not (save / "hydra" / ".hydra.pending").exists()

@@ -72,8 +72,15 @@ CSV columns, one row per training forward call and tracked layer:
 
 Backward columns are empty for a forward call whose output received no gradient; a call with no
 real token (all pads) gets no row. Rows are buffered and appended every ``flush_every`` rows and
-at exit; an existing file with the same header is continued (a resumed run appends). Under
-``torch.distributed`` only rank 0 records.
+at exit. Under ``torch.distributed`` only rank 0 records.
+
+An existing file is continued only when this is a resume of the run that wrote it: the same
+header, the same (layer, norm) pairs, and, when the run's first update index ``start_step`` is
+known (fairseq: the restored ``num_updates``), ``start_step > 0`` and at least the file's first
+step. Rows with ``step >= start_step`` (logged after the checkpoint that was restored, recomputed
+by the resumed run) are dropped first. Anything else (a new run, ``start_step = 0``; another norm
+or layer; a file of a later part of training) raises ``ValueError`` naming the file; nothing in it
+is changed. Without ``start_step`` (plain torch use) the step counter continues after the last row.
 
 Example::
 
@@ -211,6 +218,9 @@ class NormStatsTracker:
             for layers without their own (BN's convention; default 0.1, the ``batch`` norm's
             default momentum).
         flush_every: number of buffered rows that triggers an append to ``path``.
+        start_step: the update index the run starts at (a resumed fairseq run: the restored
+            ``num_updates``), or None if unknown; decides whether an existing ``path`` is
+            continued (see the module docstring).
     """
 
     def __init__(
@@ -219,6 +229,7 @@ class NormStatsTracker:
         path: str | os.PathLike,
         shadow_momentum: float = 0.1,
         flush_every: int = 50,
+        start_step: int | None = None,
     ) -> None:
         if not 0.0 < shadow_momentum <= 1.0:
             raise ValueError(f"shadow_momentum must be in (0, 1], got {shadow_momentum}")
@@ -230,8 +241,8 @@ class NormStatsTracker:
         self._rows: list[dict] = []
         self._handles: list = []
         self._patched: list[nn.Module] = []
-        first_step = self._prepare_file()
         self.layers = [_LayerState(n, m, shadow_momentum) for n, m in modules.items()]
+        first_step = self._prepare_file(start_step)
         for state in self.layers:
             state.next_step = first_step
         for state in self.layers:
@@ -239,25 +250,49 @@ class NormStatsTracker:
         atexit.register(self.flush)
 
     # ----------------------------------------------------------------------------- file
-    def _prepare_file(self) -> int:
-        """Check or create the CSV; return the next value of the fallback step counter."""
+    def _prepare_file(self, start_step: int | None) -> int:
+        """Check, continue or create the CSV; return the next value of the fallback step counter.
+
+        Raises ``ValueError`` (file untouched) when the file is not this run's (module docstring).
+        """
+        refuse = ("; it is not continued. Remove it, or pass another --track-norm-stats file "
+                  "(tracking never appends to another run's file)")
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             with open(self.path, newline="") as f:
                 header = next(csv.reader(f), [])
-                last = None
-                for last in csv.reader(f):  # noqa: B007 - only the last row is needed
-                    pass
+                rows = list(csv.reader(f))
             if tuple(header) != COLUMNS:
-                raise ValueError(
-                    f"{self.path} exists with a different header ({header[:4]}...); "
-                    "remove it or pass another --track-norm-stats file"
-                )
-            return int(last[0]) + 1 if last else 0
+                raise ValueError(f"{self.path} exists with a different header ({header[:4]}...)" + refuse)
+            if not rows:
+                return start_step or 0
+            ours = {(s.name, s.kind) for s in self.layers}
+            theirs = {(r[2], r[3]) for r in rows if len(r) > 3}
+            if theirs != ours:
+                raise ValueError(f"{self.path} holds statistics of {sorted(theirs)}, this run tracks "
+                                 f"{sorted(ours)} (another norm or layer)" + refuse)
+            steps = [int(r[0]) for r in rows]
+            if start_step is None:
+                return steps[-1] + 1
+            if start_step == 0 or start_step <= steps[0]:
+                raise ValueError(f"{self.path} holds steps {steps[0]}..{steps[-1]} of another run; "
+                                 f"this run starts at update {start_step}" +
+                                 (" (a new run)" if start_step == 0 else "") + refuse)
+            keep = [r for r, step in zip(rows, steps, strict=True) if step < start_step]
+            if len(keep) < len(rows):  # logged after the restored checkpoint: recomputed now
+                tmp = f"{self.path}.tmp"
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows([list(COLUMNS), *keep])
+                os.replace(tmp, self.path)  # atomic: the old rows or the trimmed file, whole
+            gap = f" (updates {steps[-1] + 1}..{start_step - 1} were never flushed)" \
+                if steps[-1] + 1 < start_step else ""
+            _log(f"--track-norm-stats: resumed run, continuing {self.path} at update {start_step} "
+                 f"({len(rows) - len(keep)} rows logged after the restored checkpoint dropped){gap}")
+            return start_step
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
         with open(self.path, "w", newline="") as f:
             csv.writer(f).writerow(COLUMNS)
-        return 0
+        return start_step or 0
 
     def flush(self) -> None:
         """Append the buffered rows to the CSV (append, not rewrite: a long log grows by rows)."""
@@ -444,6 +479,12 @@ class NormStatsTracker:
             self.flush()
 
 
+def _log(msg: str) -> None:
+    import logging
+
+    logging.getLogger(__name__).info(msg)
+
+
 def _fmt(v) -> str | int:
     """Compact CSV cell: ints as is, floats with 6 significant digits."""
     if isinstance(v, float):
@@ -472,6 +513,7 @@ def attach_tracker(
     layer_names: str | Sequence[str] | None = None,
     shadow_momentum: float = 0.1,
     flush_every: int = 50,
+    start_step: int | None = None,
 ) -> NormStatsTracker | None:
     """Log batch/running statistics and gradient terms of norm layers to a CSV, every training step.
 
@@ -483,6 +525,8 @@ def attach_tracker(
             the first norm applied in a pre-norm encoder.
         shadow_momentum: momentum of the shadow running statistics (see the module docstring).
         flush_every: rows buffered between appends to ``path``.
+        start_step: the update index the run starts at (0 for a new run), or None if unknown;
+            an existing ``path`` is continued only by a resume of its run (module docstring).
 
     Returns:
         The :class:`NormStatsTracker` (call ``close()`` to flush and remove the hooks), or None when
@@ -498,4 +542,5 @@ def attach_tracker(
     elif isinstance(layer_names, str):
         layer_names = [n for n in layer_names.split(",") if n.strip()]
     modules = _find_layers(model, layer_names)
-    return NormStatsTracker(modules, path, shadow_momentum=shadow_momentum, flush_every=flush_every)
+    return NormStatsTracker(modules, path, shadow_momentum=shadow_momentum, flush_every=flush_every,
+                            start_step=start_step)

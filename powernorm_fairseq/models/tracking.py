@@ -30,5 +30,8 @@ class NormTrackingMixin:
             # Imported only when asked for: the analysis package is not needed otherwise.
             from powernorm_fairseq.analysis.tracking import attach_tracker
 
-            self.norm_tracker = attach_tracker(self, self._track_norm_stats, self._track_norm_layers)
+            # num_updates is the restored update count (0 for a new run): it decides whether an
+            # existing file is this run's, to be continued, or another run's, to be refused.
+            self.norm_tracker = attach_tracker(self, self._track_norm_stats, self._track_norm_layers,
+                                               start_step=int(num_updates))
         super().set_num_updates(num_updates)

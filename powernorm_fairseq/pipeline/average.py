@@ -3,8 +3,20 @@
 Floating-point tensors (parameters and float buffers such as running statistics) are averaged in
 float64 and cast back. Integer and bool tensors are step counters or flags (``iters``,
 ``num_updates``, ``num_batches_tracked``): dividing them is meaningless, so they are copied from the
-newest checkpoint. All other fields (config, optimizer history) also come from the newest checkpoint,
-so fairseq-generate / fairseq-eval-lm load the result like any checkpoint.
+newest checkpoint. The config and the optimizer history (update count, lr schedule) also come from
+the newest checkpoint, so fairseq-generate / fairseq-eval-lm load the result like any checkpoint.
+
+An average is not a training state: it is written without the optimizer state
+(``last_optimizer_state``) and without the data-iterator position (``extra_state.train_iterator``),
+and carries an ``average`` field (inputs, update count, how each tensor was combined). Training
+refuses to resume from it (``compat.py``); fine-tuning from it needs ``--reset-optimizer``.
+
+Files are never lost: the output may not be one of the inputs, nor a name fairseq writes itself
+(``checkpoint_last.pt`` / ``checkpoint_best.pt`` / ``checkpointE.pt`` / ``checkpoint_E_U.pt``,
+which a resume or the next averaging would pick up), nor an existing file unless ``--force``.
+Evaluation records keyed to the output's path (``<output>.bleu.json``, ``<output>.bleu.hyp.txt``,
+``<output>.ppl.json``, the default names of ``pipeline/evaluate.py``) describe the file being
+replaced, so they are deleted before the new average is written: no score outlives its weights.
 """
 
 from __future__ import annotations
@@ -20,6 +32,11 @@ from pathlib import Path
 import torch
 
 from powernorm_fairseq.pipeline.common import atomic_path, log
+
+# Names fairseq itself writes and reads back (resume, best, epoch/update checkpoints).
+_FAIRSEQ_NAMES = re.compile(r"checkpoint(_last|_best|\d+|_\d+_\d+)\.pt|checkpoint\.best_.*\.pt")
+# Evaluation records of a checkpoint C at their default paths (pipeline/evaluate.py).
+RECORD_SUFFIXES = (".bleu.json", ".bleu.hyp.txt", ".ppl.json")
 
 # Config fields whose difference means a different model (shapes are checked separately).
 _ARCH_KEY = re.compile(r"(^arch$|^_name$|layers|embed_dim|ffn|heads|norm|^share|^pn_|^bn_|"
@@ -124,21 +141,60 @@ def average_states(states: list[dict]) -> tuple[dict, dict]:
     return out, how
 
 
-def average_checkpoints(inputs: list[str | Path], output: str | Path) -> dict:
-    """Average ``inputs`` into ``output`` (written atomically). Returns a summary dict."""
-    paths = [Path(p) for p in inputs]
+def check_output(output: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an output that would destroy an input, a file fairseq uses, or (without ``force``)
+    any existing file. Checked before anything is read or written."""
+    for p in inputs:
+        if output.resolve() == p.resolve() or (output.exists() and p.exists() and output.samefile(p)):
+            raise SystemExit(f"--output {output} is one of the checkpoints being averaged; "
+                             "write the average to a new file (e.g. checkpoint_avg.pt)")
+    if _FAIRSEQ_NAMES.fullmatch(output.name):
+        raise SystemExit(f"--output {output}: {output.name} is a name fairseq writes and reads back "
+                         "(resume, best, epoch/update checkpoints); an average there would be resumed "
+                         "from or averaged again. Use another name, e.g. checkpoint_avg.pt")
+    if output.exists() and not force:
+        raise SystemExit(f"--output {output} exists; pass --force to replace it (its evaluation "
+                         f"records {', '.join('*' + s for s in RECORD_SUFFIXES)} are then removed)")
+
+
+def stale_records(output: Path) -> list[Path]:
+    """The evaluation records of ``output`` at their default paths that exist."""
+    return [r for s in RECORD_SUFFIXES if (r := output.with_suffix(s)).exists()]
+
+
+def average_checkpoints(inputs: list[str | Path], output: str | Path, *, force: bool = False) -> dict:
+    """Average ``inputs`` into ``output`` (written atomically). Returns a summary dict.
+
+    Refusals (``SystemExit``, nothing written): see :func:`check_output`. The records of a
+    replaced average are deleted (see the module docstring).
+    """
+    paths, output = [Path(p) for p in inputs], Path(output)
     if not paths:
         raise SystemExit("no checkpoints to average")
+    check_output(output, paths, force)
     states = [load_checkpoint(p) for p in paths]
     check_same_architecture(states, paths)
     state, how = average_states(states)
+    # Not a training state: no optimizer moments, no position in the data (a resume from it would
+    # silently continue from averaged weights with the newest input's optimizer and epoch).
+    state.pop("last_optimizer_state", None)
+    extra = dict(state.get("extra_state") or {})
+    extra.pop("train_iterator", None)
+    state["extra_state"] = extra
+    kept = sorted(k for k, h in how.items() if h == "newest")
+    state["average"] = {"inputs": [str(p) for p in paths], "num_updates": _num_updates(state),
+                        "floats": "mean (float64)", "kept_from_newest": kept}
     state["averaged_from"] = [str(p) for p in paths]
+    removed = stale_records(output)
+    for r in removed:
+        r.unlink()
     with atomic_path(output) as tmp:
         torch.save(state, tmp)
-    kept = sorted(k for k, h in how.items() if h == "newest")
     summary = {"output": str(output), "inputs": [str(p) for p in paths],
-               "num_updates": _num_updates(state), "kept_from_newest": kept}
-    log(f"averaged {len(paths)} checkpoints -> {output} (kept from newest: {len(kept)} tensors)")
+               "num_updates": _num_updates(state), "kept_from_newest": kept,
+               "removed_records": [str(r) for r in removed]}
+    log(f"averaged {len(paths)} checkpoints -> {output} (kept from newest: {len(kept)} tensors)"
+        + (f"; removed the records of the replaced file: {[r.name for r in removed]}" if removed else ""))
     return summary
 
 
@@ -150,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-epoch-checkpoints", type=int, help="average the last N checkpointE.pt")
     p.add_argument("--num-update-checkpoints", type=int, help="average the last N checkpoint_E_U.pt")
     src.add_argument("--dir", help="checkpoint directory (same as a single --inputs DIR)")
-    p.add_argument("--output", required=True, help="where to write the averaged checkpoint")
+    p.add_argument("--output", required=True,
+                   help="where to write the averaged checkpoint: a new file, not an input nor a "
+                   "name fairseq writes (checkpoint_last.pt, checkpoint_best.pt, checkpointE.pt, "
+                   "checkpoint_E_U.pt)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --output (its .bleu.json/.bleu.hyp.txt/.ppl.json "
+                   "records are deleted with it)")
     return p
 
 
@@ -168,7 +230,7 @@ def main(argv=None) -> dict:
         if n:
             raise SystemExit("--num-*-checkpoints selects files in a directory: pass --dir DIR")
         inputs = args.inputs
-    return average_checkpoints(inputs, args.output)
+    return average_checkpoints(inputs, args.output, force=args.force)
 
 
 if __name__ == "__main__":

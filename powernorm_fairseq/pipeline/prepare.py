@@ -571,6 +571,20 @@ def step_binarize(corpus: Corpus, text_dir: Path, dest: Path, workers: int, size
     return counted
 
 
+def input_fingerprint(from_dir: str | Path) -> dict[str, list[int]]:
+    """``{relative path: [size, mtime_ns]}`` of every file under ``--from DIR``.
+
+    Part of the fetch step's key: a rerun with the same path but changed contents (pairs appended,
+    a file replaced) redoes fetch and everything after it, instead of skipping on the path alone.
+    Size and mtime, not a hash: cheap for multi-GB archives, and any rewrite changes the mtime.
+    """
+    root = Path(from_dir).resolve()
+    if not root.is_dir():
+        return {}
+    return {str(f.relative_to(root)): [(st := f.stat()).st_size, st.st_mtime_ns]
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
 def prepare(args) -> dict:
     corpus = CORPORA[args.corpus]
     out = Path(args.out or REPO_ROOT / "data" / corpus.name).resolve()
@@ -591,6 +605,7 @@ def prepare(args) -> dict:
         return sources
 
     fetch_key = {"from": str(Path(args.from_dir).resolve()) if args.from_dir else None,
+                 "inputs": input_fingerprint(args.from_dir) if args.from_dir else None,
                  "no_verify": args.no_verify}
     if corpus.name == "synthetic":
         fetch_key.update(seed=args.seed, train=args.synthetic_train)

@@ -5,15 +5,28 @@
 (``hydra``: a preset plus ``key=value`` overrides) in this process. With ``--param-digest``, after
 training it writes the sha256 of every parameter of the trained model to FILE; the launcher compares
 the files of all ranks to prove that data-parallel ranks really trained one model.
+
+Nothing describing the run is written before fairseq has accepted the checkpoint it resumes from
+(a checkpoint of another architecture or other norms fails in ``Trainer.load_checkpoint``): rank 0
+writes the run's records only when that call returned. These are ``<save_dir>/config.yaml``
+(``train``), and what the launcher (``pipeline/train.py``) hands over in the environment variable
+``POWERNORM_ON_START``, a JSON object: ``launch_json`` / ``record`` (the launch record to write)
+and ``hydra_pending`` / ``hydra_final`` (hydra's output directory of this launch, written under a
+temporary name, renamed over the previous one).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, import_plugin
+
+ON_START_ENV = "POWERNORM_ON_START"
 
 
 def param_digest(model) -> dict:
@@ -31,11 +44,34 @@ def param_digest(model) -> dict:
     return {"params": h.hexdigest(), "buffers": buffers}
 
 
-def write_config_and_train(fairseq_train, argv: list[str]) -> None:
+class OnStart:
+    """What rank 0 writes once the checkpoint is accepted (see the module docstring); runs once."""
+
+    def __init__(self) -> None:
+        self.spec = json.loads(os.environ.get(ON_START_ENV) or "{}")
+        self.config: tuple[Path, str] | None = None  # (path, text) of config.yaml (train mode)
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.config is not None:
+            atomic_write_text(*self.config)
+        if self.spec.get("launch_json"):
+            atomic_write_json(self.spec["launch_json"], self.spec["record"])
+        pending, final = self.spec.get("hydra_pending"), self.spec.get("hydra_final")
+        if pending and os.path.isdir(pending):
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(pending, final)
+
+
+def write_config_and_train(fairseq_train, argv: list[str], on_start: OnStart) -> None:
     """``fairseq_cli.train.cli_main`` with one addition: rank 0 writes the resolved config.
 
     The file ``<save_dir>/config.yaml`` is the complete configuration fairseq runs with (every
-    default filled in), written before training starts.
+    default filled in), written once the checkpoint to resume from is accepted.
     """
     from fairseq import distributed_utils, options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -44,8 +80,7 @@ def write_config_and_train(fairseq_train, argv: list[str]) -> None:
     sys.argv = ["fairseq-train", *argv]
     args = options.parse_args_and_arch(options.get_training_parser())
     cfg = convert_namespace_to_omegaconf(args)
-    if cfg.distributed_training.distributed_rank == 0:
-        atomic_write_text(Path(cfg.checkpoint.save_dir) / "config.yaml", OmegaConf.to_yaml(cfg))
+    on_start.config = (Path(cfg.checkpoint.save_dir) / "config.yaml", OmegaConf.to_yaml(cfg))
     distributed_utils.call_main(cfg, fairseq_train.main)
 
 
@@ -63,19 +98,25 @@ def main(argv=None) -> None:
     import_plugin()
 
     trainers = []
-    if digest_path:
-        # fairseq_cli.train.main builds the Trainer and keeps it local; record it to read the
-        # final parameters after main() returns.
-        base = fairseq_train.Trainer
+    on_start = OnStart()
+    # fairseq_cli.train.main builds the Trainer and keeps it local; record it to read the final
+    # parameters after main() returns, and write the run's records once the checkpoint loaded.
+    base = fairseq_train.Trainer
 
-        class RecordingTrainer(base):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                trainers.append(self)
+    class RecordingTrainer(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
 
-        fairseq_train.Trainer = RecordingTrainer
+        def load_checkpoint(self, *args, **kwargs):
+            result = super().load_checkpoint(*args, **kwargs)  # raises on an unusable checkpoint
+            if self.data_parallel_rank == 0:
+                on_start()
+            return result
+
+    fairseq_train.Trainer = RecordingTrainer
     if entry == "train":
-        write_config_and_train(fairseq_train, argv)
+        write_config_and_train(fairseq_train, argv, on_start)
     else:
         from powernorm_fairseq import hydra_train
 

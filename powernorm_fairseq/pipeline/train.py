@@ -26,11 +26,16 @@ above) the paper's. ``--effective-tokens`` (alias ``--effective-batch``) sets an
 Resuming: fairseq restores ``<save-dir>/checkpoint_last.pt``, so rerunning the same command continues
 an interrupted run. The full resolved configuration is written to ``<save-dir>/config.yaml`` (by
 rank 0 in flags mode; copied from hydra's output in preset mode) and the launch details (command, world size, batch arithmetic) to ``<save-dir>/launch.json``.
+A failed launch leaves the directory's records as they were: ``launch.json``, ``config.yaml`` and
+hydra's ``hydra/.hydra/`` are written only once fairseq has accepted the checkpoint it resumes
+from (see ``pipeline/rank.py``), so ``--save-dir`` of another run with another norm is refused
+with that run's records intact.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -56,6 +61,7 @@ from powernorm_fairseq.pipeline.common import (
     python_module_cmd,
     subprocess_env,
 )
+from powernorm_fairseq.pipeline.rank import ON_START_ENV
 
 # NORM argument -> model flags in 'flags' mode (in preset mode NORM only names the preset file).
 NORMS = {"ln": ("layer", []), "bn": ("batch", []), "pnv": ("power_v", []),
@@ -307,7 +313,24 @@ def train(args, overrides: list[str], echo=None) -> dict:
               "launch": how, "batch": batch, "save_dir": str(args.save_dir), "data": str(args.data),
               "command": getattr(args, "command", None) or " ".join(sys.argv), "fairseq_args": base, "git_commit": git_commit(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "repaired": repaired}
-    atomic_write_json(args.save_dir / "launch.json", record)
+    # Written by rank 0 only once the checkpoint is accepted (a refused launch writes nothing).
+    hydra_pending = args.save_dir / "hydra" / ".hydra.pending"
+    on_start = {"launch_json": str(args.save_dir / "launch.json"), "record": record}
+    if mode == "preset":
+        base = [*base, f"hydra.output_subdir={hydra_pending.name}"]
+        on_start.update(hydra_pending=str(hydra_pending), hydra_final=str(hydra_pending.parent / ".hydra"))
+    launch_env = {ON_START_ENV: json.dumps(on_start)}
+    try:
+        return _launch(args, how, world, entry, base, record, launch_env, echo)
+    finally:
+        if hydra_pending.is_dir():  # the launch failed before the checkpoint was accepted
+            shutil.rmtree(hydra_pending)
+
+
+def _launch(args, how: str, world: int, entry: str, base: list[str], record: dict,
+            launch_env: dict, echo) -> dict:
+    """Run the ranks of :func:`train` and complete its launch record."""
+    mode = "flags" if entry == "train" else "preset"
     log_path = args.save_dir / "train.log"
     t0 = time.time()
     digest_dir = args.save_dir / "rank_digests"
@@ -322,7 +345,8 @@ def train(args, overrides: list[str], echo=None) -> dict:
                 cmd, text=True, preexec_fn=die_with_parent, stdout=subprocess.PIPE if rank == 0 else None,
                 stderr=subprocess.STDOUT if rank == 0 else subprocess.DEVNULL,
                 # N ranks share the cores: one thread each unless the caller says otherwise
-                env=subprocess_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})))
+                env=subprocess_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                                    **launch_env})))
         codes = _stream(procs, log_path, echo)
         if any(codes):
             raise SystemExit(f"training failed: rank exit codes {codes}; see {log_path}")
@@ -334,7 +358,7 @@ def train(args, overrides: list[str], echo=None) -> dict:
                      else f"distributed_training.distributed_port={args.port}"]
         cmd = python_module_cmd("powernorm_fairseq.pipeline.rank") + [entry, *base, *extra]
         proc = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=subprocess_env(), preexec_fn=die_with_parent)
+                                env=subprocess_env(launch_env), preexec_fn=die_with_parent)
         codes = _stream([proc], log_path, echo)
         if codes[0]:
             raise SystemExit(f"training failed (exit {codes[0]}); see {log_path}")
