@@ -28,6 +28,7 @@ there), and peak memory is ``torch.cuda.max_memory_allocated`` above the step's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -72,6 +73,26 @@ def train_step(norm, x, mask, grad_y):
     y.backward(grad_y)
 
 
+@contextlib.contextmanager
+def _kineto_quiet():
+    """Send file descriptor 2 to /dev/null while the profiler starts and stops.
+
+    torch's profiler backend (kineto) writes "USDT: ... profiler_start/stop" lines straight to
+    fd 2 for every profiled step (16 per shape here); no setting turns them off
+    (``KINETO_LOG_LEVEL`` does not). Python's own ``sys.stderr`` is flushed first.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_bytes(norm, x, mask, grad_y) -> int:
     """Peak of live CPU allocations during one training step above its start.
 
@@ -80,7 +101,7 @@ def peak_bytes(norm, x, mask, grad_y) -> int:
     order. Inputs, parameters and ``grad_y`` exist before the step and are not counted.
     """
     x.grad = None  # freeing it inside the window would be an unattributed event
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         train_step(norm, x, mask, grad_y)
     deltas = sorted(
         (e.time_range.start, e.self_cpu_memory_usage)

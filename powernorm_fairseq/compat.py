@@ -33,6 +33,21 @@ and is idempotent. It changes fairseq's behaviour in these ways only:
    tokens and reported perplexity 1.00 with exit 0. While ``LanguageModelingTask``'s
    ``eval_lm_dataloader`` (used by fairseq-eval-lm only) builds its batches, a skipped sample or an
    empty split raises :class:`EvaluationError` naming ``--tokens-per-sample``.
+6. **A checkpoint used with another dictionary fails with one clear message.** ``fairseq-generate``
+   / ``-interactive`` / ``-eval-lm`` on a data directory whose dictionary differs in size from
+   the one the model was trained with raised torch's multi-line ``size mismatch`` error; it is
+   now a :class:`CheckpointError` naming both sizes and the fix.
+7. **NumPy 2.** fairseq's ``TokenBlockDataset`` (``--sample-break-mode eos``) and the bucketing
+   of ``LanguagePairDataset`` use ``np.compat.long``, which NumPy 2 removed. Those two fairseq
+   modules get a ``numpy`` that also has ``compat.long`` (= ``int``, NumPy 1's value); numpy itself
+   is not changed.
+8. **sacrebleu >= 2.** ``fairseq-score --sacrebleu`` passes open files to ``sacrebleu.corpus_bleu``,
+   which sacrebleu 2 refuses ("refs should be a sequence of strings"). ``corpus_bleu`` accepts any
+   iterable of lines again (read into lists, newlines stripped). ``fairseq-score`` has no
+   ``--user-dir``: run it as ``python -m powernorm_fairseq.score`` (same arguments).
+
+Bad plugin options (:class:`OptionError`, a ``ValueError``, raised by the models' option checks)
+are printed like a :class:`CheckpointError`: the message only.
 
 Two further constraints are respected by the plugin's code rather than patched: fairseq's
 ``TransformerConfig`` uses its sub-config *classes* as defaults, so the plugin never writes to a
@@ -50,8 +65,10 @@ import functools
 import logging
 import os
 import pickle
+import re
 import shutil
 import sys
+import types
 import typing
 import zipfile
 
@@ -69,6 +86,10 @@ class CheckpointError(ValueError):
 
 class EvaluationError(ValueError):
     """An evaluation would not score the whole split; the message says which flag to pass."""
+
+
+class OptionError(ValueError):
+    """A plugin option has a value it cannot take; the message names the flag / hydra key."""
 
 
 def _checkpoint_safe_globals() -> list:
@@ -231,6 +252,58 @@ def _filter_nothing_in_eval_lm(filter_indices):
 
     return filter_indices_by_size
 
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S*(?:embed_tokens|output_projection)\.weight): copying a param with "
+    r"shape torch\.Size\(\[(\d+), \d+\]\) from checkpoint, the shape in current model is "
+    r"torch\.Size\(\[(\d+), \d+\]\)")
+
+
+def _checked_load_model_ensemble_and_task(load):
+    """Wrap ``checkpoint_utils.load_model_ensemble_and_task`` (generate, interactive, eval-lm):
+    a checkpoint trained with a dictionary of another size raises CheckpointError."""
+
+    @functools.wraps(load)
+    def load_model_ensemble_and_task(filenames, *args, **kwargs):
+        try:
+            return load(filenames, *args, **kwargs)
+        except RuntimeError as e:
+            m = _SIZE_MISMATCH.search(str(e))
+            if m is None:
+                raise
+            name, trained, given = m.groups()
+            raise CheckpointError(
+                f"checkpoint {', '.join(map(str, filenames))} was trained with a dictionary of "
+                f"{trained} entries ({name}), but the data directory's dictionary has {given}: "
+                "pass the data-bin the model was trained on (the same dict.*.txt)."
+            ) from e
+
+    return load_model_ensemble_and_task
+
+
+class _NumpyWithCompat(types.ModuleType):
+    """``numpy`` plus ``compat.long`` (removed in NumPy 2), for fairseq modules that still use it."""
+
+    compat = types.SimpleNamespace(long=int)  # numpy 1's np.compat.long
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def _corpus_bleu_of_lines(corpus_bleu):
+    """``sacrebleu.corpus_bleu`` that also takes iterables of lines (files), as sacrebleu 1 did."""
+
+    @functools.wraps(corpus_bleu)
+    def wrapped(hypotheses, references, *args, **kwargs):
+        if not isinstance(hypotheses, str):
+            hypotheses = [h.rstrip("\n") for h in hypotheses]
+        if not isinstance(references, str):
+            references = [r if isinstance(r, str) else [x.rstrip("\n") for x in r]
+                          for r in references]
+        return corpus_bleu(hypotheses, references, *args, **kwargs)
+
+    wrapped.powernorm = True
+    return wrapped
+
 
 def batch_by_size_keep_tail(
     indices,
@@ -301,7 +374,7 @@ _ORIGINAL: dict = {}
 
 def _excepthook(previous):
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, (CheckpointError, EvaluationError)):
+        if issubclass(exc_type, (CheckpointError, EvaluationError, OptionError)):
             print(f"error: {exc}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
@@ -338,6 +411,21 @@ def install() -> None:
     )
     _ORIGINAL["FairseqTask.filter_indices_by_size"] = FairseqTask.filter_indices_by_size
     FairseqTask.filter_indices_by_size = _filter_nothing_in_eval_lm(FairseqTask.filter_indices_by_size)
+
+    _ORIGINAL["load_model_ensemble_and_task"] = checkpoint_utils.load_model_ensemble_and_task
+    checkpoint_utils.load_model_ensemble_and_task = _checked_load_model_ensemble_and_task(
+        checkpoint_utils.load_model_ensemble_and_task
+    )
+    if not hasattr(np, "compat"):  # NumPy 2
+        from fairseq.data import language_pair_dataset, token_block_dataset
+
+        for module in (token_block_dataset, language_pair_dataset):
+            module.np = _NumpyWithCompat("numpy")
+    import sacrebleu
+
+    if not getattr(sacrebleu.corpus_bleu, "powernorm", False):
+        _ORIGINAL["sacrebleu.corpus_bleu"] = sacrebleu.corpus_bleu
+        sacrebleu.corpus_bleu = _corpus_bleu_of_lines(sacrebleu.corpus_bleu)
     _ORIGINAL["checkpoint_utils.PathManager"] = checkpoint_utils.PathManager
     checkpoint_utils.PathManager = _atomic_copy_path_manager(checkpoint_utils.PathManager)
 

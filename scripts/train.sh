@@ -6,4 +6,5 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python3
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PN_TRAIN_COMMAND="$0"  # named in the resume line printed on Ctrl-C
 exec "$PYTHON" -m powernorm_fairseq.pipeline.train "$@"

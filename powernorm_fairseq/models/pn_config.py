@@ -21,6 +21,7 @@ encoder-attention norm, stays LayerNorm); the presets in ``configs/`` reproduce 
 # fairseq reads the dataclass field types at runtime and recognizes only ``typing.Optional``:
 # no ``from __future__ import annotations`` and no ``X | None`` here.
 # ruff: noqa: UP045
+import argparse
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -159,6 +160,83 @@ class PowerNormOptions(FairseqDataclass):
             "for language models)"
         },
     )
+
+
+# Valid values of the numeric norm options: (type, test, what the value must be). The norms
+# check their own arguments too, but only at model build, without naming the option.
+_RANGES = {
+    "pn_alpha_fwd": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "pn_alpha_bkw": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "pn_warmup_updates": (int, lambda v: v >= 0, "an integer >= 0"),
+    "pn_final_warmup_updates": (int, lambda v: v >= -1,
+                                "an integer >= 0, or -1 (= --pn-warmup-updates)"),
+    "pn_group_num": (int, lambda v: v >= -1,
+                     "an integer >= 0 (0 = no GroupScaling), or -1 (= the attention heads for "
+                     "--pn-variant reference, 0 for paper)"),
+    "bn_momentum": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')} (hydra: model.{name})"
+
+
+def _range_type(name: str):
+    """argparse ``type=`` for option ``name``: converts, then checks the range."""
+    kind, ok, what = _RANGES[name]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid <type> value" messages
+    return parse
+
+
+def add_range_checks(parser) -> None:
+    """Make the numeric norm options of ``parser`` fail at argument parsing when out of range."""
+    for action in parser._actions:
+        if action.dest in _RANGES:
+            action.type = _range_type(action.dest)
+
+
+def check_norm_options(cfg, sides: dict) -> None:
+    """Check the norm options of a model config (command line, hydra or checkpoint).
+
+    Args:
+        cfg: flat namespace / DictConfig with the ``PowerNormOptions`` fields and the per-side
+            ``{side}_*norm`` and ``{side}_embed_dim`` fields.
+        sides: ``{side: norm-site field names}``, e.g. ``{"decoder": ("norm", "ffn_norm")}``.
+
+    Raises:
+        OptionError: an option out of range, or ``--pn-group-num`` that does not divide the
+            embedding size of a side that uses PowerNorm. The message names the flag and the key.
+    """
+    from powernorm_fairseq.compat import OptionError
+
+    for name, (kind, ok, what) in _RANGES.items():
+        value = getattr(cfg, name, None)
+        if value is None:
+            continue
+        if not ok(kind(value)):
+            raise OptionError(f"{_flag(name)} must be {what}, got {value}")
+    groups = int(getattr(cfg, "pn_group_num", -1) or 0)
+    if groups <= 0:
+        return
+    for side, names in sides.items():
+        uses_power = any(str(getattr(cfg, f"{side}_{n}", None)) == "power" for n in names)
+        dim = getattr(cfg, f"{side}_embed_dim", None)
+        if uses_power and dim and int(dim) % groups:
+            raise OptionError(
+                f"{_flag('pn_group_num')} = {groups} does not divide --{side}-embed-dim {dim}: "
+                "GroupScaling splits the channels into equal groups; use a divisor of it "
+                "(e.g. the number of attention heads), 0, or -1")
 
 
 _SUBCONFIGS = {EncDecBaseConfig: PNEncoderConfig, DecoderConfig: PNDecoderConfig}

@@ -31,7 +31,13 @@ from fairseq.utils import safe_getattr
 
 from powernorm_fairseq.modules import TransformerPNDecoder
 
-from .pn_config import NORM_CHOICE_ENUM, PowerNormOptions, TransformerPNConfig
+from .pn_config import (
+    NORM_CHOICE_ENUM,
+    PowerNormOptions,
+    TransformerPNConfig,
+    add_range_checks,
+    check_norm_options,
+)
 from .tracking import NormTrackingMixin
 from .transformer_pn import fill_norm_defaults
 
@@ -84,8 +90,15 @@ class TransformerLanguageModelPN(NormTrackingMixin, TransformerLanguageModel):
         self._init_norm_tracking(decoder.cfg)
 
     @classmethod
+    def add_args(cls, parser):
+        """fairseq's LM options and the norm options, numeric ones range-checked."""
+        super().add_args(parser)
+        add_range_checks(parser)
+
+    @classmethod
     def build_model(cls, args, task):
         """fairseq's ``TransformerLanguageModel.build_model`` with the PN decoder."""
+        check_norm_options(args, _LM_NORM_FIELDS)  # hydra skips argparse and the arch functions
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))
         if safe_getattr(args, "max_target_positions", None) is None:
@@ -125,11 +138,34 @@ class TransformerLanguageModelPN(NormTrackingMixin, TransformerLanguageModel):
         return cls(decoder)
 
 
+def _apply_lm_architecture(args, fairseq_arch) -> None:
+    """Run fairseq's LM architecture function ``fairseq_arch`` without its legacy final-norm rule.
+
+    fairseq's ``base_lm_architecture`` reads a legacy boolean ``decoder_final_norm`` and sets
+    ``no_decoder_final_norm = not decoder_final_norm``. Here ``decoder_final_norm`` is the *kind*
+    of the output norm (``--decoder-final-norm power``), so that rule would switch on an output
+    norm the architecture does not have (``transformer_lm_pn_wiki103``). Whether the site exists
+    stays ``--no-decoder-final-norm``'s (and the architecture's) decision; giving a kind for a
+    site that does not exist is an error.
+    """
+    from powernorm_fairseq.compat import OptionError
+
+    fill_norm_defaults(args, _LM_NORM_FIELDS)
+    kind, args.decoder_final_norm = args.decoder_final_norm, None
+    fairseq_arch(args)
+    args.decoder_final_norm = kind
+    check_norm_options(args, _LM_NORM_FIELDS)  # at parsing: needs the sizes the arch sets
+    if kind is not None and args.no_decoder_final_norm:
+        raise OptionError(
+            f"--decoder-final-norm {kind} (hydra: model.decoder_final_norm): this model has no "
+            "decoder output norm (--no-decoder-final-norm, set by transformer_lm_pn_wiki103 as by "
+            "fairseq's transformer_lm_wiki103); drop the option, or use an architecture with one")
+
+
 @register_model_architecture("transformer_lm_pn", "transformer_lm_pn_base")
 def transformer_lm_pn_base(args):
     """fairseq's base LM (pre-norm), LayerNorm at every site unless told otherwise."""
-    fill_norm_defaults(args, _LM_NORM_FIELDS)
-    base_lm_architecture(args)
+    _apply_lm_architecture(args, base_lm_architecture)
 
 
 @register_model_architecture("transformer_lm_pn", "transformer_lm_pn_ptb")
@@ -152,9 +188,13 @@ def transformer_lm_pn_ptb(args):
 @register_model_architecture("transformer_lm_pn", "transformer_lm_pn_wiki103")
 def transformer_lm_pn_wiki103(args):
     """fairseq's ``transformer_lm_wiki103`` (Baevski & Auli 2019: 16 layers, d=1024, adaptive
-    input and softmax with cutoffs 20000,60000, tied adaptive weights, no final norm)."""
-    fill_norm_defaults(args, _LM_NORM_FIELDS)
-    transformer_lm_baevski_wiki103(args)
+    input and softmax with cutoffs 20000,60000, tied adaptive weights, no final norm).
+
+    Train it with ``--criterion adaptive_loss`` (its adaptive softmax has no plain output
+    projection) and ``--ddp-backend legacy_ddp`` (adaptive softmax leaves parameters without
+    gradient on some steps, which the default c10d DDP rejects), as ``configs/wikitext103_*.yaml``.
+    """
+    _apply_lm_architecture(args, transformer_lm_baevski_wiki103)
 
 
 @register_model_architecture("transformer_lm_pn", "transformer_lm_pn_tiny")

@@ -23,7 +23,14 @@ from fairseq.utils import safe_getattr
 
 from powernorm_fairseq.modules import TransformerPNDecoder, TransformerPNEncoder
 
-from .pn_config import PNDecoderConfig, PNEncoderConfig, PowerNormOptions, TransformerPNConfig
+from .pn_config import (
+    PNDecoderConfig,
+    PNEncoderConfig,
+    PowerNormOptions,
+    TransformerPNConfig,
+    add_range_checks,
+    check_norm_options,
+)
 from .tracking import NormTrackingMixin
 
 _SIDE_CONFIGS = {"encoder": PNEncoderConfig, "decoder": PNDecoderConfig}
@@ -57,11 +64,12 @@ class TransformerPNModel(NormTrackingMixin, TransformerModel):
         """Add fairseq's transformer options and the norm options to ``parser``."""
         # No defaults on the parser, so the architecture functions can fill them (fairseq's way).
         gen_parser_from_dataclass(parser, TransformerPNConfig(), delete_default=True, with_prefix="")
+        add_range_checks(parser)
 
     @classmethod
     def build_model(cls, args, task):
         """Build the model from a flat namespace / DictConfig (command line, hydra, checkpoint)."""
-        transformer_pn_base_architecture(args)
+        transformer_pn_base_architecture(args)  # checks the norm options (hydra skips argparse)
         cfg = TransformerPNConfig.from_namespace(args)
         # TransformerModel.build_model would rebuild the config as a plain TransformerConfig;
         # its parent's build_model takes the config as given.
@@ -101,6 +109,7 @@ def transformer_pn_base_architecture(args):
     args.decoder_normalize_before = safe_getattr(args, "decoder_normalize_before", True)
     fill_norm_defaults(args)
     base_architecture(args)
+    check_norm_options(args, _NORM_FIELDS)  # at parsing: needs the sizes the architecture sets
 
 
 @register_model_architecture("transformer_pn", "transformer_pn_iwslt_de_en")

@@ -67,12 +67,37 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def decode_utf8(data: bytes, name: str | os.PathLike) -> str:
+    """``data`` decoded as UTF-8; on bad bytes a ``SystemExit`` naming ``name`` and the line.
+
+    Every corpus file is read through here, so a file in another encoding (Latin-1, UTF-16) is
+    reported as "file F, line N" instead of a bare ``UnicodeDecodeError`` from inside a step.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        bad = data[e.start:e.end]
+        raise SystemExit(
+            f"{name}, line {line}: not UTF-8 (byte {bad!r} at offset {e.start}). The corpus files "
+            "must be UTF-8: convert the file, e.g. `iconv -f latin1 -t utf-8`, and rerun.") from e
+
+
 def read_lines(path: str | os.PathLike) -> list[str]:
-    """Read a text file (``.gz`` transparently) as a list of lines without newlines."""
+    """Read a UTF-8 text file (``.gz`` transparently) as a list of lines without newlines.
+
+    Raises:
+        SystemExit: the file is not UTF-8 (the message names the file and line).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f]
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError:
+        with opener(path, "rb") as f:
+            decode_utf8(f.read(), path)  # raises, naming the line
+        raise
 
 
 def count_lines(path: str | os.PathLike) -> int:

@@ -180,17 +180,44 @@ def test_set_tokens(data_bin: str | Path) -> int:
     return int(ds.sizes.sum())
 
 
-def trained_tokens_per_sample(checkpoint: str | Path) -> int:
-    """The task's ``tokens_per_sample`` stored in a fairseq LM checkpoint (its trusted config;
-    fairseq checkpoints hold config objects, hence ``weights_only=False``)."""
+def _trained_task(checkpoint: str | Path) -> dict:
+    """``{"task", "arch", "tokens_per_sample"}`` from a fairseq checkpoint's stored config (None
+    where absent). The config is trusted: fairseq checkpoints hold config objects, hence
+    ``weights_only=False``."""
     import torch
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state.get("cfg") or {}
-    task = cfg.get("task") if hasattr(cfg, "get") else None
-    value = task.get("tokens_per_sample") if hasattr(task, "get") else None  # dict or DictConfig
-    if value is None and state.get("args") is not None:
-        value = getattr(state["args"], "tokens_per_sample", None)
+    legacy = state.get("args")  # checkpoints of older fairseq: one argparse Namespace
+
+    def get(section: str, key: str, legacy_key: str):
+        sub = cfg.get(section) if hasattr(cfg, "get") else None
+        value = sub.get(key) if hasattr(sub, "get") else None  # dict or DictConfig
+        return value if value is not None or legacy is None else getattr(legacy, legacy_key, None)
+
+    return {"task": get("task", "_name", "task"), "arch": get("model", "_name", "arch"),
+            "tokens_per_sample": get("task", "tokens_per_sample", "tokens_per_sample")}
+
+
+def check_trained_for(checkpoint: str | Path, metric: str) -> None:
+    """Fail clearly when ``checkpoint`` is not a model of the kind ``metric`` evaluates."""
+    try:
+        trained = _trained_task(checkpoint)
+    except Exception:  # unreadable: fairseq's load reports it (compat.CheckpointError names it)
+        return
+    task = str(trained["task"] or "")
+    if metric == "ppl" and task.startswith("translation"):
+        raise SystemExit(f"{checkpoint} is a translation model (task {task}, arch "
+                         f"{trained['arch']}); evaluate it with scripts/evaluate_bleu.sh, not "
+                         "evaluate_ppl.sh (perplexity is for language models).")
+    if metric == "bleu" and task == "language_modeling":
+        raise SystemExit(f"{checkpoint} is a language model (arch {trained['arch']}); evaluate "
+                         "it with scripts/evaluate_ppl.sh, not evaluate_bleu.sh.")
+
+
+def trained_tokens_per_sample(checkpoint: str | Path) -> int:
+    """The task's ``tokens_per_sample`` stored in a fairseq LM checkpoint."""
+    value = _trained_task(checkpoint)["tokens_per_sample"]
     if value is None:
         raise SystemExit(f"{checkpoint} does not record tokens_per_sample; pass --tokens-per-sample")
     return int(value)
@@ -261,6 +288,7 @@ def main(argv=None) -> dict:
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"checkpoint not found: {args.checkpoint}")
     args.checkpoint = Path(args.checkpoint).resolve()
+    check_trained_for(args.checkpoint, args.metric)
     return evaluate_bleu(args) if args.metric == "bleu" else evaluate_ppl(args)
 
 

@@ -34,6 +34,7 @@ import re
 import shutil
 import sys
 import tarfile
+import textwrap
 import time
 import unicodedata
 import urllib.request
@@ -48,6 +49,7 @@ from powernorm_fairseq.pipeline.common import (
     atomic_path,
     atomic_write_json,
     atomic_write_lines,
+    decode_utf8,
     git_commit,
     invocation,
     log,
@@ -160,12 +162,29 @@ def download(url: str, dest: Path, corpus: str, hint: str) -> Path:
     return dest
 
 
+# What ``--from DIR`` must hold, per corpus (shown by --help and in every "not found" error).
+FROM_LAYOUT = {
+    "multi30k": "train.de train.en val.de val.en test_2016_flickr.de test_2016_flickr.en, each "
+                "plain or .gz (data/task1/raw/ of github.com/multi30k/dataset)",
+    "iwslt14": "de-en.tgz, the IWSLT14 release (train.tags.de-en.{de,en} and the "
+               "IWSLT14.TED*.de-en.{de,en}.xml dev/test files inside)",
+    "wmt14_en_de": "the five archives training-parallel-europarl-v7.tgz "
+                   "training-parallel-commoncrawl.tgz training-parallel-nc-v12.tgz dev.tgz "
+                   "test-full.tgz, as published (the names of WMT14_URLS)",
+    "ptb": "ptb.train.txt ptb.valid.txt ptb.test.txt, plain or .gz (Mikolov's 10k-word version)",
+    "wikitext103": "wiki.train.tokens wiki.valid.tokens wiki.test.tokens, or wikitext-103-v1.zip",
+    "synthetic": "train.src train.tgt valid.src valid.tgt test.src test.tgt: ANY parallel corpus, "
+                 "one UTF-8 sentence per line, the two sides line-aligned (Moses-tokenized and "
+                 "lowercased here; BPE 300 merges unless --bpe-size)",
+}
+
+
 def _find_local(src_dir: Path, names: list[str], corpus: str) -> Path:
     for name in names:
         if (src_dir / name).exists():
             return src_dir / name
-    raise SystemExit(f"--from {src_dir}: none of {names} found; it must hold the {corpus} files "
-                     "as published (gzipped or plain).")
+    raise SystemExit(f"--from {src_dir}: none of {names} found. For {corpus}, --from DIR must hold "
+                     f"{FROM_LAYOUT[corpus]}.")
 
 
 # Multi30k task 1, raw, from the official repository. md5 of the uncompressed text, computed from
@@ -290,7 +309,7 @@ def fetch_iwslt14(args, raw_dir: Path) -> dict:
         def read(name):
             if name not in members:
                 raise SystemExit(f"{archive} has no {name}: not the IWSLT14 de-en release")
-            return tar.extractfile(members[name]).read().decode("utf-8")
+            return decode_utf8(tar.extractfile(members[name]).read(), f"{archive}: {name}")
 
         for lang in ("de", "en"):
             # "train" here is the full cleaned-later training text; valid is split off in `clean`.
@@ -331,7 +350,7 @@ def fetch_wmt14_en_de(args, raw_dir: Path) -> dict:
                 wanted = any(name.startswith(c) for c in WMT14_TRAIN) or name.startswith(
                     ("newstest2013.", "newstest2014-deen-"))
                 if m.isfile() and wanted:
-                    texts[name] = tar.extractfile(m).read().decode("utf-8")
+                    texts[name] = decode_utf8(tar.extractfile(m).read(), f"{archive}: {m.name}")
     for lang in ("en", "de"):
         train = []
         for stem in WMT14_TRAIN:
@@ -598,10 +617,15 @@ def prepare(args) -> dict:
     fetched = ("train", "test") if corpus.valid_every else SPLITS
     fetched_files = [f"{s}.{lang}" for s in fetched for lang in corpus.langs]
 
+    # --no-verify: the user's own copy (another release, extra pairs) may have other sizes.
+    pinned = None if args.no_verify else corpus.expected
+    if args.no_verify and corpus.expected:
+        log(f"--no-verify: checksums and the pinned sizes {corpus.expected} are not checked")
+
     def fetch():
         raw.mkdir(parents=True, exist_ok=True)
         sources = corpus.fetch(args, raw)
-        check_sizes(corpus, raw, "fetch", None if corpus.valid_every else corpus.expected, fetched)
+        check_sizes(corpus, raw, "fetch", None if corpus.valid_every else pinned, fetched)
         return sources
 
     fetch_key = {"from": str(Path(args.from_dir).resolve()) if args.from_dir else None,
@@ -628,7 +652,7 @@ def prepare(args) -> dict:
             text_dir = filt
     # The fetched release was checked against the pinned sizes; after dropping empty pairs only the
     # sides' agreement is checked, except IWSLT14, whose pinned sizes are those after filtering.
-    sizes = check_sizes(corpus, text_dir, "text", corpus.expected if corpus.valid_every else None)
+    sizes = check_sizes(corpus, text_dir, "text", pinned if corpus.valid_every else None)
     if corpus.kind == "translation":
         def refs():
             atomic_write_lines(ref / f"test.{corpus.tgt}.tok", read_lines(text_dir / f"test.{corpus.tgt}"))
@@ -665,16 +689,24 @@ def prepare(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prepare", description=__doc__.split("\n")[0])
+    epilog = "--from DIR must hold, per corpus:\n" + "\n".join(
+        textwrap.fill(layout, 98, initial_indent=f"  {name}: ", subsequent_indent="      ")
+        for name, layout in FROM_LAYOUT.items())
+    p = argparse.ArgumentParser(prog="prepare", description=__doc__.split("\n")[0], epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", choices=sorted(CORPORA))
     p.add_argument("--from", dest="from_dir", metavar="DIR",
-                   help="take the corpus files from DIR instead of downloading them")
+                   help="take the corpus files from DIR instead of downloading them (what DIR "
+                   "must hold: see below)")
     p.add_argument("--out", metavar="DIR", help="output directory (default: data/<corpus>/)")
     p.add_argument("--download-dir", metavar="DIR", help="where downloads go (default: OUT/download)")
     p.add_argument("--bpe", choices=["subword-nmt", "sentencepiece"], default="subword-nmt")
     p.add_argument("--bpe-size", type=int, help="BPE merges / sentencepiece vocabulary size "
                    "(default: the corpus's recipe: multi30k 8000, iwslt14 10000, wmt14 32764)")
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    p.add_argument("--no-verify", action="store_true",
+                   help="accept files that differ from the pinned release: skip the checksums "
+                   "and the pinned line counts (e.g. your own or an extended copy of a corpus); "
+                   "the two sides must still agree line for line")
     p.add_argument("--synthetic-train", type=int, default=8000,
                    help="synthetic corpus only: training pairs (valid/test get 1/25 of it each)")
     p.add_argument("--seed", type=int, default=1, help="synthetic corpus only: generator seed")

@@ -24,7 +24,8 @@ update_freq``) is the paper's batch on one device; with W ranks, ``update_freq``
 above) the paper's. ``--effective-tokens`` (alias ``--effective-batch``) sets another target.
 
 Resuming: fairseq restores ``<save-dir>/checkpoint_last.pt``, so rerunning the same command continues
-an interrupted run. The full resolved configuration is written to ``<save-dir>/config.yaml`` (by
+an interrupted run (Ctrl-C stops every rank and prints that command, no traceback). Options are
+never abbreviated (``--cpu-worker`` is an error, not ``--cpu-workers``). The full resolved configuration is written to ``<save-dir>/config.yaml`` (by
 rank 0 in flags mode; copied from hydra's output in preset mode) and the launch details (command, world size, batch arithmetic) to ``<save-dir>/launch.json``.
 A failed launch leaves the directory's records as they were: ``launch.json``, ``config.yaml`` and
 hydra's ``hydra/.hydra/`` are written only once fairseq has accepted the checkpoint it resumes
@@ -39,6 +40,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -270,13 +272,29 @@ def _distributed_args(mode: str, world: int, rank: int, port: int) -> list[str]:
 
 
 def _stream(procs: list[subprocess.Popen], log_path: Path, echo) -> list[int]:
-    """Copy rank 0's output to the log (and ``echo``); wait for all ranks; kill all if one fails."""
+    """Copy rank 0's output to the log (and ``echo``); wait for all ranks; kill all if one fails.
+
+    On Ctrl-C (KeyboardInterrupt) the ranks are interrupted too and given 30 s to exit (their
+    checkpoint writes are atomic), then the KeyboardInterrupt propagates.
+    """
     with open(log_path, "a", encoding="utf-8") as logf:
         assert procs[0].stdout is not None
-        for line in procs[0].stdout:
-            logf.write(line)
-            logf.flush()
-            echo(line.rstrip("\n"))
+        try:
+            for line in procs[0].stdout:
+                logf.write(line)
+                logf.flush()
+                echo(line.rstrip("\n"))
+        except KeyboardInterrupt:
+            for p in procs:  # a terminal's Ctrl-C reached them already; `kill -INT` did not
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            raise
     codes = []
     for p in procs:
         try:
@@ -296,12 +314,12 @@ def train(args, overrides: list[str], echo=None) -> dict:
     echo = echo or (lambda line: print(line, flush=True))
     args.data = check_data_dir(args.data).resolve()
     args.save_dir = Path(args.save_dir or REPO_ROOT / "checkpoints" / f"{args.experiment}_{args.norm}").resolve()
-    args.save_dir.mkdir(parents=True, exist_ok=True)
-    repaired = repair_last_checkpoint(args.save_dir)
     mode = "flags" if args.experiment == "flags" else "preset"
     world, how = world_size(args)
     build = build_flags_command if mode == "flags" else build_preset_command
-    base, batch = build(args, overrides, world)
+    base, batch = build(args, overrides, world)  # an unknown preset or bad override: nothing written
+    args.save_dir.mkdir(parents=True, exist_ok=True)
+    repaired = repair_last_checkpoint(args.save_dir)
     if batch:
         log(f"world size {world} ({how}): {batch['per_rank']} {batch['unit']} x update_freq "
             f"{batch['update_freq']} x {world} = {batch['effective']} {batch['unit']} per update "
@@ -395,8 +413,10 @@ def check_rank_digests(digest_dir: Path, world: int) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: `--cpu-worker 2` must not silently mean --cpu-workers (see _no_abbreviations).
     p = argparse.ArgumentParser(prog="train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")
     p.add_argument("norm", help=f"flags mode: one of {sorted(NORMS)}; preset mode: the preset's suffix")
     p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
@@ -410,16 +430,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_abbreviations(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Refuse an unknown option that is a prefix of one of ours (argparse's abbreviations are
+    off, so it would otherwise go on to fairseq or hydra as an override)."""
+    ours = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if not name.startswith("--"):
+            continue
+        meant = [o for o in ours if o.startswith(name) and o != name]
+        if meant:
+            parser.error(f"unknown option {name} (did you mean {' or '.join(meant)}? options "
+                         "are not abbreviated)")
+
+
+def _interrupted_message(args, argv: list[str]) -> str:
+    """The one line printed on Ctrl-C: how to resume (or that nothing was saved yet)."""
+    command = f"{os.environ.get('PN_TRAIN_COMMAND') or 'python -m powernorm_fairseq.pipeline.train'} " \
+        + shlex.join(argv)
+    save_dir = getattr(args, "save_dir", None)
+    last = Path(save_dir) / "checkpoint_last.pt" if save_dir else None
+    if last is not None and last.exists():
+        return f"interrupted; resume from {last} with: {command}"
+    return f"interrupted before the first checkpoint; rerun to start again: {command}"
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     if "--" in argv:
         i = argv.index("--")
-        args, rest = build_parser().parse_known_args(argv[:i])
+        args, rest = parser.parse_known_args(argv[:i])
         overrides = rest + argv[i + 1:]
     else:
-        args, overrides = build_parser().parse_known_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        overrides = rest
+    _no_abbreviations(parser, rest)
     args.command = invocation("powernorm_fairseq.pipeline.train", argv)
-    return train(args, overrides)
+    try:
+        return train(args, overrides)
+    except KeyboardInterrupt:
+        print(f"\n{_interrupted_message(args, argv)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
