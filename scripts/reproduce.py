@@ -45,6 +45,8 @@ CORPORA = {
     # corpus: (preset prefix configs/<prefix>_<norm>.yaml, prepared dir, evaluation script)
     "multi30k": ("multi30k", "data/multi30k", "scripts/evaluate_bleu.sh"),
     "ptb": ("ptb_cpu", "data/ptb", "scripts/evaluate_ppl.sh"),
+    # the paper's model (multi-linear attention), configs/ptb_cpu_tensorized_<norm>.yaml
+    "ptb_tensorized": ("ptb_cpu_tensorized", "data/ptb", "scripts/evaluate_ppl.sh"),
 }
 VALID_RE = re.compile(r"valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)")
 TRAIN_EPOCH_RE = re.compile(r"\[train\]\[INFO\] - epoch (\d+) \| .*?\| wps ([\d.]+) .*?\| num_updates (\d+)"

@@ -158,3 +158,20 @@ def test_trains_scores_and_resumes(kind, fairseq_cli, tiny_lm_data, plugin_dir, 
     for update in resumed:
         keep = set(straight[update]) - TIMING_FIELDS
         assert {k: resumed[update][k] for k in keep} == {k: straight[update][k] for k in keep}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["ptb_tensorized_pn", "ptb_cpu_tensorized_bn"])
+def test_hydra_presets_train_the_tensorized_model(preset, fairseq_cli, tiny_lm_data, tmp_path):
+    save_dir = tmp_path / "ck"
+    proc = fairseq_cli(
+        "powernorm_fairseq.hydra_train", "--config-name", preset, f"task.data={tiny_lm_data}",
+        "model.decoder_layers=1", "model.decoder_ffn_embed_dim=64", "dataset.batch_size=8",
+        "dataset.max_tokens=null", "optimization.max_update=3", f"checkpoint.save_dir={save_dir}",
+        "common.log_interval=1", cwd=tmp_path,
+    )
+    assert "num_updates=3" in proc.stdout + proc.stderr
+    state = torch.load(save_dir / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"]["self_attention"] == "multilinear"
+    assert state["model"]["decoder.layers.0.self_attn.out_proj.weight"].shape[1] == 32 * 32
+    assert state["model"]["decoder.layers.0.self_attn.core"].shape == (1, 40)
