@@ -2,12 +2,13 @@
 
 In process: the architecture's wiring and parameter count, the causal mask (perturbing later
 tokens leaves earlier outputs unchanged), padding invariance, incremental decoding equal to the
-full forward pass (what fairseq's LM generation runs), and early errors. Through the command line
+full forward pass (what fairseq's LM generation runs), norm folding, and early errors. Through the command line
 (``--user-dir``, slow): tiny ``fairseq-train``, ``fairseq-eval-lm`` and an exact resume per norm.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 from test_fairseq_cli import TIMING_FIELDS, train_inner  # noqa: E402
 from test_fairseq_models import _warm_up_statistics, batches, build  # noqa: E402
 
+from powernorm_fairseq.inference import fold_norms  # noqa: E402
 from powernorm_fairseq.modules import MultilinearAttention  # noqa: E402
 from powernorm_fairseq.norms import NORM_CHOICES  # noqa: E402
 
@@ -105,6 +107,25 @@ def test_generation_scores_equal_the_full_forward(tiny_lm_data, kind):
                 lprobs = model.get_normalized_probs(model(prev), log_probs=True)
             scores = lprobs.gather(-1, tokens.unsqueeze(-1)).squeeze()
             torch.testing.assert_close(scores, hypo["positional_scores"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["batch", "power"])
+def test_folded_norms_compute_the_same(tiny_lm_data, kind):
+    """fold_norms absorbs each self-attention norm into W^q, W^k, W^v (bias-free: a bias is added)."""
+    task, model, _ = tiny_model(tiny_lm_data, kind)
+    _warm_up_statistics(model, task)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.eval()
+    folded = copy.deepcopy(model)
+    report = fold_norms(folded)
+    assert report["decoder.layers.0.self_attn_layer_norm"] == "folded"
+    assert folded.decoder.layers[0].self_attn.q_proj.bias is not None
+    tokens = batches(task, "test")[0]["net_input"]["src_tokens"][:4, :12]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_attention_dropout_is_rejected(tiny_lm_data):
