@@ -2,8 +2,9 @@
 
 In process: the architecture's wiring and parameter count, the causal mask (perturbing later
 tokens leaves earlier outputs unchanged), padding invariance, incremental decoding equal to the
-full forward pass (what fairseq's LM generation runs), norm folding, and early errors. Through the command line
-(``--user-dir``, slow): tiny ``fairseq-train``, ``fairseq-eval-lm`` and an exact resume per norm.
+full forward pass (what fairseq's LM generation runs), norm folding, and early errors. Through
+the command line (``--user-dir``, slow): tiny ``fairseq-train``, ``fairseq-eval-lm`` and an exact
+resume per norm, and the hydra presets.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_generation_scores_equal_the_full_forward(tiny_lm_data, kind):
 
 @pytest.mark.parametrize("kind", ["batch", "power"])
 def test_folded_norms_compute_the_same(tiny_lm_data, kind):
-    """fold_norms absorbs each self-attention norm into W^q, W^k, W^v (bias-free: a bias is added)."""
+    """fold_norms absorbs each self-attention norm into W^q, W^k, W^v (bias-free: gets a bias)."""
     task, model, _ = tiny_model(tiny_lm_data, kind)
     _warm_up_statistics(model, task)
     with torch.no_grad():
