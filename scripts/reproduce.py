@@ -62,7 +62,8 @@ class Corpus:
 
 CORPORA = {
     "multi30k": Corpus("multi30k", "data/multi30k", "bleu", max_epoch=60),
-    "ptb": Corpus("ptb_cpu", "data/ptb", "ppl", max_epoch=40),
+    # the paper's PTB model, the Tensorized Transformer (multi-linear attention), at CPU scale
+    "ptb": Corpus("ptb_cpu_tensorized", "data/ptb", "ppl", max_epoch=40),
 }
 NORMS = ("ln", "bn", "pnv", "pn", "pnpaper")
 PATIENCE = 5        # the released --early-stop 5
@@ -83,6 +84,10 @@ class Campaign:
     evaluations: tuple[str, ...]  # which checkpoints are evaluated (see Run.checkpoint_for)
     average: tuple[str, int]     # ("epoch" | "update", how many) for the "avg" evaluation
     significance: bool = False   # paired bootstrap against LN of the same seed (BLEU)
+    prefixes: tuple = ()         # (corpus, preset prefix) pairs that differ from CORPORA's
+
+    def prefix(self, corpus: str) -> str:
+        return dict(self.prefixes).get(corpus, CORPORA[corpus].prefix)
 
 
 CAMPAIGNS = {
@@ -91,7 +96,9 @@ CAMPAIGNS = {
     # keeps every epoch checkpoint, with a higher cap: the run that sizes the campaign
     "budget": Campaign("results/budget", lambda c: _to_convergence(c, -1, max_epoch=80),
                        ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS)),
-    "pilot": Campaign("results/pilot/runs", lambda c: [], ("avg",), ("update", 3)),
+    # the pilot's PTB model was fairseq's standard transformer_lm_pn (configs/ptb_cpu_<norm>.yaml)
+    "pilot": Campaign("results/pilot/runs", lambda c: [], ("avg",), ("update", 3),
+                      prefixes=(("ptb", "ptb_cpu"),)),
 }
 
 VALID_RE = re.compile(r"epoch (\d+) \| valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)")
@@ -170,7 +177,7 @@ class Run:
         self.dir = REPO / "runs" / f"{sub}{corpus}" / self.name
         self.record_path = REPO / self.campaign.records / corpus / f"{self.name}.json"
         self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
-        self.preset = f"{self.spec.prefix}_{norm}"
+        self.preset = f"{self.campaign.prefix(corpus)}_{norm}"
         self.lock = self.dir / "run.lock"
 
     def save(self, **updates) -> None:
@@ -390,8 +397,8 @@ def main(argv=None) -> None:
                    help="converged (default): to convergence, 3 evaluations; budget: the sizing run; "
                    "pilot: the earlier short fixed budgets")
     p.add_argument("--norms", default=",".join(NORMS),
-                   help="comma list; each names a preset configs/<prefix>_<norm>.yaml "
-                   "(prefix: multi30k, ptb_cpu)")
+                   help="comma list; each names a preset configs/<prefix>_<norm>.yaml (prefix: "
+                   "multi30k, ptb_cpu_tensorized; the pilot's PTB runs used ptb_cpu)")
     p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0 = inherit)")
@@ -405,9 +412,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.norms = args.norms.split(",")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
-    unknown = [n for n in args.norms if not (REPO / "configs" / f"{CORPORA[args.corpus].prefix}_{n}.yaml").exists()]
+    prefix = CAMPAIGNS[args.campaign].prefix(args.corpus)
+    unknown = [n for n in args.norms if not (REPO / "configs" / f"{prefix}_{n}.yaml").exists()]
     if unknown:
-        raise SystemExit(f"--norms: no preset configs/{CORPORA[args.corpus].prefix}_<norm>.yaml for "
+        raise SystemExit(f"--norms: no preset configs/{prefix}_<norm>.yaml for "
                          f"{', '.join(unknown)} (choose from {', '.join(NORMS)})")
     runs = [Run(args.corpus, norm, seed, args) for seed in args.seed_list for norm in args.norms]
     if args.status:

@@ -259,3 +259,42 @@ class TransformerPNConfig(TransformerConfig, PowerNormOptions):
         # ``from_namespace`` names fairseq's sub-config classes explicitly; build ours instead so
         # that ``--encoder-norm`` lands in ``cfg.encoder.norm`` as a declared field.
         return TransformerConfig._copy_keys(args, _SUBCONFIGS.get(cls, cls), prefix, seen)
+
+
+SELF_ATTENTION_CHOICES = ("standard", "multilinear")
+SELF_ATTENTION_ENUM = ChoiceEnum(list(SELF_ATTENTION_CHOICES))
+
+
+@dataclass
+class SelfAttentionOptions(FairseqDataclass):
+    """The language model's decoder self-attention (``--self-attention``, ``--multilinear-*``).
+
+    ``multilinear`` is the multi-linear attention of the Tensorized Transformer (Ma et al. 2019),
+    see :mod:`powernorm_fairseq.modules.multilinear_attention`; its output projection has
+    ``max_target_positions^2`` rows, so sequences are at most ``--max-target-positions`` long.
+    """
+
+    self_attention: SELF_ATTENTION_ENUM = field(
+        default="standard",
+        metadata={
+            "help": "decoder self-attention: standard = fairseq's multi-head attention; "
+            "multilinear = multi-linear attention of the Tensorized Transformer (Ma et al. 2019: "
+            "Block-Term decomposition, Q/K/V shared by --multilinear-cores diagonal cores)"
+        },
+    )
+    multilinear_cores: int = field(
+        default=1,
+        metadata={"help": "multi-linear attention: number of blocks (cores) averaged, h"},
+    )
+    multilinear_rank: int = field(
+        default=-1,
+        metadata={
+            "help": "multi-linear attention: rank R, the width of Q, K, V and of each diagonal "
+            "core; -1 = --decoder-embed-dim / --decoder-attention-heads"
+        },
+    )
+
+
+@dataclass
+class TransformerLMPNModelConfig(TransformerPNConfig, SelfAttentionOptions):
+    """The config the language model's decoder is built from: norms plus the self-attention."""

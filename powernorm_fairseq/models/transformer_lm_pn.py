@@ -5,10 +5,11 @@ Usage::
     fairseq-train DATA_BIN --task language_modeling --user-dir powernorm_fairseq \
         --arch transformer_lm_pn_ptb --decoder-norm power --pn-warmup-updates 4000 ...
 
-Note: the paper's language-model rows (PTB, WikiText-103) used the *tensorized* Transformer of
-Ma et al. 2019 (multi-linear attention via Block-Term decomposition), whose code is not part of
-fairseq. This model is fairseq's standard pre-norm Transformer LM; it compares the norms on the
-same footing but does not reproduce the paper's absolute perplexities.
+The paper's language-model rows (PTB, WikiText-103) used the *tensorized* Transformer of Ma et al.
+2019 (multi-linear attention via Block-Term decomposition). ``--self-attention multilinear``
+selects that attention (:mod:`powernorm_fairseq.modules.multilinear_attention`), and the
+architecture ``transformer_lm_pn_tensorized_ptb`` is the paper's PTB model; by default the model
+is fairseq's standard pre-norm Transformer LM.
 """
 
 # fairseq reads the dataclass field types at runtime and recognizes only ``typing.Optional``:
@@ -34,6 +35,8 @@ from powernorm_fairseq.modules import TransformerPNDecoder
 from .pn_config import (
     NORM_CHOICE_ENUM,
     PowerNormOptions,
+    SelfAttentionOptions,
+    TransformerLMPNModelConfig,
     TransformerPNConfig,
     add_range_checks,
     check_norm_options,
@@ -46,8 +49,11 @@ _SITE_HELP = "norm at the {site} (default: inherit --decoder-norm)"
 
 
 @dataclass
-class TransformerLMPNConfig(TransformerLanguageModelConfig, PowerNormOptions):
-    """fairseq's :class:`TransformerLanguageModelConfig` with the decoder's norm options."""
+class TransformerLMPNConfig(
+    TransformerLanguageModelConfig, PowerNormOptions, SelfAttentionOptions
+):
+    """fairseq's :class:`TransformerLanguageModelConfig` with the decoder's norm options and the
+    choice of self-attention."""
 
     decoder_normalize_before: bool = field(
         default=True,
@@ -75,8 +81,8 @@ class TransformerLMPNConfig(TransformerLanguageModelConfig, PowerNormOptions):
 class TransformerLanguageModelPN(NormTrackingMixin, TransformerLanguageModel):
     """Pre-norm Transformer language model with configurable normalization layers.
 
-    The paper used a tensorized Transformer (Ma et al. 2019) for its language-model results; see
-    the module docstring.
+    The paper used a tensorized Transformer (Ma et al. 2019) for its language-model results:
+    ``--self-attention multilinear`` (see the module docstring).
 
     Args:
         decoder: a :class:`~powernorm_fairseq.modules.TransformerPNDecoder` built with
@@ -133,7 +139,7 @@ class TransformerLanguageModelPN(NormTrackingMixin, TransformerLanguageModel):
                 "as the adaptive softmax and --decoder-input-dim == --decoder-output-dim"
             )
 
-        cfg = TransformerPNConfig.from_namespace(args)
+        cfg = TransformerLMPNModelConfig.from_namespace(args)
         decoder = TransformerPNDecoder(cfg, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         return cls(decoder)
 
@@ -204,4 +210,31 @@ def transformer_lm_pn_tiny(args):
     args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 128)
     args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 4)
     args.decoder_layers = safe_getattr(args, "decoder_layers", 2)
+    transformer_lm_pn_base(args)
+
+
+@register_model_architecture("transformer_lm_pn", "transformer_lm_pn_tensorized_ptb")
+def transformer_lm_pn_tensorized_ptb(args):
+    """The Tensorized Transformer LM ("1core") at the PTB setting of the authors' ``run_ptb.sh``.
+
+    3 layers, d=256, FFN 2100, multi-linear self-attention with 1 core of rank 40 (the script's
+    ``n_head 1 x d_head 40``), N = 32 positions (``tgt_len 32, mem_len 0``), dropout 0.1, no
+    attention dropout, tied input/output embeddings (the script's default), pre-norm (the
+    project's placement; the script's default is post-norm). Train with
+    ``--tokens-per-sample 32`` (longer sequences are rejected: ``W^O`` covers 32 positions).
+    """
+    args.decoder_embed_dim = safe_getattr(args, "decoder_embed_dim", 256)
+    args.decoder_ffn_embed_dim = safe_getattr(args, "decoder_ffn_embed_dim", 2100)
+    args.decoder_layers = safe_getattr(args, "decoder_layers", 3)
+    args.decoder_attention_heads = safe_getattr(args, "decoder_attention_heads", 1)
+    args.dropout = safe_getattr(args, "dropout", 0.1)
+    args.attention_dropout = safe_getattr(args, "attention_dropout", 0.0)
+    args.activation_fn = safe_getattr(args, "activation_fn", "relu")
+    args.self_attention = safe_getattr(args, "self_attention", "multilinear")
+    args.multilinear_cores = safe_getattr(args, "multilinear_cores", 1)
+    args.multilinear_rank = safe_getattr(args, "multilinear_rank", 40)
+    args.max_target_positions = safe_getattr(args, "max_target_positions", 32)
+    args.share_decoder_input_output_embed = safe_getattr(
+        args, "share_decoder_input_output_embed", True
+    )
     transformer_lm_pn_base(args)

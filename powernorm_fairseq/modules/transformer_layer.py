@@ -20,6 +20,7 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor, nn
 
+from .multilinear_attention import build_multilinear_attention
 from .norm_factory import build_site_norm
 
 _UNSUPPORTED_DECODER_OPTIONS = (
@@ -141,6 +142,13 @@ class TransformerPNDecoderLayer(TransformerDecoderLayerBase):
     def build_norm(self, cfg, site: str) -> nn.Module:
         """The norm of ``site`` (``self_attn``, ``cross_attn`` or ``ffn``) of this layer."""
         return build_site_norm(cfg, "decoder", site, self.embed_dim, cfg.decoder.attention_heads)
+
+    def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
+        """fairseq's multi-head attention, or multi-linear attention for
+        ``--self-attention multilinear`` (language model only, see ``SelfAttentionOptions``)."""
+        if str(getattr(cfg, "self_attention", "standard")) == "multilinear":
+            return build_multilinear_attention(cfg, embed_dim)
+        return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
 
     def prepare_for_onnx_export_(self):
         raise NotImplementedError("ONNX export of transformer_pn decoder layers is not supported")
