@@ -28,4 +28,5 @@ if "fairseq" not in sys.modules:
     logging.getLogger("fairseq.tasks.text_to_speech").addFilter(_NoTensorboardNotice())
 
 if sys.modules.get("fairseq") is not None:  # None = import of fairseq blocked
-    from powernorm_fairseq import models  # noqa: F401  (registers transformer_pn, transformer_lm_pn)
+    # registers transformer_pn, transformer_lm_pn and label_smoothed_cross_entropy_uniform
+    from powernorm_fairseq import criterions, models  # noqa: F401
