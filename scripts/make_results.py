@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from powernorm_fairseq.analysis.stats import mean_sd, paired_interval, verdict  # noqa: E402
+from powernorm_fairseq.analysis.stats import paired_interval, verdict  # noqa: E402
 from powernorm_fairseq.pipeline.common import atomic_write_text  # noqa: E402
 
 RESULTS = REPO / "results"

@@ -320,8 +320,8 @@ def significance(runs: list[Run]) -> None:
     same seed, on the test set, for the tokenized (paper) and the detokenized BLEU; stored in the
     norm's record as ``paired_bootstrap``. Needs both runs done; skipped when already there."""
     from powernorm_fairseq.analysis.stats import paired_bootstrap_bleu
-    from powernorm_fairseq.pipeline.evaluate import load_prepared
     from powernorm_fairseq.pipeline.common import read_lines
+    from powernorm_fairseq.pipeline.evaluate import load_prepared
 
     by_key = {(r.corpus, r.norm, r.seed): r for r in runs}
     for run in runs:

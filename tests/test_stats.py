@@ -5,7 +5,12 @@ import random
 
 import pytest
 
-from powernorm_fairseq.analysis.stats import mean_sd, paired_bootstrap_bleu, paired_interval, verdict
+from powernorm_fairseq.analysis.stats import (
+    mean_sd,
+    paired_bootstrap_bleu,
+    paired_interval,
+    verdict,
+)
 
 
 def test_paired_interval_is_the_student_t_interval_of_the_differences():

@@ -37,7 +37,6 @@ from .pn_config import (
     PowerNormOptions,
     SelfAttentionOptions,
     TransformerLMPNModelConfig,
-    TransformerPNConfig,
     add_range_checks,
     check_norm_options,
 )
