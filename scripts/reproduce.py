@@ -287,6 +287,11 @@ class Run:
         atomic_write_text(self.lock, f"{os.getpid()} {socket.gethostname()}\n")
         try:
             if not (self.dir / "train.done").exists():
+                stats = self.dir / "norm_stats.csv"
+                if self.args.track_norm_stats and stats.exists() and not (self.dir / "checkpoint_last.pt").exists():
+                    # killed before its first checkpoint: the run restarts at update 0, and the
+                    # tracker refuses to continue a file of another start; keep it aside
+                    stats.rename(stats.with_name(f"norm_stats.before-restart-{time.strftime('%Y%m%d%H%M%S')}.csv"))
                 self.log("training")
                 start = time.strftime("%Y-%m-%d %H:%M:%S")
                 commit = git_commit()
