@@ -11,6 +11,11 @@
 #
 # Usage: bash scripts/device_check.sh            (PYTHON=... to pick the interpreter)
 set -uo pipefail
+case "${1:-}" in
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    "") ;;
+    *) echo "device_check: unknown argument '$1' (it takes none; see --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-.venv/bin/python}
