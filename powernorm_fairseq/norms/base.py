@@ -160,9 +160,12 @@ class MaskedNorm(nn.Module):
         """
         if not self.stateful:
             return self._forward(x, padding_mask)
+        if torch.compiler.is_compiling():
+            from ._compile import forward_eagerly  # imports torch._dynamo: only when compiling
+
+            return forward_eagerly(self, x, padding_mask)
         return self._forward_stateful(x, padding_mask)
 
-    @torch.compiler.disable
     def _forward_stateful(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         if not self.training:
             return self._forward(x, padding_mask)
