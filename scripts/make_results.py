@@ -295,9 +295,10 @@ def readme_section() -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    # parsed before any work, so that --help only prints (it used to rewrite README.md and tables)
+    # parsed before any work, so that --help only prints (it used to rewrite README.md and tables);
+    # main() called from Python (no argv) takes no arguments rather than the caller's sys.argv
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-                            ).parse_args(argv)
+                            ).parse_args([] if argv is None else argv)
     for corpus, spec in TABLES.items():
         build_table(corpus, spec)
     readme_section()
@@ -305,4 +306,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
