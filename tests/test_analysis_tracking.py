@@ -307,5 +307,5 @@ def test_existing_file_is_continued_only_by_a_resume_of_its_run(tmp_path):
     # a file that starts later (update 5) than the checkpoint being resumed (3): not continued
     later = _model("power")
     _train_steps(later, attach_tracker(later, tmp_path / "late.csv", start_step=5), (5, 6))
-    with pytest.raises(ValueError, match="steps 5..6 of another run; this run starts at update 3"):
+    with pytest.raises(ValueError, match="steps 5..6 of an earlier run; this run starts at update 3"):
         attach_tracker(_model("power"), tmp_path / "late.csv", start_step=3)

@@ -542,3 +542,21 @@ def test_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
     torch.save({"model": {"w": torch.zeros(3)}}, path)
     with pytest.raises(compat.CheckpointError, match="is not a fairseq checkpoint"):
         checkpoint_utils.load_checkpoint_to_cpu(str(path))
+
+
+def test_eval_lm_filter_refuses_partial_and_empty_splits():
+    """Under eval-lm a size filter that drops some samples (or gets none) raises, naming the flag;
+    outside eval-lm (training, validation) fairseq's filter is unchanged."""
+    def drop_last(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+        return indices[:-1]
+
+    wrapped = compat._filter_nothing_in_eval_lm(drop_last)
+    assert list(wrapped(None, np.arange(3), None, 32)) == [0, 1]  # not in eval-lm: untouched
+    compat._EVAL_LM["active"] = True
+    try:
+        with pytest.raises(compat.EvaluationError, match="skip 1 of 3 .*only part.*--tokens-per-sample N with N <= 32"):
+            wrapped(None, np.arange(3), None, 32)
+        with pytest.raises(compat.EvaluationError, match="no samples"):
+            wrapped(None, np.arange(0), None, 32)
+    finally:
+        compat._EVAL_LM.clear()

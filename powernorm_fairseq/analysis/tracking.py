@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import logging
 import math
 import os
 import re
@@ -105,6 +106,8 @@ from powernorm_fairseq.norms.batch_norm import PRESCALE_EPS
 from powernorm_fairseq.norms.functional import group_rms_scale
 
 __all__ = ["COLUMNS", "DEFAULT_LAYERS", "NormStatsTracker", "attach_tracker"]
+
+logger = logging.getLogger(__name__)
 
 COLUMNS: tuple[str, ...] = (
     "step", "micro", "layer", "norm", "tokens", "d",
@@ -274,7 +277,7 @@ class NormStatsTracker:
             if start_step is None:
                 return steps[-1] + 1
             if start_step == 0 or start_step <= steps[0]:
-                raise ValueError(f"{self.path} holds steps {steps[0]}..{steps[-1]} of another run; "
+                raise ValueError(f"{self.path} holds steps {steps[0]}..{steps[-1]} of an earlier run; "
                                  f"this run starts at update {start_step}" +
                                  (" (a new run)" if start_step == 0 else "") + refuse)
             keep = [r for r, step in zip(rows, steps, strict=True) if step < start_step]
@@ -285,7 +288,7 @@ class NormStatsTracker:
                 os.replace(tmp, self.path)  # atomic: the old rows or the trimmed file, whole
             gap = f" (updates {steps[-1] + 1}..{start_step - 1} were never flushed)" \
                 if steps[-1] + 1 < start_step else ""
-            _log(f"--track-norm-stats: resumed run, continuing {self.path} at update {start_step} "
+            logger.info(f"--track-norm-stats: resumed run, continuing {self.path} at update {start_step} "
                  f"({len(rows) - len(keep)} rows logged after the restored checkpoint dropped){gap}")
             return start_step
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -477,12 +480,6 @@ class NormStatsTracker:
         self._rows.append({c: row.get(c, "") for c in COLUMNS})
         if len(self._rows) >= self.flush_every:
             self.flush()
-
-
-def _log(msg: str) -> None:
-    import logging
-
-    logging.getLogger(__name__).info(msg)
 
 
 def _fmt(v) -> str | int:
