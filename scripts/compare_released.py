@@ -56,6 +56,8 @@ PRESETS = {"power": "iwslt14_pn", "batch": "iwslt14_bn", "layer": "iwslt14_ln"}
 RELEASED_ARCH = "transformer_iwslt_de_en_v2"
 NORM_BUFFERS = ("running_phi", "ema_gz", "iters", "running_mean", "running_var",
                 "num_batches_tracked", "num_unstable")
+#: PN step counter set for the post-warmup forward/backward (past every site's warmup).
+POST_WARMUP_ITERS = 10**6
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SITE_ATTRS = ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm", "layer_norm")
 
@@ -291,6 +293,48 @@ def eval_outputs(model, batches, out: Path) -> None:
     logits = [model(**s["net_input"])[0].clone() for s in batches]
     model.train()
     _dump(logits, out)
+
+
+def fwd_bwd_post_warmup(model, criterion, batches, out: Path) -> None:
+    """:func:`fwd_bwd` in float64 with every PN counter (``iters``) moved past its warmup, so the
+    running-statistic forward (``running_phi``) and its backward are compared too."""
+    model = model.double()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith(".iters"):
+                buf.fill_(POST_WARMUP_ITERS)
+    fwd_bwd(model, criterion, batches, out)
+
+
+def released_post_worker(spec: dict) -> None:
+    """The released model from ``init.pt``, float64, past the PN warmup (fwd/bwd only)."""
+    work = Path(spec["work"])
+    apply_released_shims(Path(spec["released"]))
+    from fairseq import options, tasks
+
+    args = options.parse_args_and_arch(options.get_training_parser(), released_argv(spec))
+    args.relu_dropout = 0.0  # as released_worker
+    task = tasks.setup_task(args)
+    model = task.build_model(args)
+    model.load_state_dict(_load(work / "init.pt"))
+    fwd_bwd_post_warmup(model, task.build_criterion(args), _batches(Path(spec["fwd"])),
+                        work / "fwdbwd64_post.pt")
+
+
+def our_post_worker(spec: dict) -> None:
+    """Our model from the released ``init.pt``, float64, past the PN warmup (fwd/bwd only)."""
+    from fairseq import tasks
+
+    import powernorm_fairseq  # noqa: F401
+    from powernorm_fairseq.models.released import map_released_state_dict
+
+    work = Path(spec["work"])
+    cfg, _ = our_cfg(spec)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    model.load_state_dict(map_released_state_dict(_load(work / "init.pt")), strict=True)
+    fwd_bwd_post_warmup(model, task.build_criterion(cfg.criterion), _batches(Path(spec["fwd"])),
+                        work / "fwdbwd64_post_ours.pt")
 
 
 # ------------------------------------------------------------------------------ our program
@@ -561,6 +605,9 @@ def compare(norm: str, work: Path, rtol: float) -> dict:
 
     fb = fwd_rows("fwdbwd_ours.pt", "fwdbwd.pt")
     fb64 = fwd_rows("fwdbwd64_ours.pt", "fwdbwd64.pt")
+    if (work / "fwdbwd64_post.pt").is_file():  # PN: past the warmup as well
+        fb64 += [dict(r, phase="post-warmup") for r in
+                 fwd_rows("fwdbwd64_post_ours.pt", "fwdbwd64_post.pt")]
     out["forward_backward"] = fb
     out["forward_backward_float64"] = fb64
 
@@ -667,6 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None,
                    help="scratch directory (default: a new temporary directory)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "equivalence" / "iwslt14.json")
+    p.add_argument("--compare-only", action="store_true",
+                   help="only compare the outputs already in --work (an earlier run's settings)")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     return p
 
@@ -676,7 +725,8 @@ def main(argv=None) -> int:
         kind, spec_path = sys.argv[2], sys.argv[3]
         spec = json.loads(Path(spec_path).read_text())
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        {"released": released_worker, "ours": our_worker, "batches": batches_worker}[kind](spec)
+        {"released": released_worker, "ours": our_worker, "batches": batches_worker,
+         "released_post": released_post_worker, "ours_post": our_post_worker}[kind](spec)
         return 0
     args = build_parser().parse_args(argv)
     released = args.released.resolve()
@@ -707,7 +757,11 @@ def main(argv=None) -> int:
             "dtype": "float32",
             "batches": str(root / "batches.pt"), "valid": str(root / "valid.pt")}
     t0 = time.time()
-    _run_worker("batches", dict(base, work=str(root)), args.threads)
+    if args.compare_only:
+        if args.work is None:
+            raise SystemExit("--compare-only needs --work DIR of an earlier run")
+    else:
+        _run_worker("batches", dict(base, work=str(root)), args.threads)
     record = {"command": "python scripts/compare_released.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "released_commit": _git_commit(released), "our_commit": _git_commit(REPO),
@@ -716,13 +770,17 @@ def main(argv=None) -> int:
               "max|released| per tensor; integers must be equal",
               "settings": {k: base[k] for k in ("updates", "warmup", "max_tokens", "fwd_batches",
                                                 "resume_at", "dtype")},
-              "data": str(data), "norms": {}}
+              "data": str(data), "compare_only": args.compare_only, "norms": {}}
     for norm in norms:
         work = root / norm
         work.mkdir(exist_ok=True)
         spec = dict(base, norm=norm, work=str(work))
-        _run_worker("released", spec, args.threads)
-        _run_worker("ours", spec, args.threads)
+        if not args.compare_only:
+            _run_worker("released", spec, args.threads)
+            _run_worker("ours", spec, args.threads)
+            if norm == "power":
+                _run_worker("released_post", spec, args.threads)
+                _run_worker("ours_post", spec, args.threads)
         result = compare(norm, work, args.rtol)
         record["norms"][norm] = result
         tr, rs = result["training"], result["resume"]
