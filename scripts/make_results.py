@@ -82,6 +82,24 @@ def status_line(recs: list[dict]) -> str:
                      for r in recs) or "not run"
 
 
+def _finish_plot(fig, ax, drawn: bool, xlabel: str, title: str, out: Path, legend: int | None = 8) -> bool:
+    """Label, save atomically and close a validation-loss figure; False (nothing saved) if empty."""
+    import matplotlib.pyplot as plt
+
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (base 2)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
+    fig.tight_layout()
+    _save_fig(fig, out)
+    return True
+
+
 def _save_fig(fig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -128,17 +146,7 @@ def plot_curves(runs: dict[str, list[dict]], out: Path, title: str) -> bool:
         ax.plot(xs, [statistics.mean(v) for _, v in pts], label=f"{SHORT[norm]} ({len(curves)} seeds)")
         ax.fill_between(xs, [min(v) for _, v in pts], [max(v) for _, v in pts], alpha=0.2)
         drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation loss (base 2)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_fig(fig, out)
-    return True
+    return _finish_plot(fig, ax, drawn, "epoch", title, out)
 
 
 def differences(runs: dict[str, list[dict]], key: str, higher_better: bool) -> tuple[list[str], dict]:
@@ -296,12 +304,8 @@ def build_budget(campaign) -> list[str]:
 
                 fig, ax = plt.subplots(figsize=(6, 3.5))
                 ax.plot([e for e, _ in curve], [v for _, v in curve], marker="o", ms=3)
-                ax.set_xlabel("epoch")
-                ax.set_ylabel("validation loss (base 2)")
-                ax.set_title(f"{corpus} LN seed {r['seed']}: {r.get('status')}")
-                ax.grid(alpha=0.3)
-                fig.tight_layout()
-                _save_fig(fig, RESULTS / "budget" / png)
+                _finish_plot(fig, ax, True, "epoch", f"{corpus} LN seed {r['seed']}: {r.get('status')}",
+                             RESULTS / "budget" / png, legend=None)
             per_update = r.get("train_s_per_update")
             updates = (r.get("epochs") or [{}])[-1].get("num_updates")
             hours = r.get("core_hours") or 0
@@ -373,17 +377,7 @@ def plot_pilot(runs: dict[str, list[dict]], out: Path, title: str) -> bool:
             if vl:
                 ax.plot([u for u, _ in vl], [v for _, v in vl], marker="o", ms=3, label=f"{SHORT[norm]} s{r['seed']}")
                 drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("updates")
-    ax.set_ylabel("validation loss (base 2)")
-    ax.set_title(title + " (pilot)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save_fig(fig, out)
-    return True
+    return _finish_plot(fig, ax, drawn, "updates", title + " (pilot)", out, legend=7)
 
 
 def build_pilot(corpus: str, spec: dict) -> list[str]:
