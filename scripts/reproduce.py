@@ -214,8 +214,14 @@ class Run:
                 *self.args.override]
 
     def core_hours(self) -> float:
-        segs = self.record.get("train_segments", []) + list((self.record.get("eval_segments") or {}).values())
-        return round(sum(s["wall_s"] * (s.get("threads") or 1) for s in segs) / 3600, 3)
+        """Wall time x threads of the finished training segments and the evaluations. While a
+        segment runs (or after one was killed) fairseq's own per-epoch training time from the log
+        stands in for it, whichever is larger: a lower bound, not an estimate."""
+        threads = self.threads()
+        train = sum(s["wall_s"] * (s.get("threads") or 1) for s in self.record.get("train_segments", []))
+        logged = sum(e.get("train_wall", 0) for e in self.record.get("epochs") or []) * threads
+        evals = sum(s["wall_s"] * (s.get("threads") or 1) for s in (self.record.get("eval_segments") or {}).values())
+        return round((max(train, logged) + evals) / 3600, 3)
 
     def state(self) -> str:
         """done / running / interrupted / failed / to do, for the status table."""
@@ -238,6 +244,7 @@ class Run:
         log = self.dir / "train.log"
         if log.exists():
             self.save(**parse_log(log))
+            self.save(core_hours=self.core_hours())
 
     def checkpoint_for(self, which: str) -> Path:
         return {"avg": self.dir / "checkpoint_avg.pt", "best": self.dir / "checkpoint_best.pt",
