@@ -333,7 +333,7 @@ def significance(runs: list[Run]) -> None:
     norm's record as ``paired_bootstrap``. Needs both runs done; skipped when already there."""
     from powernorm_fairseq.analysis.stats import paired_bootstrap_bleu
     from powernorm_fairseq.pipeline.common import read_lines
-    from powernorm_fairseq.pipeline.evaluate import load_prepared
+    from powernorm_fairseq.pipeline.evaluate import RECIPES, load_prepared
 
     by_key = {(r.corpus, r.norm, r.seed): r for r in runs}
     for run in runs:
@@ -343,7 +343,8 @@ def significance(runs: list[Run]) -> None:
         if run.record.get("status") != "done" or base.record.get("status") != "done":
             continue
         _, prep = load_prepared(REPO / run.spec.prepared)
-        lower = True  # the Multi30k/IWSLT14 recipes are lowercased (evaluate.RECIPES)
+        # the same casing as the evaluation's own BLEU (its recipe)
+        lower = not RECIPES[run.record["evaluations"]["avg"]["recipe"]]["case_sensitive"]
         result = {"vs": f"ln_s{run.seed}", "checkpoint": "avg"}
         for key, field, refs, tok in (("bleu_detok", "hypotheses", prep["references"]["detok"], "13a"),
                                       ("bleu_tokenized", "hypotheses_tokenized", prep["references"]["tok"], "none")):
