@@ -188,6 +188,11 @@ class Run:
         print(f"[{time.strftime('%H:%M:%S')}] {self.corpus}/{self.name}: {msg}", flush=True)
 
     def threads(self) -> int:
+        """Threads of this invocation's runs; for a recorded run (status, collect) the ones it
+        recorded, so that a call with other settings does not recount its core-hours."""
+        recorded = (self.record.get("hardware") or {}).get("threads")
+        if recorded and not self.args.threads:
+            return recorded
         return self.args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
 
     def sh(self, cmd: list[str], log: Path) -> float:
