@@ -61,9 +61,9 @@ class Corpus:
 
 
 CORPORA = {
-    "multi30k": Corpus("multi30k", "data/multi30k", "bleu", max_epoch=60),
+    "multi30k": Corpus("multi30k", "data/multi30k", "bleu", max_epoch=30),
     # the paper's PTB model, the Tensorized Transformer (multi-linear attention), at CPU scale
-    "ptb": Corpus("ptb_cpu_tensorized", "data/ptb", "ppl", max_epoch=40),
+    "ptb": Corpus("ptb_cpu_tensorized", "data/ptb", "ppl", max_epoch=12),
 }
 NORMS = ("ln", "bn", "pnv", "pn", "pnpaper")
 PATIENCE = 5        # the released --early-stop 5
