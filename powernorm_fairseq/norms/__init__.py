@@ -16,6 +16,7 @@ import inspect
 from .base import MaskedNorm
 from .batch_norm import MaskedBatchNorm
 from .layer_norm import LayerNorm
+from .vocabulary import NORM_BY_SHORT, NORM_SHORTS, NORM_SPECS, NormSpec, norm_spec
 from .power_norm import (
     POWER_VARIANTS,
     PowerNormPaper,
@@ -68,6 +69,11 @@ def build_norm(name: str, num_features: int, **kwargs) -> MaskedNorm:
 
 
 __all__ = [
+    "NORM_BY_SHORT",
+    "NORM_SHORTS",
+    "NORM_SPECS",
+    "NormSpec",
+    "norm_spec",
     "NORM_CHOICES",
     "NORM_REGISTRY",
     "LayerNorm",
