@@ -16,7 +16,6 @@ import inspect
 from .base import MaskedNorm
 from .batch_norm import MaskedBatchNorm
 from .layer_norm import LayerNorm
-from .vocabulary import NORM_BY_SHORT, NORM_SHORTS, NORM_SPECS, NormSpec, norm_spec
 from .power_norm import (
     POWER_VARIANTS,
     PowerNormPaper,
@@ -24,6 +23,7 @@ from .power_norm import (
     PowerNormV,
     power_norm,
 )
+from .vocabulary import NORM_BY_SHORT, NORM_SHORTS, NORM_SPECS, NormSpec, norm_spec
 
 #: name -> constructor ``(num_features, **kwargs) -> MaskedNorm``.
 NORM_REGISTRY = {
