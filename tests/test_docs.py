@@ -95,6 +95,18 @@ CITATION = re.compile(r"(?:PAPER|SPEC)\.md,?\s+(?:sections?\s+|s\.\s*)?(\d+(?:\.
                       r"(?:\s*(-|and)\s*(\d+))?")
 
 
+def test_citation_pattern_reads_every_form():
+    def sections(text):
+        first, sep, last = CITATION.search(text).groups()
+        return (first, sep, last)
+
+    assert sections("(PAPER.md sections 1-3)") == ("1", "-", "3")
+    assert sections("(docs/SPEC.md section 5.1; the released") == ("5.1", None, None)
+    assert sections("PAPER.md sections 0 and 5") == ("0", "and", "5")
+    assert sections("PAPER.md s.7") == ("7", None, None)
+    assert sections("(PAPER.md\nsection 1)") == ("1", None, None)
+
+
 def test_cited_spec_sections_exist():
     """Code and presets cite "PAPER.md section N" (to become docs/SPEC.md): each N is a heading of
     docs/SPEC.md numbered like the spec it replaces."""
@@ -110,5 +122,5 @@ def test_cited_spec_sections_exist():
                 cited |= {str(n) for n in range(int(first), int(last) + 1)}
             else:  # "section 5.1", "sections 0 and 5"
                 cited |= {first, last} - {None}
-    assert {"0", "1", "2", "3", "5", "5.1", "5.2", "7"} <= cited  # the citations seen today
+    assert cited, "no citation found: the pattern no longer matches how the code cites the spec"
     assert cited <= headings, f"cited but missing in docs/SPEC.md: {sorted(cited - headings)}"
