@@ -1,6 +1,7 @@
-"""scripts/reproduce.py and scripts/make_results.py: log parsing and tables built from records only."""
+"""scripts/reproduce.py and scripts/make_results.py (powernorm_fairseq.pipeline.reproduce and
+.results): log parsing and tables built from records only."""
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -10,14 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MODULES = {"reproduce": "powernorm_fairseq.pipeline.reproduce",
+           "make_results": "powernorm_fairseq.pipeline.results"}
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The module behind ``scripts/<name>.py``."""
+    return importlib.import_module(MODULES[name])
 
 
 LOG = """\
@@ -75,9 +75,8 @@ def test_converged_campaign_overrides_are_the_papers_rule():
     assert reproduce.CAMPAIGNS["pilot"].overrides(reproduce.CORPORA["ptb"]) == []
 
 
-def test_status_table_tells_running_interrupted_and_to_do(tmp_path, monkeypatch):
+def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     reproduce = load_script("reproduce")
-    monkeypatch.setattr(reproduce, "REPO", tmp_path)
     recs = tmp_path / "results" / "runs" / "multi30k"
     recs.mkdir(parents=True)
     seg = {"wall_s": 7200.0, "threads": 1}
@@ -95,7 +94,8 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path, monkeypatch)
     lock.parent.mkdir(parents=True)
     lock.write_text(f"{dead} host\n")
     args = reproduce.argparse.Namespace(campaign="converged", corpus="multi30k", norms=["ln", "bn", "pn", "pnv"],
-                                        seed_list=[1], threads=1, track_norm_stats=False, override=[])
+                                        seed_list=[1], threads=1, track_norm_stats=False, override=[],
+                                        root=str(tmp_path))
     reproduce.write_status(args)
     status = (tmp_path / "results" / "status.md").read_text()
     assert "| multi30k | ln_s1 | done | 30 |" in status and "| 2.00 |" in status
@@ -116,10 +116,8 @@ def converged_record(norm, seed, bleu, **extra):
 
 
 @pytest.fixture
-def results_dir(tmp_path, monkeypatch):
+def results_dir(tmp_path):
     make_results = load_script("make_results")
-    monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(make_results, "REPO", tmp_path)
     (tmp_path / "README.md").write_text("intro\n<!-- results:begin -->\nSTALE-CONTENT\n<!-- results:end -->\nrest\n")
     runs = tmp_path / "results" / "runs" / "multi30k"
     runs.mkdir(parents=True)
@@ -141,7 +139,7 @@ def results_dir(tmp_path, monkeypatch):
 
 def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero(results_dir):
     make_results, root = results_dir
-    make_results.main([])
+    make_results.main(["--root", str(root)])
     table = (root / "results" / "table1_multi30k.md").read_text()
     assert "| LN | 35.5 | 29.5 | 21.00 ± 1.00 (3 seeds, range 20.00-22.00) |" in table
     # PN - LN = 1.1 +- t(0.975, 2) * 0.1 / sqrt(3) = 1.10 [0.85, 1.35]
