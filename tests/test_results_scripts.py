@@ -137,8 +137,10 @@ def results_dir(tmp_path):
     return make_results, tmp_path
 
 
-def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero(results_dir):
+def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero(results_dir, monkeypatch):
     make_results, root = results_dir
+    figures, save = {}, make_results._save_fig
+    monkeypatch.setattr(make_results, "_save_fig", lambda fig, out: (figures.update({out.name: fig}), save(fig, out)))
     make_results.main(["--root", str(root)])
     table = (root / "results" / "table1_multi30k.md").read_text()
     assert "| LN | 35.5 | 29.5 | 21.00 ± 1.00 (3 seeds, range 20.00-22.00) |" in table
@@ -148,7 +150,11 @@ def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero
     assert "s1: 21.00 vs 20.00, p = 0.001" in table
     assert "- Does PN (reference variant) beat LN? PN > LN (better)" in table
     assert "s1: 31 (26)" in table  # stopping and best epoch per seed
-    assert (root / "results" / "multi30k_valid_loss.png").stat().st_size > 1000
+    assert (root / "results" / "multi30k_valid_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the curves: each norm's mean over its seeds per epoch (epoch 2: 5.0 - 0.01 x mean seed 2)
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+              for line in figures["multi30k_valid_loss.png"].axes[0].get_lines()}
+    assert curves == {f"{n} (3 seeds)": ([1, 2], [6.0, pytest.approx(4.98)]) for n in ("LN", "BN", "PN")}
     readme = (root / "README.md").read_text()
     assert "STALE-CONTENT" not in readme and "PN > LN (better)" in readme and readme.endswith("rest\n")
     ptb = (root / "results" / "table2_ptb.md").read_text()
