@@ -174,3 +174,48 @@ def test_make_results_help_writes_nothing(tmp_path):
 
 
 
+
+
+def _composed(name: str, overrides: list[str]) -> dict:
+    """The fairseq config hydra composes from preset ``name`` and ``overrides``."""
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import powernorm_fairseq.models  # noqa: F401  (the plugin's model dataclasses)
+    from powernorm_fairseq.hydra_train import CONFIG_DIR
+
+    hydra_init(name)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(name, overrides=overrides)
+    add_defaults(cfg)
+    return OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize("corpus,campaign,norm", [("multi30k", "converged", "pnpaper"),
+                                                  ("ptb", "converged", "bn")])
+def test_campaign_training_resolves_to_the_preset_with_the_campaign_overrides(tmp_path, corpus, campaign, norm):
+    """A campaign's run trains through pipeline.train (batch scaling, repair, launch record) and
+    still resolves to the config its records were trained with before: the preset plus the data,
+    seed, save dir and the campaign's overrides (the command the campaign started with)."""
+    from powernorm_fairseq.pipeline import train
+
+    reproduce = load_script("reproduce")
+    args = reproduce.argparse.Namespace(campaign=campaign, threads=1, track_norm_stats=True, override=[],
+                                        root=str(tmp_path))
+    run = reproduce.Run(corpus, norm, 2, args)
+    data = tmp_path / run.spec.prepared / "data-bin"
+    opts, overrides = train.parse_args(run.train_argv(data))
+    assert (opts.experiment, opts.norm, opts.data, opts.save_dir) == (run.campaign.prefix(corpus), norm,
+                                                                     str(data), str(run.dir))
+    opts.data, opts.save_dir = data, run.dir
+    hydra_args, batch = train.build_preset_command(opts, overrides, world=1)
+    assert batch["effective"] == batch["target"] and batch["update_freq"] == 1
+    name = hydra_args[hydra_args.index("--config-name") + 1]
+    assert name == f"{run.campaign.prefix(corpus)}_{norm}"
+    before = [f"task.data={data}", f"common.seed={run.seed}", f"checkpoint.save_dir={run.dir}",
+              *run.campaign.overrides(run.spec), f"++model.track_norm_stats={run.dir / 'norm_stats.csv'}"]
+    now = [a for a in hydra_args if "=" in a and not a.startswith("hydra.")]
+    assert _composed(name, now) == _composed(name, before)
