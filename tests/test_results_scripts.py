@@ -88,6 +88,8 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     lock = tmp_path / "runs" / "converged" / "multi30k" / "bn_s1" / "run.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(f"{os.getpid()} host\n")  # a live process holds it
+    # its log has gone on since the record was written: the table shows the log's progress
+    (lock.parent / "train.log").write_text(CONVERGED_LOG)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     lock = tmp_path / "runs" / "converged" / "multi30k" / "pn_s1" / "run.lock"
@@ -99,7 +101,7 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     reproduce.write_status(args)
     status = (tmp_path / "results" / "status.md").read_text()
     assert "| multi30k | ln_s1 | done | 30 |" in status and "| 2.00 |" in status
-    assert "| multi30k | bn_s1 | running |" in status
+    assert "| multi30k | bn_s1 | running | 8 | 3 |" in status
     assert "| multi30k | pn_s1 | interrupted" in status
     assert "| multi30k | pnv_s1 | to do |" in status
     assert "Spent: 3.00 core-hours" in status

@@ -219,15 +219,24 @@ class Run:
                if self.args.track_norm_stats else []),
              *self.args.override])
 
-    def core_hours(self) -> float:
+    def core_hours(self, record: dict | None = None) -> float:
         """Wall time x threads of the finished training segments and the evaluations. While a
         segment runs (or after one was killed) fairseq's own per-epoch training time from the log
         stands in for it, whichever is larger: a lower bound, not an estimate."""
+        record = self.record if record is None else record
         threads = self.threads()
-        train = sum(s["wall_s"] * (s.get("threads") or 1) for s in self.record.get("train_segments", []))
-        logged = sum(e.get("train_wall", 0) for e in self.record.get("epochs") or []) * threads
-        evals = sum(s["wall_s"] * (s.get("threads") or 1) for s in (self.record.get("eval_segments") or {}).values())
+        train = sum(s["wall_s"] * (s.get("threads") or 1) for s in record.get("train_segments", []))
+        logged = sum(e.get("train_wall", 0) for e in record.get("epochs") or []) * threads
+        evals = sum(s["wall_s"] * (s.get("threads") or 1) for s in (record.get("eval_segments") or {}).values())
         return round((max(train, logged) + evals) / 3600, 3)
+
+    def progress(self, state: str) -> dict:
+        """The record as its training log stands now (not saved): a running or interrupted run
+        shows the epochs and the training time it has logged since its record was last written."""
+        log = self.dir / "train.log"
+        if state in ("done", "to do") or not log.exists():
+            return self.record
+        return {**self.record, **parse_log(log)}
 
     def state(self) -> str:
         """done / running / interrupted / failed / to do, for the status table."""
@@ -300,6 +309,7 @@ class Run:
                   status="training", hardware=hardware(self.args.threads),
                   started_commit=self.record.get("started_commit") or git_commit())
         atomic_write_text(self.lock, f"{os.getpid()} {socket.gethostname()}\n")
+        write_status(self.args)  # the table shows this run as running from its start
         try:
             if not (self.dir / "train.done").exists():
                 stats = self.dir / "norm_stats.csv"
@@ -387,13 +397,14 @@ def write_status(args) -> None:
                 norm, seed = name.split("_s")
                 ns = argparse.Namespace(**{**vars(args), "campaign": campaign})
                 run = Run(corpus, norm, int(seed), ns)
-                state, hours = run.state(), run.core_hours()
+                state = run.state()
+                rec = run.progress(state)
+                hours = run.core_hours(rec)
                 spent += hours
                 if state == "done":
                     done_hours.setdefault(corpus, []).append(hours)
                 else:
                     todo[corpus] = todo.get(corpus, 0) + 1
-                rec = run.record
                 rows.append(f"| {corpus} | {name} | {state} | {rec.get('last_epoch', '-')} | "
                             f"{rec.get('best_epoch', '-')} | {rec.get('stopped_by') or '-'} | {hours:.2f} |")
         if not rows:
