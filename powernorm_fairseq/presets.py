@@ -62,16 +62,24 @@ def compose(name: str, overrides: Sequence[str] = (), directory: str | os.PathLi
     # version_base 1.1: what fairseq's hydra.main (which names none) composes with
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
 
     path = preset_path(name, directory)
+    # fairseq's hydra_init stores its FairseqConfig schema under the preset's name, and hydra
+    # merges a schema of the same name into the file: hide it, so that the result is the files'
+    # content whether or not this process ran hydra_init before
+    store = ConfigStore.instance().repo
+    schema = store.pop(f"{name}.yaml", None)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base="1.1"):
             cfg = hydra_compose(config_name=name, overrides=list(overrides))
     finally:
         GlobalHydra.instance().clear()
+        if schema is not None:
+            store[f"{name}.yaml"] = schema
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg

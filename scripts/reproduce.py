@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, git_commit  # noqa: E402
+from powernorm_fairseq.presets import config_dir  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -431,7 +432,7 @@ def main(argv=None) -> None:
     args.norms = args.norms.split(",")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     prefix = CAMPAIGNS[args.campaign].prefix(args.corpus)
-    unknown = [n for n in args.norms if not (REPO / "configs" / f"{prefix}_{n}.yaml").exists()]
+    unknown = [n for n in args.norms if not (config_dir() / f"{prefix}_{n}.yaml").exists()]
     if unknown:
         raise SystemExit(f"--norms: no preset configs/{prefix}_<norm>.yaml for "
                          f"{', '.join(unknown)} (choose from {', '.join(NORMS)})")

@@ -50,6 +50,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from powernorm_fairseq import presets
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     REPO_ROOT,
@@ -184,13 +185,13 @@ def scale_update_freq(per_rank: int, update_freq: int, world: int, target: int |
             "update_freq": new_freq, "effective": per_rank * new_freq * world}
 
 
-def preset_path(experiment: str, norm: str) -> Path:
-    path = REPO_ROOT / "configs" / f"{experiment}_{norm}.yaml"
-    if not path.exists():
-        choices = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
-        raise SystemExit(f"no preset {path}; available: {choices}. Use EXPERIMENT 'flags' to pass "
-                         "plain fairseq-train flags instead.")
-    return path
+def preset_path(experiment: str, norm: str, config_dir=None) -> Path:
+    """``<config_dir>/<experiment>_<norm>.yaml`` (default: the package's presets)."""
+    try:
+        return presets.preset_path(f"{experiment}_{norm}", config_dir)
+    except SystemExit as e:
+        raise SystemExit(f"{e}. Use EXPERIMENT 'flags' to pass plain fairseq-train flags "
+                         "instead.") from None
 
 
 def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
@@ -224,14 +225,15 @@ def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[st
 
 def build_preset_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
     """Hydra arguments for preset mode: the preset plus data, save dir, batch, user overrides."""
-    import yaml
+    from omegaconf import OmegaConf
 
     bad = [o for o in overrides if o.startswith("--")]
     if bad:
         raise SystemExit(f"preset mode takes hydra overrides key=value, got {bad}; e.g. "
                          "optimization.max_update=1000 (or use EXPERIMENT 'flags' for fairseq flags)")
-    path = preset_path(args.experiment, args.norm)
-    cfg = yaml.safe_load(path.read_text()) or {}
+    path = preset_path(args.experiment, args.norm, getattr(args, "config_dir", None))
+    # the preset as composed (its base through the defaults list), without fairseq's defaults
+    cfg = OmegaConf.to_container(presets.compose(path.stem, directory=path.parent))
     ds, opt = cfg.get("dataset", {}) or {}, cfg.get("optimization", {}) or {}
     hydra_args = ["--config-dir", str(path.parent), "--config-name", path.stem,
                   f"task.data={args.data}", f"checkpoint.save_dir={args.save_dir}",
@@ -418,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")
+    p.add_argument("--config-dir", help="directory of the presets (default: the package's, a copy "
+                   "of the repository's configs/)")
     p.add_argument("norm", help=f"flags mode: one of {sorted(NORMS)}; preset mode: the preset's suffix")
     p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
     p.add_argument("--save-dir", help="checkpoint directory (default checkpoints/<experiment>_<norm>)")
