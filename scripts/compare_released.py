@@ -6,10 +6,8 @@
 PATH is a checkout of https://github.com/sIncerass/powernorm (GPL-3.0, a fairseq 0.8 fork); DATA_BIN
 a fairseq-preprocessed translation corpus with a joined dictionary (shared embeddings). Nothing of
 PATH is copied here: it is imported at run time in its own process, with PATH first on
-``PYTHONPATH`` (both programs are packages named ``fairseq``), after the runtime shims listed in
+``sys.path`` (both programs are packages named ``fairseq``), after the runtime shims listed in
 the output (``RELEASED_SHIMS``) that let fairseq 0.8 import and run under Python 3.11 and torch 2.
-This file stays a standalone script, not a module of the package: the released program's process
-runs it and must not import ``powernorm_fairseq`` (whose ``__init__`` imports fairseq 0.12).
 
 For each norm (released ``--encoder-norm-self/-ff power|batch|layer``, decoder ``layer``, arch
 ``transformer_iwslt_de_en_v2``; ours ``configs/iwslt14_{pn,bn,ln}.yaml``) both programs run on
@@ -53,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"power": "iwslt14_pn", "batch": "iwslt14_bn", "layer": "iwslt14_ln"}
 RELEASED_ARCH = "transformer_iwslt_de_en_v2"
 NORM_BUFFERS = ("running_phi", "ema_gz", "iters", "running_mean", "running_var",
@@ -105,11 +104,11 @@ def _batches(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------- released program
 
 def apply_released_shims(released: Path) -> list[str]:
-    """Patch what fairseq 0.8 needs (see ``RELEASED_SHIMS``) and check that ``fairseq`` is the
-    one of ``released`` (the worker runs with it first on ``PYTHONPATH``, see :func:`_run_worker`);
-    returns the shim names."""
+    """Put ``released`` first on ``sys.path`` and patch what fairseq 0.8 needs (see
+    ``RELEASED_SHIMS``); returns the shim names."""
     import numpy as np
 
+    sys.path.insert(0, str(released))
     if not hasattr(np, "float") or np.float is not float:  # numpy >= 1.24
         np.float = float
     load = torch.load
@@ -357,9 +356,9 @@ def our_cfg(spec: dict):
         overrides.append(f"model.pn_warmup_updates={spec['warmup']}")
     hydra_init(name)
     GlobalHydra.instance().clear()
-    from powernorm_fairseq.hydra_train import CONFIG_DIR
+    from powernorm_fairseq.presets import config_dir
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR)):
+    with initialize_config_dir(config_dir=str(config_dir())):
         cfg = compose(name, overrides=[o for o in overrides if not o.startswith("model.")])
     add_defaults(cfg)  # the model's fields exist from here on
     with open_dict(cfg):
@@ -437,7 +436,7 @@ def our_worker(spec: dict) -> None:
     eval_outputs(model, _batches(Path(spec["valid"])), work / "eval_ours.pt")
 
     # ours averaging the released-format checkpoints
-    subprocess.run([sys.executable, "-m", "powernorm_fairseq.pipeline.average",
+    subprocess.run([sys.executable, str(REPO / "scripts" / "average_checkpoints.py"),
                     "--inputs", *[str(work / n) for n in avg_names(spec)],
                     "--output", str(work / "average_ours.pt")], check=True)
     (work / "ours.json").write_text(json.dumps(result, indent=1))
@@ -716,9 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per program")
     p.add_argument("--work", type=Path, default=None,
                    help="scratch directory (default: a new temporary directory)")
-    p.add_argument("--out", type=Path, default=Path("results") / "equivalence" / "iwslt14.json",
-                   help="the JSON record (default results/equivalence/iwslt14.json, relative to "
-                   "the current directory)")
+    p.add_argument("--out", type=Path, default=REPO / "results" / "equivalence" / "iwslt14.json")
     p.add_argument("--compare-only", action="store_true",
                    help="only compare the outputs already in --work (an earlier run's settings)")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -734,8 +731,6 @@ def main(argv=None) -> int:
          "released_post": released_post_worker, "ours_post": our_post_worker}[kind](spec)
         return 0
     args = build_parser().parse_args(argv)
-    from powernorm_fairseq.pipeline.common import git_commit  # not in the workers (see above)
-
     released = args.released.resolve()
     if not (released / "fairseq" / "modules" / "norms" / "mask_powernorm.py").is_file():
         raise SystemExit(f"--released {released}: not a checkout of sIncerass/powernorm (no "
@@ -771,7 +766,7 @@ def main(argv=None) -> int:
         _run_worker("batches", dict(base, work=str(root)), args.threads)
     record = {"command": "python scripts/compare_released.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
-              "released_commit": _git_commit(released), "our_commit": git_commit(),
+              "released_commit": _git_commit(released), "our_commit": _git_commit(REPO),
               "torch": torch.__version__, "python": sys.version.split()[0],
               "shims": RELEASED_SHIMS, "rtol": args.rtol, "deviation": "max|ours - released| / "
               "max|released| per tensor; integers must be equal",

@@ -186,11 +186,11 @@ def _composed(name: str, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     import powernorm_fairseq.models  # noqa: F401  (the plugin's model dataclasses)
-    from powernorm_fairseq.hydra_train import CONFIG_DIR
+    from powernorm_fairseq.presets import config_dir
 
     hydra_init(name)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
         cfg = compose(name, overrides=overrides)
     add_defaults(cfg)
     return OmegaConf.to_container(cfg)

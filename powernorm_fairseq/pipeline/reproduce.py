@@ -46,10 +46,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from powernorm_fairseq.hydra_train import CONFIG_DIR
 from powernorm_fairseq.norms.vocabulary import NORM_SHORTS
 from powernorm_fairseq.pipeline import runner
 from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, git_commit
+from powernorm_fairseq.presets import config_dir
 
 
 @dataclass(frozen=True)
@@ -456,9 +456,9 @@ def main(argv=None) -> None:
     args.norms = args.norms.split(",")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     prefix = CAMPAIGNS[args.campaign].prefix(args.corpus)
-    unknown = [n for n in args.norms if not (CONFIG_DIR / f"{prefix}_{n}.yaml").exists()]
+    unknown = [n for n in args.norms if not (config_dir() / f"{prefix}_{n}.yaml").exists()]
     if unknown:
-        raise SystemExit(f"--norms: no preset {CONFIG_DIR}/{prefix}_<norm>.yaml for "
+        raise SystemExit(f"--norms: no preset {config_dir()}/{prefix}_<norm>.yaml for "
                          f"{', '.join(unknown)} (choose from {', '.join(NORMS)})")
     if args.threads:  # every stage's children inherit it (pipeline.common.subprocess_env)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)

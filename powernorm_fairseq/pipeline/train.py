@@ -50,7 +50,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from powernorm_fairseq.hydra_train import CONFIG_DIR
+from powernorm_fairseq import presets
 from powernorm_fairseq.norms.vocabulary import NORM_BY_SHORT, NORM_SHORTS, NormSpec
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
@@ -189,16 +189,13 @@ def scale_update_freq(per_rank: int, update_freq: int, world: int, target: int |
             "update_freq": new_freq, "effective": per_rank * new_freq * world}
 
 
-def preset_path(experiment: str, norm: str, config_dir: str | os.PathLike | None = None) -> Path:
-    """``<config_dir>/<experiment>_<norm>.yaml`` (default: the presets ``hydra_train`` finds);
-    a missing one is a ``SystemExit`` listing the presets there."""
-    config_dir = Path(config_dir or CONFIG_DIR)
-    path = config_dir / f"{experiment}_{norm}.yaml"
-    if not path.exists():
-        choices = sorted(p.stem for p in config_dir.glob("*.yaml"))
-        raise SystemExit(f"no preset {path}; available: {choices}. Use EXPERIMENT 'flags' to pass "
-                         "plain fairseq-train flags instead (or --config-dir for other presets).")
-    return path
+def preset_path(experiment: str, norm: str, config_dir=None) -> Path:
+    """``<config_dir>/<experiment>_<norm>.yaml`` (default: the package's presets)."""
+    try:
+        return presets.preset_path(f"{experiment}_{norm}", config_dir)
+    except SystemExit as e:
+        raise SystemExit(f"{e}. Use EXPERIMENT 'flags' to pass plain fairseq-train flags "
+                         "instead.") from None
 
 
 def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
@@ -231,14 +228,15 @@ def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[st
 
 def build_preset_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
     """Hydra arguments for preset mode: the preset plus data, save dir, batch, user overrides."""
-    import yaml
+    from omegaconf import OmegaConf
 
     bad = [o for o in overrides if o.startswith("--")]
     if bad:
         raise SystemExit(f"preset mode takes hydra overrides key=value, got {bad}; e.g. "
                          "optimization.max_update=1000 (or use EXPERIMENT 'flags' for fairseq flags)")
     path = preset_path(args.experiment, args.norm, getattr(args, "config_dir", None))
-    cfg = yaml.safe_load(path.read_text()) or {}
+    # the preset as composed (its base through the defaults list), without fairseq's defaults
+    cfg = OmegaConf.to_container(presets.compose(path.stem, directory=path.parent))
     ds, opt = cfg.get("dataset", {}) or {}, cfg.get("optimization", {}) or {}
     # No common.user_dir: the hydra entry (powernorm_fairseq.hydra_train) imports the plugin
     # itself, so a preset resolves to the same config here as with `powernorm-hydra-train`.
@@ -431,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("norm", help=f"flags mode: one of {list(NORM_SHORTS)}; preset mode: the preset's suffix")
     p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
     p.add_argument("--save-dir", help="checkpoint directory (default ./checkpoints/<experiment>_<norm>)")
-    p.add_argument("--config-dir", help=f"directory of the presets (default {CONFIG_DIR})")
+    p.add_argument("--config-dir", help="directory of the presets (default: the package's, a copy "
+                   "of the repository's configs/)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if GPUs are visible")
     p.add_argument("--cpu-workers", type=int, default=0, help="CPU data parallel with N ranks (gloo)")
     p.add_argument("--effective-tokens", "--effective-batch", dest="effective_batch", type=int,
