@@ -221,3 +221,21 @@ def test_campaign_training_resolves_to_the_preset_with_the_campaign_overrides(tm
               *run.campaign.overrides(run.spec), f"++model.track_norm_stats={run.dir / 'norm_stats.csv'}"]
     now = [a for a in hydra_args if "=" in a and not a.startswith("hydra.")]
     assert _composed(name, now) == _composed(name, before)
+
+
+def test_budget_arithmetic_uses_the_measured_epoch_cost_and_the_cap():
+    make_results = load_script("make_results")
+    cap = make_results.reproduce.CORPORA["multi30k"].max_epoch
+    epochs = [{"epoch": e, "train_wall": 1000 if e == 1 else 200 + e, "num_updates": 124 * e}
+              for e in range(1, cap + 11)]
+    curve = [[e, 5.0 - 0.01 * min(e, cap + 5)] for e in range(1, cap + 11)]
+    rec = {"status": "done", "epochs": epochs, "valid_loss_by_epoch": curve, "best_epoch": cap + 5,
+           "last_epoch": cap + 10, "stopped_by": "patience", "hardware": {"threads": 1}}
+    line = make_results.budget_arithmetic("multi30k", rec, 15)
+    walls = sorted(200 + e for e in range(2, cap + 11))  # epoch 1 left out
+    quiet, median = walls[len(walls) // 4], walls[len(walls) // 2]
+    assert f"an epoch costs {quiet} s" in line and f"median {median} s" in line
+    assert f"{15 * cap * quiet / 3600:.1f} core-hours of training ({15 * cap * median / 3600:.1f} at the" in line
+    assert f"its best up to epoch {cap} was {5.0 - 0.01 * cap:.3f}, +0.050 from its best" in line
+    running = make_results.budget_arithmetic("multi30k", {**rec, "status": "training"}, 15)
+    assert "has not finished" in running and "from its best" not in running

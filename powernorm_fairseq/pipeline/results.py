@@ -277,6 +277,36 @@ def runs_table(runs: dict[str, list[dict]]) -> str:
 # The budget run
 
 
+def budget_arithmetic(corpus: str, r: dict, n_runs: int) -> str:
+    """One line of the campaign's budget: the measured cost of an epoch (fairseq's training
+    seconds per epoch of the LN budget run, 1 thread, median over epochs 2+), times the epoch cap
+    of ``reproduce.CORPORA`` and the number of runs; and, once the budget run has stopped, what
+    the cap gives up against its best epoch."""
+    cap = reproduce.CORPORA[corpus].max_epoch
+    walls = sorted(e["train_wall"] for e in (r.get("epochs") or [])[1:] if e.get("train_wall"))
+    threads = (r.get("hardware") or {}).get("threads") or 1
+    if not walls:
+        return f"- {corpus}: the LN budget run has no finished epoch yet; no estimate."
+    median = walls[len(walls) // 2]
+    quiet = walls[len(walls) // 4]  # the fastest quarter: two 1-thread jobs and nothing else
+    cost = lambda s: n_runs * cap * s * threads / 3600  # noqa: E731
+    line = (f"- {corpus}: an epoch costs {quiet} s of training in the fastest quarter of its "
+            f"{len(walls)} epochs (little else running; median {median} s), {threads} thread. {n_runs} runs (5 norms x 3 seeds) capped at "
+            f"{cap} epochs: {cost(quiet):.1f} core-hours of training ({cost(median):.1f} at the "
+            f"median), plus validation and evaluation.")
+    curve = dict((int(e), v) for e, v in r.get("valid_loss_by_epoch") or [])
+    best = r.get("best_epoch")
+    if r.get("status") == "done" and best and cap in curve:
+        at_cap = min(v for e, v in curve.items() if e <= cap)
+        line += (f" The budget run stopped at epoch {r.get('last_epoch')} ({r.get('stopped_by')}), "
+                 f"best epoch {best} (validation loss {curve[best]:.3f}); its best up to epoch {cap} "
+                 f"was {at_cap:.3f}, {at_cap - curve[best]:+.3f} from its best.")
+    elif r.get("status") != "done":
+        line += (f" The budget run has not finished ({r.get('last_epoch', 0)} epochs, "
+                 f"{r.get('core_hours') or 0:.2f} core-hours so far).")
+    return line
+
+
 def build_budget(root: Path) -> list[str]:
     """results/budget/README.md and the arithmetic lines for results/README.md."""
     out_lines = ["# The budget runs", "",
@@ -317,14 +347,7 @@ def build_budget(root: Path) -> list[str]:
                           *(f"| {e} | {v:.3f} |" for e, v in curve), ""]
             if curve:
                 out_lines += [f"![curve]({png})", ""]
-            if done:
-                arithmetic.append(f"- {corpus}: the LN budget run took {hours:.2f} core-hours "
-                                  f"({r.get('last_epoch')} epochs, best {r.get('best_epoch')}); "
-                                  f"{n_runs} runs (5 norms x 3 seeds) at that cost: "
-                                  f"{n_runs * hours:.1f} core-hours.")
-            else:
-                arithmetic.append(f"- {corpus}: the LN budget run is {r.get('status')} after "
-                                  f"{r.get('last_epoch', 0)} epochs and {hours:.2f} core-hours; no estimate yet.")
+            arithmetic.append(budget_arithmetic(corpus, r, n_runs))
     atomic_write_text(root / "results" / "budget" / "README.md", "\n".join(out_lines) + "\n")
     return arithmetic
 
