@@ -239,3 +239,19 @@ def test_budget_arithmetic_uses_the_measured_epoch_cost_and_the_cap():
     assert f"its best up to epoch {cap} was {5.0 - 0.01 * cap:.3f}, +0.050 from its best" in line
     running = make_results.budget_arithmetic("multi30k", {**rec, "status": "training"}, 15)
     assert "has not finished" in running and "from its best" not in running
+
+
+def test_the_campaigns_tracked_runs_record_norm_stats_without_the_flag(tmp_path):
+    """Multi30k seed 1 of the converged campaign records the norm statistics (Figs. 2-4) even when
+    resumed by a command without --track-norm-stats; other runs only with the flag."""
+    reproduce = load_script("reproduce")
+
+    def tracked(corpus, seed, flag=False, campaign="converged"):
+        args = reproduce.argparse.Namespace(campaign=campaign, threads=1, track_norm_stats=flag,
+                                            override=[], root=str(tmp_path))
+        run = reproduce.Run(corpus, "bn", seed, args)
+        return any("track_norm_stats=" in a for a in run.train_argv(tmp_path / "data-bin"))
+
+    assert tracked("multi30k", 1)
+    assert not tracked("multi30k", 2) and not tracked("ptb", 1) and not tracked("multi30k", 1, campaign="budget")
+    assert tracked("multi30k", 2, flag=True)

@@ -86,14 +86,17 @@ class Campaign:
     average: tuple[str, int]     # ("epoch" | "update", how many) for the "avg" evaluation
     significance: bool = False   # paired bootstrap against LN of the same seed (BLEU)
     prefixes: tuple = ()         # (corpus, preset prefix) pairs that differ from CORPORA's
+    tracked: tuple = ()          # (corpus, seed) pairs whose runs record the norm statistics
 
     def prefix(self, corpus: str) -> str:
         return dict(self.prefixes).get(corpus, CORPORA[corpus].prefix)
 
 
 CAMPAIGNS = {
+    # Multi30k seed 1 of every norm records the first encoder norm's statistics (Figs. 2-4)
     "converged": Campaign("results/runs", lambda c: _to_convergence(c, AVERAGE_EPOCHS),
-                          ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True),
+                          ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True,
+                          tracked=(("multi30k", 1),)),
     # keeps every epoch checkpoint, with a higher cap: the run that sizes the campaign
     "budget": Campaign("results/budget", lambda c: _to_convergence(c, -1, max_epoch=80),
                        ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS)),
@@ -216,8 +219,14 @@ class Run:
             self.campaign.prefix(self.corpus), self.norm, data, self.dir,
             [f"common.seed={self.seed}", *self.campaign.overrides(self.spec),
              *(["++model.track_norm_stats=" + str(self.dir / "norm_stats.csv")]
-               if self.args.track_norm_stats else []),
+               if self.tracks() else []),
              *self.args.override])
+
+    def tracks(self) -> bool:
+        """Whether this run records its norm statistics: asked for (``--track-norm-stats``), or
+        a (corpus, seed) of the campaign's ``tracked``, so that a resume without the flag goes on
+        recording."""
+        return bool(self.args.track_norm_stats) or (self.corpus, self.seed) in self.campaign.tracked
 
     def core_hours(self, record: dict | None = None) -> float:
         """Wall time x threads of the finished training segments and the evaluations. While a
@@ -313,7 +322,7 @@ class Run:
         try:
             if not (self.dir / "train.done").exists():
                 stats = self.dir / "norm_stats.csv"
-                if self.args.track_norm_stats and stats.exists() and not (self.dir / "checkpoint_last.pt").exists():
+                if self.tracks() and stats.exists() and not (self.dir / "checkpoint_last.pt").exists():
                     # killed before its first checkpoint: the run restarts at update 0, and the
                     # tracker refuses to continue a file of another start; keep it aside
                     stats.rename(stats.with_name(f"norm_stats.before-restart-{time.strftime('%Y%m%d%H%M%S')}.csv"))
@@ -419,6 +428,10 @@ def write_status(args) -> None:
                   "| corpus | run | state | last epoch | best epoch | stopped by | core-hours |",
                   "|---|---|---|---|---|---|---|", *rows, "",
                   f"Spent: {spent:.2f} core-hours. Left: " + ("; ".join(left) or "nothing") + ".", ""]
+    lines += ["Resume everything unfinished with the same commands, one job per corpus, 1 thread each "
+              "(each skips what is done and continues a run from its last checkpoint):", "",
+              *(f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1" for c in CORPORA),
+              "    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 --threads 1", ""]
     lines.append(f"Last written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
     atomic_write_text(project_root(args) / "results" / "status.md", "\n".join(lines) + "\n")
 
