@@ -25,9 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing
-
-from powernorm_fairseq.analysis.sweep import NORM_ALIASES, run_sweep  # noqa: E402
+from powernorm_fairseq.analysis.sweep import NORM_ALIASES, run_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,14 +15,10 @@ import argparse
 import csv
 import io
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing
-
-from powernorm_fairseq.analysis.plots import plot_spectra  # noqa: E402
-from powernorm_fairseq.analysis.spectrum import load_embedding, normalized_spectrum  # noqa: E402
-from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text  # noqa: E402
+from powernorm_fairseq.analysis.plots import plot_spectra
+from powernorm_fairseq.analysis.spectrum import load_embedding, normalized_spectrum
+from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,13 +12,9 @@ psi^2 for PN-V/PN) as in Fig. 4; ``--forward mu_dist --backward g_mu`` gives Fig
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing
-
-from powernorm_fairseq.analysis.plots import NORM_LABELS, StatsRun, plot_stat_boxes, read_stats  # noqa: E402
-from powernorm_fairseq.analysis.tracking import COLUMNS  # noqa: E402
+from powernorm_fairseq.analysis.plots import NORM_LABELS, StatsRun, plot_stat_boxes, read_stats
+from powernorm_fairseq.analysis.tracking import COLUMNS
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,9 +33,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-# this checkout's package, not another installed copy, so that --user-dir and the children's
-# PYTHONPATH (pipeline.common.subprocess_env) name this checkout as well
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_speed import NORM_FLAGS, SIZES, cpu_seconds_of, make_corpus, train_cmd
 
 from powernorm_fairseq.pipeline.common import (

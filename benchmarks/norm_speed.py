@@ -42,9 +42,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from powernorm_fairseq.norms import build_norm, fused  # noqa: E402
-from powernorm_fairseq.pipeline.common import git_commit  # noqa: E402
+from powernorm_fairseq.norms import build_norm, fused
+from powernorm_fairseq.pipeline.common import git_commit
 
 DEFAULT_SHAPES = ["64x64x512", "128x32x1024", "128x32x512"]  # the last: 4096 tokens
 # (label, registry name, kwargs); "before"/"after" = inside / past PN's warmup

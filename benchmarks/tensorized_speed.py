@@ -32,8 +32,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from powernorm_fairseq.pipeline.common import (  # noqa: E402
+from powernorm_fairseq.pipeline.common import (
     atomic_write_json,
     git_commit,
     hardware,

@@ -34,10 +34,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-# this checkout's package, not another installed copy, so that --user-dir and the children's
-# PYTHONPATH (pipeline.common.subprocess_env) name this checkout as well
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from powernorm_fairseq import synthetic
+from powernorm_fairseq.norms.vocabulary import NORM_BY_SHORT
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_write_json,
@@ -47,16 +45,13 @@ from powernorm_fairseq.pipeline.common import (
     python_module_cmd,
     run_cmd,
 )
+from powernorm_fairseq.pipeline.train import norm_flags
 
 SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_de_en"}
-# Norm of every normalization site (encoder and decoder) of the plugin's transformer_pn.
-NORM_FLAGS = {
-    "LN": ["--encoder-norm", "layer", "--decoder-norm", "layer"],
-    # the plugin's default PN: the released code's variant (GroupScaling pre-scaling)
-    "PN": ["--encoder-norm", "power", "--decoder-norm", "power"],
-    # Algorithm 2 of the paper
-    "PN-paper": ["--encoder-norm", "power", "--decoder-norm", "power", "--pn-variant", "paper"],
-}
+# Norm of every normalization site (encoder and decoder) of the plugin's transformer_pn, by label:
+# LN, PN (the released code's variant, GroupScaling pre-scaling) and PN-paper (Algorithm 2).
+NORM_FLAGS = {NORM_BY_SHORT[short].short_label: norm_flags(NORM_BY_SHORT[short], ("encoder", "decoder"))
+              for short in ("ln", "pn", "pnpaper")}
 PN_NORMS = [n for n in NORM_FLAGS if n != "LN"]
 _TRAIN_INNER = re.compile(r"\| train_inner \| (\{.*\})\s*$")
 

@@ -9,23 +9,25 @@ fairseq's own ``fairseq-hydra-train`` completes the composed config with each co
 dataclass defaults (``add_defaults``) *before* it imports ``common.user_dir``, so the plugin's
 models are unknown at that point (``transformer_lm_pn`` loses its defaults). This entry point
 imports the plugin first and then runs fairseq's hydra training unchanged. Without
-``--config-dir``/``-cd`` it looks for presets in the repository's ``configs/``.
+``--config-dir``/``-cd`` it finds the presets shipped in the package (``powernorm_fairseq/configs``,
+the repository's ``configs/``; see :mod:`powernorm_fairseq.presets`), in a checkout and in an
+installed wheel alike.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from powernorm_fairseq import presets
 
 
 def _with_config_dir(argv: list[str]) -> list[str]:
-    """``argv`` plus ``--config-dir CONFIG_DIR`` unless a config dir is already given."""
-    given = any(a in ("--config-dir", "-cd") or a.startswith("--config-dir=") for a in argv)
-    if given or not CONFIG_DIR.is_dir():
+    """``argv`` plus ``--config-dir <the package's presets>`` unless a config dir is given."""
+    given = any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "-cd="))
+                for a in argv)
+    if given:
         return argv
-    return [argv[0], "--config-dir", str(CONFIG_DIR), *argv[1:]]
+    return [argv[0], "--config-dir", str(presets.config_dir()), *argv[1:]]
 
 
 def check_config(cfg) -> None:

@@ -22,10 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from powernorm_fairseq.pipeline import average, evaluate, prepare, train
+from powernorm_fairseq.norms.vocabulary import NORM_SPECS
+from powernorm_fairseq.pipeline import prepare, runner
 from powernorm_fairseq.pipeline.common import Steps, atomic_write_json, atomic_write_text, log
 
-NORM_NAMES = {"ln": "LN", "bn": "BN", "pnv": "PN-V", "pn": "PN"}
+NORM_NAMES = {s.short: s.short_label for s in NORM_SPECS}
+# --all-norms: every family once, PN in its reference variant (the paper's Table 1 rows)
+ALL_NORMS = [s.short for s in NORM_SPECS if s.variant != "paper"]
 
 # Sizes: the default reaches ~74 BLEU in 588 updates (~2 minutes of training per norm on one busy
 # CPU thread, ~5 minutes for LN + PN in all); --tiny is a smoke test (BLEU near 0, ~1 minute).
@@ -93,24 +96,20 @@ def run_norm(norm: str, args, size: dict, data_dir: Path) -> dict:
     label = NORM_NAMES[norm]
 
     def do_train():
-        targs = train.build_parser().parse_args(
-            ["flags", norm, "--data", str(data_dir / "data-bin"), "--save-dir", str(save_dir),
-             "--cpu"])
         t0 = time.time()
-        train.train(targs, train_flags(args.arch, size, args.seed),
-                    echo=EpochPrinter(label, size["max_epoch"]))
+        runner.train(runner.train_argv("flags", norm, data_dir / "data-bin", save_dir,
+                                       train_flags(args.arch, size, args.seed), cpu=True),
+                     echo=EpochPrinter(label, size["max_epoch"]))
         return {**_train_stats(save_dir / "train.log"), "wall_seconds": round(time.time() - t0, 1)}
 
     stats = steps.run("train", do_train, key={"arch": args.arch, "seed": args.seed, **size})
     avg = save_dir / "checkpoint_avg.pt"
-    steps.run("average", lambda: average.average_checkpoints(
-        average.find_checkpoints(save_dir, size["average_last"], "epoch"), avg, force=True), [avg])
+    steps.run("average", lambda: runner.average(save_dir, size["average_last"], "epoch", avg), [avg])
     record_path = run_dir / "bleu.json"
-    record = steps.run("evaluate", lambda: evaluate.main(
-        ["bleu", "--data", str(data_dir), "--checkpoint", str(avg), "--recipe", "synthetic",
-         "--out", str(record_path),
-         # targets have at most 25 words: cap the length so an untrained model stops early
-         "--max-len-a", "1.5", "--max-len-b", "10"]), [record_path])
+    record = steps.run("evaluate", lambda: runner.evaluate(runner.evaluate_argv(
+        "bleu", data_dir, avg, record_path,
+        # targets have at most 25 words: cap the length so an untrained model stops early
+        ["--recipe", "synthetic", "--max-len-a", "1.5", "--max-len-b", "10"])), [record_path])
     return {"norm": label, "bleu_tokenized": record["bleu_tokenized"]["score"],
             "sacrebleu_detok": record["bleu_detok"]["score"],
             "n_test_sentences": record["n_sentences_scored"], **stats}
@@ -148,7 +147,7 @@ def main(argv=None) -> list[dict]:
     if args.epochs:
         size["max_epoch"] = args.epochs
         size["average_last"] = min(size["average_last"], args.epochs)
-    norms = args.norms or (["ln", "bn", "pnv", "pn"] if args.all_norms else ["ln", "pn"])
+    norms = args.norms or (ALL_NORMS if args.all_norms else ["ln", "pn"])
     out = Path(args.out)
     t0 = time.time()
     data_dir = out / "data"

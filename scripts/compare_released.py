@@ -356,7 +356,9 @@ def our_cfg(spec: dict):
         overrides.append(f"model.pn_warmup_updates={spec['warmup']}")
     hydra_init(name)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "configs")):
+    from powernorm_fairseq.presets import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir())):
         cfg = compose(name, overrides=[o for o in overrides if not o.startswith("model.")])
     add_defaults(cfg)  # the model's fields exist from here on
     with open_dict(cfg):

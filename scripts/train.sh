@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Usage: scripts/train.sh EXPERIMENT NORM --data DIR [--cpu | --cpu-workers N] [overrides...]   (NORM: ln bn pnv pn). Runs configs/EXPERIMENT_NORM.yaml, scaled to this machine's world size; rerun to resume.
+# Usage: scripts/train.sh EXPERIMENT NORM --data DIR [--cpu | --cpu-workers N] [overrides...]   (NORM: a short name of the norm vocabulary, listed by --help). Runs configs/EXPERIMENT_NORM.yaml, scaled to this machine's world size; rerun to resume.
 # Thin wrapper: the logic (and --help) is in powernorm_fairseq/pipeline/train.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -240,14 +240,22 @@ def test_columns_are_documented():
         assert f"``{col}``" in tracking.__doc__, col
 
 
-def test_sweep_cli_plot_only_uses_recorded_points(tmp_path):
+def test_sweep_cli_plot_only_uses_recorded_points(tmp_path, monkeypatch):
+    from powernorm_fairseq.analysis import plots
+
     points = tmp_path / "s" / "points"
     points.mkdir(parents=True)
     for norm, n, bleu in (("batch", 512, 10.0), ("batch", 4096, 12.0), ("power", 512, 13.0)):
         (points / f"{norm}_{n}.json").write_text(json.dumps(
             {"norm": norm, "stat_tokens": n, "effective_tokens": 4096, "bleu": bleu}))
+    figures, save = [], plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out, **kw: (figures.append(fig), save(fig, out, **kw)))
     _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "s"), "--plot-only"])
-    assert (tmp_path / "s" / "fig5_batch_size.png").stat().st_size > 0
+    _png_ok(tmp_path / "s" / "fig5_batch_size.png")
+    (fig,) = figures  # one line per norm through its recorded points, labelled, in the paper's order
+    lines = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
+             for line in fig.axes[0].get_lines()]
+    assert lines == [("BN", [512, 4096], [10.0, 12.0]), ("PN", [512], [13.0])]
     assert not (tmp_path / "s" / "runs").exists()  # nothing was trained
     with pytest.raises(SystemExit):
         _cli("batch_size_sweep").main(["--data", "d", "--out", str(tmp_path / "empty"),

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("fairseq")
 
@@ -520,8 +519,11 @@ PRESETS = sorted(CONFIGS.glob("*.yaml"))
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_names_known_options(path):
     from fairseq.dataclass.configs import FairseqConfig
+    from omegaconf import OmegaConf
 
-    cfg = yaml.safe_load(path.read_text())
+    from powernorm_fairseq.presets import compose
+
+    cfg = OmegaConf.to_container(compose(path.stem))  # the base and the norm's overlay
     assert set(cfg) <= {f.name for f in dataclasses.fields(FairseqConfig)}
     model = cfg["model"]
     assert model["_name"] in ARCH_MODEL_NAME_REGISTRY

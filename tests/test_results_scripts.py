@@ -1,6 +1,7 @@
-"""scripts/reproduce.py and scripts/make_results.py: log parsing and tables built from records only."""
+"""scripts/reproduce.py and scripts/make_results.py (powernorm_fairseq.pipeline.reproduce and
+.results): log parsing and tables built from records only."""
 
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -10,14 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MODULES = {"reproduce": "powernorm_fairseq.pipeline.reproduce",
+           "make_results": "powernorm_fairseq.pipeline.results"}
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The module behind ``scripts/<name>.py``."""
+    return importlib.import_module(MODULES[name])
 
 
 LOG = """\
@@ -75,9 +75,8 @@ def test_converged_campaign_overrides_are_the_papers_rule():
     assert reproduce.CAMPAIGNS["pilot"].overrides(reproduce.CORPORA["ptb"]) == []
 
 
-def test_status_table_tells_running_interrupted_and_to_do(tmp_path, monkeypatch):
+def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     reproduce = load_script("reproduce")
-    monkeypatch.setattr(reproduce, "REPO", tmp_path)
     recs = tmp_path / "results" / "runs" / "multi30k"
     recs.mkdir(parents=True)
     seg = {"wall_s": 7200.0, "threads": 1}
@@ -89,17 +88,20 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path, monkeypatch)
     lock = tmp_path / "runs" / "converged" / "multi30k" / "bn_s1" / "run.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(f"{os.getpid()} host\n")  # a live process holds it
+    # its log has gone on since the record was written: the table shows the log's progress
+    (lock.parent / "train.log").write_text(CONVERGED_LOG)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     lock = tmp_path / "runs" / "converged" / "multi30k" / "pn_s1" / "run.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(f"{dead} host\n")
     args = reproduce.argparse.Namespace(campaign="converged", corpus="multi30k", norms=["ln", "bn", "pn", "pnv"],
-                                        seed_list=[1], threads=1, track_norm_stats=False, override=[])
+                                        seed_list=[1], threads=1, track_norm_stats=False, override=[],
+                                        root=str(tmp_path))
     reproduce.write_status(args)
     status = (tmp_path / "results" / "status.md").read_text()
     assert "| multi30k | ln_s1 | done | 30 |" in status and "| 2.00 |" in status
-    assert "| multi30k | bn_s1 | running |" in status
+    assert "| multi30k | bn_s1 | running | 8 | 3 |" in status
     assert "| multi30k | pn_s1 | interrupted" in status
     assert "| multi30k | pnv_s1 | to do |" in status
     assert "Spent: 3.00 core-hours" in status
@@ -116,10 +118,8 @@ def converged_record(norm, seed, bleu, **extra):
 
 
 @pytest.fixture
-def results_dir(tmp_path, monkeypatch):
+def results_dir(tmp_path):
     make_results = load_script("make_results")
-    monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(make_results, "REPO", tmp_path)
     (tmp_path / "README.md").write_text("intro\n<!-- results:begin -->\nSTALE-CONTENT\n<!-- results:end -->\nrest\n")
     runs = tmp_path / "results" / "runs" / "multi30k"
     runs.mkdir(parents=True)
@@ -139,9 +139,11 @@ def results_dir(tmp_path, monkeypatch):
     return make_results, tmp_path
 
 
-def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero(results_dir):
+def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero(results_dir, monkeypatch):
     make_results, root = results_dir
-    make_results.main([])
+    figures, save = {}, make_results._save_fig
+    monkeypatch.setattr(make_results, "_save_fig", lambda fig, out: (figures.update({out.name: fig}), save(fig, out)))
+    make_results.main(["--root", str(root)])
     table = (root / "results" / "table1_multi30k.md").read_text()
     assert "| LN | 35.5 | 29.5 | 21.00 ± 1.00 (3 seeds, range 20.00-22.00) |" in table
     # PN - LN = 1.1 +- t(0.975, 2) * 0.1 / sqrt(3) = 1.10 [0.85, 1.35]
@@ -150,7 +152,11 @@ def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero
     assert "s1: 21.00 vs 20.00, p = 0.001" in table
     assert "- Does PN (reference variant) beat LN? PN > LN (better)" in table
     assert "s1: 31 (26)" in table  # stopping and best epoch per seed
-    assert (root / "results" / "multi30k_valid_loss.png").stat().st_size > 1000
+    assert (root / "results" / "multi30k_valid_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the curves: each norm's mean over its seeds per epoch (epoch 2: 5.0 - 0.01 x mean seed 2)
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+              for line in figures["multi30k_valid_loss.png"].axes[0].get_lines()}
+    assert curves == {f"{n} (3 seeds)": ([1, 2], [6.0, pytest.approx(4.98)]) for n in ("LN", "BN", "PN")}
     readme = (root / "README.md").read_text()
     assert "STALE-CONTENT" not in readme and "PN > LN (better)" in readme and readme.endswith("rest\n")
     ptb = (root / "results" / "table2_ptb.md").read_text()
@@ -170,3 +176,48 @@ def test_make_results_help_writes_nothing(tmp_path):
 
 
 
+
+
+def _composed(name: str, overrides: list[str]) -> dict:
+    """The fairseq config hydra composes from preset ``name`` and ``overrides``."""
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    import powernorm_fairseq.models  # noqa: F401  (the plugin's model dataclasses)
+    from powernorm_fairseq.presets import config_dir
+
+    hydra_init(name)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose(name, overrides=overrides)
+    add_defaults(cfg)
+    return OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize("corpus,campaign,norm", [("multi30k", "converged", "pnpaper"),
+                                                  ("ptb", "converged", "bn")])
+def test_campaign_training_resolves_to_the_preset_with_the_campaign_overrides(tmp_path, corpus, campaign, norm):
+    """A campaign's run trains through pipeline.train (batch scaling, repair, launch record) and
+    still resolves to the config its records were trained with before: the preset plus the data,
+    seed, save dir and the campaign's overrides (the command the campaign started with)."""
+    from powernorm_fairseq.pipeline import train
+
+    reproduce = load_script("reproduce")
+    args = reproduce.argparse.Namespace(campaign=campaign, threads=1, track_norm_stats=True, override=[],
+                                        root=str(tmp_path))
+    run = reproduce.Run(corpus, norm, 2, args)
+    data = tmp_path / run.spec.prepared / "data-bin"
+    opts, overrides = train.parse_args(run.train_argv(data))
+    assert (opts.experiment, opts.norm, opts.data, opts.save_dir) == (run.campaign.prefix(corpus), norm,
+                                                                     str(data), str(run.dir))
+    opts.data, opts.save_dir = data, run.dir
+    hydra_args, batch = train.build_preset_command(opts, overrides, world=1)
+    assert batch["effective"] == batch["target"] and batch["update_freq"] == 1
+    name = hydra_args[hydra_args.index("--config-name") + 1]
+    assert name == f"{run.campaign.prefix(corpus)}_{norm}"
+    before = [f"task.data={data}", f"common.seed={run.seed}", f"checkpoint.save_dir={run.dir}",
+              *run.campaign.overrides(run.spec), f"++model.track_norm_stats={run.dir / 'norm_stats.csv'}"]
+    now = [a for a in hydra_args if "=" in a and not a.startswith("hydra.")]
+    assert _composed(name, now) == _composed(name, before)

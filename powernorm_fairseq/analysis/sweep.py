@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from powernorm_fairseq.norms.vocabulary import NORM_SPECS
+from powernorm_fairseq.pipeline import runner
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_write_json,
@@ -36,10 +38,16 @@ from powernorm_fairseq.pipeline.common import (
 
 __all__ = ["NORM_ALIASES", "SweepPoint", "parse_bleu", "plan", "run_sweep", "sweep_table"]
 
+# A point names its norm by the registry name (its records' ``norm``). PN's variants share the
+# name ``power``: the sweep compares the first of them in the vocabulary (``pn``, the reference).
+_BY_NAME: dict = {}
+for _spec in NORM_SPECS:
+    _BY_NAME.setdefault(_spec.name, _spec)
+del _spec
 #: short names of the pipeline (train.py) for the registry names, and the short names themselves
-NORM_ALIASES = {"layer": "ln", "batch": "bn", "power_v": "pnv", "power": "pn",
-                "ln": "ln", "bn": "bn", "pnv": "pnv", "pn": "pn"}
-_REGISTRY_NAME = {"ln": "layer", "bn": "batch", "pnv": "power_v", "pn": "power"}
+NORM_ALIASES = {**{name: s.short for name, s in _BY_NAME.items()},
+                **{s.short: s.short for s in _BY_NAME.values()}}
+_REGISTRY_NAME = {s.short: name for name, s in _BY_NAME.items()}
 _BLEU = re.compile(r"BLEU4? = ([0-9.]+)")
 
 
@@ -110,11 +118,6 @@ def train_command(point: SweepPoint, args, save_dir: Path) -> list[str]:
     if clash and point.seed is not None:
         raise ValueError(f"--seed sets the seed (and names the points); remove {clash} from the "
                          "training args")
-    cmd = python_module_cmd("powernorm_fairseq.pipeline.train") + [
-        args.experiment, NORM_ALIASES[point.norm], "--data", str(args.data),
-        "--save-dir", str(save_dir), "--effective-tokens", str(point.effective_tokens)]
-    if args.cpu:
-        cmd.append("--cpu")
     if args.experiment == "flags":
         batch = ["--max-tokens", str(point.stat_tokens)]
         seed = [] if point.seed is None else ["--seed", str(point.seed)]
@@ -122,7 +125,9 @@ def train_command(point: SweepPoint, args, save_dir: Path) -> list[str]:
         batch = [f"dataset.max_tokens={point.stat_tokens}",
                  f"optimization.update_freq=[{point.update_freq}]"]
         seed = [] if point.seed is None else [f"common.seed={point.seed}"]
-    return cmd + ["--", *batch, *seed, *args.train_args]
+    return python_module_cmd("powernorm_fairseq.pipeline.train") + runner.train_argv(
+        args.experiment, NORM_ALIASES[point.norm], args.data, save_dir,
+        [*batch, *seed, *args.train_args], cpu=args.cpu, effective_tokens=point.effective_tokens)
 
 
 def eval_command(args, save_dir: Path) -> tuple[list[str], Callable[[str], float]]:
@@ -137,9 +142,8 @@ def eval_command(args, save_dir: Path) -> tuple[list[str], Callable[[str], float
     data, ckpt = Path(args.data), save_dir / args.checkpoint
     if any((root / "prepare.json").exists() for root in (data, data.parent)):
         record = save_dir / "sweep_bleu.json"
-        cmd = python_module_cmd("powernorm_fairseq.pipeline.evaluate") + [
-            "bleu", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(record),
-            *args.eval_args]
+        cmd = python_module_cmd("powernorm_fairseq.pipeline.evaluate") + runner.evaluate_argv(
+            "bleu", data, ckpt, record, args.eval_args)
         return cmd, lambda _output: float(json.loads(record.read_text())["value"])
     cmd = python_module_cmd("fairseq_cli.generate") + [
         str(data), "--user-dir", str(PLUGIN_DIR), "--path", str(ckpt), "--gen-subset", "test",

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PLUGIN_DIR = REPO_ROOT / "powernorm_fairseq"
+#: the plugin package (fairseq's --user-dir): wherever it is imported from, checkout or install
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -98,11 +98,6 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         with opener(path, "rb") as f:
             decode_utf8(f.read(), path)  # raises, naming the line
         raise
-
-
-def count_lines(path: str | os.PathLike) -> int:
-    """Number of lines of a (possibly gzipped) text file."""
-    return len(read_lines(path))
 
 
 class Steps:
@@ -190,31 +185,37 @@ def die_with_parent() -> None:
 
 
 def subprocess_env(extra: dict | None = None) -> dict:
-    """The environment for child processes: this one, with the repository on ``PYTHONPATH``.
+    """The environment for child processes: this one, with the directory this package was
+    imported from first on ``PYTHONPATH``.
 
     Children run ``python -m powernorm_fairseq...`` from the caller's working directory (so relative
-    paths on the command line keep their meaning) whether or not the package is installed.
+    paths on the command line keep their meaning), and they must run the same copy of the code as
+    their parent: a checkout used with ``PYTHONPATH`` (or ``python -m`` from its root) while another
+    copy is installed would otherwise train with the installed one.
     """
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PLUGIN_DIR.parent), env.get("PYTHONPATH")) if p)
     env.update(extra or {})
     return env
 
 
 def git_commit() -> str | None:
-    """The repository's HEAD commit, or None.
+    """The HEAD commit of the git checkout this package runs from, or None (an installed wheel).
 
     ``+dirty`` is appended when tracked code differs from HEAD. Untracked files (a ``.venv``
     link, prepared data) and ``results/`` (the run records a reproduction rewrites as it goes)
     do not count: they cannot change what a run computes.
     """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PLUGIN_DIR, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
+        top = git("rev-parse", "--show-toplevel")
+        if Path(top).resolve() != PLUGIN_DIR.parent:  # installed inside some other repository
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None
 
@@ -246,16 +247,12 @@ def python_module_cmd(module: str) -> list[str]:
 
 
 def import_plugin() -> None:
-    """Register the plugin's models (and tasks) with fairseq, as ``--user-dir`` would.
+    """Register the plugin's models with fairseq, as ``--user-dir`` would.
 
     fairseq's ``import_user_module`` does nothing for a package that is already imported, and any
     process running this pipeline has imported ``powernorm_fairseq`` (the pipeline lives inside it),
     so its ``models/`` would never be registered. Importing them here is idempotent.
     """
     from fairseq.models import import_models
-    from fairseq.tasks import import_tasks
 
-    if (PLUGIN_DIR / "tasks").is_dir():
-        import_tasks(str(PLUGIN_DIR / "tasks"), "powernorm_fairseq.tasks")
-    if (PLUGIN_DIR / "models").is_dir():
-        import_models(str(PLUGIN_DIR / "models"), "powernorm_fairseq.models")
+    import_models(str(PLUGIN_DIR / "models"), "powernorm_fairseq.models")

@@ -50,9 +50,10 @@ import time
 import zipfile
 from pathlib import Path
 
+from powernorm_fairseq import presets
+from powernorm_fairseq.norms.vocabulary import NORM_BY_SHORT, NORM_SHORTS, NormSpec
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
-    REPO_ROOT,
     atomic_path,
     atomic_write_json,
     atomic_write_text,
@@ -65,9 +66,13 @@ from powernorm_fairseq.pipeline.common import (
 )
 from powernorm_fairseq.pipeline.rank import ON_START_ENV
 
-# NORM argument -> model flags in 'flags' mode (in preset mode NORM only names the preset file).
-NORMS = {"ln": ("layer", []), "bn": ("batch", []), "pnv": ("power_v", []),
-         "pn": ("power", []), "pnpaper": ("power", ["--pn-variant", "paper"])}
+
+def norm_flags(spec: NormSpec, sites: tuple[str, ...]) -> list[str]:
+    """fairseq model flags that put the norm ``spec`` at the norm ``sites`` (``encoder``,
+    ``decoder``), with its PowerNorm variant named explicitly (``--pn-variant``), so that a run's
+    command says which variant it trained whatever the model's default is."""
+    flags = [f for site in sites for f in (f"--{site}-norm", spec.name)]
+    return flags + (["--pn-variant", spec.variant] if spec.variant else [])
 
 
 def check_data_dir(data: str | Path, splits: tuple[str, ...] = ("train", "valid")) -> Path:
@@ -184,26 +189,25 @@ def scale_update_freq(per_rank: int, update_freq: int, world: int, target: int |
             "update_freq": new_freq, "effective": per_rank * new_freq * world}
 
 
-def preset_path(experiment: str, norm: str) -> Path:
-    path = REPO_ROOT / "configs" / f"{experiment}_{norm}.yaml"
-    if not path.exists():
-        choices = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
-        raise SystemExit(f"no preset {path}; available: {choices}. Use EXPERIMENT 'flags' to pass "
-                         "plain fairseq-train flags instead.")
-    return path
+def preset_path(experiment: str, norm: str, config_dir=None) -> Path:
+    """``<config_dir>/<experiment>_<norm>.yaml`` (default: the package's presets)."""
+    try:
+        return presets.preset_path(f"{experiment}_{norm}", config_dir)
+    except SystemExit as e:
+        raise SystemExit(f"{e}. Use EXPERIMENT 'flags' to pass plain fairseq-train flags "
+                         "instead.") from None
 
 
 def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
     """fairseq-train flags for 'flags' mode: the caller's flags plus data, save dir, norm, batch."""
     flags = [str(args.data), "--user-dir", str(PLUGIN_DIR), "--save-dir", str(args.save_dir)]
     arch = _flag_value(overrides, "--arch", "")
-    if args.norm not in NORMS:
-        raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(NORMS)}")
-    name, extra = NORMS[args.norm]
+    if args.norm not in NORM_BY_SHORT:
+        raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(NORM_SHORTS)}")
     if arch.startswith("transformer_lm_pn"):
-        flags += ["--decoder-norm", name, *extra]
+        flags += norm_flags(NORM_BY_SHORT[args.norm], ("decoder",))
     elif arch.startswith("transformer_pn"):
-        flags += ["--encoder-norm", name, *extra]
+        flags += norm_flags(NORM_BY_SHORT[args.norm], ("encoder",))
     flags += overrides
     max_tokens, batch_size = _flag_value(flags, "--max-tokens"), _flag_value(flags, "--batch-size")
     batch = {}
@@ -224,18 +228,21 @@ def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[st
 
 def build_preset_command(args, overrides: list[str], world: int) -> tuple[list[str], dict]:
     """Hydra arguments for preset mode: the preset plus data, save dir, batch, user overrides."""
-    import yaml
+    from omegaconf import OmegaConf
 
     bad = [o for o in overrides if o.startswith("--")]
     if bad:
         raise SystemExit(f"preset mode takes hydra overrides key=value, got {bad}; e.g. "
                          "optimization.max_update=1000 (or use EXPERIMENT 'flags' for fairseq flags)")
-    path = preset_path(args.experiment, args.norm)
-    cfg = yaml.safe_load(path.read_text()) or {}
+    path = preset_path(args.experiment, args.norm, getattr(args, "config_dir", None))
+    # the preset as composed (its base through the defaults list), without fairseq's defaults
+    cfg = OmegaConf.to_container(presets.compose(path.stem, directory=path.parent))
     ds, opt = cfg.get("dataset", {}) or {}, cfg.get("optimization", {}) or {}
+    # No common.user_dir: the hydra entry (powernorm_fairseq.hydra_train) imports the plugin
+    # itself, so a preset resolves to the same config here as with `powernorm-hydra-train`.
     hydra_args = ["--config-dir", str(path.parent), "--config-name", path.stem,
                   f"task.data={args.data}", f"checkpoint.save_dir={args.save_dir}",
-                  f"common.user_dir={PLUGIN_DIR}", f"hydra.run.dir={args.save_dir}/hydra"]
+                  f"hydra.run.dir={args.save_dir}/hydra"]
     # The preset's batch (max_tokens or batch_size, times update_freq) is the paper's, the target.
     # A per-rank batch given as an override takes part in the arithmetic; an explicit update_freq
     # override is kept as is. Hydra refuses a key given twice, so ours replace the user's.
@@ -312,8 +319,9 @@ def _stream(procs: list[subprocess.Popen], log_path: Path, echo) -> list[int]:
 def train(args, overrides: list[str], echo=None) -> dict:
     """Launch training; returns the launch record (also written to ``save_dir/launch.json``)."""
     echo = echo or (lambda line: print(line, flush=True))
-    args.data = check_data_dir(args.data).resolve()
-    args.save_dir = Path(args.save_dir or REPO_ROOT / "checkpoints" / f"{args.experiment}_{args.norm}").resolve()
+    # absolute, with symbolic links kept: the paths in the config are the ones the caller named
+    args.data = Path(os.path.abspath(check_data_dir(args.data)))
+    args.save_dir = Path(os.path.abspath(args.save_dir or Path("checkpoints") / f"{args.experiment}_{args.norm}"))
     mode = "flags" if args.experiment == "flags" else "preset"
     world, how = world_size(args)
     build = build_flags_command if mode == "flags" else build_preset_command
@@ -418,9 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")
-    p.add_argument("norm", help=f"flags mode: one of {sorted(NORMS)}; preset mode: the preset's suffix")
+    p.add_argument("norm", help=f"flags mode: one of {list(NORM_SHORTS)}; preset mode: the preset's suffix")
     p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
-    p.add_argument("--save-dir", help="checkpoint directory (default checkpoints/<experiment>_<norm>)")
+    p.add_argument("--save-dir", help="checkpoint directory (default ./checkpoints/<experiment>_<norm>)")
+    p.add_argument("--config-dir", help="directory of the presets (default: the package's, a copy "
+                   "of the repository's configs/)")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if GPUs are visible")
     p.add_argument("--cpu-workers", type=int, default=0, help="CPU data parallel with N ranks (gloo)")
     p.add_argument("--effective-tokens", "--effective-batch", dest="effective_batch", type=int,
@@ -455,8 +465,9 @@ def _interrupted_message(args, argv: list[str]) -> str:
     return f"interrupted before the first checkpoint; rerun to start again: {command}"
 
 
-def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(options, overrides) of a command line: everything after ``--``, and every argument that
+    is not an option of ours, is passed on to fairseq (flags mode) or hydra (preset mode)."""
     parser = build_parser()
     if "--" in argv:
         i = argv.index("--")
@@ -466,6 +477,12 @@ def main(argv=None) -> dict:
         args, rest = parser.parse_known_args(argv)
         overrides = rest
     _no_abbreviations(parser, rest)
+    return args, overrides
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(argv)
     args.command = invocation("powernorm_fairseq.pipeline.train", argv)
     try:
         return train(args, overrides)

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 from powernorm_fairseq.pipeline.common import (
-    REPO_ROOT,
     Steps,
     atomic_write_json,
     atomic_write_lines,
@@ -68,7 +67,7 @@ def prepare(args) -> dict:
     """Run the steps for ``args.corpus`` (parsed by :func:`build_parser`) and return the record
     written to ``prepare.json``; finished steps (their done-markers and keys) are skipped."""
     corpus = CORPORA[args.corpus]
-    out = Path(args.out or REPO_ROOT / "data" / corpus.name).resolve()
+    out = Path(args.out or Path("data") / corpus.name).resolve()  # default: under the current directory
     args.download_dir = args.download_dir or str(out / "download")
     raw, clean, tok, bpe_dir, ref = (out / d for d in ("raw", "clean", "tok", "bpe", "ref"))
     steps = Steps(out)
@@ -161,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_dir", metavar="DIR",
                    help="take the corpus files from DIR instead of downloading them (what DIR "
                    "must hold: see below)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: data/<corpus>/)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default: ./data/<corpus>/)")
     p.add_argument("--download-dir", metavar="DIR", help="where downloads go (default: OUT/download)")
     p.add_argument("--bpe", choices=["subword-nmt", "sentencepiece"], default="subword-nmt")
     p.add_argument("--bpe-size", type=int, help="BPE merges / sentencepiece vocabulary size "

@@ -1,0 +1,497 @@
+"""Run the paper's norm comparison on a real corpus at CPU scale, run by run, resumably.
+
+Usage (from the project directory, which holds ``data/``, ``runs/`` and ``results/``; ``--root``
+names another; ``powernorm-reproduce`` is the same command)::
+
+    python scripts/reproduce.py multi30k --seeds 1,2,3 --jobs 2 --threads 1   # the converged campaign
+    python scripts/reproduce.py ptb --seeds 1,2,3 --jobs 2 --threads 1
+    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 # the budget run
+    python scripts/make_results.py          # tables + plots from the records
+
+Campaigns (``--campaign``; every setting of each lives in ``CAMPAIGNS`` below, once):
+
+* ``converged`` (default): the preset ``configs/<prefix>_<norm>.yaml`` trained to convergence as the
+  paper does: a checkpoint every epoch, stop after ``PATIENCE`` epochs without a better validation
+  loss (the released ``--early-stop 5``; fairseq's ``--patience``), with an epoch cap per corpus.
+  Each run is evaluated three ways: the paper's protocol (the average of the last 5 epoch
+  checkpoints), the best checkpoint, and the last. For BLEU, each norm's averaged model is then
+  compared with LN's of the same seed by sacreBLEU's paired bootstrap.
+  Records: ``results/runs/<corpus>/<norm>_s<seed>.json``.
+* ``budget``: one run to convergence that keeps every epoch checkpoint (the campaign's sizing
+  run). Records: ``results/budget/<corpus>/``.
+* ``pilot``: the earlier short fixed budgets (500 / 300 updates, the last 3 update checkpoints
+  averaged). Records: ``results/pilot/runs/<corpus>/``. Kept so those records stay reproducible.
+
+For every (norm, seed) it runs, each step skipped when already done, through the pipeline's stages
+(:mod:`powernorm_fairseq.pipeline.runner`): train (``pipeline.train`` with the preset and the
+campaign's overrides: batch scaled to the world size, a truncated ``checkpoint_last.pt`` repaired,
+``launch.json`` written; checkpoints in ``runs/<campaign>/<corpus>/<norm>_s<seed>/``, git-ignored;
+rerunning the same command resumes from ``checkpoint_last.pt``), average, evaluate.
+The record (status, command, commit, seed, hardware, wall time and core-hours of each segment, the
+validation curve, the stopping epoch, the evaluations) is rewritten after every step, and so is the
+campaign's status table ``results/status.md`` (done / running / to do, core-hours spent and left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from powernorm_fairseq.norms.vocabulary import NORM_SHORTS
+from powernorm_fairseq.pipeline import runner
+from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, git_commit
+from powernorm_fairseq.presets import config_dir
+
+
+@dataclass(frozen=True)
+class Corpus:
+    prefix: str        # presets configs/<prefix>_<norm>.yaml
+    prepared: str      # the prepared directory (prepare_<corpus>.sh)
+    metric: str        # "bleu" or "ppl" (powernorm_fairseq.pipeline.evaluate)
+    max_epoch: int     # the converged campaign's cap (results/README.md: the budget arithmetic)
+
+
+CORPORA = {
+    "multi30k": Corpus("multi30k", "data/multi30k", "bleu", max_epoch=30),
+    # the paper's PTB model, the Tensorized Transformer (multi-linear attention), at CPU scale
+    "ptb": Corpus("ptb_cpu_tensorized", "data/ptb", "ppl", max_epoch=12),
+}
+NORMS = NORM_SHORTS
+LN = NORMS[0]  # the baseline every norm is compared with
+PATIENCE = 5        # the released --early-stop 5
+AVERAGE_EPOCHS = 5  # the paper averages the last 5 epoch checkpoints
+
+
+def _to_convergence(corpus: Corpus, keep_last_epochs: int, max_epoch: int | None = None) -> list[str]:
+    """Hydra overrides that turn a fixed-budget preset into a run to convergence."""
+    return ["optimization.max_update=0", f"optimization.max_epoch={max_epoch or corpus.max_epoch}",
+            f"checkpoint.patience={PATIENCE}", "checkpoint.save_interval_updates=0",
+            "checkpoint.keep_interval_updates=-1", f"checkpoint.keep_last_epochs={keep_last_epochs}"]
+
+
+@dataclass(frozen=True)
+class Campaign:
+    records: str                 # results/<...>/<corpus>/<norm>_s<seed>.json
+    overrides: object            # Corpus -> list of hydra overrides
+    evaluations: tuple[str, ...]  # which checkpoints are evaluated (see Run.checkpoint_for)
+    average: tuple[str, int]     # ("epoch" | "update", how many) for the "avg" evaluation
+    significance: bool = False   # paired bootstrap against LN of the same seed (BLEU)
+    prefixes: tuple = ()         # (corpus, preset prefix) pairs that differ from CORPORA's
+
+    def prefix(self, corpus: str) -> str:
+        return dict(self.prefixes).get(corpus, CORPORA[corpus].prefix)
+
+
+CAMPAIGNS = {
+    "converged": Campaign("results/runs", lambda c: _to_convergence(c, AVERAGE_EPOCHS),
+                          ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True),
+    # keeps every epoch checkpoint, with a higher cap: the run that sizes the campaign
+    "budget": Campaign("results/budget", lambda c: _to_convergence(c, -1, max_epoch=80),
+                       ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS)),
+    # the pilot's PTB model was fairseq's standard transformer_lm_pn (configs/ptb_cpu_<norm>.yaml)
+    "pilot": Campaign("results/pilot/runs", lambda c: [], ("avg",), ("update", 3),
+                      prefixes=(("ptb", "ptb_cpu"),)),
+}
+
+VALID_RE = re.compile(r"epoch (\d+) \| valid on 'valid' subset \| loss ([\d.]+) .*?\| num_updates (\d+)")
+TRAIN_EPOCH_RE = re.compile(r"\[train\]\[INFO\] - epoch (\d+) \| .*?\| wps ([\d.]+) .*?\| num_updates (\d+)"
+                            r".*?\| train_wall (\d+)")
+INNER_WPS_RE = re.compile(r"\[train_inner\].*?wps=([\d.]+),")
+DONE_RE = re.compile(r"done training in ([\d.]+) seconds")
+EARLY_STOP_RE = re.compile(r"early stop since valid performance hasn't improved for last (\d+) runs")
+
+
+def hardware(threads: int | None) -> dict:
+    """What the run ran on (recorded beside every number)."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
+
+
+def parse_log(log: Path) -> dict:
+    """Validation curve, stopping and training speed from a fairseq training log (all segments)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    valid, by_epoch = {}, {}
+    for epoch, loss, upd in VALID_RE.findall(text):
+        valid[int(upd)] = float(loss)
+        by_epoch[int(epoch)] = float(loss)
+    epochs = {}
+    for e, w, u, t in TRAIN_EPOCH_RE.findall(text):  # a resumed epoch is logged again: keep the last
+        epochs[int(e)] = {"epoch": int(e), "wps": float(w), "num_updates": int(u), "train_wall": int(t)}
+    inner = sorted(float(w) for w in INNER_WPS_RE.findall(text))
+    out = {
+        # fairseq's own training time, summed over resumed segments (excludes start-up and the
+        # final validation), so a segment whose driver was interrupted still counts
+        "fairseq_train_s": round(sum(float(s) for s in DONE_RE.findall(text)), 1),
+        "valid_loss": [[u, valid[u]] for u in sorted(valid)],
+        "valid_loss_by_epoch": [[e, by_epoch[e]] for e in sorted(by_epoch)],
+        "epochs": [epochs[e] for e in sorted(epochs)],
+        "median_train_wps": inner[len(inner) // 2] if inner else None,
+    }
+    if by_epoch:
+        best = min(by_epoch, key=lambda e: (by_epoch[e], e))
+        out.update(last_epoch=max(by_epoch), best_epoch=best, best_valid_loss=by_epoch[best])
+    if epochs:
+        last = epochs[max(epochs)]
+        walls = sum(e["train_wall"] for e in epochs.values())
+        out["train_s_per_update"] = round(walls / last["num_updates"], 3) if last["num_updates"] else None
+    m = EARLY_STOP_RE.search(text)
+    out["stopped_by"] = f"patience ({m.group(1)} epochs without a better validation loss)" if m else None
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Run:
+    def __init__(self, corpus: str, norm: str, seed: int, args):
+        self.corpus, self.norm, self.seed, self.args = corpus, norm, seed, args
+        self.spec = CORPORA[corpus]
+        self.campaign = CAMPAIGNS[args.campaign]
+        self.name = f"{norm}_s{seed}"
+        self.root = project_root(args)
+        sub = "" if args.campaign == "pilot" else f"{args.campaign}/"  # the pilot's runs predate campaigns
+        self.dir = self.root / "runs" / f"{sub}{corpus}" / self.name
+        self.record_path = self.root / self.campaign.records / corpus / f"{self.name}.json"
+        self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.preset = f"{self.campaign.prefix(corpus)}_{norm}"
+        self.lock = self.dir / "run.lock"
+
+    def save(self, **updates) -> None:
+        self.record.update(updates)
+        atomic_write_json(self.record_path, self.record)
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {self.corpus}/{self.name}: {msg}", flush=True)
+
+    def threads(self) -> int:
+        """Threads of this invocation's runs; for a recorded run (status, collect) the ones it
+        recorded, so that a call with other settings does not recount its core-hours."""
+        recorded = (self.record.get("hardware") or {}).get("threads")
+        if recorded and not self.args.threads:
+            return recorded
+        return self.args.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+
+    def step(self, what: str, argv: list[str], log: Path, fn) -> float:
+        """Run one stage, ``fn()``, after writing its command line (``what`` + ``argv``) to
+        ``log``; returns its wall time. A stage's refusal or failure is a RuntimeError."""
+        t0 = time.time()
+        with open(log, "a") as f:
+            f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join([what, *argv])}\n")
+        try:
+            fn()
+        except SystemExit as e:  # a stage's message; one failed run must not stop the others
+            raise RuntimeError(f"{what}: {e.code}") from None
+        return time.time() - t0
+
+    def train_argv(self, data: Path) -> list[str]:
+        """``pipeline.train`` arguments: the preset, this run's seed and directories, the
+        campaign's overrides, then the caller's."""
+        return runner.train_argv(
+            self.campaign.prefix(self.corpus), self.norm, data, self.dir,
+            [f"common.seed={self.seed}", *self.campaign.overrides(self.spec),
+             *(["++model.track_norm_stats=" + str(self.dir / "norm_stats.csv")]
+               if self.args.track_norm_stats else []),
+             *self.args.override])
+
+    def core_hours(self, record: dict | None = None) -> float:
+        """Wall time x threads of the finished training segments and the evaluations. While a
+        segment runs (or after one was killed) fairseq's own per-epoch training time from the log
+        stands in for it, whichever is larger: a lower bound, not an estimate."""
+        record = self.record if record is None else record
+        threads = self.threads()
+        train = sum(s["wall_s"] * (s.get("threads") or 1) for s in record.get("train_segments", []))
+        logged = sum(e.get("train_wall", 0) for e in record.get("epochs") or []) * threads
+        evals = sum(s["wall_s"] * (s.get("threads") or 1) for s in (record.get("eval_segments") or {}).values())
+        return round((max(train, logged) + evals) / 3600, 3)
+
+    def progress(self, state: str) -> dict:
+        """The record as its training log stands now (not saved): a running or interrupted run
+        shows the epochs and the training time it has logged since its record was last written."""
+        log = self.dir / "train.log"
+        if state in ("done", "to do") or not log.exists():
+            return self.record
+        return {**self.record, **parse_log(log)}
+
+    def state(self) -> str:
+        """done / running / interrupted / failed / to do, for the status table."""
+        status = self.record.get("status")
+        if status in (None, "to do"):
+            return "to do"
+        if status in ("done", "failed"):
+            return status
+        if self.lock.exists():
+            try:
+                pid = int(self.lock.read_text().split()[0])
+            except (ValueError, IndexError):
+                pid = -1
+            if pid > 0 and pid_alive(pid):
+                return "running"
+        return "interrupted (rerun the command to resume)"
+
+    def collect(self) -> None:
+        """Refresh what a record takes from the training log (validation curve, speed)."""
+        log = self.dir / "train.log"
+        if log.exists():
+            self.save(**parse_log(log))
+            self.save(core_hours=self.core_hours())
+
+    def checkpoint_for(self, which: str) -> Path:
+        return {"avg": self.dir / "checkpoint_avg.pt", "best": self.dir / "checkpoint_best.pt",
+                "last": self.dir / "checkpoint_last.pt"}[which]
+
+    def average(self, log: Path) -> None:
+        avg = self.checkpoint_for("avg")
+        kind, n = self.campaign.average
+        if avg.exists():
+            return
+        self.log(f"averaging the last {n} {kind} checkpoints")
+        self.step("powernorm-average", ["--dir", str(self.dir), f"--num-{kind}-checkpoints", str(n),
+                                        "--output", str(avg)], log,
+                  lambda: runner.average(self.dir, n, kind, avg))
+        self.save(averaged=f"last {n} {kind} checkpoints")
+
+    def evaluate(self, which: str, log: Path) -> dict:
+        evaluations = self.record.setdefault("evaluations", {})
+        if which in evaluations:
+            return evaluations[which]
+        out = self.dir / f"eval_{which}.json"
+        argv = runner.evaluate_argv(self.spec.metric, self.root / self.spec.prepared,
+                                    self.checkpoint_for(which), out)
+        self.log(f"evaluating the {which} checkpoint")
+        wall = self.step("powernorm-evaluate", argv, log, lambda: runner.evaluate(argv))
+        evaluation = json.loads(out.read_text())
+        evaluation["eval_command"] = shlex.join(["python", "-m", "powernorm_fairseq.pipeline.evaluate", *argv])
+        evaluations[which] = evaluation
+        segs = self.record.setdefault("eval_segments", {})
+        segs[which] = {"wall_s": round(wall, 1), "threads": self.threads(), "commit": git_commit()}
+        self.save(evaluations=evaluations, eval_segments=segs, core_hours=self.core_hours())
+        return evaluation
+
+    def run(self) -> None:
+        if self.record.get("status") == "done":
+            self.log("done already (delete the record to rerun)")
+            return
+        data = self.root / self.spec.prepared / "data-bin"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.record.pop("error", None)  # from an earlier failed attempt of this run
+        log = self.dir / "train.log"
+        argv = self.train_argv(data)
+        segments = self.record.get("train_segments", [])
+        self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, campaign=self.args.campaign,
+                  preset=f"configs/{self.preset}.yaml",
+                  command=shlex.join(["python", "-m", "powernorm_fairseq.pipeline.train", *argv]),
+                  status="training", hardware=hardware(self.args.threads),
+                  started_commit=self.record.get("started_commit") or git_commit())
+        atomic_write_text(self.lock, f"{os.getpid()} {socket.gethostname()}\n")
+        write_status(self.args)  # the table shows this run as running from its start
+        try:
+            if not (self.dir / "train.done").exists():
+                stats = self.dir / "norm_stats.csv"
+                if self.args.track_norm_stats and stats.exists() and not (self.dir / "checkpoint_last.pt").exists():
+                    # killed before its first checkpoint: the run restarts at update 0, and the
+                    # tracker refuses to continue a file of another start; keep it aside
+                    stats.rename(stats.with_name(f"norm_stats.before-restart-{time.strftime('%Y%m%d%H%M%S')}.csv"))
+                self.log("training")
+                start = time.strftime("%Y-%m-%d %H:%M:%S")
+                commit = git_commit()
+                t0 = time.time()
+                try:
+                    # fairseq's output goes to train.log (pipeline.train writes it), not the console
+                    self.step("powernorm-train", argv, log, lambda: runner.train(argv, echo=lambda line: None))
+                finally:
+                    segments.append({"started": start, "wall_s": round(time.time() - t0, 1),
+                                     "threads": self.threads(), "commit": commit})
+                    self.save(train_segments=segments,
+                              train_wall_s=round(sum(s["wall_s"] for s in segments), 1),
+                              core_hours=self.core_hours(), **parse_log(log))
+                (self.dir / "train.done").write_text("")
+            parsed = parse_log(log)
+            if parsed.get("stopped_by") is None and parsed.get("last_epoch") and \
+                    self.args.campaign != "pilot":
+                parsed["stopped_by"] = f"epoch cap ({parsed['last_epoch']} epochs; not converged by the rule)"
+            self.save(status="evaluating", **parsed)
+            if "avg" in self.campaign.evaluations:
+                self.average(log)
+            for which in self.campaign.evaluations:
+                self.evaluate(which, log)
+            self.save(status="done", commit=git_commit(), core_hours=self.core_hours())
+            self.log("done")
+        finally:
+            self.lock.unlink(missing_ok=True)
+
+
+def significance(runs: list[Run]) -> None:
+    """Paired bootstrap (sacreBLEU, 1000 samples) of each norm's averaged model against LN's of the
+    same seed, on the test set, for the tokenized (paper) and the detokenized BLEU; stored in the
+    norm's record as ``paired_bootstrap``. Needs both runs done; skipped when already there."""
+    from powernorm_fairseq.analysis.stats import paired_bootstrap_bleu
+    from powernorm_fairseq.pipeline.common import read_lines
+    from powernorm_fairseq.pipeline.evaluate import RECIPES, load_prepared
+
+    by_key = {(r.corpus, r.norm, r.seed): r for r in runs}
+    for run in runs:
+        base = by_key.get((run.corpus, LN, run.seed))
+        if run.norm == LN or base is None or run.spec.metric != "bleu" or "paired_bootstrap" in run.record:
+            continue
+        if run.record.get("status") != "done" or base.record.get("status") != "done":
+            continue
+        _, prep = load_prepared(run.root / run.spec.prepared)
+        # the same casing as the evaluation's own BLEU (its recipe)
+        lower = not RECIPES[run.record["evaluations"]["avg"]["recipe"]]["case_sensitive"]
+        result = {"vs": f"{LN}_s{run.seed}", "checkpoint": "avg"}
+        for key, field, refs, tok in (("bleu_detok", "hypotheses", prep["references"]["detok"], "13a"),
+                                      ("bleu_tokenized", "hypotheses_tokenized", prep["references"]["tok"], "none")):
+            hyp = Path(run.record["evaluations"]["avg"].get(field, ""))
+            hyp_base = Path(base.record["evaluations"]["avg"].get(field, ""))
+            if not (hyp.is_file() and hyp_base.is_file()):
+                run.log(f"no {hyp.name} beside both evaluations: paired bootstrap of {key} skipped")
+                continue
+            result[key] = paired_bootstrap_bleu(read_lines(refs), read_lines(hyp_base), read_lines(hyp),
+                                                tokenize=tok, lowercase=lower)
+        if len(result) > 2:
+            run.save(paired_bootstrap=result)
+            run.log(f"paired bootstrap vs LN: p = {result.get('bleu_tokenized', {}).get('p_value')}")
+
+
+def write_status(args) -> None:
+    """Rewrite ``results/status.md``: every run of every campaign that has a record or is asked
+    for now, with its state, stopping epoch and core-hours; totals spent and estimated left."""
+    lines = ["# Run status", "",
+             "Written by `scripts/reproduce.py` after every step (and by `--status`). "
+             "Core-hours = wall time x threads of every training and evaluation segment.", ""]
+    for campaign in ("converged", "budget", "pilot"):
+        spec = CAMPAIGNS[campaign]
+        rows, spent, done_hours, todo = [], 0.0, {}, {}
+        for corpus in CORPORA:
+            names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")}
+            if campaign == args.campaign and corpus == args.corpus:
+                names |= {f"{n}_s{s}" for n in args.norms for s in args.seed_list}
+            for name in sorted(names, key=lambda n: (NORMS.index(n.split("_s")[0]) if n.split("_s")[0] in NORMS
+                                                     else 99, int(n.split("_s")[1]))):
+                norm, seed = name.split("_s")
+                ns = argparse.Namespace(**{**vars(args), "campaign": campaign})
+                run = Run(corpus, norm, int(seed), ns)
+                state = run.state()
+                rec = run.progress(state)
+                hours = run.core_hours(rec)
+                spent += hours
+                if state == "done":
+                    done_hours.setdefault(corpus, []).append(hours)
+                else:
+                    todo[corpus] = todo.get(corpus, 0) + 1
+                rows.append(f"| {corpus} | {name} | {state} | {rec.get('last_epoch', '-')} | "
+                            f"{rec.get('best_epoch', '-')} | {rec.get('stopped_by') or '-'} | {hours:.2f} |")
+        if not rows:
+            continue
+        left = []
+        for corpus, n in todo.items():
+            per = done_hours.get(corpus)
+            left.append(f"{corpus}: {n} run(s) not done, about {n * sum(per) / len(per):.1f} core-hours at the "
+                        f"mean of its {len(per)} done run(s)" if per else
+                        f"{corpus}: {n} run(s) not done (no done run yet to estimate from)")
+        lines += [f"## Campaign `{campaign}`", "",
+                  "| corpus | run | state | last epoch | best epoch | stopped by | core-hours |",
+                  "|---|---|---|---|---|---|---|", *rows, "",
+                  f"Spent: {spent:.2f} core-hours. Left: " + ("; ".join(left) or "nothing") + ".", ""]
+    lines.append(f"Last written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
+    atomic_write_text(project_root(args) / "results" / "status.md", "\n".join(lines) + "\n")
+
+
+def project_root(args) -> Path:
+    """The project directory of ``args.root`` (default the current one), absolute: the commands
+    and records name absolute paths, as they did when the root was the script's checkout."""
+    return Path(os.path.abspath(getattr(args, "root", None) or "."))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="reproduce", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("corpus", choices=sorted(CORPORA))
+    p.add_argument("--campaign", choices=sorted(CAMPAIGNS), default="converged",
+                   help="converged (default): to convergence, 3 evaluations; budget: the sizing run; "
+                   "pilot: the earlier short fixed budgets")
+    p.add_argument("--norms", default=",".join(NORMS),
+                   help="comma list; each names a preset configs/<prefix>_<norm>.yaml (prefix: "
+                   "multi30k, ptb_cpu_tensorized; the pilot's PTB runs used ptb_cpu)")
+    p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
+    p.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0 = inherit)")
+    p.add_argument("--override", nargs="*", default=[], help="extra hydra overrides for training")
+    p.add_argument("--track-norm-stats", action="store_true",
+                   help="also record the norm statistics of the first encoder norm (Figs. 2-4) in "
+                   "runs/<campaign>/<corpus>/<run>/norm_stats.csv; tracking does not change training")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: refresh the records from the training logs")
+    p.add_argument("--status", action="store_true", help="train nothing: rewrite results/status.md")
+    p.add_argument("--root", default=".",
+                   help="the project directory: data/<corpus> (prepared), runs/ and results/ "
+                   "(default: the current directory)")
+    args = p.parse_args(argv)
+    args.norms = args.norms.split(",")
+    args.seed_list = [int(s) for s in args.seeds.split(",")]
+    prefix = CAMPAIGNS[args.campaign].prefix(args.corpus)
+    unknown = [n for n in args.norms if not (config_dir() / f"{prefix}_{n}.yaml").exists()]
+    if unknown:
+        raise SystemExit(f"--norms: no preset {config_dir()}/{prefix}_<norm>.yaml for "
+                         f"{', '.join(unknown)} (choose from {', '.join(NORMS)})")
+    if args.threads:  # every stage's children inherit it (pipeline.common.subprocess_env)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    runs = [Run(args.corpus, norm, seed, args) for seed in args.seed_list for norm in args.norms]
+    if args.status:
+        write_status(args)
+        return
+    if args.collect:
+        for run in runs:
+            run.collect()
+        write_status(args)
+        return
+    write_status(args)
+    failed = []
+
+    def job(run: Run) -> None:
+        try:
+            run.run()
+        except Exception as e:  # one failed run must not stop the others; its record says so
+            run.save(status="failed", error=str(e))
+            run.log(f"FAILED: {e}")
+            failed.append(run.name)
+        finally:
+            write_status(args)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        list(pool.map(job, runs))
+    if CAMPAIGNS[args.campaign].significance:
+        significance(runs)
+    write_status(args)
+    if failed:
+        raise SystemExit(f"failed runs: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
