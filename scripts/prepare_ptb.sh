@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Penn Treebank (Mikolov's 10k-vocabulary version) for language modelling: fetch (or --from DIR, e.g. ../shared/data/ptb), binarize into data/ptb/.
-# Thin wrapper: the logic (and --help) is in powernorm_fairseq/pipeline/prepare.py.
+# Thin wrapper: the logic (and --help) is in powernorm_fairseq/pipeline/prepare/.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"

@@ -8,6 +8,7 @@ import pytest
 
 from powernorm_fairseq import synthetic
 from powernorm_fairseq.pipeline import prepare
+from powernorm_fairseq.pipeline.prepare import iwslt14, ptb, steps
 from powernorm_fairseq.pipeline.train import check_data_dir
 
 
@@ -88,14 +89,14 @@ def test_failed_download_names_url_and_from(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_prepare("ptb", "--out", str(tmp_path / "out"))
     msg = str(e.value)
-    assert prepare.PTB_URL.format("train") in msg and "--from DIR" in msg
+    assert ptb.PTB_URL.format("train") in msg and "--from DIR" in msg
 
 
 def test_clean_drops_pairs_with_an_empty_side_on_both_sides(tmp_path):
     corpus = prepare.CORPORA["synthetic"]
     raw, out = tmp_path / "raw", tmp_path / "clean"
     write_corpus(raw, {s: (["a b", "", "c d", "e"], ["x", "y", "  ", "z"]) for s in prepare.SPLITS})
-    dropped = prepare.step_clean(corpus, raw, out)
+    dropped = steps.step_clean(corpus, raw, out)
     assert dropped == {"train": 2, "valid": 2, "test": 2}
     assert (out / "train.src").read_text() == "a b\ne\n"
     assert (out / "train.tgt").read_text() == "x\nz\n"
@@ -170,12 +171,12 @@ def test_iwslt14_extraction_from_the_release_layout(tmp_path):
 
         for lang in ("de", "en"):
             add(f"train.tags.de-en.{lang}", train[lang])
-            for i, stem in enumerate(prepare.IWSLT14_TEST):
+            for i, stem in enumerate(iwslt14.IWSLT14_TEST):
                 add(f"{stem}.de-en.{lang}.xml",
                     f'<doc>\n<seg id="1"> {lang} {i} it\u2019s </seg>\n</doc>\n')
     args = argparse.Namespace(from_dir=str(tmp_path), no_verify=True, download_dir=str(tmp_path))
     raw = tmp_path / "raw"
-    prepare.fetch_iwslt14(args, raw)
+    iwslt14.fetch_iwslt14(args, raw)
     assert (raw / "train.de").read_text() == "Titel\nHallo Welt .\n"
     assert (raw / "train.en").read_text() == "Title\nHello world .\n"
     assert (raw / "test.en").read_text().splitlines() == [f"en {i} it's" for i in range(5)]
@@ -192,7 +193,7 @@ def test_train_filter_and_valid_split(tmp_path):
     write(tok / "train.en", tgt)
     write(tok / "test.de", ["t"])
     write(tok / "test.en", ["t"])
-    info = prepare.step_filter_train(corpus, tok, out)
+    info = steps.step_filter_train(corpus, tok, out)
     assert info == {"length_ratio_filtered": 1}
     valid = (out / "valid.de").read_text().splitlines()
     assert valid == ["w22 x", "w45 x"]  # every 23rd kept pair

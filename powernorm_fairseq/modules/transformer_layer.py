@@ -1,19 +1,20 @@
 """fairseq transformer layers whose norms are built by a hook and receive the padding mask.
 
 fairseq's layers create ``LayerNorm`` inline and call it as ``norm(x)``. Batch-statistics norms
-(BatchNorm, PN-V, PowerNorm) must exclude pads from their statistics, so every norm here is called
-as ``norm(x, padding_mask)``. The subclasses keep fairseq's attribute names
-(``self_attn_layer_norm``, ``encoder_attn_layer_norm``, ``final_layer_norm``) so that checkpoints
-stay legible and a LayerNorm checkpoint of fairseq's own ``transformer`` loads unchanged.
+(BatchNorm, PN-V, PowerNorm) must exclude pads from their statistics, so each norm here carries a
+hook that hands it the layer's padding mask (:mod:`~powernorm_fairseq.modules.padding_mask`), and
+``forward`` is fairseq's own, run with that mask set. The subclasses keep fairseq's attribute
+names (``self_attn_layer_norm``, ``encoder_attn_layer_norm``, ``final_layer_norm``) so that
+checkpoints stay legible and a LayerNorm checkpoint of fairseq's own ``transformer`` loads
+unchanged.
 
-The forward passes are fairseq's, re-stated with the mask passed to the norms; fairseq's optional
-NormFormer extras (``scale_attn``, ``scale_heads``, ``scale_fc``, ``scale_resids``) and
-``cross_self_attention`` are rejected at construction instead of being carried along untested.
+fairseq's optional NormFormer extras (``scale_attn``, ``scale_heads``, ``scale_fc``,
+``scale_resids``) and ``cross_self_attention`` are rejected at construction instead of being
+carried along untested: their extra LayerNorms would get no padding mask.
 """
 
 from __future__ import annotations
 
-import torch
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from .multilinear_attention import build_multilinear_attention
 from .norm_factory import build_site_norm
+from .padding_mask import attach_padding_mask, padding_mask_for_norms
 
 _UNSUPPORTED_DECODER_OPTIONS = (
     "cross_self_attention",
@@ -30,13 +32,6 @@ _UNSUPPORTED_DECODER_OPTIONS = (
     "scale_fc",
     "scale_resids",
 )
-
-
-def _fill_attn_mask(attn_mask: Tensor | None, x: Tensor) -> Tensor | None:
-    # As fairseq: a large negative number, not -inf, so a fully masked row cannot produce NaN.
-    if attn_mask is None:
-        return None
-    return attn_mask.masked_fill(attn_mask.to(torch.bool), -1e8 if x.dtype == torch.float32 else -1e4)
 
 
 class TransformerPNEncoderLayer(TransformerEncoderLayerBase):
@@ -59,8 +54,9 @@ class TransformerPNEncoderLayer(TransformerEncoderLayerBase):
         self.final_layer_norm = self.build_norm(cfg, "ffn")
 
     def build_norm(self, cfg, site: str) -> nn.Module:
-        """The norm of ``site`` (``self_attn`` or ``ffn``) of this layer."""
-        return build_site_norm(cfg, "encoder", site, self.embed_dim, cfg.encoder.attention_heads)
+        """The norm of ``site`` (``self_attn`` or ``ffn``) of this layer, fed the padding mask."""
+        norm = build_site_norm(cfg, "encoder", site, self.embed_dim, cfg.encoder.attention_heads)
+        return attach_padding_mask(norm)
 
     def forward(
         self,
@@ -68,42 +64,15 @@ class TransformerPNEncoderLayer(TransformerEncoderLayerBase):
         encoder_padding_mask: Tensor | None,
         attn_mask: Tensor | None = None,
     ):
-        """Self-attention and FFN blocks, each ``x + dropout(block(norm(x)))`` in pre-norm.
+        """fairseq's self-attention and FFN blocks, both norms receiving ``encoder_padding_mask``.
 
         Args:
             x: ``(T, B, C)``.
             encoder_padding_mask: ``(B, T)``, True = pad, or None when the batch has no pad.
             attn_mask: ``(T, T)`` positions not to attend to (nonzero = masked), or None.
         """
-        attn_mask = _fill_attn_mask(attn_mask, x)
-
-        residual = x
-        if self.normalize_before:
-            x = self.self_attn_layer_norm(x, encoder_padding_mask)
-        x, _ = self.self_attn(
-            query=x,
-            key=x,
-            value=x,
-            key_padding_mask=encoder_padding_mask,
-            need_weights=False,
-            attn_mask=attn_mask,
-        )
-        x = self.residual_connection(self.dropout_module(x), residual)
-        if not self.normalize_before:
-            x = self.self_attn_layer_norm(x, encoder_padding_mask)
-
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x, encoder_padding_mask)
-        x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
-        fc_result = x = self.fc2(x)
-        x = self.residual_connection(self.dropout_module(x), residual)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x, encoder_padding_mask)
-
-        if self.return_fc and not torch.jit.is_scripting():
-            return x, fc_result
-        return x
+        with padding_mask_for_norms(encoder_padding_mask):
+            return super().forward(x, encoder_padding_mask, attn_mask)
 
 
 class TransformerPNDecoderLayer(TransformerDecoderLayerBase):
@@ -140,8 +109,10 @@ class TransformerPNDecoderLayer(TransformerDecoderLayerBase):
         self.final_layer_norm = self.build_norm(cfg, "ffn")
 
     def build_norm(self, cfg, site: str) -> nn.Module:
-        """The norm of ``site`` (``self_attn``, ``cross_attn`` or ``ffn``) of this layer."""
-        return build_site_norm(cfg, "decoder", site, self.embed_dim, cfg.decoder.attention_heads)
+        """The norm of ``site`` (``self_attn``, ``cross_attn`` or ``ffn``) of this layer, fed the
+        padding mask."""
+        norm = build_site_norm(cfg, "decoder", site, self.embed_dim, cfg.decoder.attention_heads)
+        return attach_padding_mask(norm)
 
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
         """fairseq's multi-head attention, or multi-linear attention for
@@ -166,67 +137,23 @@ class TransformerPNDecoderLayer(TransformerDecoderLayerBase):
         need_attn: bool = False,
         need_head_weights: bool = False,
     ):
-        """Self-attention, encoder attention and FFN blocks (fairseq's arguments and outputs).
+        """fairseq's self-attention, encoder attention and FFN blocks (its arguments and outputs),
+        every norm receiving ``self_attn_padding_mask``.
 
         Returns:
             ``(x, attn, None)``: the output ``(T, B, C)`` and the encoder-attention weights when
             requested (averaged over heads unless ``need_head_weights``).
         """
-        if need_head_weights:
-            need_attn = True
-
-        residual = x
-        if self.normalize_before:
-            x = self.self_attn_layer_norm(x, self_attn_padding_mask)
-        if prev_self_attn_state is not None:
-            self.self_attn._set_input_buffer(incremental_state, _saved_state(prev_self_attn_state))
-        x, attn = self.self_attn(
-            query=x,
-            key=x,
-            value=x,
-            key_padding_mask=self_attn_padding_mask,
-            incremental_state=incremental_state,
-            need_weights=False,
-            attn_mask=self_attn_mask,
-        )
-        x = self.residual_connection(self.dropout_module(x), residual)
-        if not self.normalize_before:
-            x = self.self_attn_layer_norm(x, self_attn_padding_mask)
-
-        if self.encoder_attn is not None and encoder_out is not None:
-            residual = x
-            if self.normalize_before:
-                x = self.encoder_attn_layer_norm(x, self_attn_padding_mask)
-            if prev_attn_state is not None:
-                self.encoder_attn._set_input_buffer(incremental_state, _saved_state(prev_attn_state))
-            x, attn = self.encoder_attn(
-                query=x,
-                key=encoder_out,
-                value=encoder_out,
-                key_padding_mask=encoder_padding_mask,
-                incremental_state=incremental_state,
-                static_kv=True,
-                need_weights=need_attn or (not self.training and self.need_attn),
-                need_head_weights=need_head_weights,
+        with padding_mask_for_norms(self_attn_padding_mask):
+            return super().forward(
+                x,
+                encoder_out,
+                encoder_padding_mask,
+                incremental_state,
+                prev_self_attn_state,
+                prev_attn_state,
+                self_attn_mask,
+                self_attn_padding_mask,
+                need_attn,
+                need_head_weights,
             )
-            x = self.residual_connection(self.dropout_module(x), residual)
-            if not self.normalize_before:
-                x = self.encoder_attn_layer_norm(x, self_attn_padding_mask)
-
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x, self_attn_padding_mask)
-        x = self.activation_dropout_module(self.activation_fn(self.fc1(x)))
-        x = self.fc2(x)
-        x = self.residual_connection(self.dropout_module(x), residual)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x, self_attn_padding_mask)
-        return x, attn, None
-
-
-def _saved_state(prev_state: list[Tensor]) -> dict[str, Tensor | None]:
-    """fairseq's cached attention state ``[key, value(, key_padding_mask)]`` as a dict."""
-    saved: dict[str, Tensor | None] = {"prev_key": prev_state[0], "prev_value": prev_state[1]}
-    if len(prev_state) >= 3:
-        saved["prev_key_padding_mask"] = prev_state[2]
-    return saved
