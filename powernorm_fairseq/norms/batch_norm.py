@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -93,15 +91,46 @@ def batch_moments(x2d: Tensor, keep: Tensor | None, scratch: Tensor, *, center: 
     return None, s2 / count.clamp(min=1), count[0]
 
 
+def update_nu_(nu: Tensor, weight: Tensor, rstd: Tensor, gamma: Tensor, count: Tensor,
+               masked_sum_gyx: Tensor, alpha_bkw: float, safeguard: bool) -> None:
+    r"""Advance PN's backward statistic ``nu`` in place (Algorithm 2, with the safeguard).
+
+    .. math::
+        \Lambda = \frac{w\, r}{n} \sum_j k_j \frac{\partial L}{\partial y_j} x_j, \quad
+        \nu \leftarrow \nu + (1 - \alpha_{bkw}) (\Lambda - \nu\, \Gamma)
+
+    with ``w`` the weight, ``r`` the forward's ``rstd`` and ``Gamma = gamma = psi_B^2 r^2``. With
+    ``safeguard`` the step is scaled by ``1 / ((1 - alpha_bkw) Gamma)`` in the channels where that
+    is ``>= 2`` (the recurrence would not contract there). Skipped for a batch without real
+    tokens or a non-finite step.
+
+    A backward cannot return a statistic to the module, so it writes into the buffer it was
+    given (as ``F.batch_norm`` writes the running statistics it is given).
+
+    Shape: nu, weight, rstd, gamma, masked_sum_gyx ``(C,)``; count ``()``.
+    """
+    one_minus_a = 1.0 - alpha_bkw
+    with torch.no_grad():
+        nu_c = nu.to(gamma.dtype)
+        lam = weight * rstd * masked_sum_gyx / count.clamp(min=1)
+        step = one_minus_a * (lam - nu_c * gamma)
+        if safeguard:  # only where the recurrence would not contract
+            w = one_minus_a * gamma
+            step = step * torch.where(w >= 2, 1.0 / w, torch.ones_like(w))
+        ok = (count > 0) & torch.isfinite(step)
+        nu.copy_(torch.where(ok, nu_c + step, nu_c).to(nu.dtype))
+
+
 class BatchStatNormFunction(torch.autograd.Function):
     r"""``y = (x - mean) * rstd * weight + bias`` with batch statistics and their exact gradient.
 
     The forward computes ``mean`` (only with ``center``; PN-V has none) and ``var`` over the
-    ``count`` real tokens (:func:`batch_moments`), ``rstd = 1/sqrt(var + eps)``, then calls
-    ``on_stats(mean, var, count, rstd)`` (the module updates its running buffers there and may
-    return a backward hook) and writes ``y`` into the statistics' scratch buffer. Pads are
-    normalized too but do not enter the statistics. With ``g = weight * dL/dy`` and
-    ``x_hat = (x - mean) * rstd`` the exact input gradient is
+    ``count`` real tokens (:func:`batch_moments`), ``rstd = 1/sqrt(var + eps)``, and writes ``y``
+    into the statistics' scratch buffer. It returns ``(y, mean, var, count)`` with ``center``,
+    else ``(y, var, count)``: the batch statistics, which the module folds into its running
+    buffers (the Function reads and writes no module state). Pads are normalized too but do not
+    enter the statistics. With ``g = weight * dL/dy`` and ``x_hat = (x - mean) * rstd`` the exact
+    input gradient is
 
     .. math::
         \frac{\partial L}{\partial x_j} = r\,g_j - k_j \frac{r}{n}
@@ -111,41 +140,48 @@ class BatchStatNormFunction(torch.autograd.Function):
     outputs also depend on the statistics). With ``sync`` the correction sums are all-reduced in
     one collective; parameter gradients stay local (DDP reduces them).
 
-    The backward hook, if any, is called with the (synced) masked sum
-    ``sum_j k_j dL/dy_j x_j`` ``(C,)``, so PN can track its backward statistic during warmup.
+    ``nu`` (PN's warmup, without ``center``): the backward also computes the (synced) masked sum
+    ``sum_j k_j dL/dy_j x_j`` ``(C,)`` and advances ``nu`` in place with :func:`update_nu_`
+    (``alpha_bkw``, ``safeguard``), so PN's backward statistic is warm when PN takes over.
 
     Shape: x ``(N, C)``; weight, bias ``(C,)``; shift ``(C,)`` or None (see
-    :func:`batch_moments`); keep ``(N,)`` or None.
+    :func:`batch_moments`); keep ``(N,)`` or None; nu ``(C,)`` or None. Returned mean, var
+    ``(C,)``, count ``()``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, center, shift, eps, sync, process_group,
-                on_stats: Callable):
+                nu=None, alpha_bkw=0.0, safeguard=False):
         y = torch.empty_like(x)
         mean, var, count = batch_moments(x, keep, y, center=center, shift=shift, sync=sync,
                                          process_group=process_group)
         rstd = torch.rsqrt(var + eps)
-        ctx.backward_hook = on_stats(mean, var, count, rstd)
+        ctx.nu, ctx.alpha_bkw, ctx.safeguard = nu, alpha_bkw, safeguard
+        if nu is not None:
+            ctx.gamma = var * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
         ctx.sync, ctx.process_group = sync, process_group
         ctx.save_for_backward(x, weight, keep, mean, rstd, count)
         scale = rstd * weight
-        return torch.addcmul(bias if mean is None else bias - mean * scale, x, scale, out=y)
+        torch.addcmul(bias if mean is None else bias - mean * scale, x, scale, out=y)
+        stats = (var, count) if mean is None else (mean, var, count)
+        ctx.mark_non_differentiable(*stats)
+        return (y, *stats)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, *_stat_grads):
         x, weight, keep, mean, rstd, count = ctx.saved_tensors
-        hook = ctx.backward_hook
+        track_nu = ctx.nu is not None
         fast = fused.usable(x, grad_y, keep)
         if fast:  # the three sums in one read of grad_y and x
-            sum_gy, sum_gyx, masked_gyx = fused.bwd_sums(grad_y, x, keep, masked=hook is not None)
+            sum_gy, sum_gyx, masked_gyx = fused.bwd_sums(grad_y, x, keep, masked=track_nu)
         else:
             sum_gy = column_sum(grad_y, None)
             # scratch for the sums first, then the gradient
             grad_x = grad_times_x(grad_y, x, keep, torch.empty_like(x))
-            masked_gyx, sum_gyx = column_sums(grad_x, keep if hook is not None else None)
+            masked_gyx, sum_gyx = column_sums(grad_x, keep if track_nu else None)
         sums = [sum_gyx] if mean is None else [sum_gy, sum_gyx]
-        if hook is not None:
+        if track_nu:
             sums.append(masked_gyx)
         sums = maybe_all_reduce(sums, ctx.sync, ctx.process_group)
 
@@ -166,11 +202,12 @@ class BatchStatNormFunction(torch.autograd.Function):
             else:
                 correction = x * coef_x if coef_0 is None else torch.addcmul(coef_0, x, coef_x)
                 grad_x.sub_(zero_pads_(correction, keep))  # not * keep: a pad x may be inf
-        if hook is not None:
-            hook(sums[-1])
+        if track_nu:
+            update_nu_(ctx.nu, weight, rstd, ctx.gamma, count, sums[-1], ctx.alpha_bkw,
+                       ctx.safeguard)
         need = ctx.needs_input_grad
         return (grad_x, local_gyxhat if need[1] else None, sum_gy if need[2] else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 class MaskedBatchNorm(MaskedNorm):
@@ -250,10 +287,13 @@ class MaskedBatchNorm(MaskedNorm):
         if not self.training:
             scale = weight * torch.rsqrt(self.running_var.to(x2d.dtype) + self.eps)
             return torch.addcmul(bias - self.running_mean.to(x2d.dtype) * scale, x2d, scale)
-        return BatchStatNormFunction.apply(x2d, weight, bias, keep, True, None, self.eps,
-                                           self._sync(), self.process_group, self._update_running)
+        y, mean, var, count = BatchStatNormFunction.apply(
+            x2d, weight, bias, keep, True, None, self.eps, self._sync(), self.process_group)
+        self._update_running(mean, var, count)
+        return y
 
-    def _update_running(self, mean: Tensor, var: Tensor, count: Tensor, rstd: Tensor) -> None:
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
         """EMA of mean and unbiased variance; unchanged for a batch without real tokens."""
         has = count > 0
         unbiased = var * (count / (count - 1).clamp(min=1))

@@ -8,6 +8,7 @@ the batch, ``x_hat`` the normalized input, ``g = weight * dL/dy``,
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -15,7 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from . import fused
 from .base import MaskedNorm
-from .batch_norm import PRESCALE_EPS, BatchStatNormFunction
+from .batch_norm import PRESCALE_EPS, BatchStatNormFunction, update_nu_
 from .distributed import maybe_all_reduce
 from .functional import (
     column_sum,
@@ -98,10 +99,13 @@ class PowerNormV(MaskedNorm):
         if not self.training:
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(
                 self.running_psi2.to(x2d.dtype) + self.eps))
-        return BatchStatNormFunction.apply(x2d, weight, bias, keep, False, None, self.eps,
-                                           self._sync(), self.process_group, self._update_running)
+        y, psi2_b, count = BatchStatNormFunction.apply(
+            x2d, weight, bias, keep, False, None, self.eps, self._sync(), self.process_group)
+        self._update_running(psi2_b, count)
+        return y
 
-    def _update_running(self, mean, psi2_b: Tensor, count: Tensor, rstd: Tensor) -> None:
+    @torch.no_grad()
+    def _update_running(self, psi2_b: Tensor, count: Tensor) -> None:
         """EMA of psi^2; skipped for a batch without real tokens or a non-finite statistic."""
         ok = (count > 0) & torch.isfinite(psi2_b)
         psi2 = self.running_psi2
@@ -112,8 +116,8 @@ class RunningPowerFunction(torch.autograd.Function):
     r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``.
 
     The forward also computes the batch ``psi_B^2`` over the real tokens (all-reduced when
-    ``sync``) and hands it to ``on_stats(None, psi2_b, count, rstd)``, which updates the running
-    statistic and returns the backward hook. Backward with ``nu_{t-1}`` = the ``nu`` buffer at
+    ``sync``) and returns ``(y, psi2_b, count)``; the module folds ``psi2_b`` into its running
+    statistic. Backward with ``nu_{t-1}`` = the ``nu`` tensor given (the module's buffer) at
     backward time:
 
     .. math::
@@ -125,14 +129,16 @@ class RunningPowerFunction(torch.autograd.Function):
     computed as ``grad_x = dL/dy * (weight r) - k * x * (nu r^2)`` with ``k`` = 1 for real tokens
     and 0 for pads: the ``nu`` correction stands for the gradient through the statistic, which
     pads do not enter, so a pad's input gradient is its own ``dL/dy * weight * r`` (exactly 0 when
-    the loss does not depend on the pad's output). The hook then receives the masked
-    sum ``sum_j k_j dL/dy_j x_j`` ``(C,)`` (all-reduced when ``sync``) and updates ``nu``.
+    the loss does not depend on the pad's output). The masked sum ``sum_j k_j dL/dy_j x_j``
+    ``(C,)`` (all-reduced when ``sync``) then advances ``nu`` in place
+    (:func:`~powernorm_fairseq.norms.batch_norm.update_nu_` with ``alpha_bkw``, ``safeguard``).
 
-    Shape: x ``(N, C)``; weight, bias, rstd, nu ``(C,)``; keep ``(N,)`` or None.
+    Shape: x ``(N, C)``; weight, bias, rstd, nu ``(C,)``; keep ``(N,)`` or None. Returned
+    psi2_b ``(C,)``, count ``()``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, on_stats):
+    def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, alpha_bkw, safeguard):
         count = token_count(x, keep).reshape(1)
         if fused.usable(x, keep, weight, bias, rstd):  # output and statistic in one pass
             y, sum_sq, _ = fused.affine_colstats(x, keep, rstd * weight, bias)
@@ -142,15 +148,18 @@ class RunningPowerFunction(torch.autograd.Function):
             torch.addcmul(bias, x, rstd * weight, out=y)
         sum_sq, count = maybe_all_reduce([sum_sq, count], sync, process_group)
         count = count[0]
-        ctx.backward_hook = on_stats(None, sum_sq / count.clamp(min=1), count, rstd)
-        ctx.save_for_backward(x, weight, keep, rstd)
+        psi2_b = sum_sq / count.clamp(min=1)
+        ctx.gamma = psi2_b * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
+        ctx.save_for_backward(x, weight, keep, rstd, count)
         ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
-        return y
+        ctx.alpha_bkw, ctx.safeguard = alpha_bkw, safeguard
+        ctx.mark_non_differentiable(psi2_b, count)
+        return y, psi2_b, count
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, keep, rstd = ctx.saved_tensors
+    def backward(ctx, grad_y, *_stat_grads):
+        x, weight, keep, rstd, count = ctx.saved_tensors
         coef_x = ctx.nu.to(x.dtype) * rstd * rstd
         if fused.usable(x, grad_y, keep, weight):  # gradient and its sums in one pass
             grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
@@ -165,10 +174,12 @@ class RunningPowerFunction(torch.autograd.Function):
             else:  # pads get no correction (their loss gradient is 0; x there may be non-finite)
                 grad_x.sub_(zero_pads_(x * coef_x, keep))
             sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
-        ctx.backward_hook(maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0])
+        update_nu_(ctx.nu, weight, rstd, ctx.gamma, count,
+                   maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0],
+                   ctx.alpha_bkw, ctx.safeguard)
         need = ctx.needs_input_grad
         return (grad_x, rstd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class PowerNormPaper(MaskedNorm):
@@ -283,23 +294,6 @@ class PowerNormPaper(MaskedNorm):
         super()._load_from_state_dict(*args, **kwargs)
         self._num_updates_host = int(self.num_updates[0])
 
-    def _nu_hook(self, weight: Tensor, rstd: Tensor, gamma: Tensor, count: Tensor):
-        """Backward hook updating ``nu`` from ``sum_j k_j dL/dy_j x_j`` (see class docstring)."""
-        one_minus_a = 1.0 - self.alpha_bkw
-
-        def update(masked_sum_gyx: Tensor) -> None:
-            with torch.no_grad():
-                nu = self.nu.to(gamma.dtype)
-                lam = weight * rstd * masked_sum_gyx / count.clamp(min=1)
-                step = one_minus_a * (lam - nu * gamma)
-                if self.safeguard:  # only where the recurrence would not contract
-                    w = one_minus_a * gamma
-                    step = step * torch.where(w >= 2, 1.0 / w, torch.ones_like(w))
-                ok = (count > 0) & torch.isfinite(step)
-                self.nu.copy_(torch.where(ok, nu + step, nu).to(self.nu.dtype))
-
-        return update
-
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
         if self.group_num:
             x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
@@ -308,66 +302,106 @@ class PowerNormPaper(MaskedNorm):
         if not self.training:
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(psi2 + self.eps))
         sync = self._sync()
-        on_stats = self._on_stats(weight.detach())
         if self._num_updates_host < self.warmup_updates:
-            return BatchStatNormFunction.apply(x2d, weight, bias, keep, False, None, self.eps,
-                                               sync, self.process_group, on_stats)
-        return RunningPowerFunction.apply(x2d, weight, bias, keep, torch.rsqrt(psi2 + self.eps),
-                                          self.nu, sync, self.process_group, on_stats)
+            y, psi2_b, count = BatchStatNormFunction.apply(
+                x2d, weight, bias, keep, False, None, self.eps, sync, self.process_group,
+                self.nu, self.alpha_bkw, self.safeguard)
+        else:
+            y, psi2_b, count = RunningPowerFunction.apply(
+                x2d, weight, bias, keep, torch.rsqrt(psi2 + self.eps), self.nu, sync,
+                self.process_group, self.alpha_bkw, self.safeguard)
+        self._update_running(psi2_b, count)
+        return y
 
-    def _on_stats(self, weight: Tensor):
-        """Forward-statistics callback: update ``psi^2`` by the EMA (skipping empty batches and
-        non-finite statistics) and return the backward hook that updates ``nu``."""
-
-        def update(mean, psi2_b: Tensor, count: Tensor, rstd: Tensor):
-            psi2 = self.running_psi2
-            ok = (count > 0) & torch.isfinite(psi2_b)
-            new = self.alpha_fwd * psi2 + (1.0 - self.alpha_fwd) * psi2_b.to(psi2.dtype)
-            psi2.copy_(torch.where(ok, new, psi2))
-            return self._nu_hook(weight, rstd, psi2_b * rstd * rstd, count)
-
-        return update
+    @torch.no_grad()
+    def _update_running(self, psi2_b: Tensor, count: Tensor) -> None:
+        """EMA of ``psi^2``; skipped for a batch without real tokens or a non-finite statistic."""
+        psi2 = self.running_psi2
+        ok = (count > 0) & torch.isfinite(psi2_b)
+        new = self.alpha_fwd * psi2 + (1.0 - self.alpha_fwd) * psi2_b.to(psi2.dtype)
+        psi2.copy_(torch.where(ok, new, psi2))
 
 
-def _reference_step(x, keep, sum_sq, sum_sq_all, module, sync):
-    """The released forward statistics step from the column sums of the (scaled) input squared
-    over the real tokens (``sum_sq``) and over all positions (``sum_sq_all``), all-reduced with
-    the counts when ``sync``; advances ``module``'s ``iters`` and ``running_phi``. Returns
-    ``(rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)``."""
+class ReferenceConfig(NamedTuple):
+    """The hyperparameters of one released PN step (see :class:`PowerNormReference`)."""
+
+    eps: float
+    alpha_fwd: float
+    alpha_bkw: float
+    warmup_updates: int
+    group_num: int
+
+
+def reference_running_step(phi: Tensor, iters: Tensor, psi2_b: Tensor, count: Tensor,
+                           cfg: ReferenceConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""One released forward statistics step (D1, D3), as tensor ops (no host sync).
+
+    With ``t = iters + 1``: ``rstd_bwd = 1/sqrt(psi_B^2 + eps)``, ``rstd_fwd = rstd_bwd`` while
+    ``t <= warmup_updates``, else ``1/sqrt(phi + eps)``; the new running statistic is
+    ``alpha_fwd phi' + (1 - alpha_fwd) psi_B^2`` with ``phi' = phi (t-1)/t + psi_B^2/t`` while
+    ``t < warmup_updates``, else ``phi' = phi`` (unchanged for a batch without real tokens).
+
+    Shape: phi, psi2_b ``(C,)``; iters ``(1,)`` long; count ``()``.
+
+    Returns:
+        ``(rstd_fwd, rstd_bwd, new_phi, new_iters)``: the divisors ``(C,)`` in ``psi2_b``'s dtype
+        and the advanced ``phi`` (``phi``'s dtype) and ``iters``, for the module to store.
+    """
+    new_iters = iters + 1
+    phi_c = phi.to(psi2_b.dtype)
+    t = new_iters.to(psi2_b.dtype)
+    rstd_bwd = torch.rsqrt(psi2_b + cfg.eps)
+    rstd_fwd = torch.where(t <= cfg.warmup_updates, rstd_bwd, torch.rsqrt(phi_c + cfg.eps))
+    cumulative = torch.where(t < cfg.warmup_updates, phi_c * (t - 1) / t + psi2_b / t, phi_c)
+    new = cfg.alpha_fwd * cumulative + (1.0 - cfg.alpha_fwd) * psi2_b
+    new_phi = torch.where(count > 0, new, phi_c).to(phi.dtype)
+    return rstd_fwd, rstd_bwd, new_phi, new_iters
+
+
+def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, phi, iters, ema_gz,
+                             num_unstable, cfg, sync, process_group):
+    """The released forward statistics from the column sums of the (scaled) input squared over
+    the real tokens (``sum_sq``) and over all positions (``sum_sq_all``), all-reduced with the
+    counts when ``sync``. Keeps on ``ctx`` what the backward needs besides the saved tensors.
+    Returns ``(rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters)``."""
     count = token_count(x, keep).reshape(1)
     num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
     sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
-        [sum_sq, sum_sq_all, count, num_all], sync, module.process_group)
+        [sum_sq, sum_sq_all, count, num_all], sync, process_group)
     count, num_all = count[0], num_all[0]
-    rstd_fwd, rstd_bwd = module._step_statistics(sum_sq / count.clamp(min=1), count)
-    return rstd_fwd, rstd_bwd, sum_sq_all, num_all, count
+    rstd_fwd, rstd_bwd, new_phi, new_iters = reference_running_step(
+        phi, iters, sum_sq / count.clamp(min=1), count, cfg)
+    ctx.ema_gz, ctx.num_unstable, ctx.alpha_bkw = ema_gz, num_unstable, cfg.alpha_bkw
+    ctx.sync, ctx.process_group = sync, process_group
+    ctx.mark_non_differentiable(new_phi, new_iters)
+    return rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters
 
 
-def _ema_coef(module, rstd_fwd: Tensor, rstd_bwd: Tensor) -> Tensor:
+def _ema_coef(ema_gz: Tensor, alpha_bkw: float, rstd_fwd: Tensor, rstd_bwd: Tensor) -> Tensor:
     """The released backward's coefficient of ``x``: ``(1 - alpha_bkw) ema_gz rstd_fwd rstd_bwd``."""
-    ema = module.ema_gz.view(-1).to(rstd_fwd.dtype)
-    return (1.0 - module.alpha_bkw) * ema * rstd_fwd * rstd_bwd
+    ema = ema_gz.view(-1).to(rstd_fwd.dtype)
+    return (1.0 - alpha_bkw) * ema * rstd_fwd * rstd_bwd
 
 
 def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, sum_sq_all,
                                num_all, count):
     """Shared end of the released backward: the ``ema_gz`` update (mean over all positions, D5)
-    from ``sum_gyx = sum dL/dy * x`` (all-reduced when ``sync``; ``x`` the PN input), the
-    instability count, and the gradients to return."""
-    module = ctx.module
-    (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, module.process_group)
-    c = 1.0 - module.alpha_bkw
-    ema = module.ema_gz.view(-1)
+    from ``sum_gyx = sum dL/dy * x`` (all-reduced when ``sync``; ``x`` the PN input) and the
+    instability count, both in place in the buffers the forward was given (a backward cannot
+    return them to the module), and the gradients to return."""
+    (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, ctx.process_group)
+    c = 1.0 - ctx.alpha_bkw
+    ema = ctx.ema_gz.view(-1)
     ema_c = ema.to(total_gyx.dtype)
     n_all = num_all.clamp(min=1)
     gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
     new = ema_c + weight * rstd_fwd * total_gyx / n_all - c * ema_c * gamma_all
     ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
     unstable = (count > 0) & ((c * gamma_all >= 2).any() | ~torch.isfinite(new).all())
-    module.num_unstable.add_(unstable.to(module.num_unstable.dtype))
+    ctx.num_unstable.add_(unstable.to(ctx.num_unstable.dtype))
     need = ctx.needs_input_grad
     return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
-            None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 class ReferencePowerFunction(torch.autograd.Function):
@@ -384,36 +418,39 @@ class ReferencePowerFunction(torch.autograd.Function):
       non-finite, as in the released code; ``running_phi`` (real tokens only) stays clean.
       ``num_unstable += 1`` when ``c * mean(z^2) >= 2`` for some channel (the recurrence then
       amplifies ``E``; below 2 it contracts, as in the paper variant) or ``E`` became non-finite
-      (batches without real tokens are not counted); no safeguard otherwise.
+      (batches without real tokens are not counted); no safeguard otherwise. Both are updated
+      in place in the ``ema_gz`` and ``num_unstable`` tensors given.
     - ``dL/dweight = sum(dL/dy z)``, ``dL/dbias = sum(dL/dy)``.
 
     The forward computes ``psi_B^2`` over the real tokens and ``sum(x^2)`` over all positions
-    from one read of ``x^2`` (all-reduced with the counts when ``sync``) and asks
-    ``module._step_statistics`` for ``(rstd_fwd, rstd_bwd)``; that call advances ``iters`` and
-    ``running_phi`` (D1, D3).
+    from one read of ``x^2`` (all-reduced with the counts when ``sync``), takes the divisors
+    ``(rstd_fwd, rstd_bwd)`` from :func:`reference_running_step` on ``phi`` and ``iters``, and
+    returns ``(y, new_phi, new_iters)``; the module stores the last two (D1, D3).
 
-    Shape: x ``(N, C)``; weight, bias ``(C,)``; keep ``(N,)`` or None.
+    Shape: x ``(N, C)``; weight, bias, phi ``(C,)``; keep ``(N,)`` or None; iters,
+    num_unstable ``(1,)`` long; ema_gz ``C`` elements.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, module, sync):
+    def forward(ctx, x, weight, bias, keep, phi, iters, ema_gz, num_unstable, cfg, sync,
+                process_group):
         if fused.usable(x, keep):  # both sums from one read of x, no temporary
             _, sum_sq, sum_sq_all = fused.colstats(x, keep, s2all=True)
         else:  # pads enter sum_sq_all (D5), not sum_sq, also when they are inf or NaN
             sq = torch.mul(x, x)
             sum_sq_all = column_sum(sq, None)
             sum_sq = sum_sq_all if keep is None else column_sum(zero_pads_(sq, keep), None)
-        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = _reference_step(
-            x, keep, sum_sq, sum_sq_all, module, sync)
+        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters = \
+            _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, phi, iters, ema_gz,
+                                     num_unstable, cfg, sync, process_group)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
-        ctx.module, ctx.sync = module, sync
-        return torch.addcmul(bias, x, rstd_fwd * weight)
+        return torch.addcmul(bias, x, rstd_fwd * weight), new_phi, new_iters
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, *_stat_grads):
         x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
-        coef_x = _ema_coef(ctx.module, rstd_fwd, rstd_bwd)
+        coef_x = _ema_coef(ctx.ema_gz, ctx.alpha_bkw, rstd_fwd, rstd_bwd)
         if fused.usable(x, grad_y, weight):  # gradient and its sums in one pass
             grad_x, sum_gy, sum_gyx, _ = fused.bwd_apply(grad_y, x, weight * rstd_bwd, coef_x,
                                                          sums=True)
@@ -429,31 +466,33 @@ class ReferencePowerFunction(torch.autograd.Function):
 
 class ReferenceGroupPowerFunction(torch.autograd.Function):
     r""":class:`ReferencePowerFunction` applied to the group-RMS-scaled input
-    ``z = x * r``, ``r = 1/sqrt(mean_group(x^2) + 1e-5)`` per token and group, as one Function
-    on the fused CPU kernels (``fused.grms_*``): ``z`` is never stored (recomputed from ``x`` and
-    ``r`` in the backward), forward and backward take two and one passes over ``(N, C)``. Same
-    arithmetic as ``ReferencePowerFunction.apply(group_rms_scale(x), ...)``, which is the path
-    wherever the kernels are unavailable.
+    ``z = x * r``, ``r = 1/sqrt(mean_group(x^2) + 1e-5)`` per token and ``cfg.group_num``
+    groups, as one Function on the fused CPU kernels (``fused.grms_*``): ``z`` is never stored
+    (recomputed from ``x`` and ``r`` in the backward), forward and backward take two and one
+    passes over ``(N, C)``. Same arithmetic, arguments and outputs as
+    ``ReferencePowerFunction.apply(group_rms_scale(x), ...)``, which is the path wherever the
+    kernels are unavailable.
 
-    Shape: x ``(N, C)``; weight, bias ``(C,)``; keep ``(N,)`` or None.
+    Shape: as :class:`ReferencePowerFunction`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, module, sync):
-        rstd_g, sum_sq, sum_sq_all = fused.grms_colstats(x, keep, module.group_num,
-                                                         PRESCALE_EPS)
-        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = _reference_step(
-            x, keep, sum_sq, sum_sq_all, module, sync)
+    def forward(ctx, x, weight, bias, keep, phi, iters, ema_gz, num_unstable, cfg, sync,
+                process_group):
+        rstd_g, sum_sq, sum_sq_all = fused.grms_colstats(x, keep, cfg.group_num, PRESCALE_EPS)
+        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters = \
+            _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, phi, iters, ema_gz,
+                                     num_unstable, cfg, sync, process_group)
         ctx.save_for_backward(x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
-        ctx.module, ctx.sync = module, sync
-        return fused.grms_affine(x, rstd_g, rstd_fwd * weight, bias)
+        return fused.grms_affine(x, rstd_g, rstd_fwd * weight, bias), new_phi, new_iters
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, *_stat_grads):
         x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
+        coef_x = _ema_coef(ctx.ema_gz, ctx.alpha_bkw, rstd_fwd, rstd_bwd)
         grad_x, sum_gy, sum_gyz = fused.grms_backward(grad_y, x, rstd_g, weight * rstd_bwd,
-                                                      _ema_coef(ctx.module, rstd_fwd, rstd_bwd))
+                                                      coef_x)
         return _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyz, weight, rstd_fwd,
                                           sum_sq_all, num_all, count)
 
@@ -589,29 +628,27 @@ class PowerNormReference(MaskedNorm):
             self._calls_since_check += 1
             if self._calls_since_check >= self.check_every:
                 self.check_stability()
+            function = ReferencePowerFunction
             if self.group_num and fused.usable(x2d, keep, weight, bias):
-                return ReferenceGroupPowerFunction.apply(x2d, weight, bias, keep, self,
-                                                         self._sync())
+                function = ReferenceGroupPowerFunction  # scales by groups itself
+            elif self.group_num:
+                x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
+            phi = self.running_phi.view(-1)
+            y, new_phi, new_iters = function.apply(
+                x2d, weight, bias, keep, phi, self.iters, self.ema_gz, self.num_unstable,
+                self._config(), self._sync(), self.process_group)
+            with torch.no_grad():
+                phi.copy_(new_phi)
+                self.iters.copy_(new_iters)
+            return y
         if self.group_num:
             x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
-        if not self.training:
-            phi = self.running_phi.view(-1).to(x2d.dtype)
-            return torch.addcmul(bias, x2d, weight * torch.rsqrt(phi + self.eps))
-        return ReferencePowerFunction.apply(x2d, weight, bias, keep, self, self._sync())
+        phi = self.running_phi.view(-1).to(x2d.dtype)
+        return torch.addcmul(bias, x2d, weight * torch.rsqrt(phi + self.eps))
 
-    def _step_statistics(self, psi2_b: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
-        """Advance ``iters`` and ``running_phi`` for one training step (tensor ops, no host
-        sync); return ``(rstd_fwd, rstd_bwd)`` ``(C,)`` for the forward and backward divisors."""
-        self.iters.add_(1)
-        phi = self.running_phi.view(-1)
-        phi_c = phi.to(psi2_b.dtype)
-        t = self.iters.to(psi2_b.dtype)
-        rstd_bwd = torch.rsqrt(psi2_b + self.eps)
-        rstd_fwd = torch.where(t <= self.warmup_updates, rstd_bwd, torch.rsqrt(phi_c + self.eps))
-        cumulative = torch.where(t < self.warmup_updates, phi_c * (t - 1) / t + psi2_b / t, phi_c)
-        new = self.alpha_fwd * cumulative + (1.0 - self.alpha_fwd) * psi2_b
-        phi.copy_(torch.where(count > 0, new, phi_c).to(phi.dtype))
-        return rstd_fwd, rstd_bwd
+    def _config(self) -> ReferenceConfig:
+        return ReferenceConfig(self.eps, self.alpha_fwd, self.alpha_bkw, self.warmup_updates,
+                               self.group_num)
 
 
 #: ``variant`` names of :func:`power_norm`.
