@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from powernorm_fairseq.norms.batch_norm import PRESCALE_EPS
+from powernorm_fairseq.norms.autograd import PRESCALE_EPS
 from powernorm_fairseq.norms.functional import group_rms_scale
 
 __all__ = ["FoldedAffine", "FoldedNorm", "fold_norms"]
