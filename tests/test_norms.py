@@ -621,3 +621,17 @@ def test_reference_counts_only_forward_calls_in_training():
     norm.eval()
     norm(x, pad)
     assert int(norm.iters) == 2
+
+
+def test_power_is_an_alias_of_the_variant_classes():
+    """``power`` selects a registered class by ``variant``; each class has its own name."""
+    from powernorm_fairseq.norms import POWER_VARIANTS, norm_family
+
+    assert type(build_norm("power", C)) is NORM_REGISTRY["power"] is PowerNormPaper
+    for variant, cls in POWER_VARIANTS.items():
+        by_alias = build_norm("power", C, variant=variant)
+        by_name = build_norm(f"power_{variant}", C)
+        assert type(by_alias) is type(by_name) is cls
+        assert norm_family(by_alias) == "power"
+    assert [norm_family(NORM_REGISTRY[name]) for name in NORM_CHOICES] == list(NORM_CHOICES)
+    assert norm_family(torch.nn.LayerNorm(C)) is None
