@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from .defaults import EPS
 from .distributed import sync_enabled
 from .functional import keep_vector
 
@@ -56,7 +57,7 @@ class MaskedNorm(nn.Module):
     #: nothing is recomputed.
     _max_snapshots = 8
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+    def __init__(self, num_features: int, eps: float = EPS, affine: bool = True,
                  sync_stats: bool = False, process_group=None, device=None, dtype=None):
         super().__init__()
         if not isinstance(num_features, int) or num_features <= 0:

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .autograd import PRESCALE_EPS, BatchStatNormFunction
 from .base import MaskedNorm
+from .defaults import EPS, MOMENTUM
 from .functional import group_rms_scale
 
 
@@ -50,7 +51,7 @@ class MaskedBatchNorm(MaskedNorm):
         >>> y = bn(x, padding_mask=pad)
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+    def __init__(self, num_features: int, eps: float = EPS, momentum: float = MOMENTUM,
                  affine: bool = True, prescale: bool = False, sync_stats: bool = False,
                  process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MaskedNorm
+from .defaults import EPS
 
 
 class LayerNorm(MaskedNorm):
@@ -38,7 +39,7 @@ class LayerNorm(MaskedNorm):
 
     stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+    def __init__(self, num_features: int, eps: float = EPS, affine: bool = True,
                  sync_stats: bool = False, process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
         self.reset_parameters()

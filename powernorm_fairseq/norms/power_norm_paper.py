@@ -20,6 +20,7 @@ from .autograd import (
     update_nu_,
 )
 from .base import MaskedNorm
+from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, PAPER_GROUP_NUM, SAFEGUARD, WARMUP_UPDATES
 from .distributed import maybe_all_reduce
 from .functional import (
     column_sum,
@@ -165,9 +166,9 @@ class PowerNormPaper(MaskedNorm):
 
     _host_state = ("_num_updates_host",)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, alpha_fwd: float = 0.9,
-                 alpha_bkw: float = 0.9, warmup_updates: int = 0, group_num: int = 0,
-                 safeguard: bool = True, affine: bool = True, sync_stats: bool = False,
+    def __init__(self, num_features: int, eps: float = EPS, alpha_fwd: float = ALPHA_FWD,
+                 alpha_bkw: float = ALPHA_BKW, warmup_updates: int = WARMUP_UPDATES,
+                 group_num: int = PAPER_GROUP_NUM, safeguard: bool = SAFEGUARD, affine: bool = True, sync_stats: bool = False,
                  process_group=None, device=None, dtype=None):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
         check_alpha("alpha_fwd", alpha_fwd)

@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from .autograd import PRESCALE_EPS, check_alpha, check_group_num
 from .base import MaskedNorm
+from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, REFERENCE_GROUP_NUM, WARMUP_UPDATES
 from .distributed import maybe_all_reduce
 from .functional import column_sum, group_rms_scale, token_count, zero_pads_
 
@@ -256,8 +257,9 @@ class PowerNormReference(MaskedNorm):
     check_every = 1000
     _host_state = ("_calls_since_check",)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, alpha_fwd: float = 0.9,
-                 alpha_bkw: float = 0.9, warmup_updates: int = 0, group_num: int = 1,
+    def __init__(self, num_features: int, eps: float = EPS, alpha_fwd: float = ALPHA_FWD,
+                 alpha_bkw: float = ALPHA_BKW, warmup_updates: int = WARMUP_UPDATES,
+                 group_num: int = REFERENCE_GROUP_NUM,
                  affine: bool = True, sync_stats: bool = False, process_group=None,
                  device=None, dtype=None):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .autograd import BatchStatNormFunction
 from .base import MaskedNorm
+from .defaults import EPS, MOMENTUM
 
 
 class PowerNormV(MaskedNorm):
@@ -40,7 +41,7 @@ class PowerNormV(MaskedNorm):
         >>> y = norm(torch.randn(7, 3, 512))
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+    def __init__(self, num_features: int, eps: float = EPS, momentum: float = MOMENTUM,
                  affine: bool = True, sync_stats: bool = False, process_group=None,
                  device=None, dtype=None):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
