@@ -24,7 +24,7 @@ ALPHA_BKW = 0.9
 WARMUP_UPDATES = 0
 #: the PN variant of ``build_norm("power", C)``: Algorithm 2 of the paper
 PN_VARIANT = "paper"
-#: GroupScaling groups of each PN variant (0 = off; the released MaskPowerNorm's default is 1)
+#: GroupScaling groups of each PN variant (0 = off, 1 = one group over all channels)
 PAPER_GROUP_NUM = 0
 REFERENCE_GROUP_NUM = 1
 #: the paper PN's step scaling where the nu recurrence would not contract
