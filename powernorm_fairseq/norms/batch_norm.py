@@ -64,9 +64,11 @@ class MaskedBatchNorm(MaskedNorm):
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.reset_parameters()
 
-    @property
-    def has_prescale(self) -> bool:
-        return self.prescale
+    def prescale_groups(self) -> int:
+        return 1 if self.prescale else 0
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        return {"mean": self.running_mean.detach(), "var": self.running_var.detach()}
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()

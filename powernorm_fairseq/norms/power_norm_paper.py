@@ -186,9 +186,14 @@ class PowerNormPaper(MaskedNorm):
         self._num_updates_host = 0
         self.reset_parameters()
 
-    @property
-    def has_prescale(self) -> bool:
-        return self.group_num > 0
+    def prescale_groups(self) -> int:
+        return self.group_num
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        return {"psi2": self.running_psi2.detach()}
+
+    def backward_nu(self) -> Tensor:
+        return self.nu.detach().reshape(-1).float()
 
     def reset_running_stats(self) -> None:
         self.running_psi2.fill_(1.0)

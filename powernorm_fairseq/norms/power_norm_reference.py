@@ -279,9 +279,15 @@ class PowerNormReference(MaskedNorm):
         self._warned = False
         self.reset_parameters()
 
-    @property
-    def has_prescale(self) -> bool:
-        return self.group_num > 0
+    def prescale_groups(self) -> int:
+        return self.group_num
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        return {"psi2": self.running_phi.detach().view(-1)}
+
+    def backward_nu(self) -> Tensor:
+        """``(1 - alpha_bkw) ema_gz``: the released ``ema_gz`` is ``nu / (1 - alpha_bkw)``."""
+        return (1.0 - float(self.alpha_bkw)) * self.ema_gz.detach().reshape(-1).float()
 
     def reset_running_stats(self) -> None:
         self.running_phi.fill_(1.0)

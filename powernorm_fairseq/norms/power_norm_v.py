@@ -55,6 +55,9 @@ class PowerNormV(MaskedNorm):
     def reset_running_stats(self) -> None:
         self.running_psi2.fill_(1.0)
 
+    def running_statistics(self) -> dict[str, Tensor]:
+        return {"psi2": self.running_psi2.detach()}
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}"
 
