@@ -668,3 +668,11 @@ def test_state_interface(cfg):
     mean = after.get("mean", torch.zeros(C))
     torch.testing.assert_close(shift, bias - mean * scale)
 
+
+
+def test_layer_norm_takes_no_sync_options():
+    """LN has no batch statistics: a sync option would be stored and ignored, so it is refused."""
+    for option in ({"sync_stats": True}, {"process_group": None}):
+        with pytest.raises(ValueError, match="unknown option"):
+            build_norm("layer", C, **option)
+    assert "sync_stats" not in repr(build_norm("layer", C))

@@ -61,7 +61,7 @@ class RunningPowerFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, alpha_bkw, safeguard):
         count = token_count(x, keep).reshape(1)
         if fused.usable(x, keep, weight, bias, rstd):  # output and statistic in one pass
-            y, sum_sq, _ = fused.affine_colstats(x, keep, rstd * weight, bias)
+            y, sum_sq = fused.affine_colstats(x, keep, rstd * weight, bias)
         else:
             y = torch.mul(x, x)  # scratch for the statistic first, then the output
             sum_sq = column_sum(zero_pads_(y, keep), None)
