@@ -216,11 +216,13 @@ class BatchStatNormFunction(torch.autograd.Function):
 
 
 def check_alpha(name: str, value: float) -> None:
+    """Raise ValueError naming ``name`` unless the EMA factor ``value`` is in [0, 1)."""
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
 def check_group_num(num_features: int, group_num: int) -> None:
+    """Raise ValueError unless ``group_num`` is an int >= 0 dividing ``num_features``."""
     if not isinstance(group_num, int) or group_num < 0:
         raise ValueError(f"group_num must be an int >= 0 (0 = no group scaling), got {group_num!r}")
     if group_num and num_features % group_num:
