@@ -621,3 +621,58 @@ def test_reference_counts_only_forward_calls_in_training():
     norm.eval()
     norm(x, pad)
     assert int(norm.iters) == 2
+
+
+def test_power_is_an_alias_of_the_variant_classes():
+    """``power`` selects a registered class by ``variant``; each class has its own name."""
+    from powernorm_fairseq.norms import POWER_VARIANTS, norm_family
+
+    assert type(build_norm("power", C)) is NORM_REGISTRY["power"] is PowerNormPaper
+    for variant, cls in POWER_VARIANTS.items():
+        by_alias = build_norm("power", C, variant=variant)
+        by_name = build_norm(f"power_{variant}", C)
+        assert type(by_alias) is type(by_name) is cls
+        assert norm_family(by_alias) == "power"
+    assert [norm_family(NORM_REGISTRY[name]) for name in NORM_CHOICES] == list(NORM_CHOICES)
+    assert norm_family(torch.nn.LayerNorm(C)) is None
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids(CONFIGS))
+def test_state_interface(cfg):
+    """fold and the tracker read a norm's state through ``prescale_groups``,
+    ``running_statistics`` and ``backward_nu``: they must describe the eval map and follow
+    training."""
+    _, name, kwargs = cfg
+    norm = _make(name, kwargs)
+    groups = 1 if kwargs.get("prescale") else kwargs.get("group_num", 0)
+    assert norm.prescale_groups() == groups and norm.has_prescale == bool(groups)
+    stats = norm.running_statistics()
+    keys = {"layer": set(), "batch": {"mean", "var"}, "power_v": {"psi2"}, "power": {"psi2"}}
+    assert set(stats) == keys[name]
+    assert (norm.backward_nu() is None) == (name != "power")
+    if name == "layer":
+        return
+    before = {k: v.clone() for k, v in stats.items()}
+    nu_before = None if norm.backward_nu() is None else norm.backward_nu().clone()
+    x, pad = _batch()
+    norm(x.requires_grad_(), pad).sum().backward()
+    after = norm.running_statistics()
+    assert all(not torch.equal(before[k], after[k]) for k in stats)  # views of the live buffers
+    if nu_before is not None:
+        assert not torch.equal(nu_before, norm.backward_nu())
+    norm.eval()
+    weight, bias = norm.weight.detach(), norm.bias.detach()
+    stat = after["var"] if name == "batch" else after["psi2"]
+    scale, shift = norm.eval_affine()
+    torch.testing.assert_close(scale, weight * torch.rsqrt(stat + norm.eps))
+    mean = after.get("mean", torch.zeros(C))
+    torch.testing.assert_close(shift, bias - mean * scale)
+
+
+
+def test_layer_norm_takes_no_sync_options():
+    """LN has no batch statistics: a sync option would be stored and ignored, so it is refused."""
+    for option in ({"sync_stats": True}, {"process_group": None}):
+        with pytest.raises(ValueError, match="unknown option"):
+            build_norm("layer", C, **option)
+    assert "sync_stats" not in repr(build_norm("layer", C))

@@ -18,8 +18,8 @@ Forward statistics of the batch::
     psi_B^2   = (1/B) sum_i x_i^2                   (quadratic mean, PN-V / PN)
 
 Running statistics ``mu``, ``sigma^2``, ``psi^2`` are read *before* this call's update: the layer's
-own buffers where it has them (``running_mean`` / ``running_var`` for BN; ``running_psi2`` or
-``running_phi`` for PN-V / PN), otherwise a shadow EMA kept by the tracker with BN's rule
+own running statistics where it has them (:meth:`~powernorm_fairseq.norms.MaskedNorm.running_statistics`:
+mean and variance for BN, ``psi^2`` for PN-V / PN), otherwise a shadow EMA kept by the tracker with BN's rule
 (``mu <- (1-m) mu + m mu_B``, ``sigma^2 <- (1-m) sigma^2 + m B/(B-1) sigma_B^2``,
 ``psi^2 <- (1-m) psi^2 + m psi_B^2``; init 0, 1, 1; ``m = shadow_momentum``), so that every norm
 gets comparable numbers.
@@ -102,7 +102,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from powernorm_fairseq.norms.batch_norm import PRESCALE_EPS
+from powernorm_fairseq.norms import MaskedNorm, norm_family
+from powernorm_fairseq.norms.autograd import PRESCALE_EPS
 from powernorm_fairseq.norms.functional import group_rms_scale
 
 __all__ = ["COLUMNS", "DEFAULT_LAYERS", "NormStatsTracker", "attach_tracker"]
@@ -117,11 +118,8 @@ COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 DEFAULT_LAYERS: tuple[str, ...] = ("encoder.layers.0.self_attn_layer_norm",)
 
-_RUNNING_BUFFERS = {
-    "mu": ("running_mean",),
-    "var": ("running_var",),
-    "psi2": ("running_psi2", "running_phi"),
-}
+#: tracked statistic -> its key in :meth:`MaskedNorm.running_statistics`
+_RUNNING_KEYS = {"mu": "mean", "var": "var", "psi2": "psi2"}
 
 
 def _canonical_name(name: str) -> str:
@@ -132,14 +130,9 @@ def _canonical_name(name: str) -> str:
 def _norm_kind(module: nn.Module) -> str:
     """Registry name of ``module`` (``layer``/``batch``/``power_v``/``power``, where ``power``
     covers both PN variants), ``layer`` for a torch/fairseq LayerNorm, else its class name."""
-    from powernorm_fairseq.norms import NORM_REGISTRY
-    from powernorm_fairseq.norms.power_norm import POWER_VARIANTS
-
-    classes = {cls: name for name, cls in NORM_REGISTRY.items() if isinstance(cls, type)}
-    classes.update({cls: "power" for cls in POWER_VARIANTS.values()})
-    for cls in type(module).__mro__:
-        if cls in classes:
-            return classes[cls]
+    family = norm_family(module)
+    if family is not None:
+        return family
     if isinstance(module, nn.LayerNorm) or type(module).__name__ == "LayerNorm":
         return "layer"
     return type(module).__name__
@@ -163,12 +156,12 @@ def _non_pad(t: Tensor, padding_mask: Tensor | None) -> Tensor:
 
 
 def _prescaled(module: nn.Module, x: Tensor) -> Tensor:
-    """The input the layer's statistics are taken over: ``x``, or, when ``module.has_prescale``,
-    ``x`` after the per-token RMS pre-scaling over ``module.group_num`` channel groups (1 if the
-    module has no ``group_num``; BN's LayerScaling), ``x_g / sqrt(mean_{c in g} x_c^2 + 1e-5)``."""
-    if not getattr(module, "has_prescale", False):
+    """The input the layer's statistics are taken over: ``x``, or ``x`` after the per-token RMS
+    pre-scaling over ``module.prescale_groups()`` channel groups (1 for BN's LayerScaling),
+    ``x_g / sqrt(mean_{c in g} x_c^2 + 1e-5)``."""
+    group_num = module.prescale_groups() if isinstance(module, MaskedNorm) else 0
+    if not group_num:
         return x
-    group_num = int(getattr(module, "group_num", 1) or 1)
     return group_rms_scale(x.detach().float(), group_num, PRESCALE_EPS)
 
 
@@ -201,11 +194,10 @@ class _LayerState:
 
     def running(self, stat: str) -> Tensor | None:
         """The layer's own running statistic ``stat`` as a float32 (C,) copy, or None."""
-        for buf in _RUNNING_BUFFERS[stat]:
-            value = getattr(self.module, buf, None)
-            if isinstance(value, Tensor):
-                return value.detach().reshape(-1).float().clone()
-        return None
+        if not isinstance(self.module, MaskedNorm):
+            return None
+        value = self.module.running_statistics().get(_RUNNING_KEYS[stat])
+        return None if value is None else value.detach().reshape(-1).float().clone()
 
 
 class NormStatsTracker:
@@ -369,7 +361,7 @@ class NormStatsTracker:
             mask = args[1] if len(args) > 1 else kwargs.get("padding_mask")
             state.x = _non_pad(_prescaled(module, x), mask)
             state.mask = mask.detach() if isinstance(mask, Tensor) else None
-            state.before = {s: v for s in _RUNNING_BUFFERS if (v := state.running(s)) is not None}
+            state.before = {s: v for s in _RUNNING_KEYS if (v := state.running(s)) is not None}
 
         return pre_hook
 
@@ -465,13 +457,7 @@ class NormStatsTracker:
     @staticmethod
     def _nu(module: nn.Module) -> Tensor | None:
         """nu_{t-1}: the paper PN's ``nu`` buffer or the reference's ``(1-alpha_bkw) ema_gz``."""
-        nu = getattr(module, "nu", None)
-        if isinstance(nu, Tensor):
-            return nu.detach().reshape(-1).float()
-        ema_gz = getattr(module, "ema_gz", None)
-        if isinstance(ema_gz, Tensor):
-            return (1.0 - float(module.alpha_bkw)) * ema_gz.detach().reshape(-1).float()
-        return None
+        return module.backward_nu() if isinstance(module, MaskedNorm) else None
 
     def _emit(self, state: _LayerState) -> None:
         """Move the pending row of ``state`` to the write buffer (missing columns empty)."""

@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from powernorm_fairseq.norms.batch_norm import PRESCALE_EPS
+from powernorm_fairseq.norms import MaskedNorm
+from powernorm_fairseq.norms.autograd import PRESCALE_EPS
 from powernorm_fairseq.norms.functional import group_rms_scale
 
 __all__ = ["FoldedAffine", "FoldedNorm", "fold_norms"]
@@ -206,7 +207,11 @@ def _param_uses(model: nn.Module) -> Counter:
 
 def _prescale_groups(norm: nn.Module) -> int:
     """Groups of the norm's per-token RMS pre-scaling: 0 = none; BN's LayerScaling is one
-    group, the reference PN's GroupScaling has ``group_num``."""
+    group, the reference PN's GroupScaling has ``group_num`` (:meth:`MaskedNorm.prescale_groups`).
+    A norm of another package that follows the contract of docs/DESIGN.md instead states
+    ``has_prescale`` and ``group_num``."""
+    if isinstance(norm, MaskedNorm):
+        return norm.prescale_groups()
     return int(getattr(norm, "group_num", 1)) if norm.has_prescale else 0
 
 

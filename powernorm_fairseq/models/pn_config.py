@@ -32,10 +32,10 @@ from fairseq.models.transformer.transformer_config import (
     TransformerConfig,
 )
 
-from powernorm_fairseq.norms import NORM_CHOICES
+from powernorm_fairseq.norms import NORM_CHOICES, POWER_VARIANTS, defaults
 
 NORM_CHOICE_ENUM = ChoiceEnum(list(NORM_CHOICES))
-PN_VARIANT_CHOICES = ("reference", "paper")
+PN_VARIANT_CHOICES = tuple(POWER_VARIANTS)
 PN_VARIANT_ENUM = ChoiceEnum(list(PN_VARIANT_CHOICES))
 
 _SITE_HELP = "norm at the {site} (default: inherit --{side}-norm)"
@@ -87,8 +87,10 @@ class PNDecoderConfig(DecoderConfig):
 class PowerNormOptions(FairseqDataclass):
     """Options of the batch-statistics norms, common to every site (``--pn-*``, ``--bn-*``)."""
 
+    # the fairseq defaults come from powernorm_fairseq.norms.defaults; where they differ from the
+    # layers' (the variant, the BN momentum), docs/norm_defaults.md says why
     pn_variant: PN_VARIANT_ENUM = field(
-        default="reference",
+        default=defaults.FAIRSEQ_PN_VARIANT,
         metadata={
             "help": "PowerNorm variant: 'reference' = the released code (batch statistic during "
             "PN warmup, backward divided by the batch statistic, GroupScaling pre-scaling, pads "
@@ -96,36 +98,36 @@ class PowerNormOptions(FairseqDataclass):
         },
     )
     pn_warmup_updates: int = field(
-        default=0,
+        default=defaults.WARMUP_UPDATES,
         metadata={
             "help": "PowerNorm warmup length in updates (its own setting, independent of the "
             "learning-rate --warmup-updates; the released scripts effectively used 8000)"
         },
     )
     pn_final_warmup_updates: int = field(
-        default=-1,
+        default=defaults.FINAL_WARMUP_INHERIT,
         metadata={
             "help": "PowerNorm warmup of the encoder/decoder output norms; -1 = "
             "--pn-warmup-updates (the released code used 1000 there)"
         },
     )
     pn_alpha_fwd: float = field(
-        default=0.9,
+        default=defaults.ALPHA_FWD,
         metadata={"help": "PowerNorm forward EMA factor alpha_f of the running quadratic mean"},
     )
     pn_alpha_bkw: float = field(
-        default=0.9,
+        default=defaults.ALPHA_BKW,
         metadata={"help": "PowerNorm backward EMA factor alpha_b of the gradient correction nu"},
     )
     pn_group_num: int = field(
-        default=-1,
+        default=defaults.GROUP_NUM_AUTO,
         metadata={
             "help": "groups of the per-token RMS pre-scaling (GroupScaling) before PowerNorm; "
             "-1 = the number of attention heads for --pn-variant reference, 0 (none) for paper"
         },
     )
     bn_momentum: float = field(
-        default=0.05,
+        default=defaults.FAIRSEQ_BN_MOMENTUM,
         metadata={
             "help": "momentum of the running (eval-time) statistics of 'batch' and 'power_v' "
             "norms: stat <- (1 - m) stat + m batch_stat (0.05 = the released BatchNorm)"

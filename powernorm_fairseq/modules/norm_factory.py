@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from powernorm_fairseq.norms import NORM_CHOICES, build_norm
+from powernorm_fairseq.norms import NORM_CHOICES, build_norm, defaults
 
 SITES = {
     "encoder": ("self_attn", "ffn", "final"),
@@ -64,8 +64,8 @@ def norm_kwargs(cfg, name: str, num_heads: int, final: bool = False) -> dict[str
         return kwargs
     variant = _choice(cfg.pn_variant)  # build_norm rejects unknown variants, listing the choices
     group_num = int(cfg.pn_group_num)
-    if group_num == -1:
-        group_num = num_heads if variant == "reference" else 0
+    if group_num == defaults.GROUP_NUM_AUTO:
+        group_num = num_heads if variant == "reference" else defaults.PAPER_GROUP_NUM
     warmup = int(cfg.pn_warmup_updates)
     if final and int(cfg.pn_final_warmup_updates) >= 0:
         warmup = int(cfg.pn_final_warmup_updates)

@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from .defaults import EPS
 from .distributed import sync_enabled
 from .functional import keep_vector
 
@@ -43,8 +44,6 @@ class MaskedNorm(nn.Module):
     """
 
     _version = 1
-    #: Whether a per-token pre-scaling (GroupScaling) precedes the per-channel affine eval map.
-    has_prescale = False
     #: Whether training forwards update buffers (running statistics, step counters). Stateful
     #: norms run eagerly under ``torch.compile`` and are recomputed from a snapshot of their state.
     stateful = True
@@ -56,7 +55,7 @@ class MaskedNorm(nn.Module):
     #: nothing is recomputed.
     _max_snapshots = 8
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
+    def __init__(self, num_features: int, eps: float = EPS, affine: bool = True,
                  sync_stats: bool = False, process_group=None, device=None, dtype=None):
         super().__init__()
         if not isinstance(num_features, int) or num_features <= 0:
@@ -110,6 +109,31 @@ class MaskedNorm(nn.Module):
 
     def eval_affine(self) -> tuple[Tensor, Tensor] | None:
         """Per-channel ``(scale, shift)``, each ``(C,)``, of the eval-mode map, or None if none."""
+        return None
+
+    # The state other code reads (inference/fold.py, analysis/tracking.py) goes through these
+    # methods, not through buffer or attribute names, which differ between the families.
+
+    def prescale_groups(self) -> int:
+        """Channel groups of the per-token RMS pre-scaling ``x_g / sqrt(mean_g(x^2) + eps)``
+        that precedes the statistics, in training and eval: 0 = none (the default), 1 = over all
+        channels (BN's ``prescale``), ``group_num`` (PN's GroupScaling)."""
+        return 0
+
+    @property
+    def has_prescale(self) -> bool:
+        """Whether a per-token pre-scaling precedes the per-channel affine eval map."""
+        return self.prescale_groups() > 0
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        """The running (eval-time) statistics by what they estimate, each a ``(C,)`` view of a
+        buffer (do not modify): ``"mean"`` and ``"var"`` (BN; unbiased variance), ``"psi2"``
+        (the quadratic mean of PN-V and PN). Empty for a norm without running statistics."""
+        return {}
+
+    def backward_nu(self) -> Tensor | None:
+        """PN's backward statistic ``nu_{t-1}`` of Algorithm 2 as a float32 ``(C,)`` tensor (do
+        not modify), or None for a norm that has none."""
         return None
 
     def extra_repr(self) -> str:

@@ -45,7 +45,7 @@ from torch import Tensor
 
 _SRC_DIR = Path(__file__).resolve().parent / "kernels"
 _SOURCES = ("pn_kernels.c", "pn_kernels_impl.h")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -57,7 +57,7 @@ _enabled = os.environ.get("PN_FUSED_KERNELS", "1").strip().lower() not in ("0", 
 _F = ctypes.c_void_p  # every pointer argument is passed as an address (or None)
 _SIGNATURES = {
     "pn_colstats": [_F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, ctypes.c_int],
-    "pn_affine_colstats": [_F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F,
+    "pn_affine_colstats": [_F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F,
                            ctypes.c_int],
     "pn_bwd_sums": [_F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, ctypes.c_int],
     "pn_bwd_apply": [_F, _F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, _F,
@@ -226,18 +226,17 @@ def colstats(x: Tensor, keep: Tensor | None, shift: Tensor | None = None, *, s1:
     return o1, o2, oa
 
 
-def affine_colstats(x: Tensor, keep: Tensor | None, scale: Tensor, bias: Tensor, *,
-                    s2all: bool = False):
-    """``y = x * scale + bias`` and the column sums of ``x^2`` (real rows; all rows if
-    ``s2all``) in one pass. Returns ``(y (N, C), sum_real x^2 (C,), sum_all x^2 or None)``."""
+def affine_colstats(x: Tensor, keep: Tensor | None, scale: Tensor, bias: Tensor):
+    """``y = x * scale + bias`` and the column sums of ``x^2`` over the real rows in one pass.
+    Returns ``(y (N, C), sum_real x^2 (C,))``."""
     x, keep, scale, bias = _c(x), _c(keep), scale.contiguous(), bias.contiguous()
     n, c = x.shape
     y = torch.empty_like(x)
-    o2, oa = _sums(c, True, x), _sums(c, s2all, x)
+    o2 = _sums(c, True, x)
     _check(_fn("pn_affine_colstats", x.dtype)(x.data_ptr(), _ptr(keep), scale.data_ptr(),
-                                               bias.data_ptr(), n, c, y.data_ptr(), _ptr(o2),
-                                               _ptr(oa), torch.get_num_threads()))
-    return y, o2, oa
+                                               bias.data_ptr(), n, c, y.data_ptr(), o2.data_ptr(),
+                                               torch.get_num_threads()))
+    return y, o2
 
 
 def bwd_sums(grad_y: Tensor, x: Tensor, keep: Tensor | None, *, masked: bool = False):

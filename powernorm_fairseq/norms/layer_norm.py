@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MaskedNorm
+from .defaults import EPS
 
 
 class LayerNorm(MaskedNorm):
@@ -23,7 +24,6 @@ class LayerNorm(MaskedNorm):
         num_features: ``C``.
         eps: Default: 1e-5.
         affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default: True.
-        sync_stats, process_group: accepted for a uniform API; LN has no batch statistics.
         device, dtype: of the parameters.
 
     Shape:
@@ -38,10 +38,14 @@ class LayerNorm(MaskedNorm):
 
     stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True,
-                 sync_stats: bool = False, process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+    def __init__(self, num_features: int, eps: float = EPS, affine: bool = True, device=None,
+                 dtype=None):
+        # no sync_stats / process_group: LN has no batch statistics to synchronize
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype)
         self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
 
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
         weight = None if self.weight is None else self.weight.to(x2d.dtype)

@@ -39,7 +39,7 @@ static void flush_f64(double *q, double *p, int64_t n)
     for (int64_t i = 0; i < n; ++i) { p[i] += q[i]; q[i] = 0.0; }
 }
 
-int pn_abi_version(void) { return 2; }
+int pn_abi_version(void) { return 3; }
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)

@@ -84,17 +84,17 @@ int NAME(pn_colstats)(const T *x, const T *keep, const T *shift, int64_t N, int6
     return 0;
 }
 
-/* y = x * scale + bias; s2 += k x^2, s2all += x^2 (s2all nullable) */
+/* y = x * scale + bias; s2 += k x^2 */
 int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T *bias,
-                             int64_t N, int64_t C, T *y, T *s2, T *s2all, int nt)
+                             int64_t N, int64_t C, T *y, T *s2, int nt)
 {
     NAME(scratch_t) sc;
-    if (NAME(scratch_alloc)(&sc, nt, 2 * C, 0)) return -1;
+    if (NAME(scratch_alloc)(&sc, nt, C, 0)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = sc.part + (size_t)tid * 2 * C;
-        T *q = sc.qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
+        double *p = sc.part + (size_t)tid * C;
+        T *q2 = sc.qall + (size_t)tid * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             const T *xr = x + n * C;
@@ -105,20 +105,16 @@ int NAME(pn_affine_colstats)(const T *x, const T *keep, const T *scale, const T 
                 for (int64_t c = 0; c < C; ++c) {
                     T v = xr[c];
                     yr[c] = v * scale[c] + bias[c];
-                    q2[c] += v * v; qa[c] += v * v;
+                    q2[c] += v * v;
                 }
             } else {
 #pragma omp simd
-                for (int64_t c = 0; c < C; ++c) {
-                    T v = xr[c];
-                    yr[c] = v * scale[c] + bias[c];
-                    qa[c] += v * v;
-                }
+                for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * scale[c] + bias[c];
             }
-            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q2, p, C);
         }
     }
-    NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){s2, s2all});
+    NAME(scratch_finish)(&sc, nt, 1, C, (T *[]){s2});
     return 0;
 }
 

@@ -1,0 +1,247 @@
+"""PN as in Algorithm 2 of the paper (``variant="paper"``).
+
+Notation (per channel, PAPER.md sections 1-3): ``psi_B^2 = mean(x^2)`` over the real tokens of
+the batch, ``x_hat`` the normalized input, ``g = weight * dL/dy``,
+``Gamma = mean(x_hat^2)`` and ``Lambda = mean(g * x_hat)`` over the real tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import fused
+from .autograd import (
+    PRESCALE_EPS,
+    BatchStatNormFunction,
+    check_alpha,
+    check_group_num,
+    update_nu_,
+)
+from .base import MaskedNorm
+from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, PAPER_GROUP_NUM, SAFEGUARD, WARMUP_UPDATES
+from .distributed import maybe_all_reduce
+from .functional import (
+    column_sum,
+    column_sums,
+    grad_times_x,
+    group_rms_scale,
+    token_count,
+    zero_pads_,
+)
+
+
+class RunningPowerFunction(torch.autograd.Function):
+    r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``.
+
+    The forward also computes the batch ``psi_B^2`` over the real tokens (all-reduced when
+    ``sync``) and returns ``(y, psi2_b, count)``; the module folds ``psi2_b`` into its running
+    statistic. Backward with ``nu_{t-1}`` = the ``nu`` tensor given (the module's buffer) at
+    backward time:
+
+    .. math::
+        \tilde x = g - \nu_{t-1} \hat x, \quad
+        \frac{\partial L}{\partial x} = \tilde x \cdot r, \quad
+        \frac{\partial L}{\partial \gamma} = \sum \frac{\partial L}{\partial y} \hat x, \quad
+        \frac{\partial L}{\partial \beta} = \sum \frac{\partial L}{\partial y}
+
+    computed as ``grad_x = dL/dy * (weight r) - k * x * (nu r^2)`` with ``k`` = 1 for real tokens
+    and 0 for pads: the ``nu`` correction stands for the gradient through the statistic, which
+    pads do not enter, so a pad's input gradient is its own ``dL/dy * weight * r`` (exactly 0 when
+    the loss does not depend on the pad's output). The masked sum ``sum_j k_j dL/dy_j x_j``
+    ``(C,)`` (all-reduced when ``sync``) then advances ``nu`` in place
+    (:func:`~powernorm_fairseq.norms.autograd.update_nu_` with ``alpha_bkw``, ``safeguard``).
+
+    Shape: x ``(N, C)``; weight, bias, rstd, nu ``(C,)``; keep ``(N,)`` or None. Returned
+    psi2_b ``(C,)``, count ``()``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, alpha_bkw, safeguard):
+        count = token_count(x, keep).reshape(1)
+        if fused.usable(x, keep, weight, bias, rstd):  # output and statistic in one pass
+            y, sum_sq = fused.affine_colstats(x, keep, rstd * weight, bias)
+        else:
+            y = torch.mul(x, x)  # scratch for the statistic first, then the output
+            sum_sq = column_sum(zero_pads_(y, keep), None)
+            torch.addcmul(bias, x, rstd * weight, out=y)
+        sum_sq, count = maybe_all_reduce([sum_sq, count], sync, process_group)
+        count = count[0]
+        psi2_b = sum_sq / count.clamp(min=1)
+        ctx.gamma = psi2_b * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
+        ctx.save_for_backward(x, weight, keep, rstd, count)
+        ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
+        ctx.alpha_bkw, ctx.safeguard = alpha_bkw, safeguard
+        ctx.mark_non_differentiable(psi2_b, count)
+        return y, psi2_b, count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, *_stat_grads):
+        x, weight, keep, rstd, count = ctx.saved_tensors
+        coef_x = ctx.nu.to(x.dtype) * rstd * rstd
+        if fused.usable(x, grad_y, keep, weight):  # gradient and its sums in one pass
+            grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
+                grad_y, x, weight * rstd, coef_x, corr_keep=keep, sum_keep=keep, sums=True)
+        else:
+            # scratch for the sums first, then the gradient
+            grad_x = grad_times_x(grad_y, x, keep, torch.empty_like(x))
+            masked_gyx, sum_gyx = column_sums(grad_x, keep)
+            torch.mul(grad_y, weight * rstd, out=grad_x)
+            if keep is None:
+                grad_x.addcmul_(x, coef_x, value=-1)
+            else:  # pads get no correction (their loss gradient is 0; x there may be non-finite)
+                grad_x.sub_(zero_pads_(x * coef_x, keep))
+            sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
+        update_nu_(ctx.nu, weight, rstd, ctx.gamma, count,
+                   maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0],
+                   ctx.alpha_bkw, ctx.safeguard)
+        need = ctx.needs_input_grad
+        return (grad_x, rstd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
+                None, None, None, None, None, None, None)
+
+
+class PowerNormPaper(MaskedNorm):
+    r"""PN as in Algorithm 2 of the paper (``variant="paper"``), per channel.
+
+    Training step ``t`` (running ``psi^2`` init 1, ``nu`` init 0; ``n`` real tokens):
+
+    - forward: ``x_hat = x / sqrt(psi^2_{t-1} + eps)``, ``y = weight * x_hat + bias``, then
+      ``psi^2_t = alpha_fwd psi^2_{t-1} + (1 - alpha_fwd) psi_B^2`` with ``psi_B^2 = mean(x^2)``
+      over the real tokens.
+    - backward: ``g = weight * dL/dy``, ``x_tilde = g - nu_{t-1} x_hat`` at real tokens and
+      ``x_tilde = g`` at pads (pads do not enter ``psi_B^2``, so no statistic's gradient reaches
+      them: with the loss independent of pads their input gradient is exactly 0),
+      ``dL/dx = x_tilde / sqrt(psi^2_{t-1} + eps)``, and
+      ``nu_t = nu_{t-1} + (1 - alpha_bkw) mean(x_tilde * x_hat)`` (mean over the real tokens),
+      i.e. ``nu_t = nu_{t-1} (1 - w) + (1 - alpha_bkw) Lambda`` with ``w = (1 - alpha_bkw) Gamma``.
+      ``dL/dweight = sum(dL/dy * x_hat)``, ``dL/dbias = sum(dL/dy)`` over all positions.
+
+    Eval: ``y = weight * x / sqrt(psi^2 + eps) + bias`` (:meth:`eval_affine`).
+
+    Warmup: while ``num_updates < warmup_updates`` the layer runs PN-V (batch ``psi_B^2`` forward,
+    exact gradient, :class:`PowerNormV`); ``psi^2`` is still updated by the EMA above and ``nu`` by
+    the same recurrence (with the batch ``x_hat``), so both are warm when PN takes over. Warmup is
+    counted in optimizer updates as told by :meth:`set_num_updates`, which fairseq calls on every
+    module, so gradient accumulation does not shorten it. Plain-torch users with
+    ``warmup_updates > 0`` call ``norm.set_num_updates(step)`` themselves.
+
+    Safeguard (a deviation that acts only where Algorithm 2 would break down): the ``nu``
+    recurrence contracts while ``|1 - w| < 1``, i.e. ``0 < w < 2``, and amplifies ``nu`` for
+    ``w >= 2``. With ``safeguard=True`` (default), in a step and channel with ``w >= 2`` (and only
+    there) the increment is scaled by ``1/w``, so that ``nu_t = Lambda / Gamma``, the fixed point
+    of the recurrence; every step with ``w < 2`` is Algorithm 2's. ``safeguard=False`` never
+    changes the step. Independently of ``safeguard``, an update of ``psi^2`` or ``nu`` with a
+    non-finite batch statistic, or from a batch without real tokens, is skipped (the buffer
+    keeps its value).
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        alpha_fwd: EMA factor of ``psi^2``. Default: 0.9.
+        alpha_bkw: EMA factor of ``nu``. Default: 0.9.
+        warmup_updates: optimizer updates of PN-V before PN. Default: 0.
+        group_num: per-token RMS pre-scaling in ``group_num`` channel groups (the released code's
+            GroupScaling, eps 1e-5, also at eval); 0 = off. Default: 0.
+        safeguard: scale the ``nu`` step by ``1/w`` where ``w >= 2``, as described above.
+            Default: True.
+        affine, sync_stats, process_group, device, dtype: see
+            :class:`~powernorm_fairseq.norms.base.MaskedNorm`. With ``sync_stats`` the forward
+            ``psi_B^2`` and the backward ``Lambda`` are all-reduced (one collective each).
+
+    Buffers: ``running_psi2`` ``(C,)``, ``nu`` ``(C,)``, ``num_updates`` ``(1,)`` long.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> norm = PowerNormPaper(512, warmup_updates=100)
+        >>> for step in range(3):
+        ...     norm.set_num_updates(step)
+        ...     norm(torch.randn(7, 3, 512)).sum().backward()
+    """
+
+    _host_state = ("_num_updates_host",)
+
+    def __init__(self, num_features: int, eps: float = EPS, alpha_fwd: float = ALPHA_FWD,
+                 alpha_bkw: float = ALPHA_BKW, warmup_updates: int = WARMUP_UPDATES,
+                 group_num: int = PAPER_GROUP_NUM, safeguard: bool = SAFEGUARD, affine: bool = True, sync_stats: bool = False,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+        check_alpha("alpha_fwd", alpha_fwd)
+        check_alpha("alpha_bkw", alpha_bkw)
+        check_group_num(num_features, group_num)
+        if warmup_updates < 0:
+            raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
+        self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
+        self.warmup_updates, self.group_num, self.safeguard = warmup_updates, group_num, safeguard
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("running_psi2", torch.ones(num_features, **factory))
+        self.register_buffer("nu", torch.zeros(num_features, **factory))
+        self.register_buffer("num_updates", torch.zeros(1, dtype=torch.long, device=device))
+        # host copy of num_updates: choosing warmup vs PN must not sync with the device
+        self._num_updates_host = 0
+        self.reset_parameters()
+
+    def prescale_groups(self) -> int:
+        return self.group_num
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        return {"psi2": self.running_psi2.detach()}
+
+    def backward_nu(self) -> Tensor:
+        return self.nu.detach().reshape(-1).float()
+
+    def reset_running_stats(self) -> None:
+        self.running_psi2.fill_(1.0)
+        self.nu.zero_()
+        self.num_updates.zero_()
+        self._num_updates_host = 0
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates.fill_(num_updates)
+        self._num_updates_host = int(num_updates)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, variant=paper, alpha_fwd={self.alpha_fwd}, "
+                f"alpha_bkw={self.alpha_bkw}, warmup_updates={self.warmup_updates}, "
+                f"group_num={self.group_num}, safeguard={self.safeguard}")
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._affine_or_identity(self.running_psi2.dtype)
+        return weight * torch.rsqrt(self.running_psi2 + self.eps), bias.clone()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._num_updates_host = int(self.num_updates[0])
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        if self.group_num:
+            x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
+        weight, bias = self._affine_or_identity(x2d.dtype)
+        psi2 = self.running_psi2.to(x2d.dtype)
+        if not self.training:
+            return torch.addcmul(bias, x2d, weight * torch.rsqrt(psi2 + self.eps))
+        sync = self._sync()
+        if self._num_updates_host < self.warmup_updates:
+            y, psi2_b, count = BatchStatNormFunction.apply(
+                x2d, weight, bias, keep, False, None, self.eps, sync, self.process_group,
+                self.nu, self.alpha_bkw, self.safeguard)
+        else:
+            y, psi2_b, count = RunningPowerFunction.apply(
+                x2d, weight, bias, keep, torch.rsqrt(psi2 + self.eps), self.nu, sync,
+                self.process_group, self.alpha_bkw, self.safeguard)
+        self._update_running(psi2_b, count)
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, psi2_b: Tensor, count: Tensor) -> None:
+        """EMA of ``psi^2``; skipped for a batch without real tokens or a non-finite statistic."""
+        psi2 = self.running_psi2
+        ok = (count > 0) & torch.isfinite(psi2_b)
+        new = self.alpha_fwd * psi2 + (1.0 - self.alpha_fwd) * psi2_b.to(psi2.dtype)
+        psi2.copy_(torch.where(ok, new, psi2))

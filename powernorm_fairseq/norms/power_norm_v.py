@@ -1,0 +1,84 @@
+"""PN-V: power normalization by the batch quadratic mean (PAPER.md section 1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .autograd import BatchStatNormFunction
+from .base import MaskedNorm
+from .defaults import EPS, MOMENTUM
+
+
+class PowerNormV(MaskedNorm):
+    r"""PN-V: divide by the per-channel quadratic mean of the batch (no centering).
+
+    .. math::
+        \psi_B^2 = \frac{1}{n}\sum_{i\,\text{real}} x_i^2, \qquad
+        y = \gamma \cdot \frac{x}{\sqrt{\psi_B^2 + \epsilon}} + \beta
+
+    with the exact gradient
+    ``dL/dx_j = r (g_j - k_j x_hat_j (1/n) sum_i g_i x_hat_i)``, ``r = 1/sqrt(psi_B^2 + eps)``
+    (:class:`~powernorm_fairseq.norms.autograd.BatchStatNormFunction`). Pads are normalized but
+    excluded from ``psi_B^2``. In training the running statistic is updated as
+    ``psi^2 <- (1 - momentum) psi^2 + momentum psi_B^2`` (init 1; skipped for a batch without
+    real tokens or with a non-finite statistic); eval uses ``y = gamma * x / sqrt(psi^2 + eps) + beta``.
+
+    Args:
+        num_features: ``C``.
+        eps: Default: 1e-5.
+        momentum: weight of the batch statistic in the running average. Default: 0.1.
+        affine, sync_stats, process_group, device, dtype: see
+            :class:`~powernorm_fairseq.norms.base.MaskedNorm`.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> norm = PowerNormV(512)
+        >>> y = norm(torch.randn(7, 3, 512))
+    """
+
+    def __init__(self, num_features: int, eps: float = EPS, momentum: float = MOMENTUM,
+                 affine: bool = True, sync_stats: bool = False, process_group=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("running_psi2",
+                             torch.ones(num_features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_psi2.fill_(1.0)
+
+    def running_statistics(self) -> dict[str, Tensor]:
+        return {"psi2": self.running_psi2.detach()}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        weight, bias = self._affine_or_identity(self.running_psi2.dtype)
+        return weight * torch.rsqrt(self.running_psi2 + self.eps), bias.clone()
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        weight, bias = self._affine_or_identity(x2d.dtype)
+        if not self.training:
+            return torch.addcmul(bias, x2d, weight * torch.rsqrt(
+                self.running_psi2.to(x2d.dtype) + self.eps))
+        y, psi2_b, count = BatchStatNormFunction.apply(
+            x2d, weight, bias, keep, False, None, self.eps, self._sync(), self.process_group)
+        self._update_running(psi2_b, count)
+        return y
+
+    @torch.no_grad()
+    def _update_running(self, psi2_b: Tensor, count: Tensor) -> None:
+        """EMA of psi^2; skipped for a batch without real tokens or a non-finite statistic."""
+        ok = (count > 0) & torch.isfinite(psi2_b)
+        psi2 = self.running_psi2
+        psi2.copy_(torch.where(ok, torch.lerp(psi2, psi2_b.to(psi2.dtype), self.momentum), psi2))
