@@ -108,7 +108,7 @@ def test_citation_pattern_reads_every_form():
 
 
 def test_cited_spec_sections_exist():
-    """Code and presets cite "PAPER.md section N" (to become docs/SPEC.md): each N is a heading of
+    """Code and presets cite "docs/SPEC.md section N": each N is a heading of
     docs/SPEC.md numbered like the spec it replaces."""
     headings = {m.group(1) for m in re.finditer(r"^#{2,3} (\d+(?:\.\d+)?)\.? ",
                                                  (REPO / "docs" / "SPEC.md").read_text(), re.M)}

@@ -257,7 +257,7 @@ def test_paper_variant_follows_algorithm_2(warmup, growth, safeguard, on_device)
 
 
 def test_paper_and_reference_nu_equivalence():
-    """Without the released deviations, nu = (1 - alpha_bkw) * ema_gz (PAPER.md section 3)."""
+    """Without the released deviations, nu = (1 - alpha_bkw) * ema_gz (docs/SPEC.md section 3)."""
     paper = _make("power", {"group_num": 1}, dtype=torch.float64)
     ref = _make("power", {"variant": "reference", "group_num": 1}, dtype=torch.float64)
     ref.load_state_dict(paper.state_dict(), strict=False)

@@ -35,9 +35,9 @@ size. With ``sigma_B = sqrt(sigma_B^2 + eps)``, ``xs_i = (x_i - mu_B) / sigma_B`
     g_sigma^2_i  = -(1/sigma_B) xs_i (1/B) sum_k g_k xs_k
     g_psi^2_i    = -(1/psi_B)   xp_i (1/B) sum_k g_k xp_k
 
-These are the contributions of mu_B, sigma_B^2 (BN) and psi_B^2 (PN-V) to dL/dx (PAPER.md
+These are the contributions of mu_B, sigma_B^2 (BN) and psi_B^2 (PN-V) to dL/dx (docs/SPEC.md
 section 1); they are computed for every norm from the same ``x`` and ``g``.
-For the stability quantities of PN (PAPER.md section 7), ``z_i`` is the normalized activation the
+For the stability quantities of PN (docs/SPEC.md section 7), ``z_i`` is the normalized activation the
 layer actually produced, recovered from its output as ``z_i = (y_i - beta) / gamma``::
 
     Gamma_t  = (1/B) sum_i z_i^2          Lambda_t = (1/B) sum_i g_i z_i          (vectors in R^d)

@@ -1,6 +1,6 @@
 """PN as in Algorithm 2 of the paper (``variant="paper"``).
 
-Notation (per channel, PAPER.md sections 1-3): ``psi_B^2 = mean(x^2)`` over the real tokens of
+Notation (per channel, docs/SPEC.md sections 1-3): ``psi_B^2 = mean(x^2)`` over the real tokens of
 the batch, ``x_hat`` the normalized input, ``g = weight * dL/dy``,
 ``Gamma = mean(x_hat^2)`` and ``Lambda = mean(g * x_hat)`` over the real tokens.
 """

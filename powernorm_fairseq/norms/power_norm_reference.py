@@ -1,7 +1,7 @@
 """PN as in the released code's ``MaskPowerNorm`` (``variant="reference"``), number for number.
 
 Notation as in :mod:`~powernorm_fairseq.norms.power_norm_paper`; the deviations D1-D7 from
-Algorithm 2 are listed in :class:`PowerNormReference` (PAPER.md section 3).
+Algorithm 2 are listed in :class:`PowerNormReference` (docs/SPEC.md section 3).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, s
 class ReferencePowerFunction(torch.autograd.Function):
     r"""The released ``PowerFunction`` step: ``y = weight * x * rstd_fwd + bias``.
 
-    Backward (PAPER.md section 3, L85-94), with ``z = x * rstd_fwd``, ``c = 1 - alpha_bkw`` and
+    Backward (docs/SPEC.md section 3, L85-94), with ``z = x * rstd_fwd``, ``c = 1 - alpha_bkw`` and
     ``E`` the ``ema_gz`` buffer:
 
     - ``approx = g - c E z``; ``dL/dx = approx * rstd_bwd`` with ``rstd_bwd`` the BATCH statistic
@@ -199,7 +199,7 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
 class PowerNormReference(MaskedNorm):
     r"""PN as in the released ``MaskPowerNorm`` (``variant="reference"``), number for number.
 
-    Deviations from Algorithm 2 it reproduces (PAPER.md section 3):
+    Deviations from Algorithm 2 it reproduces (docs/SPEC.md section 3):
 
     - D4: per-token group RMS pre-scaling ``x / sqrt(mean_group(x^2) + 1e-5)`` in ``group_num``
       groups (1 = all channels), before everything else, also at eval; gradients flow through it

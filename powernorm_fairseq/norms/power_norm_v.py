@@ -1,4 +1,4 @@
-"""PN-V: power normalization by the batch quadratic mean (PAPER.md section 1)."""
+"""PN-V: power normalization by the batch quadratic mean (docs/SPEC.md section 1)."""
 
 from __future__ import annotations
 

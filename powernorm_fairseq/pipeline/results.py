@@ -1,7 +1,7 @@
 """Build the results tables and plots from the run records that ``scripts/reproduce.py`` writes.
 
 Nothing here is typed by hand: every number comes from a record; the paper's numbers are in their
-own, labelled columns (PAPER.md sections 0 and 5). Rerun after any run finishes, from the project
+own, labelled columns (docs/SPEC.md sections 0 and 5). Rerun after any run finishes, from the project
 directory (``--root`` names another; ``powernorm-results`` is the same command)::
 
     python scripts/make_results.py
@@ -37,7 +37,7 @@ SHORT = {s.short: s.short_label for s in NORM_SPECS}
 ORDER = [s.short for s in NORM_SPECS]
 # the norms the paper's questions name
 LN, BN, PNV, PN, PN_PAPER = ORDER
-# The paper's numbers (PAPER.md section 0: confirmed by the paper's text), one pair per row in
+# The paper's numbers (docs/SPEC.md section 0: confirmed by the paper's text), one pair per row in
 # ORDER; the paper has no row of its Algorithm 2 (PN_PAPER). PN in the paper was trained with the
 # released code, i.e. our "reference" variant.
 PAPER_T1 = dict(zip((LN, BN, PNV, PN), ((35.5, 29.5), (34.4, 28.1), (35.4, 28.5), (35.9, 30.1)), strict=True))
