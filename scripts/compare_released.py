@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -904,6 +905,24 @@ def _run_worker(kind: str, spec: dict, threads: int) -> None:
           flush=True)
 
 
+def parse_max_tokens(text: str, norms: list[str]) -> dict[str, int]:
+    """``--max-tokens``: ``"N"`` for every norm, or ``"power=N,batch=M,..."`` naming each of
+    ``norms``; returns {norm: tokens}."""
+    try:
+        if "=" not in text:
+            out = dict.fromkeys(norms, int(text))
+        else:
+            out = {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"--max-tokens {text!r}: give N or NORM=N,... (e.g. "
+                         "power=512,batch=256)") from None
+    missing, extra = sorted(set(norms) - set(out)), sorted(set(out) - set(norms))
+    if missing or extra or any(v < 1 for v in out.values()):
+        raise SystemExit(f"--max-tokens {text!r}: needs a positive size for each of --norms "
+                         f"{norms} (missing {missing}, not compared {extra})")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--released", required=True, type=Path,
@@ -915,7 +934,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--updates", type=int, default=50, help="optimizer updates (default 50)")
     p.add_argument("--warmup", type=int, default=20,
                    help="--warmup-updates of both programs (lr, and PN in the released code)")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch (default 4096)")
+    p.add_argument("--max-tokens", default="4096",
+                   help="tokens per batch: N for every norm, or NORM=N,... per norm "
+                        "(e.g. power=512,batch=256,layer=256; default 4096)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="norms whose workers run at the same time (default 1)")
     p.add_argument("--fwd-batches", type=int, default=2,
                    help="batches of the forward/backward comparison, the first training batches "
                         "with source padding (default 2)")
@@ -963,44 +986,63 @@ def main(argv=None) -> int:
         raise SystemExit(f"--norms: unknown {bad}; choose from {sorted(PRESETS)}")
     if args.updates < 4 or args.warmup >= args.updates:
         raise SystemExit("--updates must be >= 4 and larger than --warmup (both PN paths)")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: must be >= 1")
+    max_tokens = parse_max_tokens(args.max_tokens, norms)
     root = Path(tempfile.mkdtemp(prefix="compare_released_")) if args.work is None else args.work
     root.mkdir(parents=True, exist_ok=True)
-    base = {"released": str(released), "data": str(data), "updates": args.updates,
-            "warmup": args.warmup, "max_tokens": args.max_tokens,
-            "fwd_batches": args.fwd_batches, "resume_at": max(args.updates // 2, args.updates - 10),
-            "fwd": str(root / "fwd.pt"), "dtype": args.dtype,
-            "batches": str(root / "batches.pt"), "valid": str(root / "valid.pt"),
-            "batches_unpadded": str(root / "batches_unpadded.pt"),
-            "fwd_unpadded": str(root / "fwd_unpadded.pt")}
+    common = {"released": str(released), "data": str(data), "updates": args.updates,
+              "warmup": args.warmup, "fwd_batches": args.fwd_batches,
+              "resume_at": max(args.updates // 2, args.updates - 10), "dtype": args.dtype}
+
+    def batch_files(tokens: int) -> dict:  # one set of shared batches per --max-tokens
+        d = root / f"tokens{tokens}"
+        return {"max_tokens": tokens, "work": str(d), **{
+            k: str(d / f"{k}.pt") for k in ("batches", "fwd", "valid", "batches_unpadded",
+                                            "fwd_unpadded")}}
+
     t0 = time.time()
     if args.compare_only:
         if args.work is None:
             raise SystemExit("--compare-only needs --work DIR of an earlier run")
     else:
-        _run_worker("batches", dict(base, work=str(root)), args.threads)
+        for tokens in sorted(set(max_tokens.values())):
+            Path(batch_files(tokens)["work"]).mkdir(exist_ok=True)
+            _run_worker("batches", dict(common, **batch_files(tokens)), args.threads)
     record = {"command": "python scripts/compare_released.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "released_commit": _git_commit(released), "our_commit": _git_commit(REPO),
               "torch": torch.__version__, "python": sys.version.split()[0],
-              "shims": RELEASED_SHIMS, "float64_shims": FLOAT64_SHIMS, "rtol": args.rtol, "deviation": "max|ours - released| / "
-              "max|released| per tensor; integers must be equal",
-              "settings": {k: base[k] for k in ("updates", "warmup", "max_tokens", "fwd_batches",
-                                                "resume_at", "dtype")},
+              "shims": RELEASED_SHIMS, "float64_shims": FLOAT64_SHIMS, "rtol": args.rtol,
+              "deviation": "max|ours - released| / max|released| per tensor; integers must be "
+                           "equal",
+              "settings": dict(common, max_tokens=max_tokens, jobs=args.jobs),
               "data": str(data), "compare_only": args.compare_only, "norms": {}}
-    for norm in norms:
-        work = root / norm
-        work.mkdir(exist_ok=True)
-        spec = dict(base, norm=norm, work=str(work))
+
+    def spec_of(norm: str) -> dict:
+        files = batch_files(max_tokens[norm])
+        spec = dict(common, **files)
+        spec.update(norm=norm, work=str(root / norm))
         if norm == "batch":  # BN is checked on batches without source padding (README 3.4); the
             # padded forward/backward measures the documented pad-statistics deviation
-            spec.update(batches=base["batches_unpadded"], fwd=base["fwd_unpadded"],
-                        fwd_padded=base["fwd"])
-        if not args.compare_only:
-            _run_worker("released", spec, args.threads)
-            _run_worker("ours", spec, args.threads)
-            if norm == "power":
-                _run_worker("released_post", spec, args.threads)
-                _run_worker("ours_post", spec, args.threads)
+            spec.update(batches=files["batches_unpadded"], fwd=files["fwd_unpadded"],
+                        fwd_padded=files["fwd"])
+        return spec
+
+    def run_norm(norm: str) -> None:
+        spec = spec_of(norm)
+        Path(spec["work"]).mkdir(exist_ok=True)
+        _run_worker("released", spec, args.threads)
+        _run_worker("ours", spec, args.threads)
+        if norm == "power":
+            _run_worker("released_post", spec, args.threads)
+            _run_worker("ours_post", spec, args.threads)
+
+    if not args.compare_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(run_norm, norms))  # list(): a failed worker raises here
+    for norm in norms:
+        work = root / norm
         result = compare(norm, work, args.rtol, args.dtype)
         record["norms"][norm] = result
         tr, rs = result["training"], result["resume"]
