@@ -875,7 +875,10 @@ def float32_context(root: Path, rtol: float) -> dict:
         mine = row(r)
         ratios = {k: (mine[k] / control[k] if control[k] else None)
                   for k in ("loss", "gnorm", "final_params_and_buffers", "fwd_bwd_grads")}
-        out[n] = {"max": mine, "ratio_to_layer": ratios}
+        ran = json.loads((root / n / "spec_released.json").read_text())
+        out[n] = {"max": mine, "ratio_to_layer": ratios,
+                  "settings": {k: ran.get(k) for k in ("max_tokens", "updates", "warmup",
+                                                       "dtype", "batches")}}
     return out
 
 

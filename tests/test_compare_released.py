@@ -163,3 +163,16 @@ def test_step_in_param_dtype_float64_and_float32_unchanged(cr):
     _Float32Step([a]).step()
     opt_cls([b]).step()
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- --max-tokens
+
+def test_parse_max_tokens(cr):
+    norms = ["power", "batch", "layer"]
+    assert cr.parse_max_tokens("4096", norms) == dict.fromkeys(norms, 4096)
+    assert cr.parse_max_tokens("power=512, batch=256,layer=256", norms) == {
+        "power": 512, "batch": 256, "layer": 256}
+    for bad in ("power=512,batch=256", "power=512,batch=256,layer=256,rms=1", "lots",
+                "power=0,batch=1,layer=1"):
+        with pytest.raises(SystemExit, match="--max-tokens"):
+            cr.parse_max_tokens(bad, norms)
