@@ -28,6 +28,13 @@ the PN warmup; the output norms keep the released 1000):
 5. averaging: our ``scripts/average_checkpoints.py`` on the last three released checkpoints
    against the released ``scripts/average_checkpoints.py``.
 
+Both trainers run in ``--dtype`` (default float64: models, gradients and Adam states, after the
+runtime shims ``FLOAT64_SHIMS``, each a no-op for float32), so rounding is ~1e-16 and ``--rtol``
+checks the semantics over the whole trajectory. BN trains on batches without source padding
+(:func:`unpadded_batches`; the released BN dilutes its statistics with pads, a documented
+deviation, measured on the padded forward/backward batches). ``--float32-context DIR`` adds an
+earlier float32 run beside the LayerNorm control (context, not checked).
+
 Deviation = ``max|ours - released| / max|released|`` per tensor (scalars: relative difference);
 the check passes when every deviation is <= ``--rtol`` (1e-5). Integer buffers must be equal,
 except after averaging, where ours keeps the newest checkpoint's counters and the released script
