@@ -1,0 +1,178 @@
+"""The parts of ``scripts/compare_released.py`` that need no released code: the batches without
+source padding (the BN comparison) and the float64 runtime shims (each a no-op for float32)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cr():
+    spec = importlib.util.spec_from_file_location("compare_released",
+                                                  REPO / "scripts" / "compare_released.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare_released"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------- unpadded batches
+
+def test_unpadded_batches_one_source_length_within_budget(cr):
+    rng = np.random.RandomState(0)
+    src = rng.randint(1, 30, size=2000)
+    tgt = rng.randint(1, 40, size=2000)
+    src[:3] = 500  # longer than the budget: skipped
+    batches = cr.unpadded_batches(src, tgt, max_tokens=256)
+    assert len(batches) > 20
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen))
+    assert not {0, 1, 2} & set(seen)
+    for b in batches:
+        assert len(set(src[b].tolist())) == 1  # no source padding
+        tokens = len(b) * int(np.maximum(src[b], tgt[b]).max())
+        assert 128 <= tokens <= 256
+
+
+def test_unpadded_batches_order_is_seeded(cr):
+    src, tgt = np.repeat(np.arange(5, 15), 100), np.tile(np.arange(1, 11), 100)
+    a = cr.unpadded_batches(src, tgt, 64, seed=1)
+    assert a == cr.unpadded_batches(src, tgt, 64, seed=1)
+    assert a != cr.unpadded_batches(src, tgt, 64, seed=2)
+    assert sorted(map(sorted, a)) == sorted(map(sorted, cr.unpadded_batches(src, tgt, 64, 2)))
+
+
+def test_unpadded_batches_collate_without_source_pad(cr):
+    fairseq = pytest.importorskip("fairseq")
+    from fairseq.data import Dictionary, LanguagePairDataset
+
+    d = Dictionary()
+    for w in "abcdefgh":
+        d.add_symbol(w)
+    rng = np.random.RandomState(1)
+    src = [torch.tensor(rng.randint(d.nspecial, len(d), size=n).tolist() + [d.eos()])
+           for n in rng.randint(2, 6, size=200)]
+    tgt = [torch.tensor(rng.randint(d.nspecial, len(d), size=n).tolist() + [d.eos()])
+           for n in rng.randint(2, 9, size=200)]
+    ds = LanguagePairDataset(src, [len(s) for s in src], d, tgt, [len(t) for t in tgt], d)
+    assert fairseq.__version__
+    batches = cr.unpadded_batches(ds.src_sizes, ds.tgt_sizes, 40)
+    padded_targets = 0
+    for b in batches:
+        sample = ds.collater([ds[i] for i in b])
+        assert not sample["net_input"]["src_tokens"].eq(d.pad()).any()
+        assert sample["ntokens"] == sum(len(tgt[i]) for i in b)
+        padded_targets += int(sample["target"].eq(d.pad()).any())
+    assert padded_targets > 0  # only the source is unpadded; the decoder (LN) keeps padding
+
+
+def test_unpadded_batches_rejects_mismatched_sizes(cr):
+    with pytest.raises(ValueError, match="src_sizes"):
+        cr.unpadded_batches([1, 2, 3], [1, 2], 10)
+
+
+# ------------------------------------------------------------------------------ float64 shims
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g, dtype=dtype)) for n in (7, 30, 3)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
+    return params
+
+
+def test_grad_norm_shim_float64_and_float32_unchanged(cr):
+    pytest.importorskip("fairseq")
+    from fairseq import utils
+
+    shim = cr.clip_grad_norm_any_dtype(utils.clip_grad_norm_)
+    p64 = _params(torch.float64)
+    with pytest.raises(RuntimeError):  # why the shim exists: fairseq 0.12 norms in float32
+        utils.clip_grad_norm_(_params(torch.float64), 0.0)
+    exact = torch.cat([p.grad for p in p64]).pow(2).sum().sqrt()
+    total = shim(p64, 0.0)
+    assert total.dtype == torch.float64
+    assert abs(total.item() - exact.item()) <= 1e-14 * exact.item()
+    clipped = shim(p64, 1.0)  # clipping: every gradient scaled to a total norm of ~1
+    assert torch.equal(clipped, total)
+    assert abs(torch.cat([p.grad for p in p64]).norm().item() - 1.0) < 1e-6
+
+    a, b = _params(torch.float32), _params(torch.float32)
+    for max_norm in (0.0, 1.0):
+        ta, tb = utils.clip_grad_norm_(a, max_norm), shim(b, max_norm)
+        assert ta.dtype == tb.dtype == torch.float32 and torch.equal(ta, tb)
+        assert all(torch.equal(x.grad, y.grad) for x, y in zip(a, b, strict=True))
+
+
+def test_softmax_shim_keeps_float64_and_float32_unchanged(cr):
+    pytest.importorskip("fairseq")
+    from fairseq import utils
+
+    x = torch.randn(3, 5, 11, dtype=torch.float64)
+    assert utils.log_softmax(x, dim=-1).dtype == torch.float32  # why the shim exists
+    for original, torch_fn in ((utils.softmax, F.softmax), (utils.log_softmax, F.log_softmax)):
+        shim = cr.softmax_keeping_float64(original, torch_fn)
+        y = shim(x, dim=-1)
+        assert y.dtype == torch.float64 and torch.equal(y, torch_fn(x, dim=-1))
+        x32 = x.float()
+        assert torch.equal(shim(x32, dim=-1), original(x32, dim=-1))
+        assert torch.equal(shim(x32, -1, onnx_trace=True), original(x32, -1, onnx_trace=True))
+
+
+class _Float32Step(torch.optim.Optimizer):
+    """fairseq 0.8's pattern: compute on ``.float()`` copies, then copy back."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 1.0})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                data = p.data.float()
+                data.add_(p.grad.data.float(), alpha=-1e-9)
+                p.data.copy_(data)
+
+
+def test_step_in_param_dtype_float64_and_float32_unchanged(cr):
+    before = torch.Tensor.float
+    opt_cls = type("Shimmed", (_Float32Step,), {})
+    opt_cls.step = cr.step_in_param_dtype(_Float32Step.step)
+
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    p.grad = q.grad = torch.full((4,), 1.0 + 2**-40, dtype=torch.float64)
+    _Float32Step([q]).step()
+    assert torch.equal(q.detach(), torch.ones(4, dtype=torch.float64))  # float32: step lost
+    opt_cls([p]).step()
+    assert torch.equal(p.detach(), 1.0 - 1e-9 * p.grad)  # float64: the step is there
+    assert torch.Tensor.float is before or "float" not in torch.Tensor.__dict__
+    assert torch.ones(2, dtype=torch.float64).float().dtype == torch.float32  # restored
+
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(a.detach().clone())
+    a.grad = b.grad = torch.randn(5) * 1e6
+    _Float32Step([a]).step()
+    opt_cls([b]).step()
+    assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------- --max-tokens
+
+def test_parse_max_tokens(cr):
+    norms = ["power", "batch", "layer"]
+    assert cr.parse_max_tokens("4096", norms) == dict.fromkeys(norms, 4096)
+    assert cr.parse_max_tokens("power=512, batch=256,layer=256", norms) == {
+        "power": 512, "batch": 256, "layer": 256}
+    for bad in ("power=512,batch=256", "power=512,batch=256,layer=256,rms=1", "lots",
+                "power=0,batch=1,layer=1"):
+        with pytest.raises(SystemExit, match="--max-tokens"):
+            cr.parse_max_tokens(bad, norms)
