@@ -5,8 +5,8 @@
 
 PATH is a checkout of https://github.com/sIncerass/powernorm (GPL-3.0, a fairseq 0.8 fork); DATA_BIN
 a fairseq-preprocessed translation corpus with a joined dictionary (shared embeddings). Nothing of
-PATH is copied here: it is imported at run time in its own process, with PATH first on
-``sys.path`` (both programs are packages named ``fairseq``), after the runtime shims listed in
+PATH is copied here: it is imported at run time in its own process, with PATH first on the
+import path (``PYTHONPATH``; both programs are packages named ``fairseq``), after the runtime shims listed in
 the output (``RELEASED_SHIMS``) that let fairseq 0.8 import and run under Python 3.11 and torch 2.
 
 For each norm (released ``--encoder-norm-self/-ff power|batch|layer``, decoder ``layer``, arch
@@ -131,11 +131,16 @@ def _batches(path: Path) -> list[dict]:
 # ------------------------------------------------------------------------- released program
 
 def apply_released_shims(released: Path) -> list[str]:
-    """Put ``released`` first on ``sys.path`` and patch what fairseq 0.8 needs (see
-    ``RELEASED_SHIMS``); returns the shim names."""
+    """Patch what fairseq 0.8 needs (see ``RELEASED_SHIMS``) in a worker whose ``PYTHONPATH``
+    starts with ``released`` (``_run_worker``); returns the shim names."""
+    import importlib.util
+
     import numpy as np
 
-    sys.path.insert(0, str(released))
+    found = importlib.util.find_spec("fairseq")  # where `import fairseq` will come from, unrun
+    if found is None or not Path(found.origin).resolve().is_relative_to(released.resolve()):
+        raise SystemExit(f"the released worker would import fairseq from {found and found.origin}, "
+                         f"not from {released}: start it through _run_worker (PYTHONPATH={released})")
     if not hasattr(np, "float") or np.float is not float:  # numpy >= 1.24
         np.float = float
     load = torch.load

@@ -105,7 +105,9 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     assert "| multi30k | pn_s1 | interrupted" in status
     assert "| multi30k | pnv_s1 | to do |" in status
     assert "Spent: 3.00 core-hours" in status
-    assert "multi30k: 3 run(s) not done, about 6.0 core-hours at the mean of its 1 done run(s)" in status
+    # every run of the campaign is listed (5 norms x 3 seeds per corpus), not only this call's
+    assert "multi30k: 14 run(s) not done, about 28.0 core-hours at the mean of its 1 done run(s)" in status
+    assert "| ptb | pnpaper_s3 | to do |" in status and "ptb: 15 run(s) not done" in status
 
 
 def converged_record(norm, seed, bleu, **extra):

@@ -69,6 +69,7 @@ NORMS = NORM_SHORTS
 LN = NORMS[0]  # the baseline every norm is compared with
 PATIENCE = 5        # the released --early-stop 5
 AVERAGE_EPOCHS = 5  # the paper averages the last 5 epoch checkpoints
+CONVERGED_SEEDS = (1, 2, 3)  # the issue's >= 3 seeds; status.md lists every one of them
 
 
 def _to_convergence(corpus: Corpus, keep_last_epochs: int, max_epoch: int | None = None) -> list[str]:
@@ -401,6 +402,8 @@ def write_status(args) -> None:
             names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")}
             if campaign == args.campaign and corpus == args.corpus:
                 names |= {f"{n}_s{s}" for n in args.norms for s in args.seed_list}
+            if campaign == "converged":  # the whole campaign, whichever corpus this call runs
+                names |= {f"{n}_s{s}" for n in NORMS for s in CONVERGED_SEEDS}
             for name in sorted(names, key=lambda n: (NORMS.index(n.split("_s")[0]) if n.split("_s")[0] in NORMS
                                                      else 99, int(n.split("_s")[1]))):
                 norm, seed = name.split("_s")
