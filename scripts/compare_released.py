@@ -910,7 +910,7 @@ def _run_worker(kind: str, spec: dict, threads: int) -> None:
     spec_path = Path(spec["work"]) / f"spec_{kind}.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    if kind == "released":  # the released checkout, never this repository, provides `fairseq`
+    if kind.startswith("released"):  # the released checkout, never this repository, provides `fairseq`
         env["PYTHONPATH"] = spec["released"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, str(spec_path)]
     t0 = time.time()

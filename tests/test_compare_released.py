@@ -176,3 +176,26 @@ def test_parse_max_tokens(cr):
                 "power=0,batch=1,layer=1"):
         with pytest.raises(SystemExit, match="--max-tokens"):
             cr.parse_max_tokens(bad, norms)
+
+
+# ---------------------------------------------------------------- the released worker's imports
+
+@pytest.mark.parametrize("kind", ["released", "released_post", "ours", "ours_post"])
+def test_every_released_worker_imports_fairseq_from_the_released_checkout(cr, kind, tmp_path, monkeypatch):
+    """Both released workers (training and the post-warmup phase) get the released checkout first on
+    PYTHONPATH (no sys.path edit); our workers never do."""
+    seen = {}
+
+    def fake_run(cmd, env, cwd):
+        seen.update(env=env, cmd=cmd)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(cr.subprocess, "run", fake_run)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    cr._run_worker(kind, {"work": str(tmp_path), "released": "/released/checkout"}, threads=1)
+    assert (seen["env"].get("PYTHONPATH") == "/released/checkout") == kind.startswith("released")
+
+
+def test_released_shims_refuse_a_worker_that_would_import_our_fairseq(cr, tmp_path):
+    with pytest.raises(SystemExit, match="would import fairseq from"):
+        cr.apply_released_shims(tmp_path)  # this process's fairseq is 0.12, not under tmp_path
