@@ -75,7 +75,10 @@ def cli_main() -> None:
     """Console script ``powernorm-hydra-train`` (arguments as ``fairseq-hydra-train``)."""
     from fairseq_cli import hydra_train
 
-    import powernorm_fairseq.models  # noqa: F401  (registers the models, applies compat)
+    # the plugin's models and criterions, registered before hydra composes, so that their
+    # dataclass defaults are in the config (fairseq would import common.user_dir only later)
+    import powernorm_fairseq.criterions  # noqa: F401
+    import powernorm_fairseq.models  # noqa: F401  (also applies compat)
 
     sys.argv = _with_config_dir(sys.argv)
     # hydra_main (hydra's entry) calls the module's _hydra_main by name: check the config first

@@ -104,7 +104,9 @@ def resolve(name: str, overrides: Sequence[str] = (), directory: str | os.PathLi
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
-    import powernorm_fairseq.models  # noqa: F401  (registers the models: add_defaults needs them)
+    # the plugin's models and criterions, as hydra_train registers them: add_defaults needs them
+    import powernorm_fairseq.criterions  # noqa: F401
+    import powernorm_fairseq.models  # noqa: F401
 
     path = preset_path(name, directory)
     hydra_init(name)

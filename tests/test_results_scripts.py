@@ -192,7 +192,7 @@ def _composed(name: str, overrides: list[str]) -> dict:
 
     hydra_init(name)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.1"):
         cfg = compose(name, overrides=overrides)
     add_defaults(cfg)
     return OmegaConf.to_container(cfg)
