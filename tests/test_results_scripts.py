@@ -257,3 +257,15 @@ def test_the_campaigns_tracked_runs_record_norm_stats_without_the_flag(tmp_path)
     assert tracked("multi30k", 1)
     assert not tracked("multi30k", 2) and not tracked("ptb", 1) and not tracked("multi30k", 1, campaign="budget")
     assert tracked("multi30k", 2, flag=True)
+
+
+def test_collect_keeps_a_capped_runs_stopping_note(tmp_path):
+    reproduce = load_script("reproduce")
+    args = reproduce.argparse.Namespace(campaign="converged", threads=1, track_norm_stats=False,
+                                        override=[], root=str(tmp_path))
+    run = reproduce.Run("ptb", "ln", 1, args)
+    run.dir.mkdir(parents=True)
+    (run.dir / "train.log").write_text(LOG)  # no early stop in the log
+    run.save(status="done", stopped_by="epoch cap (12 epochs; not converged by the rule)")
+    run.collect()
+    assert run.record["stopped_by"].startswith("epoch cap")

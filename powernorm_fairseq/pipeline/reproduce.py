@@ -268,7 +268,10 @@ class Run:
         """Refresh what a record takes from the training log (validation curve, speed)."""
         log = self.dir / "train.log"
         if log.exists():
-            self.save(**parse_log(log))
+            parsed = parse_log(log)
+            if parsed.get("stopped_by") is None:  # the log has no early stop: keep the record's
+                parsed.pop("stopped_by")           # (a run done by the epoch cap says so there)
+            self.save(**parsed)
             self.save(core_hours=self.core_hours())
 
     def checkpoint_for(self, which: str) -> Path:
