@@ -899,11 +899,17 @@ def float32_context(root: Path, rtol: float) -> dict:
 # ---------------------------------------------------------------------------------------- main
 
 def _git_commit(path: Path) -> str | None:
+    """HEAD of the checkout at ``path``, with ``+modified`` when tracked files differ from it (the
+    record then names a commit the code that ran is not), or None outside a git checkout."""
     try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True,
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True,
                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain",
+                                "--untracked-files=no"], check=True, capture_output=True,
+                               text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head + ("+modified" if dirty else "")
 
 
 def _run_worker(kind: str, spec: dict, threads: int) -> None:

@@ -199,3 +199,25 @@ def test_every_released_worker_imports_fairseq_from_the_released_checkout(cr, ki
 def test_released_shims_refuse_a_worker_that_would_import_our_fairseq(cr, tmp_path):
     with pytest.raises(SystemExit, match="would import fairseq from"):
         cr.apply_released_shims(tmp_path)  # this process's fairseq is 0.12, not under tmp_path
+
+
+# ------------------------------------------------------------------------- record provenance
+
+def test_the_record_marks_a_commit_whose_tracked_files_were_modified(cr, tmp_path):
+    """A comparison run on uncommitted code must not be recorded as the bare HEAD commit."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    head = cr._git_commit(tmp_path)
+    assert len(head) == 40 and "+" not in head
+    (tmp_path / "untracked.txt").write_text("scratch\n")  # untracked files are not code that ran
+    assert cr._git_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert cr._git_commit(tmp_path) == head + "+modified"
+    assert cr._git_commit(tmp_path / "missing") is None

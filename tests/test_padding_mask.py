@@ -78,3 +78,38 @@ def test_torchscript_of_a_whole_model_is_refused_with_a_clear_error(arch, tiny_m
         _, model, _ = build(tiny_mt_data, arch, "--encoder-norm", "power", "--decoder-norm", "power")
     with pytest.raises(RuntimeError, match="do not support TorchScript"):
         torch.jit.script(model.eval())
+
+
+def test_encoder_pad_inputs_embedding_gives_the_first_layer_fairseq_08s_padded_positions(
+        tiny_mt_data):
+    """``--encoder-pad-inputs embedding``: the first encoder layer sees the pad token's embedding
+    at padded positions (fairseq 0.8, the released program), where fairseq >= 0.10 has zeros; the
+    loss is the same, the reference PN's ``ema_gz`` (a mean over all positions) is not."""
+    from test_fairseq_models import batches, build
+
+    results = {}
+    for mode in ("zero", "embedding"):
+        task, model, _ = build(tiny_mt_data, "transformer_pn_tiny", "--encoder-norm", "power",
+                               "--pn-variant", "reference", "--dropout", "0",
+                               "--encoder-pad-inputs", mode)
+        with torch.no_grad():  # trained through a shared output projection, the pad row moves
+            model.encoder.embed_tokens.weight[task.source_dictionary.pad()] = 0.5
+        sample = next(b for b in batches(task, "train") if b["net_input"]["src_tokens"].eq(
+            task.source_dictionary.pad()).any())
+        seen = []
+        model.encoder.layers[0].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(args[0].detach().clone()), with_kwargs=True)
+        model.train()
+        for _ in range(2):  # the second backward starts from a non-zero ema_gz
+            out, _ = model(**sample["net_input"])
+            out.float().pow(2).mean().backward()
+        results[mode] = (seen[0], out.detach(),
+                         model.encoder.layers[0].self_attn_layer_norm.ema_gz.clone())
+    pads = sample["net_input"]["src_tokens"].eq(task.source_dictionary.pad()).t()  # (S, B)
+    (x0, out0, ema0), (x1, out1, ema1) = results["zero"], results["embedding"]
+    assert torch.equal(x0[pads], torch.zeros_like(x0[pads]))
+    scale = model.encoder.embed_scale
+    assert torch.allclose(x1[pads], torch.full_like(x1[pads], 0.5 * scale))
+    assert torch.equal(x0[~pads], x1[~pads])
+    assert torch.allclose(out0, out1, atol=1e-6)  # pads never reach a real position
+    assert not torch.allclose(ema0, ema1)

@@ -150,6 +150,7 @@ def test_released_model_options():
     assert opts["decoder_cross_attn_norm"] == opts["decoder_final_norm"] == "layer"
     assert (opts["pn_variant"], opts["pn_warmup_updates"], opts["pn_final_warmup_updates"]) == \
         ("reference", 8000, 1000)
+    assert opts["encoder_pad_inputs"] == "embedding"  # fairseq 0.8 did not zero the pads
     args.encoder_norm_ff = "group"
     with pytest.raises(ValueError, match="group"):
         released_model_options(args)

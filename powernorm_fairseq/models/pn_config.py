@@ -37,6 +37,8 @@ from powernorm_fairseq.norms import NORM_CHOICES, POWER_VARIANTS, defaults
 NORM_CHOICE_ENUM = ChoiceEnum(list(NORM_CHOICES))
 PN_VARIANT_CHOICES = tuple(POWER_VARIANTS)
 PN_VARIANT_ENUM = ChoiceEnum(list(PN_VARIANT_CHOICES))
+PAD_INPUT_CHOICES = ("zero", "embedding")
+PAD_INPUT_ENUM = ChoiceEnum(list(PAD_INPUT_CHOICES))
 
 _SITE_HELP = "norm at the {site} (default: inherit --{side}-norm)"
 
@@ -65,6 +67,17 @@ class PNEncoderConfig(EncDecBaseConfig):
     ffn_norm: Optional[NORM_CHOICE_ENUM] = _site_field("encoder", "FFN input")
     final_norm: Optional[NORM_CHOICE_ENUM] = _site_field(
         "encoder", "encoder output (after the last layer)"
+    )
+    # fairseq >= 0.10 multiplies the embedded source by (1 - padding mask); fairseq 0.8 did not
+    pad_inputs: PAD_INPUT_ENUM = field(
+        default="zero",
+        metadata={
+            "help": "what the encoder's padded positions hold when they enter the first layer: "
+            "zero (fairseq >= 0.10) or embedding (the pad token's embedding, as in fairseq 0.8 "
+            "and the paper's released program; with shared embeddings the output projection "
+            "trains that row). Only the reference PN reads padded positions (its backward "
+            "averages over all positions, pads included), so it alone can tell them apart"
+        },
     )
 
 

@@ -100,12 +100,12 @@ def released_model_options(args) -> dict[str, Any]:
     The released ``--encoder-norm-ff`` also chooses the encoder's output norm (its
     ``encoder.layer_norm``), likewise on the decoder side. PN sites take the released
     ``--warmup-updates`` (shared with the learning rate), the output norms 1000 (the released
-    ``NormSelect`` default).
+    ``NormSelect`` default). The encoder's padded positions keep the pad embedding (fairseq 0.8).
 
     Raises:
         ValueError: a released norm name we do not implement (``group`` etc.).
     """
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"encoder_pad_inputs": "embedding"}  # fairseq 0.8 kept the pads
     for side in ("encoder", "decoder"):
         names = {site: getattr(args, f"{side}_norm_{flag}", "layer")
                  for site, flag in (("self_attn", "self"), ("ffn", "ff"))}

@@ -1,15 +1,19 @@
 """fairseq transformer encoder and decoder built from the PN layers, with a masked output norm.
 
-The stacks differ from fairseq's in three places only: the layer factory hooks build
+The stacks differ from fairseq's in four places only: the layer factory hooks build
 :class:`~powernorm_fairseq.modules.transformer_layer.TransformerPNEncoderLayer` /
 ``TransformerPNDecoderLayer``, the output norm (``layer_norm``, present in pre-norm models) is built
-by the site factory, and fairseq's own forward passes (``forward_scriptable`` /
+by the site factory, fairseq's own forward passes (``forward_scriptable`` /
 ``extract_features_scriptable``) run with the padding mask set for that output norm
-(:mod:`~powernorm_fairseq.modules.padding_mask`).
+(:mod:`~powernorm_fairseq.modules.padding_mask`), and with ``encoder.pad_inputs = embedding`` the
+encoder's first layer gets the padded positions as fairseq 0.8 had them (:func:`restore_pad_inputs`).
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
+import torch
 from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
@@ -28,6 +32,26 @@ def _wrap_layer(layer: nn.Module, cfg) -> nn.Module:
     return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
 
 
+# the embedded source (B, S, C) before fairseq zeroed its pads, between the embedding and the
+# first layer that runs (encoder.pad_inputs = embedding)
+_EMBEDDED_SOURCE: ContextVar[Tensor | None] = ContextVar("powernorm_fairseq_embedded_source",
+                                                         default=None)
+
+
+def restore_pad_inputs(layer: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook (``with_kwargs=True``) of every encoder layer for
+    ``encoder.pad_inputs = embedding``: the first layer that runs receives, at the padded
+    positions, the embedded source as fairseq 0.8 left it (``forward_embedding``'s output), where
+    fairseq >= 0.10 has zeros. ``x``: ``(S, B, C)``; ``encoder_padding_mask``: ``(B, S)``."""
+    embedded = _EMBEDDED_SOURCE.get()
+    mask = kwargs.get("encoder_padding_mask")
+    if embedded is None or mask is None or not args:
+        return None
+    _EMBEDDED_SOURCE.set(None)  # once: later layers see what the first one made of it
+    x = torch.where(mask.t().unsqueeze(-1), embedded.transpose(0, 1), args[0])
+    return (x, *args[1:]), kwargs
+
+
 class TransformerPNEncoder(TransformerEncoderBase):
     """Transformer encoder whose norms come from the config (see ``pn_config``).
 
@@ -43,6 +67,18 @@ class TransformerPNEncoder(TransformerEncoderBase):
             self.layer_norm = attach_padding_mask(build_site_norm(
                 cfg, "encoder", "final", embed_tokens.embedding_dim, cfg.encoder.attention_heads
             ))
+        self.pad_inputs = str(getattr(cfg.encoder, "pad_inputs", "zero"))
+        if self.pad_inputs == "embedding":
+            for layer in self.layers:
+                layer.register_forward_pre_hook(restore_pad_inputs, with_kwargs=True)
+
+    def forward_embedding(self, src_tokens: Tensor, token_embeddings: Tensor | None = None):
+        """fairseq's source embedding ``(B, S, C)``; kept for :func:`restore_pad_inputs` when
+        ``encoder.pad_inputs = embedding``."""
+        x, embed = super().forward_embedding(src_tokens, token_embeddings)
+        if self.pad_inputs == "embedding":
+            _EMBEDDED_SOURCE.set(x)
+        return x, embed
 
     def build_encoder_layer(self, cfg):
         return _wrap_layer(TransformerPNEncoderLayer(cfg, return_fc=self.return_fc), cfg)
@@ -66,10 +102,14 @@ class TransformerPNEncoder(TransformerEncoderBase):
             ``encoder_padding_mask``: ``[(B, S)]``, ...).
         """
         # the mask fairseq hands its layers: None for a batch without pads
-        with padding_mask_for_norms(_mask_or_none(src_tokens.eq(self.padding_idx))):
-            return super().forward_scriptable(
-                src_tokens, src_lengths, return_all_hiddens, token_embeddings
-            )
+        token = _EMBEDDED_SOURCE.set(None)
+        try:
+            with padding_mask_for_norms(_mask_or_none(src_tokens.eq(self.padding_idx))):
+                return super().forward_scriptable(
+                    src_tokens, src_lengths, return_all_hiddens, token_embeddings
+                )
+        finally:
+            _EMBEDDED_SOURCE.reset(token)
 
 
 class TransformerPNDecoder(TransformerDecoderBase):
