@@ -269,3 +269,73 @@ def test_collect_keeps_a_capped_runs_stopping_note(tmp_path):
     run.save(status="done", stopped_by="epoch cap (12 epochs; not converged by the rule)")
     run.collect()
     assert run.record["stopped_by"].startswith("epoch cap")
+
+
+STATS_HEADER = "step,micro,layer,norm,tokens,d,mu_dist,var_dist,psi2_dist,g_mu,g_var,g_psi2,gamma_mean,gamma_max,lambda,nu\n"
+
+
+def _stats_csv(norm: str, steps: int = 20) -> str:
+    return STATS_HEADER + "".join(
+        f"{i},0,encoder.layers.0.self_attn_layer_norm,{norm},100,8,{0.1 + i / 100},{0.2 + i / 50},"
+        f"{0.3},{1e-4},{2e-4},{3e-4},,,,\n" for i in range(steps))
+
+
+def test_a_finished_runs_analyses_are_kept_in_the_records(tmp_path):
+    """collect of a finished run copies its tracked statistics beside the record and stores its
+    averaged model's embedding spectrum, so make_results needs no run directory (issue 15)."""
+    import torch
+
+    reproduce = load_script("reproduce")
+    args = reproduce.argparse.Namespace(campaign="converged", threads=1, track_norm_stats=False,
+                                        override=[], root=str(tmp_path))
+    run = reproduce.Run("multi30k", "bn", 1, args)
+    run.dir.mkdir(parents=True)
+    (run.dir / "norm_stats.csv").write_text(_stats_csv("batch"))
+    torch.manual_seed(0)
+    weight = torch.randn(30, 6)
+    torch.save({"model": {"encoder.embed_tokens.weight": weight}}, run.dir / "checkpoint_avg.pt")
+    run.save(status="training")
+    run.collect()  # unfinished: nothing kept yet
+    assert "embedding_spectrum" not in run.record and not run.stats_record.exists()
+    run.save(status="done")
+    run.collect()
+    assert run.stats_record.read_text() == _stats_csv("batch")
+    assert run.record["norm_stats"] == "bn_s1.norm_stats.csv"
+    spectrum = run.record["embedding_spectrum"]
+    expected = torch.linalg.svdvals(weight.double())
+    assert spectrum["shape"] == [30, 6] and spectrum["values"][0] == 1.0
+    assert spectrum["values"] == pytest.approx((expected / expected[0]).tolist(), abs=1e-6)
+    saved = json.loads(run.record_path.read_text())
+    assert saved["embedding_spectrum"] == spectrum
+
+
+def test_make_results_draws_the_analyses_from_the_converged_records(tmp_path):
+    make_results = load_script("make_results")
+    results = tmp_path / "results"
+    runs = results / "runs" / "multi30k"
+    runs.mkdir(parents=True)
+    (results / "analysis.md").write_text("# A\n<!-- converged:begin -->\nSTALE\n<!-- converged:end -->\npilot\n")
+    spectra = {"ln": [1.0, 0.5, 0.25, 0.1, 0.05], "pn": [1.0, 0.6, 0.4, 0.3, 0.2]}
+    for norm in ("ln", "pn"):
+        for seed in (1, 2):
+            (runs / f"{norm}_s{seed}.json").write_text(json.dumps({
+                "norm": norm, "seed": seed, "status": "done",
+                "embedding_spectrum": {"values": [v * (1 if seed == 1 else 0.9) if i else 1.0
+                                                  for i, v in enumerate(spectra[norm])]}}))
+    lines = make_results.build_analyses(tmp_path)
+    assert any("Figs. 2-4" in line and "waiting" in line and "BN and PN-V" in line for line in lines)
+    curves = json.loads((results / "fig6_embedding_spectrum_converged.json").read_text())["values"]
+    assert curves["LN (2 seeds)"] == pytest.approx([1.0, 0.475, 0.2375, 0.095, 0.0475])
+    assert (results / "fig6_embedding_spectrum_converged.png").read_bytes()[:4] == b"\x89PNG"
+    for norm, name in (("bn", "batch"), ("pnv", "power_v")):
+        (runs / f"{norm}_s1.json").write_text(json.dumps({
+            "norm": norm, "seed": 1, "status": "done", "last_epoch": 30,
+            "norm_stats": f"{norm}_s1.norm_stats.csv"}))
+        (runs / f"{norm}_s1.norm_stats.csv").write_text(_stats_csv(name))
+    lines = make_results.build_analyses(tmp_path)
+    assert (results / "fig4_norm_stats_converged.png").read_bytes()[:4] == b"\x89PNG"
+    assert (results / "fig2_3_mean_stats_converged.png").is_file()
+    assert "BN seed 1, 30 epochs, `bn_s1.norm_stats.csv`" in "\n".join(lines)
+    make_results.update_between(results / "analysis.md", "converged", lines)
+    text = (results / "analysis.md").read_text()
+    assert "STALE" not in text and "fig4_norm_stats_converged.png" in text and text.endswith("pilot\n")

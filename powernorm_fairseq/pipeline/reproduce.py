@@ -265,7 +265,8 @@ class Run:
         return "interrupted (rerun the command to resume)"
 
     def collect(self) -> None:
-        """Refresh what a record takes from the training log (validation curve, speed)."""
+        """Refresh what a record takes from the training log (validation curve, speed), and for a
+        finished run what the analyses need (:meth:`keep_analyses`)."""
         log = self.dir / "train.log"
         if log.exists():
             parsed = parse_log(log)
@@ -273,6 +274,32 @@ class Run:
                 parsed.pop("stopped_by")           # (a run done by the epoch cap says so there)
             self.save(**parsed)
             self.save(core_hours=self.core_hours())
+        if self.record.get("status") == "done":
+            self.keep_analyses()
+
+    @property
+    def stats_record(self) -> Path:
+        """Where a finished tracked run's norm statistics go: beside its record."""
+        return self.record_path.with_name(f"{self.name}.norm_stats.csv")
+
+    def keep_analyses(self) -> None:
+        """Keep in the records what the paper's analyses read from a finished run, so that
+        ``make_results`` needs no run directory: the tracked norm statistics (Figs. 2-4;
+        ``runs/.../norm_stats.csv`` copied beside the record) and the normalized singular values
+        of the averaged model's word embedding (Fig. 6; ``embedding_spectrum`` in the record)."""
+        stats = self.dir / "norm_stats.csv"
+        if stats.is_file() and not self.stats_record.exists():
+            atomic_write_text(self.stats_record, stats.read_text())
+            self.save(norm_stats=self.stats_record.name)
+        avg = self.checkpoint_for("avg")
+        if "embedding_spectrum" not in self.record and avg.is_file():
+            from powernorm_fairseq.analysis.spectrum import load_embedding, normalized_spectrum
+
+            weight, key = load_embedding(avg)
+            values = normalized_spectrum(weight)
+            self.save(embedding_spectrum={"checkpoint": "avg", "key": key,
+                                          "shape": list(weight.shape),
+                                          "values": [round(float(v), 6) for v in values]})
 
     def checkpoint_for(self, which: str) -> Path:
         return {"avg": self.dir / "checkpoint_avg.pt", "best": self.dir / "checkpoint_best.pt",
@@ -353,6 +380,7 @@ class Run:
                 self.average(log)
             for which in self.campaign.evaluations:
                 self.evaluate(which, log)
+            self.keep_analyses()
             self.save(status="done", commit=git_commit(), core_hours=self.core_hours())
             self.log("done")
         finally:
