@@ -307,6 +307,11 @@ def test_a_finished_runs_analyses_are_kept_in_the_records(tmp_path):
     assert spectrum["values"] == pytest.approx((expected / expected[0]).tolist(), abs=1e-6)
     saved = json.loads(run.record_path.read_text())
     assert saved["embedding_spectrum"] == spectrum
+    # a process with an older copy of the record overwrote it: the next collect restores both
+    run.record.pop("norm_stats"), run.record.pop("embedding_spectrum")
+    run.save()
+    run.collect()
+    assert run.record["norm_stats"] == "bn_s1.norm_stats.csv" and run.record["embedding_spectrum"] == spectrum
 
 
 def test_make_results_draws_the_analyses_from_the_converged_records(tmp_path):

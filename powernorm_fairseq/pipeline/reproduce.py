@@ -290,6 +290,9 @@ class Run:
         stats = self.dir / "norm_stats.csv"
         if stats.is_file() and not self.stats_record.exists():
             atomic_write_text(self.stats_record, stats.read_text())
+        # also when only the field went missing (a process holding an older copy of the record
+        # saved it): every collect restores what the record lacks
+        if self.stats_record.exists() and self.record.get("norm_stats") != self.stats_record.name:
             self.save(norm_stats=self.stats_record.name)
         avg = self.checkpoint_for("avg")
         if "embedding_spectrum" not in self.record and avg.is_file():
