@@ -20,7 +20,8 @@ the PN warmup; the output norms keep the released 1000):
    :func:`powernorm_fairseq.models.released.map_released_state_dict`): loss, every gradient,
    every norm buffer, on ``--fwd-batches`` batches;
 3. training: ``--updates`` optimizer updates with each program's own trainer, optimizer
-   (Adam, weight decay), schedule (inverse_sqrt) and criterion: loss, grad norm, lr and norm
+   (Adam, weight decay), schedule (inverse_sqrt) and criterion, each on ``--update-freq``
+   batches (gradient accumulation; PN's counter counts forwards): loss, grad norm, lr and norm
    buffers at every update, all parameters and buffers at the end;
 4. resume: our trainer loads the released checkpoint of update ``--updates // 2`` (model,
    optimizer, schedule) and trains the remaining updates; our model loaded from the released
@@ -281,7 +282,7 @@ def released_argv(spec: dict) -> list[str]:
         "--lr-scheduler", "inverse_sqrt", "--warmup-init-lr", "1e-07",
         "--warmup-updates", str(spec["warmup"]), "--lr", "0.0015", "--min-lr", "1e-09",
         "--label-smoothing", "0.1", "--weight-decay", "0.0001",
-        "--max-tokens", str(spec["max_tokens"]), "--update-freq", "1",
+        "--max-tokens", str(spec["max_tokens"]), "--update-freq", str(_update_freq(spec)),
         "--ddp-backend", "no_c10d", "--criterion", "label_smoothed_cross_entropy",
         "--save-dir", spec["work"], "--cpu",
     ]
@@ -343,9 +344,9 @@ def released_worker(spec: dict) -> None:
 
     trainer = Trainer(args, task, model, criterion)
 
-    def step(sample):
+    def step(samples):
         lr = trainer.get_lr()
-        log = trainer.train_step([sample])
+        log = trainer.train_step(samples)
         return {"loss": float(log["loss"]), "nll_loss": float(log["nll_loss"]),
                 "gnorm": float(trainer.get_meter("gnorm").val), "lr": float(lr),
                 "sample_size": int(log["sample_size"]), "num_updates": trainer.get_num_updates()}
@@ -391,13 +392,18 @@ def avg_names(spec: dict) -> list[str]:
     return [f"checkpoint{i}.pt" for i in (1, 2, 3)]
 
 
+def _update_freq(spec: dict) -> int:
+    return int(spec.get("update_freq", 1))  # records before --update-freq ran with 1
+
+
 def train_loop(step, model, batches, spec, save, out: Path, start: int = 0) -> None:
-    """``step(sample)`` for updates ``start+1 .. --updates``; records every update, saves the
-    resume checkpoint and the three averaging checkpoints (the last three updates)."""
-    updates = spec["updates"]
+    """``step(samples)`` for updates ``start+1 .. --updates``, each on the next ``--update-freq``
+    batches (gradient accumulation); records every update, saves the resume checkpoint and the
+    three averaging checkpoints (the last three updates)."""
+    updates, k = spec["updates"], _update_freq(spec)
     records = []
     for i in range(start, updates):
-        rec = step(batches[i])
+        rec = step(batches[i * k:(i + 1) * k])
         rec["buffers"] = _norm_buffers(model)
         records.append(rec)
         if save is not None:
@@ -479,6 +485,8 @@ def our_cfg(spec: dict):
                  "common.cpu=true", f"checkpoint.save_dir={spec['work']}"]
     if spec["norm"] == "power":  # released: the PN warmup is --warmup-updates
         overrides.append(f"model.pn_warmup_updates={spec['warmup']}")
+    if _update_freq(spec) != 1:
+        overrides.append(f"optimization.update_freq=[{_update_freq(spec)}]")
     hydra_init(name)
     GlobalHydra.instance().clear()
     from powernorm_fairseq.presets import config_dir
@@ -532,10 +540,10 @@ def our_worker(spec: dict) -> None:
             work / "fwdbwd_ours.pt")
 
     def make_step(trainer):
-        def step(sample):
+        def step(samples):
             lr = trainer.get_lr()
             with metrics.aggregate(new_root=True) as agg:
-                trainer.train_step([sample])
+                trainer.train_step(samples)
             return {"loss": float(agg["loss"].avg), "nll_loss": float(agg["nll_loss"].avg),
                     "gnorm": float(agg["gnorm"].avg), "lr": float(lr),
                     "sample_size": int(agg["sample_size"].sum)
@@ -631,7 +639,8 @@ def batches_worker(spec: dict) -> None:
     cfg, _ = our_cfg(dict(spec, norm="layer"))
     task = tasks.setup_task(cfg.task)
     out = {}
-    for split, count, shuffle in (("train", spec["updates"], True), ("valid", 1, False)):
+    n_train = spec["updates"] * _update_freq(spec)  # one batch per forward
+    for split, count, shuffle in (("train", n_train, True), ("valid", 1, False)):
         task.load_dataset(split)
         itr = task.get_batch_iterator(dataset=task.dataset(split), max_tokens=spec["max_tokens"],
                                       max_positions=(1024, 1024), seed=1, epoch=1,
@@ -656,11 +665,11 @@ def batches_worker(spec: dict) -> None:
             out["fwd"] = padded
     dataset = task.dataset("train")
     index = unpadded_batches(dataset.src_sizes, dataset.tgt_sizes, spec["max_tokens"])
-    if len(index) < spec["updates"]:
+    if len(index) < n_train:
         raise SystemExit(f"--data {spec['data']}: {len(index)} batches without source padding "
-                         f"of --max-tokens {spec['max_tokens']}, {spec['updates']} needed")
+                         f"of --max-tokens {spec['max_tokens']}, {n_train} needed")
     unpadded = [_plain(dataset.collater([dataset[i] for i in idx]))
-                for idx in index[:spec["updates"]]]
+                for idx in index[:n_train]]
     _dump(out["train"], Path(spec["batches"]))
     _dump(out["valid"], Path(spec["valid"]))
     _dump(out["fwd"], Path(spec["fwd"]))
@@ -960,6 +969,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", default="4096",
                    help="tokens per batch: N for every norm, or NORM=N,... per norm "
                         "(e.g. power=512,batch=256,layer=256; default 4096)")
+    p.add_argument("--update-freq", type=int, default=1,
+                   help="batches (forward/backward passes) per optimizer update in both programs, "
+                        "i.e. gradient accumulation; PN's step counter counts forwards (default 1)")
     p.add_argument("--jobs", type=int, default=1,
                    help="norms whose workers run at the same time (default 1)")
     p.add_argument("--fwd-batches", type=int, default=2,
@@ -1009,6 +1021,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--norms: unknown {bad}; choose from {sorted(PRESETS)}")
     if args.updates < 4 or args.warmup >= args.updates:
         raise SystemExit("--updates must be >= 4 and larger than --warmup (both PN paths)")
+    if args.update_freq < 1:
+        raise SystemExit(f"--update-freq {args.update_freq}: must be >= 1")
     if args.jobs < 1:
         raise SystemExit(f"--jobs {args.jobs}: must be >= 1")
     max_tokens = parse_max_tokens(args.max_tokens, norms)
@@ -1016,7 +1030,8 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     common = {"released": str(released), "data": str(data), "updates": args.updates,
               "warmup": args.warmup, "fwd_batches": args.fwd_batches,
-              "resume_at": max(args.updates // 2, args.updates - 10), "dtype": args.dtype}
+              "resume_at": max(args.updates // 2, args.updates - 10), "dtype": args.dtype,
+              "update_freq": args.update_freq}
 
     def batch_files(tokens: int) -> dict:  # one set of shared batches per --max-tokens
         d = root / f"tokens{tokens}"

@@ -221,3 +221,27 @@ def test_the_record_marks_a_commit_whose_tracked_files_were_modified(cr, tmp_pat
     (tmp_path / "a.py").write_text("x = 2\n")
     assert cr._git_commit(tmp_path) == head + "+modified"
     assert cr._git_commit(tmp_path / "missing") is None
+
+
+def test_update_freq_reaches_both_programs_and_groups_the_batches(cr, tmp_path):
+    """``--update-freq K``: each update accumulates the next K batches, in both programs."""
+    spec = {"updates": 3, "update_freq": 2, "resume_at": 99, "max_tokens": 128, "warmup": 1,
+            "data": "/data", "norm": "layer", "work": "/w", "dtype": "float64"}
+    seen = []
+    batches = list(range(6))
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        cr.train_loop(lambda samples: seen.append(samples) or {}, torch.nn.Linear(1, 1),
+                      batches, spec, None, Path(d) / "out.pt")
+    assert seen == [[0, 1], [2, 3], [4, 5]]
+    argv = cr.released_argv(spec)
+    assert argv[argv.index("--update-freq") + 1] == "2"
+    assert cr._update_freq({"updates": 3}) == 1  # records from before the option
+    released, data = tmp_path / "released", tmp_path / "data"
+    (released / "fairseq" / "modules" / "norms").mkdir(parents=True)
+    (released / "fairseq" / "modules" / "norms" / "mask_powernorm.py").write_text("")
+    data.mkdir()
+    for lang in ("de", "en"):
+        (data / f"dict.{lang}.txt").write_text("a 1\n")
+    with pytest.raises(SystemExit, match="--update-freq 0"):
+        cr.main(["--released", str(released), "--data", str(data), "--update-freq", "0"])
