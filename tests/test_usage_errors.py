@@ -204,16 +204,18 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_mt_data, tmp_path):
            "--optimizer", "adam", "--lr", "0.001", "--max-tokens", "256", "--max-update", "100000",
            "--log-format", "simple", "--log-interval", "1", "--disable-validation",
            "--save-interval-updates", "2", "--no-epoch-checkpoints"]
+    # a shell's background job (``cmd &``, as CI runners may start pytest) ignores SIGINT, and a
+    # child inherits that: reset it, so the training sees what a terminal's Ctrl-C delivers
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(), start_new_session=True)
+                            env=_env(), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:  # wait until training runs and a checkpoint exists
             if "num_updates=3" in line and (save / "checkpoint_last.pt").exists():
                 break
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
-        proc.stdout.read()
-        err = proc.stderr.read()
-        rc = proc.wait(timeout=60)
+        _, err = proc.communicate(timeout=120)  # a run that ignores the signal fails, not hangs
+        rc = proc.returncode
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
