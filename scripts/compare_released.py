@@ -907,20 +907,6 @@ def float32_context(root: Path, rtol: float) -> dict:
 
 # ---------------------------------------------------------------------------------------- main
 
-def _git_commit(path: Path) -> str | None:
-    """HEAD of the checkout at ``path``, with ``+modified`` when tracked files differ from it (the
-    record then names a commit the code that ran is not), or None outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain",
-                                "--untracked-files=no"], check=True, capture_output=True,
-                               text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+modified" if dirty else "")
-
-
 def _run_worker(kind: str, spec: dict, threads: int) -> None:
     spec_path = Path(spec["work"]) / f"spec_{kind}.json"
     spec_path.write_text(json.dumps(spec))
@@ -1004,6 +990,9 @@ def main(argv=None) -> int:
          "released_post": released_post_worker, "ours_post": our_post_worker}[kind](spec)
         return 0
     args = build_parser().parse_args(argv)
+    # here, not at the top: the released worker runs this file too, beside fairseq 0.8
+    from powernorm_fairseq.pipeline.common import checkout_commit, git_commit
+
     released = args.released.resolve()
     if not (released / "fairseq" / "modules" / "norms" / "mask_powernorm.py").is_file():
         raise SystemExit(f"--released {released}: not a checkout of sIncerass/powernorm (no "
@@ -1049,7 +1038,7 @@ def main(argv=None) -> int:
             _run_worker("batches", dict(common, **batch_files(tokens)), args.threads)
     record = {"command": "python scripts/compare_released.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
-              "released_commit": _git_commit(released), "our_commit": _git_commit(REPO),
+              "released_commit": checkout_commit(released), "our_commit": git_commit(),
               "torch": torch.__version__, "python": sys.version.split()[0],
               "shims": RELEASED_SHIMS, "float64_shims": FLOAT64_SHIMS, "rtol": args.rtol,
               "deviation": "max|ours - released| / max|released| per tensor; integers must be "

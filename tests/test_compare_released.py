@@ -4,6 +4,7 @@ source padding (the BN comparison) and the float64 runtime shims (each a no-op f
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -203,24 +204,30 @@ def test_released_shims_refuse_a_worker_that_would_import_our_fairseq(cr, tmp_pa
 
 # ------------------------------------------------------------------------- record provenance
 
-def test_the_record_marks_a_commit_whose_tracked_files_were_modified(cr, tmp_path):
-    """A comparison run on uncommitted code must not be recorded as the bare HEAD commit."""
-    import subprocess
+def test_the_record_marks_a_commit_whose_tracked_files_were_modified(tmp_path):
+    """A run on uncommitted code must not be recorded as the bare HEAD commit (both records'
+    commits come from :func:`powernorm_fairseq.pipeline.common.checkout_commit`)."""
+    from powernorm_fairseq.pipeline.common import checkout_commit
 
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
 
     git("init", "-q")
     (tmp_path / "a.py").write_text("x = 1\n")
-    git("add", "a.py")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text("{}\n")
+    git("add", "a.py", "results/r.json")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
-    head = cr._git_commit(tmp_path)
+    head = checkout_commit(tmp_path)
     assert len(head) == 40 and "+" not in head
     (tmp_path / "untracked.txt").write_text("scratch\n")  # untracked files are not code that ran
-    assert cr._git_commit(tmp_path) == head
+    assert checkout_commit(tmp_path) == head
+    (tmp_path / "results" / "r.json").write_text("{1}\n")  # excluded paths do not count
+    assert checkout_commit(tmp_path, exclude=("results",)) == head
+    assert checkout_commit(tmp_path) == head + "+dirty"
     (tmp_path / "a.py").write_text("x = 2\n")
-    assert cr._git_commit(tmp_path) == head + "+modified"
-    assert cr._git_commit(tmp_path / "missing") is None
+    assert checkout_commit(tmp_path, exclude=("results",)) == head + "+dirty"
+    assert checkout_commit(tmp_path / "missing") is None
 
 
 def test_update_freq_reaches_both_programs_and_groups_the_batches(cr, tmp_path):

@@ -199,6 +199,22 @@ def subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
+def checkout_commit(path: str | os.PathLike, exclude: Iterable[str] = ()) -> str | None:
+    """The HEAD commit of the git checkout at ``path``, ``+dirty`` appended when its tracked files
+    differ from HEAD (untracked files and the top-level paths in ``exclude`` do not count), or
+    None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", os.fspath(path), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                    *(f":(top,exclude){e}" for e in exclude))
+        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def git_commit() -> str | None:
     """The HEAD commit of the git checkout this package runs from, or None (an installed wheel).
 
@@ -206,18 +222,14 @@ def git_commit() -> str | None:
     link, prepared data) and ``results/`` (the run records a reproduction rewrites as it goes)
     do not count: they cannot change what a run computes.
     """
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PLUGIN_DIR, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
     try:
-        top = git("rev-parse", "--show-toplevel")
-        if Path(top).resolve() != PLUGIN_DIR.parent:  # installed inside some other repository
-            return None
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results")
-        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=PLUGIN_DIR,
+                             capture_output=True, text=True, check=True).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         return None
+    if Path(top).resolve() != PLUGIN_DIR.parent:  # installed inside some other repository
+        return None
+    return checkout_commit(PLUGIN_DIR, exclude=("results",))
 
 
 def hardware() -> dict:
