@@ -43,7 +43,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from powernorm_fairseq.norms import build_norm, fused
-from powernorm_fairseq.pipeline.common import git_commit
+from powernorm_fairseq.pipeline.common import git_commit, hardware
 
 DEFAULT_SHAPES = ["64x64x512", "128x32x1024", "128x32x512"]  # the last: 4096 tokens
 # (label, registry name, kwargs); "before"/"after" = inside / past PN's warmup
@@ -267,6 +267,7 @@ def main(argv=None):
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
+            "hardware": hardware(torch.get_num_threads()),
             "reps": args.reps,
             "timer": ("ratio: median process_time; wall: median perf_counter"
                       if gpu is None else

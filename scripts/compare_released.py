@@ -991,7 +991,7 @@ def main(argv=None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     # here, not at the top: the released worker runs this file too, beside fairseq 0.8
-    from powernorm_fairseq.pipeline.common import checkout_commit, git_commit
+    from powernorm_fairseq.pipeline.common import checkout_commit, git_commit, hardware
 
     released = args.released.resolve()
     if not (released / "fairseq" / "modules" / "norms" / "mask_powernorm.py").is_file():
@@ -1040,6 +1040,7 @@ def main(argv=None) -> int:
                   sys.argv[1:] if argv is None else argv),
               "released_commit": checkout_commit(released), "our_commit": git_commit(),
               "torch": torch.__version__, "python": sys.version.split()[0],
+              "hardware": hardware(args.threads),
               "shims": RELEASED_SHIMS, "float64_shims": FLOAT64_SHIMS, "rtol": args.rtol,
               "deviation": "max|ours - released| / max|released| per tensor; integers must be "
                            "equal",

@@ -68,6 +68,8 @@ def test_bleu_record(tmp_path, monkeypatch):
     assert rec["beam"] == 5 and rec["lenpen"] == 1.0
     for key in ("checkpoint", "data", "command", "git_commit", "hardware", "wall_s"):
         assert key in rec
+    # the one hardware description every record shares: which CPU, and how many threads
+    assert rec["hardware"]["cpu"] and "threads" in rec["hardware"] and "gpu" in rec["hardware"]
     assert json.loads((tmp_path / "r.json").read_text())["value"] == 100.0
     assert "--post-process" in captured["cmd"] and "subword_nmt" in captured["cmd"]
 

@@ -232,16 +232,29 @@ def git_commit() -> str | None:
     return checkout_commit(PLUGIN_DIR, exclude=("results",))
 
 
-def hardware() -> dict:
-    """A short description of the machine for run records."""
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(threads: int | None = None) -> dict:
+    """What a run ran on, for its record: CPU model, cores, the threads it used (``threads``, else
+    ``OMP_NUM_THREADS``), platform, python, torch and GPUs (``gpu`` is None on a CPU-only run)."""
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(),
+            "threads": threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or None,
+            "platform": platform.platform(), "python": platform.python_version(), "gpu": None}
     try:
         import torch
 
         info["torch"] = torch.__version__
         if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            info["gpu"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except ImportError:
         pass
     return info

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import socket
@@ -48,7 +47,7 @@ from pathlib import Path
 
 from powernorm_fairseq.norms.vocabulary import NORM_SHORTS
 from powernorm_fairseq.pipeline import runner
-from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, git_commit
+from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, git_commit, hardware
 from powernorm_fairseq.presets import config_dir
 
 
@@ -112,22 +111,6 @@ TRAIN_EPOCH_RE = re.compile(r"\[train\]\[INFO\] - epoch (\d+) \| .*?\| wps ([\d.
 INNER_WPS_RE = re.compile(r"\[train_inner\].*?wps=([\d.]+),")
 DONE_RE = re.compile(r"done training in ([\d.]+) seconds")
 EARLY_STOP_RE = re.compile(r"early stop since valid performance hasn't improved for last (\d+) runs")
-
-
-def hardware(threads: int | None) -> dict:
-    """What the run ran on (recorded beside every number)."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
-            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
 
 
 def parse_log(log: Path) -> dict:
