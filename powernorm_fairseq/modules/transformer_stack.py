@@ -67,7 +67,11 @@ class TransformerPNEncoder(TransformerEncoderBase):
             self.layer_norm = attach_padding_mask(build_site_norm(
                 cfg, "encoder", "final", embed_tokens.embedding_dim, cfg.encoder.attention_heads
             ))
-        self.pad_inputs = str(getattr(cfg.encoder, "pad_inputs", "zero"))
+        # here, not at the top: powernorm_fairseq.models imports this module
+        from powernorm_fairseq.models.pn_config import PNEncoderConfig
+
+        # a config without the option (a checkpoint saved before it existed) gets its default
+        self.pad_inputs = str(getattr(cfg.encoder, "pad_inputs", PNEncoderConfig.pad_inputs))
         if self.pad_inputs == "embedding":
             for layer in self.layers:
                 layer.register_forward_pre_hook(restore_pad_inputs, with_kwargs=True)
