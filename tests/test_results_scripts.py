@@ -344,3 +344,19 @@ def test_make_results_draws_the_analyses_from_the_converged_records(tmp_path):
     make_results.update_between(results / "analysis.md", "converged", lines)
     text = (results / "analysis.md").read_text()
     assert "STALE" not in text and "fig4_norm_stats_converged.png" in text and text.endswith("pilot\n")
+
+
+def test_measured_cost_projects_the_campaign_from_its_finished_runs(tmp_path):
+    make_results = load_script("make_results")
+    runs = tmp_path / "results" / "runs" / "multi30k"
+    runs.mkdir(parents=True)
+    (runs / "ln_s1.json").write_text(json.dumps(converged_record("ln", 1, 20.0, core_hours=3.0)))
+    (runs / "bn_s1.json").write_text(json.dumps(converged_record("bn", 1, 20.0, core_hours=2.0)))
+    (runs / "pn_s1.json").write_text(json.dumps(converged_record("pn", 1, 20.0, status="training")))
+    line = make_results.measured_cost(tmp_path, 15)
+    assert "multi30k: 2.50 core-hours per run over 2 finished run(s), 37.5 for 15 runs" in line
+    assert "ptb: no finished run yet" in line and "whole campaign" not in line
+    ptb = tmp_path / "results" / "runs" / "ptb"
+    ptb.mkdir()
+    (ptb / "ln_s1.json").write_text(json.dumps(converged_record("ln", 1, 20.0, core_hours=1.0)))
+    assert "the whole campaign about 52 core-hours" in make_results.measured_cost(tmp_path, 15)

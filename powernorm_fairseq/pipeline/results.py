@@ -379,6 +379,26 @@ def budget_arithmetic(corpus: str, r: dict, n_runs: int) -> str:
     return line
 
 
+def measured_cost(root: Path, n_runs: int) -> str:
+    """The campaign's cost as measured by its finished runs (``results/runs/<corpus>/*.json``):
+    mean core-hours per done run (training and evaluation, wall x threads, beside the other job)
+    times ``n_runs`` per corpus, against the ~40 core-hours the campaign was sized for."""
+    parts, total, complete = [], 0.0, True
+    for corpus in reproduce.CORPORA:
+        runs = load(root / reproduce.CAMPAIGNS["converged"].records / corpus, root)
+        done = [r.get("core_hours") or 0 for recs in runs.values() for r in recs if r.get("status") == "done"]
+        if not done:
+            parts.append(f"{corpus}: no finished run yet")
+            complete = False
+            continue
+        mean = sum(done) / len(done)
+        total += n_runs * mean
+        parts.append(f"{corpus}: {mean:.2f} core-hours per run over {len(done)} finished run(s), "
+                     f"{n_runs * mean:.1f} for {n_runs} runs")
+    line = "- measured by the finished converged runs: " + "; ".join(parts)
+    return line + (f"; the whole campaign about {total:.0f} core-hours." if complete else ".")
+
+
 def build_budget(root: Path) -> list[str]:
     """results/budget/README.md and the arithmetic lines for results/README.md."""
     out_lines = ["# The budget runs", "",
@@ -420,6 +440,7 @@ def build_budget(root: Path) -> list[str]:
             if curve:
                 out_lines += [f"![curve]({png})", ""]
             arithmetic.append(budget_arithmetic(corpus, r, n_runs))
+    arithmetic.append(measured_cost(root, n_runs))
     atomic_write_text(root / "results" / "budget" / "README.md", "\n".join(out_lines) + "\n")
     return arithmetic
 
