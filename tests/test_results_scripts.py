@@ -360,3 +360,34 @@ def test_measured_cost_projects_the_campaign_from_its_finished_runs(tmp_path):
     ptb.mkdir()
     (ptb / "ln_s1.json").write_text(json.dumps(converged_record("ln", 1, 20.0, core_hours=1.0)))
     assert "the whole campaign about 52 core-hours" in make_results.measured_cost(tmp_path, 15)
+
+
+def test_collect_adds_the_paired_bootstrap_once_a_norm_and_ln_of_its_seed_are_done(tmp_path, monkeypatch):
+    """The bootstrap against LN must not wait for the end of a whole invocation (which a session
+    may never reach): --collect and every finished run compute it for each done pair."""
+    reproduce = load_script("reproduce")
+    import powernorm_fairseq.analysis.stats as stats
+
+    prep = tmp_path / "data" / "multi30k"
+    prep.mkdir(parents=True)
+    for name in ("ref.tok", "ref.detok"):
+        (prep / name).write_text("a b\n")
+    (prep / "prepare.json").write_text(json.dumps({"references": {"tok": str(prep / "ref.tok"),
+                                                                  "detok": str(prep / "ref.detok")}}))
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    for norm in ("ln", "bn", "pn"):
+        hyp = tmp_path / f"{norm}.hyp"
+        hyp.write_text("a b\n")
+        ev = {"avg": {"recipe": "multi30k", "hypotheses": str(hyp), "hypotheses_tokenized": str(hyp)}}
+        status = "training" if norm == "pn" else "done"
+        (recs / f"{norm}_s1.json").write_text(json.dumps({"norm": norm, "seed": 1, "status": status,
+                                                          "evaluations": ev}))
+    calls = []
+    monkeypatch.setattr(stats, "paired_bootstrap_bleu",
+                        lambda refs, base, hyp, tokenize, lowercase: calls.append(tokenize) or {"p_value": 0.5})
+    reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn,pn", "--seeds", "1", "--collect"])
+    bn = json.loads((recs / "bn_s1.json").read_text())
+    assert bn["paired_bootstrap"]["vs"] == "ln_s1" and bn["paired_bootstrap"]["bleu_tokenized"]["p_value"] == 0.5
+    assert sorted(calls) == ["13a", "none"]  # BN only: LN is the baseline, PN is not done
+    assert "paired_bootstrap" not in json.loads((recs / "pn_s1.json").read_text())

@@ -40,6 +40,7 @@ import os
 import re
 import shlex
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -499,13 +500,17 @@ def main(argv=None) -> None:
     if args.status:
         write_status(args)
         return
+    compare = CAMPAIGNS[args.campaign].significance
     if args.collect:
         for run in runs:
             run.collect()
+        if compare:  # a pair finished by an older process gets its bootstrap here
+            significance(runs)
         write_status(args)
         return
     write_status(args)
     failed = []
+    one_at_a_time = threading.Lock()  # significance() saves other runs' records
 
     def job(run: Run) -> None:
         try:
@@ -514,13 +519,15 @@ def main(argv=None) -> None:
             run.save(status="failed", error=str(e))
             run.log(f"FAILED: {e}")
             failed.append(run.name)
+            return
         finally:
             write_status(args)
+        if compare:  # as soon as a norm and LN of its seed are both done, not after all the runs
+            with one_at_a_time:
+                significance(runs)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(job, runs))
-    if CAMPAIGNS[args.campaign].significance:
-        significance(runs)
     write_status(args)
     if failed:
         raise SystemExit(f"failed runs: {', '.join(failed)}")
