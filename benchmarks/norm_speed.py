@@ -263,11 +263,8 @@ def main(argv=None):
                 )
     if args.out:
         result = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "hardware": hardware(torch.get_num_threads()),
+            "threads": torch.get_num_threads(),  # benchmarks/report.py picks its timer by it
+            "hardware": hardware(torch.get_num_threads()),  # CPU model, cores, platform, torch
             "reps": args.reps,
             "timer": ("ratio: median process_time; wall: median perf_counter"
                       if gpu is None else

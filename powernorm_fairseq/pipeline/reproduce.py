@@ -48,7 +48,12 @@ from pathlib import Path
 
 from powernorm_fairseq.norms.vocabulary import NORM_SHORTS
 from powernorm_fairseq.pipeline import runner
-from powernorm_fairseq.pipeline.common import atomic_write_json, atomic_write_text, git_commit, hardware
+from powernorm_fairseq.pipeline.common import (
+    atomic_write_json,
+    atomic_write_text,
+    git_commit,
+    hardware,
+)
 from powernorm_fairseq.presets import config_dir
 
 

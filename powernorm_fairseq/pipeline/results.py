@@ -382,7 +382,7 @@ def budget_arithmetic(corpus: str, r: dict, n_runs: int) -> str:
 def measured_cost(root: Path, n_runs: int) -> str:
     """The campaign's cost as measured by its finished runs (``results/runs/<corpus>/*.json``):
     mean core-hours per done run (training and evaluation, wall x threads, beside the other job)
-    times ``n_runs`` per corpus, against the ~40 core-hours the campaign was sized for."""
+    times ``n_runs`` per corpus, and their sum once every corpus has a finished run."""
     parts, total, complete = [], 0.0, True
     for corpus in reproduce.CORPORA:
         runs = load(root / reproduce.CAMPAIGNS["converged"].records / corpus, root)
