@@ -161,6 +161,7 @@ def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero
     assert curves == {f"{n} (3 seeds)": ([1, 2], [6.0, pytest.approx(4.98)]) for n in ("LN", "BN", "PN")}
     readme = (root / "README.md").read_text()
     assert "STALE-CONTENT" not in readme and "PN > LN (better)" in readme and readme.endswith("rest\n")
+    assert "| norm - LN (higher BLEU is better) |" in readme  # what the sign means
     ptb = (root / "results" / "table2_ptb.md").read_text()
     assert "| LN | 53.2 | 20.9 | not run |" in ptb and "- Does BN fall behind LN? not run yet" in ptb
     pilot = (root / "results" / "pilot" / "table1_multi30k.md").read_text()

@@ -68,9 +68,12 @@ def paired_interval(x: dict[int, float], base: dict[int, float], level: float = 
 
 
 def verdict(name: str, base: str, iv: Interval | None, higher_better: bool) -> str:
-    """The words a table may use: a direction only when the interval excludes 0."""
+    """The words a table may use: a direction only when the interval excludes 0, "no significant
+    difference" only when there is an interval (two or more seeds) and it holds 0."""
     if iv is None:
         return "not run"
+    if iv.n < 2:  # one seed pair has no spread to test against: silence, not "no difference"
+        return "untested"  # fmt() says "1 seed: no interval"
     if not iv.excludes_zero:
         return "no significant difference at this scale"
     sign = ">" if iv.mean > 0 else "<"

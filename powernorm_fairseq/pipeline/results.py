@@ -145,7 +145,8 @@ def plot_curves(runs: dict[str, list[dict]], out: Path, title: str) -> bool:
 
 def differences(runs: dict[str, list[dict]], key: str, higher_better: bool) -> tuple[list[str], dict]:
     """Each norm minus LN, per evaluation, with the paired 95% interval and its verdict."""
-    lines = ["| norm - LN | " + " | ".join(label for _, label in EVALS) + " |",
+    better = "higher BLEU is better" if higher_better else "lower perplexity is better"
+    lines = [f"| norm - LN ({better}) | " + " | ".join(label for _, label in EVALS) + " |",
              "|---|" + "---|" * len(EVALS)]
     found = {}
     base = runs.get(LN, [])
@@ -244,8 +245,7 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
              *head, *rows, "",
              "## Each norm minus LN (paired over seeds, 95% interval)", "",
              "A difference is named only where its interval excludes 0; otherwise the cell says \"no "
-             "significant difference at this scale\". " + ("Higher BLEU is better." if hb else
-                                                          "Lower perplexity is better."), "",
+             "significant difference at this scale\" (or \"untested\" while only one seed pair is done).", "",
              *diff, ""]
     if key != "ppl":
         lines += [*bootstrap_lines(runs), ""]
