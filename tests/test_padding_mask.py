@@ -98,7 +98,7 @@ def test_encoder_pad_inputs_embedding_gives_the_first_layer_fairseq_08s_padded_p
             task.source_dictionary.pad()).any())
         seen = []
         model.encoder.layers[0].register_forward_pre_hook(
-            lambda m, args, kwargs: seen.append(args[0].detach().clone()), with_kwargs=True)
+            lambda m, args, kwargs, seen=seen: seen.append(args[0].detach().clone()), with_kwargs=True)
         model.train()
         for _ in range(2):  # the second backward starts from a non-zero ema_gz
             out, _ = model(**sample["net_input"])

@@ -412,6 +412,12 @@ def significance(runs: list[Run]) -> None:
             run.log(f"paired bootstrap vs LN: p = {result.get('bleu_tokenized', {}).get('p_value')}")
 
 
+def cost_per_run(done_hours: list[float]) -> float | None:
+    """The estimate of one run's core-hours: the mean of the runs done so far (None before any);
+    the status table's "left" and the README's measured campaign cost both use it."""
+    return sum(done_hours) / len(done_hours) if done_hours else None
+
+
 def write_status(args) -> None:
     """Rewrite ``results/status.md``: every run of every campaign that has a record or is asked
     for now, with its state, stopping epoch and core-hours; totals spent and estimated left."""
@@ -447,7 +453,7 @@ def write_status(args) -> None:
         left = []
         for corpus, n in todo.items():
             per = done_hours.get(corpus)
-            left.append(f"{corpus}: {n} run(s) not done, about {n * sum(per) / len(per):.1f} core-hours at the "
+            left.append(f"{corpus}: {n} run(s) not done, about {n * cost_per_run(per):.1f} core-hours at the "
                         f"mean of its {len(per)} done run(s)" if per else
                         f"{corpus}: {n} run(s) not done (no done run yet to estimate from)")
         lines += [f"## Campaign `{campaign}`", "",

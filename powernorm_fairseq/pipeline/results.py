@@ -391,7 +391,7 @@ def measured_cost(root: Path, n_runs: int) -> str:
             parts.append(f"{corpus}: no finished run yet")
             complete = False
             continue
-        mean = sum(done) / len(done)
+        mean = reproduce.cost_per_run(done)
         total += n_runs * mean
         parts.append(f"{corpus}: {mean:.2f} core-hours per run over {len(done)} finished run(s), "
                      f"{n_runs * mean:.1f} for {n_runs} runs")
