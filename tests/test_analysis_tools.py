@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from powernorm_fairseq.analysis.plots import bucket_values, read_stats
+from powernorm_fairseq.analysis.plots import bucket_summary, bucket_values, read_stats, stat_column
 from powernorm_fairseq.analysis.spectrum import load_embedding, normalized_spectrum
 from powernorm_fairseq.analysis.sweep import parse_bleu, plan, run_sweep
 from powernorm_fairseq.analysis.tracking import COLUMNS, attach_tracker
@@ -46,6 +46,18 @@ def _track_run(path: Path, name: str, steps: int = 10) -> None:
         x = torch.randn(4, 3, 8) * (1 + step / 4)
         norm(x, padding_mask=torch.zeros(3, 4, dtype=torch.bool)).pow(2).sum().backward()
     tracker.close()
+
+
+def test_each_norms_own_statistic_and_no_silent_default():
+    """Fig. 4 compares sigma^2 of BN with psi^2 of PN-V; a name that is not a registry name (such
+    as a preset's short name "pnv") is an error, not sigma^2 (which once mislabelled PN-V)."""
+    assert [stat_column(n, "forward") for n in ("batch", "power_v", "power")] == ["var_dist", "psi2_dist", "psi2_dist"]
+    assert stat_column("power_v", "backward") == "g_psi2"
+    with pytest.raises(ValueError, match="'pnv'.*registry name"):
+        stat_column("pnv", "forward")
+    rows = [{"step": i, "x": float(i)} for i in range(10)]
+    assert bucket_summary(rows, "x", 10, 2) == [(2.0, 4.0), (7.0, 9.0)]
+    assert bucket_summary(rows[:5], "x", 10, 2) == [(2.0, 4.0), None]
 
 
 def test_plot_stats_cli(tmp_path):

@@ -315,8 +315,13 @@ def test_a_finished_runs_analyses_are_kept_in_the_records(tmp_path):
     assert run.record["norm_stats"] == "bn_s1.norm_stats.csv" and run.record["embedding_spectrum"] == spectrum
 
 
-def test_make_results_draws_the_analyses_from_the_converged_records(tmp_path):
+def test_make_results_draws_the_analyses_from_the_converged_records(tmp_path, monkeypatch):
+    from powernorm_fairseq.analysis import plots
+
     make_results = load_script("make_results")
+    figures, save = {}, plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out, **kw: (figures.update({Path(out).name: fig}),
+                                                                      save(fig, out, **kw)))
     results = tmp_path / "results"
     runs = results / "runs" / "multi30k"
     runs.mkdir(parents=True)
@@ -341,7 +346,14 @@ def test_make_results_draws_the_analyses_from_the_converged_records(tmp_path):
     lines = make_results.build_analyses(tmp_path)
     assert (results / "fig4_norm_stats_converged.png").read_bytes()[:4] == b"\x89PNG"
     assert (results / "fig2_3_mean_stats_converged.png").is_file()
+    # Fig. 4 plots each norm's own statistic: sigma^2 for BN and psi^2 for PN-V (not its shadow sigma^2)
+    assert figures["fig4_norm_stats_converged.png"].axes[0].get_ylabel() == \
+        plots.COLUMN_LABELS["var_dist"] + " / " + plots.COLUMN_LABELS["psi2_dist"]
     assert "BN seed 1, 30 epochs, `bn_s1.norm_stats.csv`" in "\n".join(lines)
+    # each run's own statistic (PN-V: psi^2, constant 0.3 here; BN: sigma^2, 0.2 + step/50), from
+    # the CSV's norm column: the record's short name "pnv" once fell back to sigma^2 for PN-V
+    assert "| PN-V | `psi2_dist` | 0.3 (0.3) | 0.3 (0.3) |" in "\n".join(lines)
+    assert "| BN | `var_dist` | 0.23 (0.26) | 0.31 (0.34) |" in "\n".join(lines)
     make_results.update_between(results / "analysis.md", "converged", lines)
     text = (results / "analysis.md").read_text()
     assert "STALE" not in text and "fig4_norm_stats_converged.png" in text and text.endswith("pilot\n")

@@ -24,12 +24,14 @@ __all__ = [
     "FORWARD_COLUMN",
     "NORM_LABELS",
     "StatsRun",
+    "bucket_summary",
     "bucket_values",
     "plot_spectra",
     "plot_stat_boxes",
     "plot_sweep",
     "read_stats",
     "save_figure",
+    "stat_column",
     "sweep_scores",
 ]
 
@@ -124,6 +126,29 @@ def bucket_values(
     return buckets
 
 
+def stat_column(norm: str, side: str) -> str:
+    """The norm's own statistic of Fig. 4: its ``side`` ("forward" or "backward") column.
+
+    ``norm`` is a registry name (the ``norm`` column of a tracking CSV, e.g. ``batch``); any other
+    name raises ``ValueError``: a silent default would plot another norm's statistic."""
+    table = FORWARD_COLUMN if side == "forward" else BACKWARD_COLUMN
+    if norm not in table:
+        raise ValueError(f"no Fig. 4 statistic for norm {norm!r}: expected a registry name "
+                         f"({', '.join(table)}), as in a tracking CSV's norm column")
+    return table[norm]
+
+
+def bucket_summary(
+    rows: Iterable[dict], column: str, total_steps: int, n_buckets: int = 5
+) -> list[tuple[float, float] | None]:
+    """(median, max) of ``column`` in each progress bucket of :func:`bucket_values` (None where a
+    bucket is empty): the numbers a reading of a Figs. 2-4 box plot quotes."""
+    import statistics
+
+    return [(statistics.median(b), max(b)) if b else None
+            for b in bucket_values(rows, column, total_steps, n_buckets)]
+
+
 def _grouped_boxes(ax, groups: Sequence[tuple[str, list[list[float]]]], n_buckets: int) -> None:
     """Box plots of several runs side by side in each progress bucket."""
     n_runs = len(groups)
@@ -170,13 +195,10 @@ def plot_stat_boxes(
         raise ValueError("no runs to plot")
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
-    for ax, fixed, default, side in (
-        (axes[0], forward_column, FORWARD_COLUMN, "forward"),
-        (axes[1], backward_column, BACKWARD_COLUMN, "backward"),
-    ):
+    for ax, fixed, side in ((axes[0], forward_column, "forward"), (axes[1], backward_column, "backward")):
         groups, used = [], []
         for run in runs:
-            col = fixed or default.get(run.norm, "var_dist" if side == "forward" else "g_var")
+            col = fixed or stat_column(run.norm, side)
             total = total_steps or run.total_steps()
             groups.append((run.label, bucket_values(run.rows, col, total, n_buckets)))
             used.append(col)

@@ -289,7 +289,9 @@ def build_analyses(root: Path, corpus: str = ANALYSIS_CORPUS) -> list[str]:
     tracked = {n: done(n, "norm_stats") for n in (BN, PNV)}
     if all(tracked.values()):
         picked = {n: recs[0] for n, recs in tracked.items()}
-        stats = [StatsRun(SHORT[n], n, read_stats(records / r["norm_stats"])) for n, r in picked.items()]
+        # the CSV's own norm column (a registry name, e.g. "power_v") picks each run's statistic
+        stats = [StatsRun(SHORT[n], (rows := read_stats(records / r["norm_stats"]))[0]["norm"], rows)
+                 for n, r in picked.items()]
         plot_stat_boxes(stats, results / "fig4_norm_stats_converged.png",
                         title=f"{corpus}, converged run, first encoder norm: BN vs PN-V")
         plot_stat_boxes(stats, results / "fig2_3_mean_stats_converged.png", forward_column="mu_dist",
@@ -298,7 +300,8 @@ def build_analyses(root: Path, corpus: str = ANALYSIS_CORPUS) -> list[str]:
                       f"{SHORT[n]} seed {r['seed']}, {r.get('last_epoch')} epochs, "
                       f"`{r['norm_stats']}`" for n, r in picked.items()) + "):", "",
                   "![Fig. 4, converged](fig4_norm_stats_converged.png)", "",
-                  "![Figs. 2-3, converged](fig2_3_mean_stats_converged.png)", ""]
+                  "![Figs. 2-3, converged](fig2_3_mean_stats_converged.png)", "",
+                  *stats_table(stats)]
     else:
         lines += ["Figs. 2-4 over whole converged runs: not yet; waiting for a finished tracked run of "
                   + " and ".join(SHORT[n] for n, recs in tracked.items() if not recs) + ".", ""]
@@ -329,6 +332,22 @@ def build_analyses(root: Path, corpus: str = ANALYSIS_CORPUS) -> list[str]:
         lines += ["Fig. 6 from the converged runs: not yet; waiting for a finished run of "
                   + " and ".join(SHORT[n] for n in (LN, PN) if n not in spectra) + ".", ""]
     return lines
+
+
+def stats_table(stats: list, n_buckets: int = 5) -> list[str]:
+    """Median (max) per progress bucket of what Figs. 2-4 plot: each run's own forward distance and
+    backward term (Fig. 4), then the mean terms (Figs. 2-3)."""
+    from powernorm_fairseq.analysis.plots import bucket_summary, stat_column
+
+    head = " | ".join(f"{100 * (k + 1) // n_buckets}%" for k in range(n_buckets))
+    lines = ["Median (max) per fifth of training, per token-averaged channel (1/d) norm:", "",
+             f"| run | statistic | {head} |", "|---|---|" + "---|" * n_buckets]
+    for run in stats:
+        for col in (stat_column(run.norm, "forward"), stat_column(run.norm, "backward"), "mu_dist", "g_mu"):
+            cells = ["-" if c is None else f"{c[0]:.3g} ({c[1]:.3g})"
+                     for c in bucket_summary(run.rows, col, run.total_steps(), n_buckets)]
+            lines.append(f"| {run.label} | `{col}` | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def runs_table(runs: dict[str, list[dict]]) -> str:
