@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import statistics
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -143,8 +144,6 @@ def bucket_summary(
 ) -> list[tuple[float, float] | None]:
     """(median, max) of ``column`` in each progress bucket of :func:`bucket_values` (None where a
     bucket is empty): the numbers a reading of a Figs. 2-4 box plot quotes."""
-    import statistics
-
     return [(statistics.median(b), max(b)) if b else None
             for b in bucket_values(rows, column, total_steps, n_buckets)]
 
