@@ -308,9 +308,10 @@ def test_a_finished_runs_analyses_are_kept_in_the_records(tmp_path):
     assert spectrum["values"] == pytest.approx((expected / expected[0]).tolist(), abs=1e-6)
     saved = json.loads(run.record_path.read_text())
     assert saved["embedding_spectrum"] == spectrum
-    # a process with an older copy of the record overwrote it: the next collect restores both
-    run.record.pop("norm_stats"), run.record.pop("embedding_spectrum")
-    run.save()
+    # a record written without them (by code before Run.save merged): the next collect restores both
+    stale = {k: v for k, v in saved.items() if k not in ("norm_stats", "embedding_spectrum")}
+    reproduce.atomic_write_json(run.record_path, stale)
+    run = reproduce.Run("multi30k", "bn", 1, args)
     run.collect()
     assert run.record["norm_stats"] == "bn_s1.norm_stats.csv" and run.record["embedding_spectrum"] == spectrum
 
@@ -404,3 +405,27 @@ def test_collect_adds_the_paired_bootstrap_once_a_norm_and_ln_of_its_seed_are_do
     assert bn["paired_bootstrap"]["vs"] == "ln_s1" and bn["paired_bootstrap"]["bleu_tokenized"]["p_value"] == 0.5
     assert sorted(calls) == ["13a", "none"]  # BN only: LN is the baseline, PN is not done
     assert "paired_bootstrap" not in json.loads((recs / "pn_s1.json").read_text())
+
+
+def test_a_record_saved_by_two_processes_keeps_both_updates(tmp_path):
+    """A training process and a ``--collect`` (or a second job on the corpus) each hold a copy of
+    one run's record, read at their start. Each save keeps what the other wrote since: the keys a
+    Run set are its own, the rest come from the file. Before, the later save wrote its whole stale
+    copy, and a collect finishing after the run's last save turned a done record back to
+    "evaluating", so that the next command re-ran the run's evaluations."""
+    reproduce = load_script("reproduce")
+    args = reproduce.argparse.Namespace(campaign="converged", threads=1, track_norm_stats=False,
+                                        override=[], root=str(tmp_path))
+    trainer = reproduce.Run("multi30k", "bn", 1, args)
+    trainer.save(status="evaluating", error="from an earlier attempt")
+    collector = reproduce.Run("multi30k", "bn", 1, args)  # reads the record as it is now
+    trainer.save(status="done", evaluations={"avg": {"bleu": 1.0}})
+    trainer.drop("error")
+    collector.save(core_hours=2.5, valid_loss=[[1, 4.0]])  # its copy says "evaluating", has "error"
+    on_disk = json.loads(trainer.record_path.read_text())
+    assert on_disk["status"] == "done" and on_disk["evaluations"] == {"avg": {"bleu": 1.0}}
+    assert on_disk["core_hours"] == 2.5 and "error" not in on_disk
+    assert collector.record == on_disk  # and the collector now holds the merged record
+    trainer.save(core_hours=3.0)  # a key both set: the latest save's value
+    assert json.loads(trainer.record_path.read_text())["core_hours"] == 3.0
+    assert json.loads(trainer.record_path.read_text())["valid_loss"] == [[1, 4.0]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -44,6 +45,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def directory_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the directory ``path`` (created if missing) for the block:
+    the read-modify-write of a file in it by several processes. Advisory, and no lock file is left
+    behind (the lock is on the directory itself)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -51,6 +51,7 @@ from powernorm_fairseq.pipeline import runner
 from powernorm_fairseq.pipeline.common import (
     atomic_write_json,
     atomic_write_text,
+    directory_lock,
     git_commit,
     hardware,
 )
@@ -171,13 +172,36 @@ class Run:
         sub = "" if args.campaign == "pilot" else f"{args.campaign}/"  # the pilot's runs predate campaigns
         self.dir = self.root / "runs" / f"{sub}{corpus}" / self.name
         self.record_path = self.root / self.campaign.records / corpus / f"{self.name}.json"
-        self.record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.record = self._read()
+        self._set: set[str] = set()  # the record's keys this Run has written (save)
         self.preset = f"{self.campaign.prefix(corpus)}_{norm}"
         self.lock = self.dir / "run.lock"
 
+    def _read(self) -> dict:
+        return json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+
     def save(self, **updates) -> None:
+        """Write ``updates`` into the record, merged with the record file as it is now: another
+        process (a ``--collect`` beside a training, a second job on the corpus) may have written
+        it since this Run read it. The keys this Run has set are its own; every other key is the
+        file's, and ``self.record`` becomes the merged record."""
         self.record.update(updates)
-        atomic_write_json(self.record_path, self.record)
+        self._set.update(updates)
+        self._write()
+
+    def drop(self, key: str) -> None:
+        """Remove ``key`` from the record and its file (``save`` would take it back from the file)."""
+        self.record.pop(key, None)
+        self._set.discard(key)
+        self._write(drop=key)
+
+    def _write(self, drop: str | None = None) -> None:
+        with directory_lock(self.record_path.parent):
+            merged = self._read()
+            merged.pop(drop, None)
+            merged.update({key: self.record[key] for key in self._set if key in self.record})
+            self.record = merged
+            atomic_write_json(self.record_path, merged)
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {self.corpus}/{self.name}: {msg}", flush=True)
@@ -279,8 +303,8 @@ class Run:
         stats = self.dir / "norm_stats.csv"
         if stats.is_file() and not self.stats_record.exists():
             atomic_write_text(self.stats_record, stats.read_text())
-        # also when only the field went missing (a process holding an older copy of the record
-        # saved it): every collect restores what the record lacks
+        # also when only the field went missing (a record written before Run.save merged with
+        # the file): every collect restores what the record lacks
         if self.stats_record.exists() and self.record.get("norm_stats") != self.stats_record.name:
             self.save(norm_stats=self.stats_record.name)
         avg = self.checkpoint_for("avg")
@@ -331,7 +355,7 @@ class Run:
             return
         data = self.root / self.spec.prepared / "data-bin"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.record.pop("error", None)  # from an earlier failed attempt of this run
+        self.drop("error")  # from an earlier failed attempt of this run
         log = self.dir / "train.log"
         argv = self.train_argv(data)
         segments = self.record.get("train_segments", [])
