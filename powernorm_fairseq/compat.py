@@ -45,6 +45,16 @@ and is idempotent. It changes fairseq's behaviour in these ways only:
    which sacrebleu 2 refuses ("refs should be a sequence of strings"). ``corpus_bleu`` accepts any
    iterable of lines again (read into lists, newlines stripped). ``fairseq-score`` has no
    ``--user-dir``: run it as ``python -m powernorm_fairseq.score`` (same arguments).
+9. **Early stopping counts across a resume.** fairseq keeps ``--patience``'s state (the best
+   validation loss and the validations since it, attributes of ``fairseq_cli.train.
+   should_stop_early``) in the process only. A resumed run started counting again and took its
+   first validation's loss as the best, even when an earlier one was better, so it trained longer
+   than the same run uninterrupted. Every checkpoint now carries that state
+   (``extra_state["powernorm_patience"]``) and loading one for training restores it, under the
+   condition fairseq restores ``save_checkpoint.best`` (no ``--reset-optimizer`` /
+   ``--reset-meters``). A checkpoint saved before this restores the best loss it recorded and
+   counts from 0 since it: the run stops at most as many epochs late as it had gone without a
+   better loss when it was saved.
 
 Bad plugin options (:class:`OptionError`, a ``ValueError``, raised by the models' option checks)
 are printed like a :class:`CheckpointError`: the message only.
@@ -179,15 +189,59 @@ def _corrupt_message(path, e: BaseException) -> str:
     )
 
 
+PATIENCE_KEY = "powernorm_patience"  # extra_state of a checkpoint: --patience's state (item 9)
+
+
+def _stop_functions() -> list:
+    """fairseq's early-stopping function, which holds the patience state as attributes (``best``,
+    ``num_runs``), of every loaded copy of ``fairseq_cli.train``: the imported module
+    (``fairseq-train``, ``fairseq-hydra-train``) and ``__main__`` under ``python -m
+    fairseq_cli.train``; none outside a training."""
+    main = sys.modules.get("__main__")
+    modules = [sys.modules.get("fairseq_cli.train"),
+               main if getattr(getattr(main, "__spec__", None), "name", None) == "fairseq_cli.train" else None]
+    found = [getattr(m, "should_stop_early", None) for m in modules]
+    return [f for i, f in enumerate(found) if f is not None and f not in found[:i]]
+
+
+def _patience_saved(save):
+    """Wrap ``Trainer.save_checkpoint``: the checkpoint carries the patience state (item 9).
+    fairseq validates and updates that state before it saves the epoch's checkpoint."""
+
+    @functools.wraps(save)
+    def save_checkpoint(self, filename, extra_state):
+        for stop in _stop_functions():  # the copy that is validating is the one with a state
+            if getattr(stop, "best", None) is not None:
+                extra_state = {**extra_state,
+                               PATIENCE_KEY: {"best": stop.best, "num_runs": getattr(stop, "num_runs", 0)}}
+        return save(self, filename, extra_state)
+
+    return save_checkpoint
+
+
+def _restore_patience(extra_state) -> None:
+    """Give ``should_stop_early`` the state a checkpoint saved (item 9); from a checkpoint saved
+    before that, its best loss (``save_checkpoint.best``'s, the same metric) and a count of 0."""
+    saved = (extra_state or {}).get(PATIENCE_KEY)
+    if saved is None and (extra_state or {}).get("best") is not None:
+        saved = {"best": extra_state["best"], "num_runs": 0}
+    for stop in _stop_functions() if saved is not None else ():
+        stop.best, stop.num_runs = saved["best"], saved["num_runs"]
+
+
 def _checked_trainer_load_checkpoint(load):
     """Wrap ``Trainer.load_checkpoint``: parameters that do not fit the model raise CheckpointError."""
 
     @functools.wraps(load)
     def load_checkpoint(self, filename, *args, **kwargs):
         reset_optimizer = kwargs.get("reset_optimizer", args[0] if args else False)
+        reset_meters = kwargs.get("reset_meters", args[3] if len(args) > 3 else False)
         _TRAINING_LOAD.update(active=True, reset_optimizer=bool(reset_optimizer))
         try:
-            return load(self, filename, *args, **kwargs)
+            extra_state = load(self, filename, *args, **kwargs)
+            if not (reset_optimizer or reset_meters):
+                _restore_patience(extra_state)
+            return extra_state
         except CheckpointError:
             raise
         except Exception as e:
@@ -403,6 +457,8 @@ def install() -> None:
     trainer.Trainer.load_checkpoint = _checked_trainer_load_checkpoint(
         trainer.Trainer.load_checkpoint
     )
+    _ORIGINAL["Trainer.save_checkpoint"] = trainer.Trainer.save_checkpoint
+    trainer.Trainer.save_checkpoint = _patience_saved(trainer.Trainer.save_checkpoint)
     _ORIGINAL["batch_by_size"] = data_utils.batch_by_size
     data_utils.batch_by_size = batch_by_size_keep_tail
     _ORIGINAL["LanguageModelingTask.eval_lm_dataloader"] = LanguageModelingTask.eval_lm_dataloader

@@ -3,8 +3,8 @@
 Each norm kind trains a tiny translation model (the norm at every encoder *and* decoder site) and
 a tiny language model for a few updates, then ``fairseq-generate`` / ``fairseq-eval-lm`` must
 handle every test sentence / token; a hydra preset trains; training resumed from
-``checkpoint_last.pt`` repeats the uninterrupted run exactly; unusable checkpoints fail with one
-clear line. Trained checkpoints are shared between tests (module-scoped fixtures).
+``checkpoint_last.pt`` repeats the uninterrupted run exactly, early stopping included; unusable
+checkpoints fail with one clear line. Trained checkpoints are shared between tests (module-scoped fixtures).
 """
 
 from __future__ import annotations
@@ -165,6 +165,39 @@ def test_resume_repeats_the_uninterrupted_run(train_mt, tmp_path):
     assert any(k.endswith("running_phi") for k in a)  # the norms' state is in the checkpoint
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_early_stopping_counts_across_a_resume(fairseq_cli, tiny_mt_data, plugin_dir, tmp_path):
+    """``--patience`` stops a resumed run at the epoch the uninterrupted run stops at.
+
+    With ``--lr 0`` and LayerNorm the validation loss is the same every epoch, so epoch 1 is the
+    best and patience 2 stops after epoch 3. fairseq keeps the patience state in the process
+    only: resumed after epoch 2, it took epoch 3's loss as a new best and stopped after epoch 5.
+    """
+    def train(save_dir, max_epoch):
+        proc = fairseq_cli(
+            "train", tiny_mt_data, "--user-dir", plugin_dir, *MT_TRAIN, "--lr", "0",
+            "--encoder-norm", "layer", "--decoder-norm", "layer", "--patience", "2",
+            "--max-epoch", max_epoch, "--save-dir", save_dir,
+        )
+        return proc.stdout + proc.stderr
+
+    def epochs(log):
+        return sorted({int(e) for e in re.findall(r"epoch (\d+) \| valid on", log)})
+
+    straight = train(tmp_path / "straight", 10)
+    assert epochs(straight) == [1, 2, 3] and "early stop" in straight
+    assert epochs(train(tmp_path / "resumed", 2)) == [1, 2]
+    shutil.copytree(tmp_path / "resumed", tmp_path / "older")
+    resumed = train(tmp_path / "resumed", 10)
+    assert epochs(resumed) == [3] and "early stop" in resumed
+    # a checkpoint saved before the state was kept: its best loss, counting from 0 after epoch 2
+    last = tmp_path / "older" / "checkpoint_last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["extra_state"].pop("powernorm_patience") == {"best": state["extra_state"]["best"],
+                                                              "num_runs": 1}
+    torch.save(state, last)
+    assert epochs(train(tmp_path / "older", 10)) == [3, 4]
 
 
 def test_truncated_checkpoint_fails_with_one_clear_line(
