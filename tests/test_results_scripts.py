@@ -429,3 +429,63 @@ def test_a_record_saved_by_two_processes_keeps_both_updates(tmp_path):
     trainer.save(core_hours=3.0)  # a key both set: the latest save's value
     assert json.loads(trainer.record_path.read_text())["core_hours"] == 3.0
     assert json.loads(trainer.record_path.read_text())["valid_loss"] == [[1, 4.0]]
+
+
+def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending(tmp_path, monkeypatch):
+    """Raising a corpus's cap (``CORPORA[...].max_epoch``) reopens the runs the old cap stopped,
+    not those the stopping rule stopped: training goes on from the last checkpoint (the LR
+    schedule does not depend on the cap), they are averaged and evaluated again, and what the
+    earlier ending produced is set aside, not overwritten: its checkpoint and eval files in
+    ``cap<N>/``, its fields under ``earlier_caps``, its evaluation core-hours still counted, and the
+    paired bootstraps against the reopened LN run under ``earlier_paired_bootstrap``."""
+    import dataclasses
+
+    reproduce = load_script("reproduce")
+    monkeypatch.setitem(reproduce.CORPORA, "multi30k",
+                        dataclasses.replace(reproduce.CORPORA["multi30k"], max_epoch=40))
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    ev = {"avg": {"value": 30.0, "hypotheses": str(tmp_path / "runs/converged/multi30k/ln_s1/eval_avg.hyp.txt")}}
+    done = {"status": "done", "command": "python -m powernorm_fairseq.pipeline.train ... optimization.max_epoch=30",
+            "stopped_by": "epoch cap (30 epochs; not converged by the rule)", "evaluations": ev,
+            "eval_segments": {"avg": {"wall_s": 3600.0, "threads": 1}}, "embedding_spectrum": {"values": [1.0]},
+            "commit": "abc", "norm_stats": "ln_s1.norm_stats.csv"}
+    (recs / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, **done}))
+    (recs / "ln_s1.norm_stats.csv").write_text("earlier statistics\n")
+    (recs / "bn_s1.json").write_text(json.dumps({"norm": "bn", "seed": 1, **done, "stopped_by": "patience (5 ...)",
+                                                 "paired_bootstrap": {"vs": "ln_s1", "p": 0.01}}))
+    run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
+    run_dir.mkdir(parents=True)
+    for name in ("checkpoint_avg.pt", "eval_avg.json", "eval_avg.hyp.txt", "train.done", "train.log"):
+        (run_dir / name).write_text(f"earlier {name}\n")
+    trained, averaged, evaluated = [], [], []
+    monkeypatch.setattr(reproduce.runner, "train", lambda argv, echo=None: trained.append(argv))
+    import torch
+
+    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: averaged.append(out) or torch.save(
+        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: evaluated.append(argv) or Path(
+        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
+    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn", "--seeds", "1"])
+
+    assert len(trained) == 1 and "optimization.max_epoch=40" in trained[0]  # LN only: BN converged
+    assert len(averaged) == 1 and len(evaluated) == 3
+    ln = json.loads((recs / "ln_s1.json").read_text())
+    assert ln["status"] == "done" and ln["max_epoch"] == 40 and ln["evaluations"]["avg"]["value"] == 31.0
+    (earlier,) = ln["earlier_caps"]
+    assert earlier["max_epoch"] == 30 and earlier["evaluations"]["avg"]["value"] == 30.0
+    assert earlier["evaluations"]["avg"]["hypotheses"] == str(run_dir / "cap30" / "eval_avg.hyp.txt")
+    assert earlier["embedding_spectrum"] == {"values": [1.0]} and earlier["commit"] == "abc"
+    for name in ("checkpoint_avg.pt", "eval_avg.json", "eval_avg.hyp.txt"):
+        assert (run_dir / "cap30" / name).read_text() == f"earlier {name}\n"
+    assert earlier["norm_stats"] == "ln_s1.cap30.norm_stats.csv"
+    assert (recs / "ln_s1.cap30.norm_stats.csv").read_text() == "earlier statistics\n"
+    assert ln["eval_segments"]["avg@cap30"]["wall_s"] == 3600.0 and "avg" in ln["eval_segments"]
+    assert ln["core_hours"] >= 1.0  # the earlier evaluation's hour is still counted
+    bn = json.loads((recs / "bn_s1.json").read_text())
+    assert "paired_bootstrap" not in bn and bn["earlier_paired_bootstrap"] == [{"vs": "ln_s1", "p": 0.01}]
+    assert bn["evaluations"] == ev and "earlier_caps" not in bn
+    # the same command again: nothing to do
+    reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn", "--seeds", "1"])
+    assert len(trained) == 1

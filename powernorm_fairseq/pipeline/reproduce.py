@@ -16,7 +16,9 @@ Campaigns (``--campaign``; every setting of each lives in ``CAMPAIGNS`` below, o
   Each run is evaluated three ways: the paper's protocol (the average of the last 5 epoch
   checkpoints), the best checkpoint, and the last. For BLEU, each norm's averaged model is then
   compared with LN's of the same seed by sacreBLEU's paired bootstrap.
-  Records: ``results/runs/<corpus>/<norm>_s<seed>.json``.
+  Records: ``results/runs/<corpus>/<norm>_s<seed>.json``. Raising a corpus's cap (``CORPORA``)
+  reopens the runs the old cap stopped: they train on from their last checkpoint and are
+  evaluated again, their earlier ending kept aside (:meth:`Run.reopen`).
 * ``budget``: one run to convergence that keeps every epoch checkpoint (the campaign's sizing
   run). Records: ``results/budget/<corpus>/``.
 * ``pilot``: the earlier short fixed budgets (500 / 300 updates, the last 3 update checkpoints
@@ -75,6 +77,9 @@ NORMS = NORM_SHORTS
 LN = NORMS[0]  # the baseline every norm is compared with
 PATIENCE = 5        # the released --early-stop 5
 AVERAGE_EPOCHS = 5  # the paper averages the last 5 epoch checkpoints
+# what a run's end produced; a done run reopened for a raised epoch cap (Run.reopen) sets them aside
+REOPENED = ("evaluations", "paired_bootstrap", "embedding_spectrum", "averaged", "stopped_by", "commit",
+            "norm_stats")
 CONVERGED_SEEDS = (1, 2, 3)  # the issue's >= 3 seeds; status.md lists every one of them
 
 
@@ -202,6 +207,66 @@ class Run:
             merged.update({key: self.record[key] for key in self._set if key in self.record})
             self.record = merged
             atomic_write_json(self.record_path, merged)
+
+    def refresh(self) -> None:
+        """Re-read the record file (another process may have written it), keeping this Run's keys."""
+        self.record = {**self._read(), **{key: self.record[key] for key in self._set if key in self.record}}
+
+    def cap(self) -> int | None:
+        """The epoch cap this invocation trains to (the last ``optimization.max_epoch`` override:
+        the campaign's, then the caller's ``--override``); None without one (the pilot)."""
+        caps = [int(o.split("=", 1)[1]) for o in [*self.campaign.overrides(self.spec), *self.args.override]
+                if o.startswith("optimization.max_epoch=")]
+        return caps[-1] if caps else None
+
+    def recorded_cap(self) -> int | None:
+        """The epoch cap the record's run trained to (its training command's)."""
+        if self.record.get("max_epoch"):
+            return self.record["max_epoch"]
+        caps = re.findall(r"optimization\.max_epoch=(\d+)", self.record.get("command", ""))
+        return int(caps[-1]) if caps else None
+
+    def capped_below(self) -> int | None:
+        """The cap a done run stopped at, when that is below this invocation's cap (the cap was
+        raised since): the run goes on training from its last checkpoint. None otherwise, also
+        for a run the stopping rule stopped (raising the cap does not change where it stops)."""
+        recorded, cap = self.recorded_cap(), self.cap()
+        if self.record.get("status") != "done" or not str(self.record.get("stopped_by", "")).startswith("epoch cap"):
+            return None
+        return recorded if recorded and cap and cap > recorded else None
+
+    def reopen(self, recorded: int) -> None:
+        """Reopen a done run for a raised cap, losing nothing: what its end produced (averaged
+        checkpoint, ``eval_*`` files, the kept norm statistics) moves to ``cap<recorded>/`` beside
+        it, and the record keeps the earlier ending's fields under ``earlier_caps``. Its evaluation
+        core-hours stay counted (``eval_segments`` keys ``<which>@cap<recorded>``). A reopened LN
+        run also sets aside the paired bootstraps that compared its earlier ending."""
+        kept = self.dir / f"cap{recorded}"
+        kept.mkdir(exist_ok=True)
+        for f in [self.checkpoint_for("avg"), *self.dir.glob("eval_*")]:
+            if f.is_file():
+                os.replace(f, kept / f.name)
+        ending = {k: self.record[k] for k in REOPENED if k in self.record}
+        ending = json.loads(json.dumps(ending).replace(f'{self.dir}/eval_', f'{kept}/eval_'))
+        if self.stats_record.exists():
+            aside = self.stats_record.with_name(f"{self.name}.cap{recorded}.norm_stats.csv")
+            os.replace(self.stats_record, aside)
+            ending["norm_stats"] = aside.name
+        segments = {k if "@" in k else f"{k}@cap{recorded}": v
+                    for k, v in (self.record.get("eval_segments") or {}).items()}
+        self.save(earlier_caps=[*self.record.get("earlier_caps", []), {"max_epoch": recorded, **ending}],
+                  eval_segments=segments)
+        for key in REOPENED:
+            self.drop(key)
+        (self.dir / "train.done").unlink(missing_ok=True)
+        if self.norm == LN:
+            for norm in NORMS[1:]:
+                other = Run(self.corpus, norm, self.seed, self.args)
+                if "paired_bootstrap" in other.record:
+                    other.save(earlier_paired_bootstrap=[*other.record.get("earlier_paired_bootstrap", []),
+                                                         other.record["paired_bootstrap"]])
+                    other.drop("paired_bootstrap")
+        self.log(f"reopened: done at the {recorded}-epoch cap, now {self.cap()}; training on from its last checkpoint")
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {self.corpus}/{self.name}: {msg}", flush=True)
@@ -350,7 +415,10 @@ class Run:
         return evaluation
 
     def run(self) -> None:
-        if self.record.get("status") == "done":
+        recorded = self.capped_below()
+        if recorded:
+            self.reopen(recorded)
+        elif self.record.get("status") == "done":
             self.log("done already (delete the record to rerun)")
             return
         data = self.root / self.spec.prepared / "data-bin"
@@ -360,7 +428,7 @@ class Run:
         argv = self.train_argv(data)
         segments = self.record.get("train_segments", [])
         self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, campaign=self.args.campaign,
-                  preset=f"configs/{self.preset}.yaml",
+                  preset=f"configs/{self.preset}.yaml", max_epoch=self.cap(),
                   command=shlex.join(["python", "-m", "powernorm_fairseq.pipeline.train", *argv]),
                   status="training", hardware=hardware(self.args.threads),
                   started_commit=self.record.get("started_commit") or git_commit())
@@ -411,6 +479,8 @@ def significance(runs: list[Run]) -> None:
     from powernorm_fairseq.pipeline.common import read_lines
     from powernorm_fairseq.pipeline.evaluate import RECIPES, load_prepared
 
+    for run in runs:  # another process (or a reopened LN run) may have changed them
+        run.refresh()
     by_key = {(r.corpus, r.norm, r.seed): r for r in runs}
     for run in runs:
         base = by_key.get((run.corpus, LN, run.seed))
