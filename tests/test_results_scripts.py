@@ -489,3 +489,29 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
     # the same command again: nothing to do
     reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn", "--seeds", "1"])
     assert len(trained) == 1
+
+
+def test_every_finished_converged_run_stopped_where_the_rule_says():
+    """The committed records obey the stopping rule: a run stopped by patience stops at the first
+    epoch ending ``PATIENCE`` validations without a better loss, and a run stopped by its cap never
+    had such a streak before it (a run resumed before compat's item 9 could have trained past it)."""
+    reproduce = load_script("reproduce")
+    records = sorted((REPO / "results" / "runs").glob("*/*_s*.json"))
+    finished = [r for r in map(lambda p: json.loads(p.read_text()), records) if r.get("status") == "done"]
+    assert finished, "no finished converged run in results/runs"
+    for r in finished:
+        curve = r["valid_loss_by_epoch"]
+        best, streak, rule_epoch = None, 0, None
+        for epoch, loss in curve:
+            if best is None or loss < best:
+                best, streak = loss, 0
+            else:
+                streak += 1
+                if streak == reproduce.PATIENCE and rule_epoch is None:
+                    rule_epoch = epoch
+        name = f"{r['corpus']}/{r['norm']}_s{r['seed']}"
+        assert curve[-1][0] == r["last_epoch"], name
+        if r["stopped_by"].startswith("patience"):
+            assert rule_epoch == r["last_epoch"], name
+        else:
+            assert r["stopped_by"].startswith("epoch cap") and rule_epoch is None, name
