@@ -194,23 +194,29 @@ class Run:
         self._set.update(updates)
         self._write()
 
-    def drop(self, key: str) -> None:
-        """Remove ``key`` from the record and its file (``save`` would take it back from the file)."""
-        self.record.pop(key, None)
-        self._set.discard(key)
-        self._write(drop=key)
+    def drop(self, *keys: str) -> None:
+        """Remove ``keys`` from the record and its file (``save`` would take them back from the file)."""
+        for key in keys:
+            self.record.pop(key, None)
+        self._set.difference_update(keys)
+        self._write(drop=keys)
 
-    def _write(self, drop: str | None = None) -> None:
+    def _own(self) -> dict:
+        """The record's keys this Run has set, with its values."""
+        return {key: self.record[key] for key in self._set if key in self.record}
+
+    def _write(self, drop: tuple[str, ...] = ()) -> None:
         with directory_lock(self.record_path.parent):
             merged = self._read()
-            merged.pop(drop, None)
-            merged.update({key: self.record[key] for key in self._set if key in self.record})
+            for key in drop:
+                merged.pop(key, None)
+            merged.update(self._own())
             self.record = merged
             atomic_write_json(self.record_path, merged)
 
     def refresh(self) -> None:
         """Re-read the record file (another process may have written it), keeping this Run's keys."""
-        self.record = {**self._read(), **{key: self.record[key] for key in self._set if key in self.record}}
+        self.record = {**self._read(), **self._own()}
 
     def cap(self) -> int | None:
         """The epoch cap this invocation trains to (the last ``optimization.max_epoch`` override:
@@ -230,9 +236,9 @@ class Run:
         """The cap a done run stopped at, when that is below this invocation's cap (the cap was
         raised since): the run goes on training from its last checkpoint. None otherwise, also
         for a run the stopping rule stopped (raising the cap does not change where it stops)."""
-        recorded, cap = self.recorded_cap(), self.cap()
         if self.record.get("status") != "done" or not str(self.record.get("stopped_by", "")).startswith("epoch cap"):
             return None
+        recorded, cap = self.recorded_cap(), self.cap()
         return recorded if recorded and cap and cap > recorded else None
 
     def reopen(self, recorded: int) -> None:
@@ -256,8 +262,7 @@ class Run:
                     for k, v in (self.record.get("eval_segments") or {}).items()}
         self.save(earlier_caps=[*self.record.get("earlier_caps", []), {"max_epoch": recorded, **ending}],
                   eval_segments=segments)
-        for key in REOPENED:
-            self.drop(key)
+        self.drop(*REOPENED)
         (self.dir / "train.done").unlink(missing_ok=True)
         if self.norm == LN:
             for norm in NORMS[1:]:
