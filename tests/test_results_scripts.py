@@ -106,7 +106,9 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     assert "| multi30k | pnv_s1 | to do |" in status
     assert "Spent: 3.00 core-hours" in status
     # every run of the campaign is listed (5 norms x 3 seeds per corpus), not only this call's
-    assert "multi30k: 14 run(s) not done, about 28.0 core-hours at the mean of its 1 done run(s)" in status
+    # left: each run's epochs to the 30-epoch cap at LN's 2/30 core-hours per epoch, so the
+    # running BN (8 epochs in) counts 22 of them, the 12 runs to do and the interrupted PN 30
+    assert "multi30k: 14 run(s) not done, about 27.5 core-hours (their epochs to the cap" in status
     assert "| ptb | pnpaper_s3 | to do |" in status and "ptb: 15 run(s) not done" in status
 
 
@@ -437,24 +439,30 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
     schedule does not depend on the cap), they are averaged and evaluated again, and what the
     earlier ending produced is set aside, not overwritten: its checkpoint and eval files in
     ``cap<N>/``, its fields under ``earlier_caps``, its evaluation core-hours still counted, and the
-    paired bootstraps against the reopened LN run under ``earlier_paired_bootstrap``."""
+    paired bootstraps against the reopened LN run under ``earlier_paired_bootstrap``. The record's
+    pointers follow the files they name, under a root whose path JSON escapes too (a text replace
+    of the serialised record missed it), while its commands stay as they ran."""
     import dataclasses
+
+    tmp_path = tmp_path / "Läufe"  # json.dumps writes the ä as \u00e4
 
     reproduce = load_script("reproduce")
     monkeypatch.setitem(reproduce.CORPORA, "multi30k",
                         dataclasses.replace(reproduce.CORPORA["multi30k"], max_epoch=40))
     recs = tmp_path / "results" / "runs" / "multi30k"
     recs.mkdir(parents=True)
-    ev = {"avg": {"value": 30.0, "hypotheses": str(tmp_path / "runs/converged/multi30k/ln_s1/eval_avg.hyp.txt")}}
+    run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
+    command = f"python -m powernorm_fairseq.pipeline.evaluate bleu --out {run_dir}/eval_avg.json"
+    ev = {"avg": {"value": 30.0, "hypotheses": str(run_dir / "eval_avg.hyp.txt"),
+                  "checkpoint": str(run_dir / "checkpoint_avg.pt"), "command": command}}
     done = {"status": "done", "command": "python -m powernorm_fairseq.pipeline.train ... optimization.max_epoch=30",
             "stopped_by": "epoch cap (30 epochs; not converged by the rule)", "evaluations": ev,
             "eval_segments": {"avg": {"wall_s": 3600.0, "threads": 1}}, "embedding_spectrum": {"values": [1.0]},
-            "commit": "abc", "norm_stats": "ln_s1.norm_stats.csv"}
+            "commit": "abc", "norm_stats": "ln_s1.norm_stats.csv", "last_epoch": 30}
     (recs / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, **done}))
     (recs / "ln_s1.norm_stats.csv").write_text("earlier statistics\n")
     (recs / "bn_s1.json").write_text(json.dumps({"norm": "bn", "seed": 1, **done, "stopped_by": "patience (5 ...)",
                                                  "paired_bootstrap": {"vs": "ln_s1", "p": 0.01}}))
-    run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
     run_dir.mkdir(parents=True)
     for name in ("checkpoint_avg.pt", "eval_avg.json", "eval_avg.hyp.txt", "train.done", "train.log"):
         (run_dir / name).write_text(f"earlier {name}\n")
@@ -467,6 +475,10 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
     monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: evaluated.append(argv) or Path(
         argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
     monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    args = reproduce.argparse.Namespace(campaign="converged", corpus="multi30k", norms=["ln", "bn"], seed_list=[1],
+                                        threads=1, track_norm_stats=False, override=[], root=str(tmp_path))
+    reproduce.write_status(args)  # before the call that reopens it, "left" counts LN's 10 more epochs
+    assert "multi30k: 14 run(s) not done" in (tmp_path / "results" / "status.md").read_text()
     reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn", "--seeds", "1"])
 
     assert len(trained) == 1 and "optimization.max_epoch=40" in trained[0]  # LN only: BN converged
@@ -476,6 +488,8 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
     (earlier,) = ln["earlier_caps"]
     assert earlier["max_epoch"] == 30 and earlier["evaluations"]["avg"]["value"] == 30.0
     assert earlier["evaluations"]["avg"]["hypotheses"] == str(run_dir / "cap30" / "eval_avg.hyp.txt")
+    assert earlier["evaluations"]["avg"]["checkpoint"] == str(run_dir / "cap30" / "checkpoint_avg.pt")
+    assert earlier["evaluations"]["avg"]["command"] == command
     assert earlier["embedding_spectrum"] == {"values": [1.0]} and earlier["commit"] == "abc"
     for name in ("checkpoint_avg.pt", "eval_avg.json", "eval_avg.hyp.txt"):
         assert (run_dir / "cap30" / name).read_text() == f"earlier {name}\n"

@@ -167,6 +167,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _moved(value, moved: dict[str, str]):
+    """``value`` (a record's JSON value) with every string that is the path of a moved file
+    (a key of ``moved``) replaced by its new path. Exact matches in a walk: the pointers follow
+    their files, while the commands stay as they ran (and a path JSON escapes is still found)."""
+    if isinstance(value, dict):
+        return {k: _moved(v, moved) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, moved) for v in value]
+    return moved.get(value, value) if isinstance(value, str) else value
+
+
 class Run:
     def __init__(self, corpus: str, norm: str, seed: int, args):
         self.corpus, self.norm, self.seed, self.args = corpus, norm, seed, args
@@ -249,11 +260,12 @@ class Run:
         run also sets aside the paired bootstraps that compared its earlier ending."""
         kept = self.dir / f"cap{recorded}"
         kept.mkdir(exist_ok=True)
+        moved = {}
         for f in [self.checkpoint_for("avg"), *self.dir.glob("eval_*")]:
             if f.is_file():
                 os.replace(f, kept / f.name)
-        ending = {k: self.record[k] for k in REOPENED if k in self.record}
-        ending = json.loads(json.dumps(ending).replace(f'{self.dir}/eval_', f'{kept}/eval_'))
+                moved[str(f)] = str(kept / f.name)
+        ending = _moved({k: self.record[k] for k in REOPENED if k in self.record}, moved)
         if self.stats_record.exists():
             aside = self.stats_record.with_name(f"{self.name}.cap{recorded}.norm_stats.csv")
             os.replace(self.stats_record, aside)
@@ -316,12 +328,16 @@ class Run:
         """Wall time x threads of the finished training segments and the evaluations. While a
         segment runs (or after one was killed) fairseq's own per-epoch training time from the log
         stands in for it, whichever is larger: a lower bound, not an estimate."""
+        return round(sum(self.split_hours(record)), 3)
+
+    def split_hours(self, record: dict | None = None) -> tuple[float, float]:
+        """``core_hours`` as (training, evaluation) core-hours, unrounded."""
         record = self.record if record is None else record
         threads = self.threads()
         train = sum(s["wall_s"] * (s.get("threads") or 1) for s in record.get("train_segments", []))
         logged = sum(e.get("train_wall", 0) for e in record.get("epochs") or []) * threads
         evals = sum(s["wall_s"] * (s.get("threads") or 1) for s in (record.get("eval_segments") or {}).values())
-        return round((max(train, logged) + evals) / 3600, 3)
+        return max(train, logged) / 3600, evals / 3600
 
     def progress(self, state: str) -> dict:
         """The record as its training log stands now (not saved): a running or interrupted run
@@ -513,8 +529,27 @@ def significance(runs: list[Run]) -> None:
 
 def cost_per_run(done_hours: list[float]) -> float | None:
     """The estimate of one run's core-hours: the mean of the runs done so far (None before any);
-    the status table's "left" and the README's measured campaign cost both use it."""
+    the README's measured campaign cost uses it, and the status table's "left" for a run
+    without an epoch cap."""
     return sum(done_hours) / len(done_hours) if done_hours else None
+
+
+def cost_left(done: list[tuple[float, float, int]], left: list[tuple[int, int | None]]) -> float | None:
+    """Core-hours the runs not done still need, estimated from the done ones.
+
+    ``done``: (training core-hours, evaluation core-hours, epochs trained) of each done run;
+    ``left``: (epochs trained so far, epoch cap or None) of each run not done. A capped run needs
+    ``cap - trained`` more epochs at the done runs' training core-hours per epoch, plus one
+    evaluation at their mean (an upper bound where the stopping rule ends it before the cap; a
+    run part-trained, or reopened by a raised cap, counts only its remaining epochs). One
+    without a cap counts the done runs' mean whole cost. None before any run is done."""
+    if not done:
+        return None
+    epochs = sum(e for _, _, e in done)
+    per_epoch = sum(t for t, _, _ in done) / epochs if epochs else 0.0
+    per_eval = sum(v for _, v, _ in done) / len(done)
+    whole = cost_per_run([t + v for t, v, _ in done])
+    return sum(max(cap - trained, 0) * per_epoch + per_eval if cap else whole for trained, cap in left)
 
 
 def write_status(args) -> None:
@@ -525,7 +560,7 @@ def write_status(args) -> None:
              "Core-hours = wall time x threads of every training and evaluation segment.", ""]
     for campaign in ("converged", "budget", "pilot"):
         spec = CAMPAIGNS[campaign]
-        rows, spent, done_hours, todo = [], 0.0, {}, {}
+        rows, spent, done_runs, todo = [], 0.0, {}, {}
         for corpus in CORPORA:
             names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")}
             if campaign == args.campaign and corpus == args.corpus:
@@ -541,20 +576,21 @@ def write_status(args) -> None:
                 rec = run.progress(state)
                 hours = run.core_hours(rec)
                 spent += hours
+                trained = int(rec.get("last_epoch") or 0)
                 if state == "done":
-                    done_hours.setdefault(corpus, []).append(hours)
-                else:
-                    todo[corpus] = todo.get(corpus, 0) + 1
+                    done_runs.setdefault(corpus, []).append((*run.split_hours(rec), trained))
+                if state != "done" or run.capped_below():  # a raised cap reopens it at the next call
+                    todo.setdefault(corpus, []).append((trained, run.cap()))
                 rows.append(f"| {corpus} | {name} | {state} | {rec.get('last_epoch', '-')} | "
                             f"{rec.get('best_epoch', '-')} | {rec.get('stopped_by') or '-'} | {hours:.2f} |")
         if not rows:
             continue
         left = []
-        for corpus, n in todo.items():
-            per = done_hours.get(corpus)
-            left.append(f"{corpus}: {n} run(s) not done, about {n * cost_per_run(per):.1f} core-hours at the "
-                        f"mean of its {len(per)} done run(s)" if per else
-                        f"{corpus}: {n} run(s) not done (no done run yet to estimate from)")
+        for corpus, runs in todo.items():
+            per = done_runs.get(corpus)
+            left.append(f"{corpus}: {len(runs)} run(s) not done, about {cost_left(per, runs):.1f} core-hours "
+                        f"(their epochs to the cap at the cost per epoch of its {len(per)} done run(s))" if per else
+                        f"{corpus}: {len(runs)} run(s) not done (no done run yet to estimate from)")
         lines += [f"## Campaign `{campaign}`", "",
                   "| corpus | run | state | last epoch | best epoch | stopped by | core-hours |",
                   "|---|---|---|---|---|---|---|", *rows, "",
