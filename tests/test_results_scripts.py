@@ -357,6 +357,20 @@ def test_make_results_draws_the_analyses_from_the_converged_records(tmp_path, mo
     # the CSV's norm column: the record's short name "pnv" once fell back to sigma^2 for PN-V
     assert "| PN-V | `psi2_dist` | 0.3 (0.3) | 0.3 (0.3) |" in "\n".join(lines)
     assert "| BN | `var_dist` | 0.23 (0.26) | 0.31 (0.34) |" in "\n".join(lines)
+    assert not (results / "pn_stability_converged.png").exists()  # no tracked PN run yet
+    # PN's Gamma and nu from a tracked PN run (the paper variant's untracked record is left out)
+    (runs / "pn_s1.json").write_text(json.dumps({
+        "norm": "pn", "seed": 1, "status": "done", "last_epoch": 30, "norm_stats": "pn_s1.norm_stats.csv",
+        "embedding_spectrum": {"values": spectra["pn"]}}))
+    (runs / "pn_s1.norm_stats.csv").write_text(STATS_HEADER + "".join(
+        f"{i},0,encoder.layers.0.self_attn_layer_norm,power,100,8,0.1,0.2,0.3,1e-4,2e-4,3e-4,1.0,"
+        f"{1 + i / 10},1e-5,{i * 1e-6}\n" for i in range(20)))
+    (runs / "pnpaper_s1.json").write_text(json.dumps({"norm": "pnpaper", "seed": 1, "status": "done"}))
+    lines = make_results.build_analyses(tmp_path)
+    assert figures["pn_stability_converged.png"].axes[0].get_ylabel() == plots.COLUMN_LABELS["gamma_max"]
+    assert "PN (reference variant) seed 1, 30 epochs, `pn_s1.norm_stats.csv`" in "\n".join(lines)
+    assert "| PN (reference variant) | `gamma_max` | 1.15 (1.3) | 1.55 (1.7) |" in "\n".join(lines)
+    assert "PN (paper variant) seed" not in "\n".join(lines)
     make_results.update_between(results / "analysis.md", "converged", lines)
     text = (results / "analysis.md").read_text()
     assert "STALE" not in text and "fig4_norm_stats_converged.png" in text and text.endswith("pilot\n")

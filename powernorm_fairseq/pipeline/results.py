@@ -270,6 +270,9 @@ def build_analyses(root: Path, corpus: str = ANALYSIS_CORPUS) -> list[str]:
     * Figs. 2-4 (``fig4_norm_stats_converged.png``, ``fig2_3_mean_stats_converged.png``): the
       first encoder norm's statistics over the whole run of BN and PN-V, from the tracked CSVs
       kept beside the records (``<run>.norm_stats.csv``, the lowest finished seed of each);
+    * PN's stability quantities (``pn_stability_converged.png``, docs/SPEC.md section 7): max
+      over channels of Gamma_t = mean(x_hat^2) and (1/d)||nu|| over the whole run of each PN
+      variant, from the same tracked CSVs;
     * Fig. 6 (``fig6_embedding_spectrum_converged.png`` and ``.json``): the normalized singular
       values of the averaged models' word embeddings (``embedding_spectrum`` of each finished
       record), mean over seeds per norm, for every norm with a finished run once LN and PN have one.
@@ -305,6 +308,19 @@ def build_analyses(root: Path, corpus: str = ANALYSIS_CORPUS) -> list[str]:
     else:
         lines += ["Figs. 2-4 over whole converged runs: not yet; waiting for a finished tracked run of "
                   + " and ".join(SHORT[n] for n, recs in tracked.items() if not recs) + ".", ""]
+    # the PN variants' own quantities; a PN run that was not tracked is left out, not waited for
+    pn_runs = {n: recs[0] for n in (PN, PN_PAPER) if (recs := done(n, "norm_stats"))}
+    if pn_runs:
+        stats = [StatsRun(LABELS[n], (rows := read_stats(records / r["norm_stats"]))[0]["norm"], rows)
+                 for n, r in pn_runs.items()]
+        plot_stat_boxes(stats, results / "pn_stability_converged.png", forward_column="gamma_max",
+                        backward_column="nu", title=f"{corpus}, converged run, first encoder norm: Gamma and nu")
+        lines += ["PN's stability quantities over whole converged runs (" + ", ".join(
+                      f"{LABELS[n]} seed {r['seed']}, {r.get('last_epoch')} epochs, `{r['norm_stats']}`"
+                      for n, r in pn_runs.items()) + "): left max over channels of Gamma_t = mean(x_hat^2), "
+                  "right (1/d)||nu||:", "",
+                  "![PN stability, converged](pn_stability_converged.png)", "",
+                  *stats_table(stats, columns=("gamma_max", "nu", "lambda"))]
     spectra = {n: recs for n in ORDER if (recs := done(n, "embedding_spectrum"))}
     if LN in spectra and PN in spectra:
         curves, source = {}, {}
@@ -334,16 +350,17 @@ def build_analyses(root: Path, corpus: str = ANALYSIS_CORPUS) -> list[str]:
     return lines
 
 
-def stats_table(stats: list, n_buckets: int = 5) -> list[str]:
+def stats_table(stats: list, n_buckets: int = 5, columns: tuple[str, ...] | None = None) -> list[str]:
     """Median (max) per progress bucket of what Figs. 2-4 plot: each run's own forward distance and
-    backward term (Fig. 4), then the mean terms (Figs. 2-3)."""
+    backward term (Fig. 4), then the mean terms (Figs. 2-3); or the given tracking ``columns``."""
     from powernorm_fairseq.analysis.plots import bucket_summary, stat_column
 
     head = " | ".join(f"{100 * (k + 1) // n_buckets}%" for k in range(n_buckets))
-    lines = ["Median (max) per fifth of training, per token-averaged channel (1/d) norm:", "",
-             f"| run | statistic | {head} |", "|---|---|" + "---|" * n_buckets]
+    lines = ["Median (max) per fifth of training" + ("" if columns else ", per token-averaged channel (1/d) norm")
+             + ":", "", f"| run | statistic | {head} |", "|---|---|" + "---|" * n_buckets]
     for run in stats:
-        for col in (stat_column(run.norm, "forward"), stat_column(run.norm, "backward"), "mu_dist", "g_mu"):
+        for col in columns or (stat_column(run.norm, "forward"), stat_column(run.norm, "backward"),
+                               "mu_dist", "g_mu"):
             cells = ["-" if c is None else f"{c[0]:.3g} ({c[1]:.3g})"
                      for c in bucket_summary(run.rows, col, run.total_steps(), n_buckets)]
             lines.append(f"| {run.label} | `{col}` | " + " | ".join(cells) + " |")
