@@ -447,6 +447,50 @@ def test_a_record_saved_by_two_processes_keeps_both_updates(tmp_path):
     assert json.loads(trainer.record_path.read_text())["valid_loss"] == [[1, 4.0]]
 
 
+def test_a_run_another_process_is_training_is_left_to_it(tmp_path, monkeypatch):
+    """The same command started twice (a second terminal, or two jobs given overlapping seeds)
+    must not train one run directory twice at once, which would overwrite its checkpoints: a run
+    whose ``run.lock`` another live process holds is left to it, record untouched; once that
+    process is gone (killed: its flock goes with it) the same command resumes the run."""
+    import torch
+
+    reproduce = load_script("reproduce")
+    run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
+    run_dir.mkdir(parents=True)
+    lock = run_dir / "run.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, f'{os.getpid()} host\\n'.encode()); print('held', flush=True); time.sleep(120)",
+         str(lock)], stdout=subprocess.PIPE, text=True)
+    trained = []
+    monkeypatch.setattr(reproduce.runner, "train", lambda argv, echo=None: trained.append(argv))
+    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
+        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
+        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
+    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    record = tmp_path / "results" / "runs" / "multi30k" / "ln_s1.json"
+    command = ["multi30k", "--root", str(tmp_path), "--norms", "ln", "--seeds", "1"]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        reproduce.main(command)
+        assert trained == [] and not record.exists()
+        assert lock.read_text().split()[0] == str(holder.pid)  # its lock is not taken or removed
+    finally:
+        holder.kill()
+        holder.wait()
+    # a lock written without a flock (by the code before it), with a live pid, is held too
+    lock.write_text(f"{os.getppid()} host\n")
+    reproduce.main(command)
+    assert trained == [] and not record.exists()
+    # the holder is gone: its pid is dead and nothing holds the flock, so the run trains
+    lock.write_text(f"{holder.pid} host\n")
+    reproduce.main(command)
+    assert len(trained) == 1 and json.loads(record.read_text())["status"] == "done"
+    assert not lock.exists()
+
+
 def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending(tmp_path, monkeypatch):
     """Raising a corpus's cap (``CORPORA[...].max_epoch``) reopens the runs the old cap stopped,
     not those the stopping rule stopped: training goes on from the last checkpoint (the LR

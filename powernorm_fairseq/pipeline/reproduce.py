@@ -37,6 +37,8 @@ campaign's status table ``results/status.md`` (done / running / to do, core-hour
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -44,6 +46,7 @@ import shlex
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,13 +357,8 @@ class Run:
             return "to do"
         if status in ("done", "failed"):
             return status
-        if self.lock.exists():
-            try:
-                pid = int(self.lock.read_text().split()[0])
-            except (ValueError, IndexError):
-                pid = -1
-            if pid > 0 and pid_alive(pid):
-                return "running"
+        if self.holder() is not None:
+            return "running"
         return "interrupted (rerun the command to resume)"
 
     def collect(self) -> None:
@@ -435,7 +433,61 @@ class Run:
         self.save(evaluations=evaluations, eval_segments=segs, core_hours=self.core_hours())
         return evaluation
 
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[int | None]:
+        """Hold this run for the block: an exclusive ``flock`` on ``run.lock`` (with this process's
+        pid in it, for the status table), removed at the end. Yields None when it is held, else
+        the pid of the process that holds it: then the run is left to that process, since two
+        trainings of one run directory would overwrite each other's checkpoints. A lock left by a
+        killed process holds nothing (the kernel releases a flock with its process); one written
+        by code before this lock (pid only, no flock) counts as held while its pid lives."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                yield self.holder() or -1
+                return
+            try:  # the holder before us removed the file after we opened it: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.lock).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            holder = self.holder()
+            if holder is not None and holder != os.getpid():
+                yield holder
+                return
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            self.record = self._read()  # as the last holder left it
+            try:
+                yield None
+            finally:  # before the flock goes (a waiter re-checks the inode), also after a failure
+                self.lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def holder(self) -> int | None:
+        """The live pid written in ``run.lock``, or None."""
+        try:
+            pid = int(self.lock.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if pid > 0 and pid_alive(pid) else None
+
     def run(self) -> None:
+        with self.claim() as holder:
+            if holder is not None:
+                self.log(f"running in another process (pid {holder}); left to it")
+                return
+            self._run()
+
+    def _run(self) -> None:
         recorded = self.capped_below()
         if recorded:
             self.reopen(recorded)
@@ -453,43 +505,39 @@ class Run:
                   command=shlex.join(["python", "-m", "powernorm_fairseq.pipeline.train", *argv]),
                   status="training", hardware=hardware(self.args.threads),
                   started_commit=self.record.get("started_commit") or git_commit())
-        atomic_write_text(self.lock, f"{os.getpid()} {socket.gethostname()}\n")
         write_status(self.args)  # the table shows this run as running from its start
-        try:
-            if not (self.dir / "train.done").exists():
-                stats = self.dir / "norm_stats.csv"
-                if self.tracks() and stats.exists() and not (self.dir / "checkpoint_last.pt").exists():
-                    # killed before its first checkpoint: the run restarts at update 0, and the
-                    # tracker refuses to continue a file of another start; keep it aside
-                    stats.rename(stats.with_name(f"norm_stats.before-restart-{time.strftime('%Y%m%d%H%M%S')}.csv"))
-                self.log("training")
-                start = time.strftime("%Y-%m-%d %H:%M:%S")
-                commit = git_commit()
-                t0 = time.time()
-                try:
-                    # fairseq's output goes to train.log (pipeline.train writes it), not the console
-                    self.step("powernorm-train", argv, log, lambda: runner.train(argv, echo=lambda line: None))
-                finally:
-                    segments.append({"started": start, "wall_s": round(time.time() - t0, 1),
-                                     "threads": self.threads(), "commit": commit})
-                    self.save(train_segments=segments,
-                              train_wall_s=round(sum(s["wall_s"] for s in segments), 1),
-                              core_hours=self.core_hours(), **parse_log(log))
-                (self.dir / "train.done").write_text("")
-            parsed = parse_log(log)
-            if parsed.get("stopped_by") is None and parsed.get("last_epoch") and \
-                    self.args.campaign != "pilot":
-                parsed["stopped_by"] = f"epoch cap ({parsed['last_epoch']} epochs; not converged by the rule)"
-            self.save(status="evaluating", **parsed)
-            if "avg" in self.campaign.evaluations:
-                self.average(log)
-            for which in self.campaign.evaluations:
-                self.evaluate(which, log)
-            self.keep_analyses()
-            self.save(status="done", commit=git_commit(), core_hours=self.core_hours())
-            self.log("done")
-        finally:
-            self.lock.unlink(missing_ok=True)
+        if not (self.dir / "train.done").exists():
+            stats = self.dir / "norm_stats.csv"
+            if self.tracks() and stats.exists() and not (self.dir / "checkpoint_last.pt").exists():
+                # killed before its first checkpoint: the run restarts at update 0, and the
+                # tracker refuses to continue a file of another start; keep it aside
+                stats.rename(stats.with_name(f"norm_stats.before-restart-{time.strftime('%Y%m%d%H%M%S')}.csv"))
+            self.log("training")
+            start = time.strftime("%Y-%m-%d %H:%M:%S")
+            commit = git_commit()
+            t0 = time.time()
+            try:
+                # fairseq's output goes to train.log (pipeline.train writes it), not the console
+                self.step("powernorm-train", argv, log, lambda: runner.train(argv, echo=lambda line: None))
+            finally:
+                segments.append({"started": start, "wall_s": round(time.time() - t0, 1),
+                                 "threads": self.threads(), "commit": commit})
+                self.save(train_segments=segments,
+                          train_wall_s=round(sum(s["wall_s"] for s in segments), 1),
+                          core_hours=self.core_hours(), **parse_log(log))
+            (self.dir / "train.done").write_text("")
+        parsed = parse_log(log)
+        if parsed.get("stopped_by") is None and parsed.get("last_epoch") and \
+                self.args.campaign != "pilot":
+            parsed["stopped_by"] = f"epoch cap ({parsed['last_epoch']} epochs; not converged by the rule)"
+        self.save(status="evaluating", **parsed)
+        if "avg" in self.campaign.evaluations:
+            self.average(log)
+        for which in self.campaign.evaluations:
+            self.evaluate(which, log)
+        self.keep_analyses()
+        self.save(status="done", commit=git_commit(), core_hours=self.core_hours())
+        self.log("done")
 
 
 def significance(runs: list[Run]) -> None:
