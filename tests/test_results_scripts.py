@@ -156,8 +156,7 @@ def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero
     assert "s1: 21.00 vs 20.00, p = 0.001" in table
     assert "- Does PN (reference variant) beat LN? PN > LN (better)" in table
     assert "s1: 31 (26)" in table  # stopping and best epoch per seed
-    assert "Stopping: of 9 finished run(s), 9 stopped by the patience rule (converged) and 0 at the 30-epoch cap" \
-        in table
+    assert "Stopping: 9 finished run(s): 9 stopped by the patience rule (converged), 0 at the 30-epoch cap" in table
     assert (root / "results" / "multi30k_valid_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the curves: each norm's mean over its seeds per epoch (epoch 2: 5.0 - 0.01 x mean seed 2)
     curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))

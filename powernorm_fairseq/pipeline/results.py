@@ -229,7 +229,7 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
         cells.append(f"{sum(r.get('core_hours') or 0 for r in recs):.1f}")
         cells.append(status_line(recs))
         rows.append("| " + " | ".join(cells) + " |")
-    stopping = [stopping_line(runs, cap), ""]
+    stopping = stopping_line(runs, cap)
     means = {n: statistics.mean(v) for n in ORDER if (v := list(by_seed(runs.get(n, []), "avg", key).values()))}
     order = sorted(means, key=lambda n: means[n], reverse=hb)
     diff, found = differences(runs, key, hb)
@@ -243,7 +243,7 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
              f"Every run trains to convergence: a checkpoint every epoch, stopped after {campaign['patience']} "
              f"epochs without a better validation loss (the released `--early-stop {campaign['patience']}`), "
              f"capped at {cap} epochs; a run stopped by the cap says so in the runs table.", "",
-             *head, *rows, "", *stopping,
+             *head, *rows, "", f"Stopping: {stopping}", "",
              "## Each norm minus LN (paired over seeds, 95% interval)", "",
              "A difference is named only where its interval excludes 0; otherwise the cell says \"no "
              "significant difference at this scale\" (or \"untested\" while only one seed pair is done).", "",
@@ -259,7 +259,8 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
               "Each record holds the exact training and evaluation commands."]
     atomic_write_text(results / spec["file"], "\n".join(lines) + "\n")
     return [f"**{spec['short_title']}** (details: [`results/{spec['file']}`](results/{spec['file']}))", "",
-            *head, *rows, "", *stopping, *diff, "", *qs, ""], order
+            *head, *rows, "", *diff, "", *qs, f"- How did the runs stop? {stopping}",
+            ""], order
 
 
 def stopping_line(runs: dict[str, list[dict]], cap: int) -> str:
@@ -267,11 +268,11 @@ def stopping_line(runs: dict[str, list[dict]], cap: int) -> str:
     (converged) or at the epoch cap (still improving), so a table's reader sees which."""
     done = [r for recs in runs.values() for r in recs if r.get("status") == "done"]
     if not done:
-        return "Stopping: no finished run yet."
+        return "no finished run yet."
     capped = sum(str(r.get("stopped_by", "")).startswith("epoch cap") for r in done)
     patience = sum(str(r.get("stopped_by", "")).startswith("patience") for r in done)
-    line = (f"Stopping: of {len(done)} finished run(s), {patience} stopped by the patience rule (converged) "
-            f"and {capped} at the {cap}-epoch cap, before the rule fired (not converged by it)")
+    line = (f"{len(done)} finished run(s): {patience} stopped by the patience rule (converged), "
+            f"{capped} at the {cap}-epoch cap before the rule fired (not converged by it)")
     other = len(done) - capped - patience
     return line + (f"; {other} without a recorded stopping reason." if other else ".")
 
