@@ -31,10 +31,10 @@ the PN warmup; the output norms keep the released 1000):
 
 Both trainers run in ``--dtype`` (default float64: models, gradients and Adam states, after the
 runtime shims ``FLOAT64_SHIMS``, each a no-op for float32), so rounding is ~1e-16 and ``--rtol``
-checks the semantics over the whole trajectory. BN trains on batches without source padding
-(:func:`unpadded_batches`; the released BN dilutes its statistics with pads, a documented
-deviation, measured on the padded forward/backward batches). ``--float32-context DIR`` adds an
-earlier float32 run beside the LayerNorm control (context, not checked).
+checks the semantics over the whole trajectory. Every norm trains on the same padded batches:
+the BN preset reproduces the released BN's pad filling (``bn_pad_statistics: released``).
+``--float32-context DIR`` adds an earlier float32 run beside the LayerNorm control (context, not
+checked).
 
 Deviation = ``max|ours - released| / max|released|`` per tensor (scalars: relative difference);
 the check passes when every deviation is <= ``--rtol`` (1e-5). Integer buffers must be equal,
@@ -336,9 +336,6 @@ def released_worker(spec: dict) -> None:
     batches = _batches(Path(spec["batches"]))
     fwd_bwd(copy.deepcopy(model).double(), criterion, _batches(Path(spec["fwd"])),
             work / "fwdbwd64.pt")
-    if spec.get("fwd_padded"):  # BN: the documented pad-statistics deviation, measured
-        fwd_bwd(copy.deepcopy(model).double(), criterion, _batches(Path(spec["fwd_padded"])),
-                work / "fwdbwd64_padded.pt")
     fwd_bwd(copy.deepcopy(model).float(), criterion, _batches(Path(spec["fwd"])),
             work / "fwdbwd.pt")
 
@@ -533,9 +530,6 @@ def our_worker(spec: dict) -> None:
     batches = _batches(Path(spec["batches"]))
     fwd_bwd(copy.deepcopy(model).double(), criterion, _batches(Path(spec["fwd"])),
             work / "fwdbwd64_ours.pt")
-    if spec.get("fwd_padded"):
-        fwd_bwd(copy.deepcopy(model).double(), criterion, _batches(Path(spec["fwd_padded"])),
-                work / "fwdbwd64_padded_ours.pt")
     fwd_bwd(copy.deepcopy(model).float(), criterion, _batches(Path(spec["fwd"])),
             work / "fwdbwd_ours.pt")
 
@@ -580,46 +574,6 @@ def our_worker(spec: dict) -> None:
     (work / "ours.json").write_text(json.dumps(result, indent=1))
 
 
-def unpadded_batches(src_sizes, tgt_sizes, max_tokens: int, seed: int = 1) -> list[list[int]]:
-    """Batches of example indices without source padding: every source of a batch has one length.
-
-    Examples are grouped by source length and, within a group, sorted by target length (then
-    index), then cut greedily so that a batch's token count ``n * max_i max(src_i, tgt_i)``
-    (fairseq's ``num_tokens`` of a padded batch) stays ``<= max_tokens``. Batches under half of
-    ``max_tokens`` (the tails of the groups) are dropped so that every batch has about the size
-    of fairseq's, and examples longer than ``max_tokens`` are skipped. The batches come in an
-    order shuffled with ``seed``.
-
-    Args:
-        src_sizes, tgt_sizes: (N,) source and target lengths of the dataset's examples.
-        max_tokens: token budget of one batch (``--max-tokens``).
-        seed: seed of the batch order (numpy ``RandomState``).
-
-    Returns:
-        a list of batches, each a list of indices into the dataset.
-    """
-    import numpy as np
-
-    src, tgt = np.asarray(src_sizes, dtype=np.int64), np.asarray(tgt_sizes, dtype=np.int64)
-    if src.shape != tgt.shape or src.ndim != 1:
-        raise ValueError(f"src_sizes {src.shape} and tgt_sizes {tgt.shape} must be one (N,)")
-    batches, cur, cur_src, width = [], [], None, 0
-    for i in np.lexsort((np.arange(len(src)), tgt, src)).tolist():
-        w = max(int(src[i]), int(tgt[i]))
-        if w > max_tokens:
-            continue
-        if cur and (src[i] != cur_src or (len(cur) + 1) * max(width, w) > max_tokens):
-            batches.append((cur, len(cur) * width))
-            cur, width = [], 0
-        cur.append(i)
-        cur_src, width = src[i], max(width, w)
-    if cur:
-        batches.append((cur, len(cur) * width))
-    kept = [b for b, tokens in batches if 2 * tokens >= max_tokens]
-    order = np.random.RandomState(seed).permutation(len(kept))
-    return [kept[j] for j in order]
-
-
 def _plain(sample: dict) -> dict:
     """A fairseq translation batch as a plain dict of the tensors both programs read."""
     return {"id": sample["id"], "nsentences": sample["nsentences"], "ntokens": sample["ntokens"],
@@ -630,8 +584,8 @@ def _plain(sample: dict) -> dict:
 
 def batches_worker(spec: dict) -> None:
     """The shared batches: fairseq's training batches of DATA (shuffled with seed 1, epoch 1,
-    ``--max-tokens``), the same number of batches without source padding
-    (:func:`unpadded_batches`, for BN) and one valid batch, as plain dicts of CPU tensors."""
+    ``--max-tokens``), the first ``--fwd-batches`` of them with source padding (the
+    forward/backward check) and one valid batch, as plain dicts of CPU tensors."""
     from fairseq import tasks
 
     import powernorm_fairseq  # noqa: F401
@@ -663,18 +617,9 @@ def batches_worker(spec: dict) -> None:
         out[split] = samples
         if split == "train":
             out["fwd"] = padded
-    dataset = task.dataset("train")
-    index = unpadded_batches(dataset.src_sizes, dataset.tgt_sizes, spec["max_tokens"])
-    if len(index) < n_train:
-        raise SystemExit(f"--data {spec['data']}: {len(index)} batches without source padding "
-                         f"of --max-tokens {spec['max_tokens']}, {n_train} needed")
-    unpadded = [_plain(dataset.collater([dataset[i] for i in idx]))
-                for idx in index[:n_train]]
     _dump(out["train"], Path(spec["batches"]))
     _dump(out["valid"], Path(spec["valid"]))
     _dump(out["fwd"], Path(spec["fwd"]))
-    _dump(unpadded, Path(spec["batches_unpadded"]))
-    _dump(unpadded[:spec["fwd_batches"]], Path(spec["fwd_unpadded"]))
 
 
 # -------------------------------------------------------------------------------- comparison
@@ -809,9 +754,6 @@ def compare(norm: str, work: Path, rtol: float, dtype: str = "float64") -> dict:
                  fwd_rows("fwdbwd64_post_ours.pt", "fwdbwd64_post.pt")]
     out["forward_backward"] = fb
     out["forward_backward_float64"] = fb64
-    if (work / "fwdbwd64_padded.pt").is_file():  # BN: reported, the documented deviation
-        out["forward_backward_float64_padded"] = fwd_rows("fwdbwd64_padded_ours.pt",
-                                                          "fwdbwd64_padded.pt")
 
     tr_rel, tr_ours = _load(work / "train_released.pt"), _load(work / "train_ours.pt")
     rows = compare_records(tr_ours["records"], tr_rel["records"], rename)
@@ -1025,8 +967,7 @@ def main(argv=None) -> int:
     def batch_files(tokens: int) -> dict:  # one set of shared batches per --max-tokens
         d = root / f"tokens{tokens}"
         return {"max_tokens": tokens, "work": str(d), **{
-            k: str(d / f"{k}.pt") for k in ("batches", "fwd", "valid", "batches_unpadded",
-                                            "fwd_unpadded")}}
+            k: str(d / f"{k}.pt") for k in ("batches", "fwd", "valid")}}
 
     t0 = time.time()
     if args.compare_only:
@@ -1050,10 +991,6 @@ def main(argv=None) -> int:
         files = batch_files(max_tokens[norm])
         spec = dict(common, **files)
         spec.update(norm=norm, work=str(root / norm))
-        if norm == "batch":  # BN is checked on batches without source padding (README 3.4); the
-            # padded forward/backward measures the documented pad-statistics deviation
-            spec.update(batches=files["batches_unpadded"], fwd=files["fwd_unpadded"],
-                        fwd_padded=files["fwd"])
         return spec
 
     def run_norm(norm: str) -> None:

@@ -1,5 +1,5 @@
-"""The parts of ``scripts/compare_released.py`` that need no released code: the batches without
-source padding (the BN comparison) and the float64 runtime shims (each a no-op for float32)."""
+"""The parts of ``scripts/compare_released.py`` that need no released code: the float64 runtime
+shims (each a no-op for float32)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,61 +23,6 @@ def cr():
     sys.modules["compare_released"] = module
     spec.loader.exec_module(module)
     return module
-
-
-# ------------------------------------------------------------------------- unpadded batches
-
-def test_unpadded_batches_one_source_length_within_budget(cr):
-    rng = np.random.RandomState(0)
-    src = rng.randint(1, 30, size=2000)
-    tgt = rng.randint(1, 40, size=2000)
-    src[:3] = 500  # longer than the budget: skipped
-    batches = cr.unpadded_batches(src, tgt, max_tokens=256)
-    assert len(batches) > 20
-    seen = [i for b in batches for i in b]
-    assert len(seen) == len(set(seen))
-    assert not {0, 1, 2} & set(seen)
-    for b in batches:
-        assert len(set(src[b].tolist())) == 1  # no source padding
-        tokens = len(b) * int(np.maximum(src[b], tgt[b]).max())
-        assert 128 <= tokens <= 256
-
-
-def test_unpadded_batches_order_is_seeded(cr):
-    src, tgt = np.repeat(np.arange(5, 15), 100), np.tile(np.arange(1, 11), 100)
-    a = cr.unpadded_batches(src, tgt, 64, seed=1)
-    assert a == cr.unpadded_batches(src, tgt, 64, seed=1)
-    assert a != cr.unpadded_batches(src, tgt, 64, seed=2)
-    assert sorted(map(sorted, a)) == sorted(map(sorted, cr.unpadded_batches(src, tgt, 64, 2)))
-
-
-def test_unpadded_batches_collate_without_source_pad(cr):
-    fairseq = pytest.importorskip("fairseq")
-    from fairseq.data import Dictionary, LanguagePairDataset
-
-    d = Dictionary()
-    for w in "abcdefgh":
-        d.add_symbol(w)
-    rng = np.random.RandomState(1)
-    src = [torch.tensor(rng.randint(d.nspecial, len(d), size=n).tolist() + [d.eos()])
-           for n in rng.randint(2, 6, size=200)]
-    tgt = [torch.tensor(rng.randint(d.nspecial, len(d), size=n).tolist() + [d.eos()])
-           for n in rng.randint(2, 9, size=200)]
-    ds = LanguagePairDataset(src, [len(s) for s in src], d, tgt, [len(t) for t in tgt], d)
-    assert fairseq.__version__
-    batches = cr.unpadded_batches(ds.src_sizes, ds.tgt_sizes, 40)
-    padded_targets = 0
-    for b in batches:
-        sample = ds.collater([ds[i] for i in b])
-        assert not sample["net_input"]["src_tokens"].eq(d.pad()).any()
-        assert sample["ntokens"] == sum(len(tgt[i]) for i in b)
-        padded_targets += int(sample["target"].eq(d.pad()).any())
-    assert padded_targets > 0  # only the source is unpadded; the decoder (LN) keeps padding
-
-
-def test_unpadded_batches_rejects_mismatched_sizes(cr):
-    with pytest.raises(ValueError, match="src_sizes"):
-        cr.unpadded_batches([1, 2, 3], [1, 2], 10)
 
 
 # ------------------------------------------------------------------------------ float64 shims

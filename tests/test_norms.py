@@ -30,6 +30,7 @@ CONFIGS = [
     ("layer", "layer", {}),
     ("batch", "batch", {}),
     ("batch_prescale", "batch", {"prescale": True}),
+    ("batch_released_pads", "batch", {"pad_statistics": "released"}),
     ("power_v", "power_v", {}),
     ("power_paper", "power", {}),
     ("power_paper_warmup_groups", "power", {"warmup_updates": 2, "group_num": 2}),
@@ -145,7 +146,7 @@ def test_shapes_2d_and_affine_off(cfg, on_device):
 # ----------------------------------------------------------------------------- gradients
 
 GRADCHECK = [c for c in CONFIGS if c[0] in
-             ("layer", "batch", "batch_prescale", "power_v", "power_paper_warmup_groups")]
+             ("layer", "batch", "batch_prescale", "batch_released_pads", "power_v", "power_paper_warmup_groups")]
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["nopad", "pad"])
@@ -185,6 +186,44 @@ def test_batch_norm_matches_torch_without_padding():
     torch.testing.assert_close(norm.running_mean, ref.running_mean)
     torch.testing.assert_close(norm.running_var, ref.running_var)
     torch.testing.assert_close(norm.weight.grad, ref.weight.grad)
+
+
+@pytest.mark.parametrize("prescale", [False, True], ids=["plain", "prescale"])
+def test_batch_norm_released_pad_statistics_are_torch_bn_over_mean_filled_rows(prescale):
+    """``pad_statistics="released"`` is the released MaskSyncBatchNorm's treatment of pads: pad
+    rows replaced by the (differentiable) mean of the real rows, then torch's BN over all T*B
+    rows (mean exact, variance diluted by N_real/(T*B), unbiased running variance over T*B rows),
+    so pad outputs are ``bias``; outputs, gradients and running statistics, step by step."""
+    norm = _make("batch", {"pad_statistics": "released", "prescale": prescale, "momentum": 0.05},
+                 dtype=torch.float64)
+    masked = _make("batch", {"prescale": prescale, "momentum": 0.05}, dtype=torch.float64)
+    weight = norm.weight.detach().clone().requires_grad_()
+    bias = norm.bias.detach().clone().requires_grad_()
+    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for step in range(3):
+        x, pad = _batch(dtype=torch.float64, mean=0.5 + step, scale=2.0, seed=step)
+        real = ~pad.t().reshape(-1)
+        xr, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y = norm(xr, padding_mask=pad)
+        z = xt.reshape(-1, C)
+        if prescale:
+            z = z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-5)
+        z = torch.where(real[:, None], z, z[real].mean(0))
+        yt = torch.nn.functional.batch_norm(z, rm, rv, weight, bias, True, 0.05, 1e-5).reshape(x.shape)
+        torch.testing.assert_close(y, yt, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y.reshape(-1, C)[~real], norm.bias.detach().expand(int((~real).sum()), C))
+        gy = torch.randn_like(y)
+        y.backward(gy)
+        yt.backward(gy)
+        torch.testing.assert_close(xr.grad, xt.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(norm.running_mean, rm, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(norm.running_var, rv, rtol=1e-12, atol=1e-12)
+        # not the masked statistics: the pads dilute the variance
+        assert not torch.allclose(masked(x, padding_mask=pad), y)
+    torch.testing.assert_close(norm.weight.grad, weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(norm.bias.grad, bias.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="pad_statistics must be one of masked, released"):
+        _make("batch", {"pad_statistics": "mean"})
 
 
 def _paper_steps_by_hand(xs, gys, keep, weight, bias, eps, a_f, a_b, warmup, safeguard):
@@ -316,11 +355,13 @@ def test_appended_pads_change_no_gradient(cfg):
     """Appending pad steps of random content (the loss ignores pads) leaves every parameter
     gradient and buffer unchanged, before and after warmup; issue 13 fault 1. The reference
     variant's backward applies its correction to pads too (deviation D5), so there pads do
-    change the first Linear's gradient once ``ema_gz`` is non-zero."""
+    change the first Linear's gradient once ``ema_gz`` is non-zero; BN with the released pad
+    statistics counts every pad row in its variance, so there they change it from the start."""
     _, name, kwargs = cfg
     plain, padded = _pad_stack(name, kwargs), _pad_stack(name, kwargs)
     gen = torch.Generator().manual_seed(5)
     reference = kwargs.get("variant") == "reference"
+    diluted = kwargs.get("pad_statistics") == "released"
     changed = []
     for step in range(4):  # warmup_updates=2 where set: two PN-V steps, then PN
         x, pad = _batch(dtype=torch.float64, seed=30 + step)
@@ -337,7 +378,7 @@ def test_appended_pads_change_no_gradient(cfg):
             (out * target)[~pad.t()].sum().backward()
         grads = [(n, p.grad, q.grad) for (n, p), q in
                  zip(plain.named_parameters(), padded.parameters(), strict=True)]
-        if reference:
+        if reference or diluted:
             changed.append(max(((a - b).norm() / a.norm()).item() for _, a, b in grads))
             continue
         for pname, a, b in grads:
@@ -345,6 +386,8 @@ def test_appended_pads_change_no_gradient(cfg):
         torch.testing.assert_close(_buffers(plain), _buffers(padded), rtol=1e-9, atol=1e-12)
     if reference:
         assert changed[0] <= 1e-6 and max(changed) > 1e-3  # D5, documented
+    if diluted:
+        assert min(changed) > 1e-3  # the released BN's diluted variance, documented
 
 
 @pytest.mark.parametrize(("w", "safeguard", "acts"),

@@ -39,6 +39,7 @@ PN_VARIANT_CHOICES = tuple(POWER_VARIANTS)
 PN_VARIANT_ENUM = ChoiceEnum(list(PN_VARIANT_CHOICES))
 PAD_INPUT_CHOICES = ("zero", "embedding")
 PAD_INPUT_ENUM = ChoiceEnum(list(PAD_INPUT_CHOICES))
+BN_PAD_STATISTICS_ENUM = ChoiceEnum(list(defaults.BN_PAD_STATISTICS))
 
 _SITE_HELP = "norm at the {site} (default: inherit --{side}-norm)"
 
@@ -151,6 +152,14 @@ class PowerNormOptions(FairseqDataclass):
         metadata={
             "help": "divide each token by its RMS over all channels before 'batch' norms, as the "
             "released BatchNorm baseline did (LayerScaling1D)"
+        },
+    )
+    bn_pad_statistics: BN_PAD_STATISTICS_ENUM = field(
+        default=defaults.PAD_STATISTICS,
+        metadata={
+            "help": "pad rows in the batch statistics of 'batch' norms: 'masked' excludes them; "
+            "'released' = the released BatchNorm (pads replaced by the mean of the real rows, "
+            "statistics over all rows, so the variance is diluted by N_real / (T*B))"
         },
     )
     norm_sync_stats: bool = field(

@@ -123,7 +123,7 @@ def released_model_options(args) -> dict[str, Any]:
                        pn_alpha_bkw=0.9, pn_warmup_updates=int(getattr(args, "warmup_updates", 0)),
                        pn_final_warmup_updates=1000)
     if "batch" in options.values():
-        options.update(bn_momentum=0.05, bn_prescale=True)
+        options.update(bn_momentum=0.05, bn_prescale=True, bn_pad_statistics="released")
     return options
 
 

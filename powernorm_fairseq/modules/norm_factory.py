@@ -61,6 +61,7 @@ def norm_kwargs(cfg, name: str, num_heads: int, final: bool = False) -> dict[str
         kwargs["momentum"] = float(cfg.bn_momentum)
         if name == "batch":
             kwargs["prescale"] = bool(cfg.bn_prescale)
+            kwargs["pad_statistics"] = _choice(cfg.bn_pad_statistics)
         return kwargs
     variant = _choice(cfg.pn_variant)  # build_norm rejects unknown variants, listing the choices
     group_num = int(cfg.pn_group_num)

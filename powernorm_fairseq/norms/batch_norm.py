@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .autograd import PRESCALE_EPS, BatchStatNormFunction
 from .base import MaskedNorm
-from .defaults import EPS, MOMENTUM
+from .defaults import BN_PAD_STATISTICS, EPS, MOMENTUM, PAD_STATISTICS
 from .functional import group_rms_scale
 
 
@@ -27,7 +27,18 @@ class MaskedBatchNorm(MaskedNorm):
     its RMS over all channels (LayerScaling), (ii) replaces pad rows by the batch mean and runs BN
     over all ``T*B`` rows, so its variance is diluted by ``N_real / (T*B)``, (iii) uses momentum
     0.05 and (iv) never synchronizes. ``prescale=True`` adds (i), i.e.
-    ``x / sqrt(mean_c(x^2) + 1e-5)`` per token, also at eval; ``momentum=0.05`` gives (iii).
+    ``x / sqrt(mean_c(x^2) + 1e-5)`` per token, also at eval; ``momentum=0.05`` gives (iii);
+    ``pad_statistics="released"`` gives (ii) in training:
+
+    .. math::
+        \mu = \mu_{real}, \quad
+        \sigma^2 = \frac{1}{TB} \sum_{i \in real} (x_i - \mu)^2, \quad
+        y_{pad} = \beta
+
+    with the gradient through the filled rows (their value is the differentiable mean of the
+    real rows) and the running variance updated with ``sum_real (x_i - mu)^2 / (TB - 1)``, as
+    ``torch.nn.functional.batch_norm`` over the filled rows does. With ``sync_stats`` each rank
+    fills its pads with its own real rows' mean. At eval both modes are the affine map.
 
     Args:
         num_features: ``C``.
@@ -35,6 +46,8 @@ class MaskedBatchNorm(MaskedNorm):
         momentum: weight of the batch statistic in the running-average update. Default: 0.1.
         affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default: True.
         prescale: per-token RMS scaling before BN (see above). Default: False.
+        pad_statistics: ``"masked"`` (pads excluded from the statistics) or ``"released"``
+            (the released pad filling, see above). Default: ``"masked"``.
         sync_stats: all-reduce statistics (forward and backward) over ``process_group``, so the
             running statistics stay identical on all ranks. Default: False.
         process_group, device, dtype: see :class:`~powernorm_fairseq.norms.base.MaskedNorm`.
@@ -53,12 +66,16 @@ class MaskedBatchNorm(MaskedNorm):
 
     def __init__(self, num_features: int, eps: float = EPS, momentum: float = MOMENTUM,
                  affine: bool = True, prescale: bool = False, sync_stats: bool = False,
-                 process_group=None, device=None, dtype=None):
+                 process_group=None, device=None, dtype=None, pad_statistics: str = PAD_STATISTICS):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if pad_statistics not in BN_PAD_STATISTICS:
+            raise ValueError(f"pad_statistics must be one of {', '.join(BN_PAD_STATISTICS)}, "
+                             f"got {pad_statistics!r}")
         self.momentum = momentum
         self.prescale = prescale
+        self.pad_statistics = pad_statistics
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -75,7 +92,8 @@ class MaskedBatchNorm(MaskedNorm):
         self.running_var.fill_(1.0)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, momentum={self.momentum}, prescale={self.prescale}"
+        return (f"{super().extra_repr()}, momentum={self.momentum}, prescale={self.prescale}"
+                + (f", pad_statistics={self.pad_statistics}" if self.pad_statistics != PAD_STATISTICS else ""))
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[Tensor, Tensor]:
@@ -90,8 +108,18 @@ class MaskedBatchNorm(MaskedNorm):
         if not self.training:
             scale = weight * torch.rsqrt(self.running_var.to(x2d.dtype) + self.eps)
             return torch.addcmul(bias - self.running_mean.to(x2d.dtype) * scale, x2d, scale)
+        n_real = None
+        if self.pad_statistics == "released" and keep is not None:
+            # pad rows take the real rows' mean, with its gradient; then BN over all rows
+            # (no host sync: no boolean indexing, no branch on the count)
+            real = keep[:, None] > 0
+            n_real = keep.sum()
+            fill = torch.where(real, x2d, 0.0).sum(0) / n_real.clamp(min=1)
+            x2d, keep = torch.where(real, x2d, fill), None
         y, mean, var, count = BatchStatNormFunction.apply(
             x2d, weight, bias, keep, True, None, self.eps, self._sync(), self.process_group)
+        if n_real is not None:  # a batch without real tokens leaves the running statistics
+            count = count * (n_real > 0)
         self._update_running(mean, var, count)
         return y
 

@@ -29,6 +29,11 @@ PAPER_GROUP_NUM = 0
 REFERENCE_GROUP_NUM = 1
 #: the paper PN's step scaling where the nu recurrence would not contract
 SAFEGUARD = True
+#: BN's treatment of pad rows in the batch statistics: "masked" excludes them; "released" is
+#: the released MaskSyncBatchNorm's (pad rows replaced by the mean of the real rows, then
+#: statistics over all T*B rows: the mean is exact, the variance diluted by N_real / (T*B))
+BN_PAD_STATISTICS = ("masked", "released")
+PAD_STATISTICS = "masked"
 
 #: ``--pn-variant``: the released code, which the presets reproduce
 FAIRSEQ_PN_VARIANT = "reference"
