@@ -302,7 +302,8 @@ def released_sites(model) -> list[dict]:
                          counter={"name": "iters", "value": int(m.iters[0]),
                                   "per": "training forward"})
         elif cls == "MaskSyncBatchNorm":
-            entry.update(type="batch", groups=1, momentum=m.momentum,
+            # pads: its forward fills pad rows with the real rows' mean (docs/SPEC.md section 4)
+            entry.update(type="batch", groups=1, momentum=m.momentum, pads="released",
                          counter={"name": "num_batches_tracked",
                                   "value": int(m.num_batches_tracked), "per": "training forward"})
         elif cls == "LayerNorm":

@@ -35,7 +35,7 @@ from powernorm_fairseq.models.released import (  # noqa: E402
 PN_FLAGS = ["--encoder-norm", "power", "--decoder-norm", "layer", "--pn-variant", "reference",
             "--pn-warmup-updates", "8", "--pn-final-warmup-updates", "1000"]
 BN_FLAGS = ["--encoder-norm", "batch", "--decoder-norm", "layer", "--bn-momentum", "0.05",
-            "--bn-prescale"]
+            "--bn-prescale", "--bn-pad-statistics", "released"]
 
 
 def build(data, *flags):
@@ -138,7 +138,7 @@ def test_norm_sites_list_type_groups_warmup_and_counter(tiny_mt_data):
     assert len(decoder) == 2 * 3 + 1
     assert all(sites[k]["type"] == "layer" and sites[k]["counter"] is None for k in decoder)
     bn = norm_sites(build(tiny_mt_data, *BN_FLAGS))[0]
-    assert (bn["type"], bn["groups"], bn["momentum"]) == ("batch", 1, 0.05)
+    assert (bn["type"], bn["groups"], bn["momentum"], bn["pads"]) == ("batch", 1, 0.05, "released")
 
 
 def test_released_model_options():
@@ -151,6 +151,9 @@ def test_released_model_options():
     assert (opts["pn_variant"], opts["pn_warmup_updates"], opts["pn_final_warmup_updates"]) == \
         ("reference", 8000, 1000)
     assert opts["encoder_pad_inputs"] == "embedding"  # fairseq 0.8 did not zero the pads
+    args.encoder_norm_self = args.encoder_norm_ff = "batch"  # the released BN, pads included
+    assert {k: released_model_options(args)[k] for k in ("bn_momentum", "bn_prescale", "bn_pad_statistics")} == \
+        {"bn_momentum": 0.05, "bn_prescale": True, "bn_pad_statistics": "released"}
     args.encoder_norm_ff = "group"
     with pytest.raises(ValueError, match="group"):
         released_model_options(args)

@@ -188,7 +188,7 @@ def norm_sites(model: nn.Module) -> list[dict[str, Any]]:
                                   "per": "optimizer update"})
         elif isinstance(module, MaskedBatchNorm):
             entry.update(type="batch", groups=1 if module.prescale else 0,
-                         momentum=module.momentum)
+                         momentum=module.momentum, pads=module.pad_statistics)
         elif isinstance(module, PowerNormV):
             entry.update(type="power_v", momentum=module.momentum)
         elif isinstance(module, (LayerNorm, nn.LayerNorm)):
