@@ -156,8 +156,17 @@ def parse_log(log: Path) -> dict:
         walls = sum(e["train_wall"] for e in epochs.values())
         out["train_s_per_update"] = round(walls / last["num_updates"], 3) if last["num_updates"] else None
     m = EARLY_STOP_RE.search(text)
-    out["stopped_by"] = f"patience ({m.group(1)} epochs without a better validation loss)" if m else None
+    out["stopped_by"] = f"{STOP_PATIENCE} ({m.group(1)} epochs without a better validation loss)" if m else None
     return out
+
+
+# how a finished converged run stopped: the start of its record's ``stopped_by``
+STOP_PATIENCE, STOP_CAP = "patience", "epoch cap"
+
+
+def stopped_by(record: dict, reason: str) -> bool:
+    """Whether ``record`` stopped for ``reason`` (:data:`STOP_PATIENCE` or :data:`STOP_CAP`)."""
+    return str(record.get("stopped_by") or "").startswith(reason)
 
 
 def pid_alive(pid: int) -> bool:
@@ -250,7 +259,7 @@ class Run:
         """The cap a done run stopped at, when that is below this invocation's cap (the cap was
         raised since): the run goes on training from its last checkpoint. None otherwise, also
         for a run the stopping rule stopped (raising the cap does not change where it stops)."""
-        if self.record.get("status") != "done" or not str(self.record.get("stopped_by", "")).startswith("epoch cap"):
+        if self.record.get("status") != "done" or not stopped_by(self.record, STOP_CAP):
             return None
         recorded, cap = self.recorded_cap(), self.cap()
         return recorded if recorded and cap and cap > recorded else None
@@ -495,7 +504,6 @@ class Run:
             self.log("done already (delete the record to rerun)")
             return
         data = self.root / self.spec.prepared / "data-bin"
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.drop("error")  # from an earlier failed attempt of this run
         log = self.dir / "train.log"
         argv = self.train_argv(data)
@@ -529,7 +537,7 @@ class Run:
         parsed = parse_log(log)
         if parsed.get("stopped_by") is None and parsed.get("last_epoch") and \
                 self.args.campaign != "pilot":
-            parsed["stopped_by"] = f"epoch cap ({parsed['last_epoch']} epochs; not converged by the rule)"
+            parsed["stopped_by"] = f"{STOP_CAP} ({parsed['last_epoch']} epochs; not converged by the rule)"
         self.save(status="evaluating", **parsed)
         if "avg" in self.campaign.evaluations:
             self.average(log)
