@@ -492,6 +492,70 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
+def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp_path, monkeypatch):
+    """A replaced machine (or a deleted run directory) loses an unfinished run's checkpoints while
+    its record, committed, survives. Rerun, the run restarts at update 0; its record must then hold
+    only what the new training does: the lost segments must not count in its wall time and
+    core-hours, nor an evaluation of a lost checkpoint stand in for the new one's. What was lost
+    moves to ``lost`` (nothing is dropped) and the status table says so. A done run at a since
+    raised cap without its checkpoint is left done, not retrained from 0 or marked failed."""
+    import dataclasses
+
+    import torch
+
+    reproduce = load_script("reproduce")
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    old = {"wall_s": 3600.0, "threads": 1, "commit": "old"}
+    (recs / "ln_s1.json").write_text(json.dumps({
+        "norm": "ln", "seed": 1, "status": "evaluating", "train_segments": [old], "started_commit": "old",
+        "last_epoch": 12, "valid_loss_by_epoch": [[12, 4.4]], "evaluations": {"avg": {"value": 99.0}}}))
+    capped = {"status": "done", "stopped_by": "epoch cap (30 epochs; not converged by the rule)",
+              "command": "... optimization.max_epoch=30", "last_epoch": 30, "evaluations": {"avg": {"value": 7.0}}}
+    (recs / "bn_s1.json").write_text(json.dumps({"norm": "bn", "seed": 1, **capped}))
+    # killed in its first segment: only the epochs it logged (a collect read them) say it trained
+    (recs / "pnv_s1.json").write_text(json.dumps({"norm": "pnv", "seed": 1, "status": "training", "last_epoch": 2,
+                                                  "epochs": [{"epoch": 2, "train_wall": 1800}]}))
+    args = reproduce.argparse.Namespace(campaign="converged", corpus="multi30k", norms=["ln"], seed_list=[1],
+                                        threads=1, track_norm_stats=False, override=[], root=str(tmp_path))
+    reproduce.write_status(args)
+    status = (tmp_path / "results" / "status.md").read_text()
+    assert "| multi30k | ln_s1 | lost (no checkpoint to resume from" in status
+    assert "| multi30k | pnv_s1 | lost (no checkpoint to resume from" in status
+    assert "of which 1.50 on training lost" in status
+
+    trained = []
+
+    def train(argv, echo=None):
+        trained.append(argv)
+        (Path(argv[argv.index("--save-dir") + 1]) / "train.log").write_text(CONVERGED_LOG)
+
+    monkeypatch.setattr(reproduce.runner, "train", train)
+    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
+        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
+        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
+    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    monkeypatch.setitem(reproduce.CORPORA, "multi30k",
+                        dataclasses.replace(reproduce.CORPORA["multi30k"], max_epoch=40))
+    reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn,pnv", "--seeds", "1", "--threads", "1"])
+
+    assert len(trained) == 2  # LN and PN-V restarted; BN, without a checkpoint to train on from, is not
+    ln = json.loads((recs / "ln_s1.json").read_text())
+    assert ln["status"] == "done" and ln["evaluations"]["avg"]["value"] == 31.0
+    assert len(ln["train_segments"]) == 1 and ln["train_segments"][0]["commit"] != "old"
+    assert ln["started_commit"] != "old" and ln["last_epoch"] == 8 and ln["core_hours"] < 1.0
+    (lost,) = ln["lost"]
+    assert lost["train_segments"] == [old] and lost["core_hours"] == 1.0 and lost["last_epoch"] == 12
+    assert lost["evaluations"] == {"avg": {"value": 99.0}} and lost["valid_loss_by_epoch"] == [[12, 4.4]]
+    assert set(reproduce.parse_log(tmp_path / "runs" / "converged" / "multi30k" / "ln_s1" / "train.log")) \
+        <= set(reproduce.LOG_FIELDS)
+    assert json.loads((recs / "bn_s1.json").read_text()) == {"norm": "bn", "seed": 1, **capped}
+    status = (tmp_path / "results" / "status.md").read_text()
+    assert "| multi30k | ln_s1 | done |" in status and "of which 1.50 on training lost" in status
+    assert json.loads((recs / "pnv_s1.json").read_text())["lost"][0]["core_hours"] == 0.5
+
+
 def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending(tmp_path, monkeypatch):
     """Raising a corpus's cap (``CORPORA[...].max_epoch``) reopens the runs the old cap stopped,
     not those the stopping rule stopped: training goes on from the last checkpoint (the LR
@@ -523,7 +587,8 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
     (recs / "bn_s1.json").write_text(json.dumps({"norm": "bn", "seed": 1, **done, "stopped_by": "patience (5 ...)",
                                                  "paired_bootstrap": {"vs": "ln_s1", "p": 0.01}}))
     run_dir.mkdir(parents=True)
-    for name in ("checkpoint_avg.pt", "eval_avg.json", "eval_avg.hyp.txt", "train.done", "train.log"):
+    for name in ("checkpoint_avg.pt", "checkpoint_last.pt", "eval_avg.json", "eval_avg.hyp.txt", "train.done",
+                 "train.log"):
         (run_dir / name).write_text(f"earlier {name}\n")
     trained, averaged, evaluated = [], [], []
     monkeypatch.setattr(reproduce.runner, "train", lambda argv, echo=None: trained.append(argv))

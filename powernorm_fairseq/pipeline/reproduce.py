@@ -160,6 +160,13 @@ def parse_log(log: Path) -> dict:
     return out
 
 
+# the record's keys parse_log writes (what a training log says of its run)
+LOG_FIELDS = ("fairseq_train_s", "valid_loss", "valid_loss_by_epoch", "epochs", "median_train_wps",
+              "last_epoch", "best_epoch", "best_valid_loss", "train_s_per_update", "stopped_by")
+# what a run's training and evaluation put in its record: set aside when that training is lost
+TRAINED = (*LOG_FIELDS, "train_segments", "train_wall_s", "started_commit", "averaged", "evaluations",
+           "eval_segments", "core_hours")
+
 # how a finished converged run stopped: the start of its record's ``stopped_by``
 STOP_PATIENCE, STOP_CAP = "patience", "epoch cap"
 
@@ -368,7 +375,37 @@ class Run:
             return status
         if self.holder() is not None:
             return "running"
+        if self.lost():
+            return "lost (no checkpoint to resume from: rerun the command to restart it)"
         return "interrupted (rerun the command to resume)"
+
+    def lost(self) -> bool:
+        """Whether this unfinished run's training is lost: its record has trained (segments, or
+        the epochs a killed segment logged), but its run directory holds neither
+        ``checkpoint_last.pt`` nor the end of training (the machine was replaced, or the directory
+        deleted), so the run restarts at update 0."""
+        trained = self.record.get("train_segments") or self.record.get("epochs")
+        return (self.record.get("status") not in (None, "to do", "done") and bool(trained)
+                and not (self.dir / "checkpoint_last.pt").exists() and not (self.dir / "train.done").exists())
+
+    def set_aside_lost(self) -> None:
+        """Before a lost run restarts (:meth:`lost`): what its lost training put in the record
+        (segments, curve, evaluations of its checkpoints) moves to an entry of ``lost``, so the
+        restarted run's record holds only what its own training did, and nothing is dropped;
+        the campaign's spent core-hours still count the lost ones (:meth:`lost_hours`)."""
+        kept = {k: self.record[k] for k in TRAINED if k in self.record}
+        kept["core_hours"] = self.core_hours()
+        self.save(lost=[*self.record.get("lost", []),
+                        {"noticed": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), **kept}])
+        self.drop(*TRAINED)
+        self.log(f"its earlier training ({kept['core_hours']:.2f} core-hours, to epoch "
+                 f"{kept.get('last_epoch', 0)}) is lost with its checkpoints: restarting at update 0, "
+                 "the lost segments kept in the record's 'lost'")
+
+    def lost_hours(self, record: dict | None = None) -> float:
+        """Core-hours of the training this run lost and restarted (``lost`` entries)."""
+        record = self.record if record is None else record
+        return sum(entry.get("core_hours", 0.0) for entry in record.get("lost", []))
 
     def collect(self) -> None:
         """Refresh what a record takes from the training log (validation curve, speed), and for a
@@ -498,11 +535,18 @@ class Run:
 
     def _run(self) -> None:
         recorded = self.capped_below()
+        if recorded and not (self.dir / "checkpoint_last.pt").exists():  # its record stays as it is
+            self.log(f"done at the {recorded}-epoch cap, now {self.cap()}, but {self.dir} has no "
+                     "checkpoint_last.pt to train on from: left done (move its record aside to train it "
+                     "again from the start)")
+            return
         if recorded:
             self.reopen(recorded)
         elif self.record.get("status") == "done":
             self.log("done already (delete the record to rerun)")
             return
+        if self.lost():
+            self.set_aside_lost()
         data = self.root / self.spec.prepared / "data-bin"
         self.drop("error")  # from an earlier failed attempt of this run
         log = self.dir / "train.log"
@@ -616,7 +660,7 @@ def write_status(args) -> None:
              "Core-hours = wall time x threads of every training and evaluation segment.", ""]
     for campaign in ("converged", "budget", "pilot"):
         spec = CAMPAIGNS[campaign]
-        rows, spent, done_runs, todo = [], 0.0, {}, {}
+        rows, spent, lost, done_runs, todo = [], 0.0, 0.0, {}, {}
         for corpus in CORPORA:
             names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")}
             if campaign == args.campaign and corpus == args.corpus:
@@ -631,8 +675,10 @@ def write_status(args) -> None:
                 state = run.state()
                 rec = run.progress(state)
                 hours = run.core_hours(rec)
-                spent += hours
-                trained = int(rec.get("last_epoch") or 0)
+                gone = state != "running" and run.lost()  # it restarts at update 0
+                lost += run.lost_hours(rec) + (hours if gone else 0.0)
+                spent += hours + run.lost_hours(rec)
+                trained = 0 if gone else int(rec.get("last_epoch") or 0)
                 if state == "done":
                     done_runs.setdefault(corpus, []).append((*run.split_hours(rec), trained))
                 if state != "done" or run.capped_below():  # a raised cap reopens it at the next call
@@ -650,7 +696,10 @@ def write_status(args) -> None:
         lines += [f"## Campaign `{campaign}`", "",
                   "| corpus | run | state | last epoch | best epoch | stopped by | core-hours |",
                   "|---|---|---|---|---|---|---|", *rows, "",
-                  f"Spent: {spent:.2f} core-hours. Left: " + ("; ".join(left) or "nothing") + ".", ""]
+                  f"Spent: {spent:.2f} core-hours" + (f", of which {lost:.2f} on training lost with its "
+                                                       "checkpoints (a replaced machine; those runs "
+                                                       "restart at update 0)" if lost else "")
+                  + ". Left: " + ("; ".join(left) or "nothing") + ".", ""]
     lines += ["Resume everything unfinished with the same commands, one job per corpus, 1 thread each "
               "(each skips what is done and continues a run from its last checkpoint):", "",
               *(f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1" for c in CORPORA),
