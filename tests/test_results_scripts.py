@@ -556,6 +556,61 @@ def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp
     assert json.loads((recs / "pnv_s1.json").read_text())["lost"][0]["core_hours"] == 0.5
 
 
+def test_commit_lands_each_finished_runs_record_and_nothing_else(tmp_path, monkeypatch):
+    """``--commit``: a finished run's record, the status table and the regenerated tables are
+    committed as soon as the run ends (a machine replaced later loses only the runs in progress),
+    and nothing else: the user's staged and unstaged work stays as it was. A run already done
+    commits nothing; a root that is not a checkout is refused before anything trains."""
+    import torch
+
+    reproduce, make_results = load_script("reproduce"), load_script("make_results")
+
+    def git(*argv):
+        return subprocess.run(["git", "-C", str(tmp_path), *argv], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    outside = tmp_path.parent / f"{tmp_path.name}_not_a_checkout"
+    with pytest.raises(SystemExit, match="--commit: .* not the top of a git checkout"):
+        reproduce.main(["multi30k", "--root", str(outside), "--norms", "ln", "--seeds", "1", "--commit"])
+    assert not outside.exists()
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "results").mkdir()
+    for name in ("README.md", "notes.txt", "results/table.md"):
+        (tmp_path / name).write_text("before\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    (tmp_path / "notes.txt").write_text("staged\n")
+    git("add", "notes.txt")
+    (tmp_path / "notes.txt").write_text("staged, then edited\n")
+
+    monkeypatch.setattr(reproduce.runner, "train", lambda argv, echo=None: (
+        Path(argv[argv.index("--save-dir") + 1]) / "train.log").write_text(CONVERGED_LOG))
+    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
+        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
+        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
+    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    monkeypatch.setattr(make_results, "main", lambda argv: (
+        Path(argv[argv.index("--root") + 1]) / "results" / "table.md").write_text("regenerated\n"))
+    command = ["multi30k", "--root", str(tmp_path), "--norms", "ln", "--seeds", "1", "--threads", "1", "--commit"]
+    reproduce.main(command)
+
+    assert git("rev-list", "--count", "HEAD") == "2"
+    assert "multi30k ln_s1 done" in git("log", "-1", "--format=%s")
+    assert set(git("show", "--name-only", "--format=", "HEAD").split()) == {
+        "results/runs/multi30k/ln_s1.json", "results/status.md", "results/table.md"}
+    assert git("show", "HEAD:results/table.md") == "regenerated"
+    assert git("diff", "--cached", "--name-only") == "notes.txt"  # the user's work, untouched
+    assert (tmp_path / "notes.txt").read_text() == "staged, then edited\n"
+    assert git("show", ":notes.txt") == "staged"
+
+    reproduce.main(command)  # done already: its record is unchanged, nothing is committed
+    assert git("rev-list", "--count", "HEAD") == "2"
+
+
 def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending(tmp_path, monkeypatch):
     """Raising a corpus's cap (``CORPORA[...].max_epoch``) reopens the runs the old cap stopped,
     not those the stopping rule stopped: training goes on from the last checkpoint (the LR

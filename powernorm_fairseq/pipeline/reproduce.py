@@ -6,6 +6,7 @@ names another; ``powernorm-reproduce`` is the same command)::
     python scripts/reproduce.py multi30k --seeds 1,2,3 --jobs 2 --threads 1   # the converged campaign
     python scripts/reproduce.py ptb --seeds 1,2,3 --jobs 2 --threads 1
     python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 # the budget run
+    python scripts/reproduce.py ptb --seeds 1,2,3 --jobs 2 --threads 1 --commit  # and commit each finished run
     python scripts/make_results.py          # tables + plots from the records
 
 Campaigns (``--campaign``; every setting of each lives in ``CAMPAIGNS`` below, once):
@@ -44,6 +45,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -701,11 +703,57 @@ def write_status(args) -> None:
                                                        "restart at update 0)" if lost else "")
                   + ". Left: " + ("; ".join(left) or "nothing") + ".", ""]
     lines += ["Resume everything unfinished with the same commands, one job per corpus, 1 thread each "
-              "(each skips what is done and continues a run from its last checkpoint):", "",
-              *(f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1" for c in CORPORA),
+              "(each skips what is done, continues a run from its last checkpoint and commits each "
+              "finished run's record):", "",
+              *(f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1 --commit" for c in CORPORA),
               "    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 --threads 1", ""]
     lines.append(f"Last written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
     atomic_write_text(project_root(args) / "results" / "status.md", "\n".join(lines) + "\n")
+
+
+# What a finished run changes and ``--commit`` commits: its record and the status table
+# (results/), and what scripts/make_results.py regenerates from them (results/, README section 5).
+COMMITTED = ("results", "README.md")
+
+
+def _git(root: Path, *argv: str) -> str:
+    return subprocess.run(["git", "-C", os.fspath(root), *argv], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def is_checkout(root: Path) -> bool:
+    """Whether ``root`` is the top of a git checkout (``--commit`` commits there)."""
+    try:
+        return Path(_git(root, "rev-parse", "--show-toplevel")).resolve() == root.resolve()
+    except (subprocess.CalledProcessError, FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def commit_records(root: Path, record: Path, message: str, regenerate=None) -> str:
+    """``--commit``: once a run has finished (or failed), commit its record with the status table
+    and the tables regenerated from the records, so that a machine lost later loses only the runs
+    then in progress. Only ``COMMITTED`` paths are committed (anything else the user has changed
+    or staged stays as it is), and nothing when ``record`` is unchanged since HEAD (a run that was
+    already done). ``regenerate(root)`` rewrites the tables (default: scripts/make_results.py).
+    Returns what was done, for the log; a failure to commit is reported, not raised: the run
+    itself is finished and its record written."""
+    if not _git(root, "status", "--porcelain", "--", os.fspath(record)):
+        return "--commit: its record is unchanged since HEAD; nothing to commit"
+    if regenerate is None:
+        from powernorm_fairseq.pipeline import results  # imports this module
+
+        def regenerate(root: Path) -> None:
+            results.main(["--root", os.fspath(root)])
+    try:
+        with directory_lock(root / "results"):  # other campaign processes commit in the same checkout
+            regenerate(root)
+            _git(root, "add", "--", *COMMITTED)
+            _git(root, "commit", "-q", "-m", message, "--", *COMMITTED)
+    except subprocess.CalledProcessError as e:
+        return f"--commit: git {e.cmd[3]} failed ({(e.stderr or e.stdout).strip()}); the record is written, commit it by hand"
+    except Exception as e:  # a table that cannot be regenerated must not fail the finished run
+        return f"--commit: {type(e).__name__}: {e}; the record is written, commit it by hand"
+    return f"--commit: committed {_git(root, 'rev-parse', '--short', 'HEAD')}: {message}"
 
 
 def project_root(args) -> Path:
@@ -737,7 +785,14 @@ def main(argv=None) -> None:
     p.add_argument("--root", default=".",
                    help="the project directory: data/<corpus> (prepared), runs/ and results/ "
                    "(default: the current directory)")
+    p.add_argument("--commit", action="store_true",
+                   help="as each run finishes, regenerate the tables (scripts/make_results.py) and "
+                   "git-commit results/ and README.md in the --root checkout, so that a machine "
+                   "replaced later loses only the runs in progress; nothing else is committed")
     args = p.parse_args(argv)
+    if args.commit and not is_checkout(project_root(args)):
+        raise SystemExit(f"--commit: {project_root(args)} is not the top of a git checkout; "
+                         "run from the project's checkout (or name it with --root), or drop --commit")
     args.norms = args.norms.split(",")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     prefix = CAMPAIGNS[args.campaign].prefix(args.corpus)
@@ -764,6 +819,16 @@ def main(argv=None) -> None:
     one_at_a_time = threading.Lock()  # significance() saves other runs' records
 
     def job(run: Run) -> None:
+        train(run)
+        if args.commit:
+            with one_at_a_time:
+                run.log(commit_records(run.root, run.record_path, (
+                    f"Campaign {args.campaign}: {run.corpus} {run.name} {run.record.get('status')} "
+                    f"({run.record.get('last_epoch', '-')} epochs, {run.core_hours():.2f} core-hours; "
+                    f"stopped by {run.record.get('stopped_by') or '-'}): its record, the status table "
+                    "and the regenerated tables (reproduce --commit)")))
+
+    def train(run: Run) -> None:
         try:
             run.run()
         except Exception as e:  # one failed run must not stop the others; its record says so
