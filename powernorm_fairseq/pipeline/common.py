@@ -214,18 +214,29 @@ def subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
+def git(path: str | os.PathLike, *args: str) -> str:
+    """``git -C path ARGS``'s stripped stdout; a failure is a CalledProcessError (no git at all:
+    FileNotFoundError)."""
+    return subprocess.run(["git", "-C", os.fspath(path), *args], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def checkout_top(path: str | os.PathLike) -> Path | None:
+    """The top directory (resolved) of the git checkout holding ``path``, or None outside one."""
+    try:
+        return Path(git(path, "rev-parse", "--show-toplevel")).resolve()
+    except (subprocess.CalledProcessError, FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def checkout_commit(path: str | os.PathLike, exclude: Iterable[str] = ()) -> str | None:
     """The HEAD commit of the git checkout at ``path``, ``+dirty`` appended when its tracked files
     differ from HEAD (untracked files and the top-level paths in ``exclude`` do not count), or
     None outside a git checkout."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", os.fspath(path), *args], capture_output=True,
-                              text=True, check=True).stdout.strip()
-
     try:
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+        dirty = git(path, "status", "--porcelain", "--untracked-files=no", "--", ":/",
                     *(f":(top,exclude){e}" for e in exclude))
-        return git("rev-parse", "HEAD") + ("+dirty" if dirty else "")
+        return git(path, "rev-parse", "HEAD") + ("+dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError, NotADirectoryError):
         return None
 
@@ -237,12 +248,7 @@ def git_commit() -> str | None:
     link, prepared data) and ``results/`` (the run records a reproduction rewrites as it goes)
     do not count: they cannot change what a run computes.
     """
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=PLUGIN_DIR,
-                             capture_output=True, text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return None
-    if Path(top).resolve() != PLUGIN_DIR.parent:  # installed inside some other repository
+    if checkout_top(PLUGIN_DIR) != PLUGIN_DIR.parent:  # an installed wheel, or inside some other repository
         return None
     return checkout_commit(PLUGIN_DIR, exclude=("results",))
 

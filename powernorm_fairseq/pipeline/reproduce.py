@@ -58,7 +58,9 @@ from powernorm_fairseq.pipeline import runner
 from powernorm_fairseq.pipeline.common import (
     atomic_write_json,
     atomic_write_text,
+    checkout_top,
     directory_lock,
+    git,
     git_commit,
     hardware,
 )
@@ -716,19 +718,6 @@ def write_status(args) -> None:
 COMMITTED = ("results", "README.md")
 
 
-def _git(root: Path, *argv: str) -> str:
-    return subprocess.run(["git", "-C", os.fspath(root), *argv], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-def is_checkout(root: Path) -> bool:
-    """Whether ``root`` is the top of a git checkout (``--commit`` commits there)."""
-    try:
-        return Path(_git(root, "rev-parse", "--show-toplevel")).resolve() == root.resolve()
-    except (subprocess.CalledProcessError, FileNotFoundError, NotADirectoryError):
-        return False
-
-
 def commit_records(root: Path, record: Path, message: str, regenerate=None) -> str:
     """``--commit``: once a run has finished (or failed), commit its record with the status table
     and the tables regenerated from the records, so that a machine lost later loses only the runs
@@ -737,7 +726,7 @@ def commit_records(root: Path, record: Path, message: str, regenerate=None) -> s
     already done). ``regenerate(root)`` rewrites the tables (default: scripts/make_results.py).
     Returns what was done, for the log; a failure to commit is reported, not raised: the run
     itself is finished and its record written."""
-    if not _git(root, "status", "--porcelain", "--", os.fspath(record)):
+    if not git(root, "status", "--porcelain", "--", os.fspath(record)):
         return "--commit: its record is unchanged since HEAD; nothing to commit"
     if regenerate is None:
         from powernorm_fairseq.pipeline import results  # imports this module
@@ -747,13 +736,13 @@ def commit_records(root: Path, record: Path, message: str, regenerate=None) -> s
     try:
         with directory_lock(root / "results"):  # other campaign processes commit in the same checkout
             regenerate(root)
-            _git(root, "add", "--", *COMMITTED)
-            _git(root, "commit", "-q", "-m", message, "--", *COMMITTED)
+            git(root, "add", "--", *COMMITTED)
+            git(root, "commit", "-q", "-m", message, "--", *COMMITTED)
     except subprocess.CalledProcessError as e:
         return f"--commit: git {e.cmd[3]} failed ({(e.stderr or e.stdout).strip()}); the record is written, commit it by hand"
     except Exception as e:  # a table that cannot be regenerated must not fail the finished run
         return f"--commit: {type(e).__name__}: {e}; the record is written, commit it by hand"
-    return f"--commit: committed {_git(root, 'rev-parse', '--short', 'HEAD')}: {message}"
+    return f"--commit: committed {git(root, 'rev-parse', '--short', 'HEAD')}: {message}"
 
 
 def project_root(args) -> Path:
@@ -790,7 +779,7 @@ def main(argv=None) -> None:
                    "git-commit results/ and README.md in the --root checkout, so that a machine "
                    "replaced later loses only the runs in progress; nothing else is committed")
     args = p.parse_args(argv)
-    if args.commit and not is_checkout(project_root(args)):
+    if args.commit and checkout_top(project_root(args)) != project_root(args).resolve():
         raise SystemExit(f"--commit: {project_root(args)} is not the top of a git checkout; "
                          "run from the project's checkout (or name it with --root), or drop --commit")
     args.norms = args.norms.split(",")
