@@ -708,3 +708,24 @@ def test_every_finished_converged_run_stopped_where_the_rule_says():
             assert rule_epoch == r["last_epoch"], name
         else:
             assert r["stopped_by"].startswith("epoch cap") and rule_epoch is None, name
+
+
+def test_core_hours_count_a_records_own_threads_not_the_status_calls(tmp_path, monkeypatch):
+    """A record that names no threads (the early pilots): its logged training time counts at its
+    segments' threads, so ``--status`` without ``--threads`` on a 2-core machine counts the same
+    core-hours as with ``--threads 1``, not twice them."""
+    reproduce = load_script("reproduce")
+    recs = tmp_path / "results" / "pilot" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    (recs / "bn_s1.json").write_text(json.dumps({
+        "norm": "bn", "seed": 1, "status": "done", "train_segments": [{"wall_s": 3600.0}],
+        "epochs": [{"epoch": 1, "train_wall": 3400}]}))
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    hours = {}
+    for threads in (None, 1):
+        args = reproduce.argparse.Namespace(campaign="pilot", corpus="multi30k", norms=["bn"], seed_list=[1],
+                                            threads=threads, track_norm_stats=False, override=[],
+                                            root=str(tmp_path))
+        hours[threads] = reproduce.Run("multi30k", "bn", 1, args).core_hours()
+    assert hours[None] == hours[1] == 1.0

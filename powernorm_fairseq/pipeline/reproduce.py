@@ -356,8 +356,12 @@ class Run:
     def split_hours(self, record: dict | None = None) -> tuple[float, float]:
         """``core_hours`` as (training, evaluation) core-hours, unrounded."""
         record = self.record if record is None else record
-        threads = self.threads()
-        train = sum(s["wall_s"] * (s.get("threads") or 1) for s in record.get("train_segments", []))
+        segments = record.get("train_segments", [])
+        # the log's training time ran at the threads its record names, not this call's: its
+        # last segment's (unnamed counts 1, as below), else the record's, else this invocation's
+        hardware = (record.get("hardware") or {}).get("threads")
+        threads = (segments[-1].get("threads") or 1) if segments else hardware or self.threads()
+        train = sum(s["wall_s"] * (s.get("threads") or 1) for s in segments)
         logged = sum(e.get("train_wall", 0) for e in record.get("epochs") or []) * threads
         evals = sum(s["wall_s"] * (s.get("threads") or 1) for s in (record.get("eval_segments") or {}).values())
         return max(train, logged) / 3600, evals / 3600
