@@ -171,6 +171,19 @@ def test_converged_tables_name_a_difference_only_when_the_interval_excludes_zero
     assert "PN (paper variant) (trained with fault 1) | 19.00 (1 seed)" in pilot
 
 
+def test_converged_tables_name_the_seed_pairs_trained_on_different_cpus(results_dir):
+    make_results, root = results_dir
+    make_results.main(["--root", str(root)])
+    assert "each seed pair above trained both its runs on the same CPU model" in \
+        (root / "results" / "table1_multi30k.md").read_text()
+    bn = root / "results" / "runs" / "multi30k" / "bn_s2.json"
+    bn.write_text(json.dumps({**json.loads(bn.read_text()), "hardware": {"cpu": "AMD EPYC", "threads": 1}}))
+    make_results.main(["--root", str(root)])
+    table = (root / "results" / "table1_multi30k.md").read_text()
+    assert "different CPU models (same initialisation and data order, different floating-point kernels): " \
+        "BN s2 (AMD EPYC) vs LN s2 (test)." in table
+
+
 def test_make_results_help_writes_nothing(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in (REPO / "results").rglob("*") if p.is_file()}
     readme = (REPO / "README.md").read_text()

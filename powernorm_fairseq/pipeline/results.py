@@ -161,6 +161,21 @@ def differences(runs: dict[str, list[dict]], key: str, higher_better: bool) -> t
     return lines, found
 
 
+def hardware_line(runs: dict[str, list[dict]]) -> str:
+    """The seed pairs of the differences whose two done runs trained on different CPU models.
+    A pair shares its initialisation and data order on any CPU (same seed), but its floating
+    point kernels, and so its training trajectory, may differ: a reader weighs such pairs."""
+    cpu = lambda r: (r.get("hardware") or {}).get("cpu") or "?"  # noqa: E731
+    base = {r["seed"]: r for r in runs.get(LN, []) if r.get("status") == "done"}
+    mixed = [f"{SHORT[norm]} s{r['seed']} ({cpu(r)}) vs LN s{r['seed']} ({cpu(base[r['seed']])})"
+             for norm in ORDER[1:] for r in runs.get(norm, [])
+             if r.get("status") == "done" and r["seed"] in base and cpu(r) != cpu(base[r["seed"]])]
+    if not mixed:
+        return "Hardware: each seed pair above trained both its runs on the same CPU model."
+    return ("Hardware: seed pairs whose two runs trained on different CPU models (same initialisation "
+            "and data order, different floating-point kernels): " + "; ".join(mixed) + ".")
+
+
 def bootstrap_lines(runs: dict[str, list[dict]]) -> list[str]:
     lines = []
     for norm in ORDER[1:]:
@@ -247,7 +262,7 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
              "## Each norm minus LN (paired over seeds, 95% interval)", "",
              "A difference is named only where its interval excludes 0; otherwise the cell says \"no "
              "significant difference at this scale\" (or \"untested\" while only one seed pair is done).", "",
-             *diff, ""]
+             *diff, "", hardware_line(runs), ""]
     if key != "ppl":
         lines += [*bootstrap_lines(runs), ""]
         if sig:
