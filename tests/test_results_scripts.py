@@ -437,6 +437,65 @@ def test_collect_adds_the_paired_bootstrap_once_a_norm_and_ln_of_its_seed_are_do
     assert "paired_bootstrap" not in json.loads((recs / "pn_s1.json").read_text())
 
 
+def test_the_paired_bootstrap_survives_a_replaced_machine(tmp_path, monkeypatch):
+    """A finished run's translations are kept beside its record (committed with it), so a norm
+    that finishes after the machine was replaced is still tested against LN of its seed. Before,
+    LN's translations lived only in its run directory: lost with the machine (Multi30k LN seed 2),
+    every later pair of that seed had no p-value, and the tables did not say why."""
+    import shutil
+
+    import powernorm_fairseq.analysis.stats as stats
+
+    reproduce = load_script("reproduce")
+    make_results = load_script("make_results")
+    prep = tmp_path / "data" / "multi30k"
+    prep.mkdir(parents=True)
+    for name in ("ref.tok", "ref.detok"):
+        (prep / name).write_text("a b\n")
+    (prep / "prepare.json").write_text(json.dumps({"references": {"tok": str(prep / "ref.tok"),
+                                                                  "detok": str(prep / "ref.detok")}}))
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+
+    def finish(norm: str) -> None:
+        """``norm`` seed 1 done on the machine of now: its translations in its run directory."""
+        run_dir = tmp_path / "runs" / "converged" / "multi30k" / f"{norm}_s1"
+        run_dir.mkdir(parents=True)
+        ev = {}
+        for field, suffix in (("hypotheses", "hyp.txt"), ("hypotheses_tokenized", "hyp.tok.txt")):
+            (run_dir / f"eval_avg.{suffix}").write_text(f"{norm} {field}\n")
+            ev[field] = str(run_dir / f"eval_avg.{suffix}")
+        (recs / f"{norm}_s1.json").write_text(json.dumps({
+            "norm": norm, "seed": 1, "status": "done", "evaluations": {"avg": {"recipe": "multi30k", **ev}}}))
+
+    seen = []
+    monkeypatch.setattr(stats, "paired_bootstrap_bleu", lambda refs, base, hyp, tokenize, lowercase: seen.append(
+        (base, hyp)) or {"p_value": 0.5, "system": {"score": 1.0}, "baseline": {"score": 2.0}})
+    collect = ["multi30k", "--root", str(tmp_path), "--norms", "ln,bn,pn", "--seeds", "1", "--collect"]
+    finish("ln")
+    reproduce.main(collect)  # LN done: its translations are kept beside its record
+    shutil.rmtree(tmp_path / "runs")  # the machine is replaced: run directories gone, records kept
+    finish("bn")
+    reproduce.main(collect)
+    bn = json.loads((recs / "bn_s1.json").read_text())
+    assert bn["paired_bootstrap"]["bleu_tokenized"]["p_value"] == 0.5 and "paired_bootstrap_skipped" not in bn
+    assert sorted(seen) == [(["ln hypotheses"], ["bn hypotheses"]),
+                            (["ln hypotheses_tokenized"], ["bn hypotheses_tokenized"])]
+    assert json.loads((recs / "ln_s1.json").read_text())["kept_hypotheses"] == {
+        "hypotheses": "ln_s1.avg.hyp.txt", "hypotheses_tokenized": "ln_s1.avg.hyp.tok.txt"}
+    assert (recs / "bn_s1.avg.hyp.tok.txt").read_text() == "bn hypotheses_tokenized\n"
+    # LN's translations lost entirely (a run finished before they were kept): the pair is left
+    # untested, and the record and the tables say why instead of leaving the seed out silently
+    for f in recs.glob("ln_s1.avg.*"):
+        f.unlink()
+    finish("pn")
+    reproduce.main(collect)
+    pn = json.loads((recs / "pn_s1.json").read_text())
+    assert "paired_bootstrap" not in pn and "ln_s1's hypotheses_tokenized" in pn["paired_bootstrap_skipped"]
+    lines = make_results.bootstrap_lines({"pn": [pn]})
+    assert lines[0].startswith("- PN (reference variant) vs LN") and "s1: not tested, no ln_s1's" in lines[0]
+
+
 def test_a_record_saved_by_two_processes_keeps_both_updates(tmp_path):
     """A training process and a ``--collect`` (or a second job on the corpus) each hold a copy of
     one run's record, read at their start. Each save keeps what the other wrote since: the keys a
@@ -650,8 +709,10 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
             "stopped_by": "epoch cap (30 epochs; not converged by the rule)", "evaluations": ev,
             "eval_segments": {"avg": {"wall_s": 3600.0, "threads": 1}}, "embedding_spectrum": {"values": [1.0]},
             "commit": "abc", "norm_stats": "ln_s1.norm_stats.csv", "last_epoch": 30}
-    (recs / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, **done}))
+    (recs / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, **done,
+                                                 "kept_hypotheses": {"hypotheses": "ln_s1.avg.hyp.txt"}}))
     (recs / "ln_s1.norm_stats.csv").write_text("earlier statistics\n")
+    (recs / "ln_s1.avg.hyp.txt").write_text("earlier kept translations\n")
     (recs / "bn_s1.json").write_text(json.dumps({"norm": "bn", "seed": 1, **done, "stopped_by": "patience (5 ...)",
                                                  "paired_bootstrap": {"vs": "ln_s1", "p": 0.01}}))
     run_dir.mkdir(parents=True)
@@ -687,6 +748,10 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
         assert (run_dir / "cap30" / name).read_text() == f"earlier {name}\n"
     assert earlier["norm_stats"] == "ln_s1.cap30.norm_stats.csv"
     assert (recs / "ln_s1.cap30.norm_stats.csv").read_text() == "earlier statistics\n"
+    # the kept translations of the earlier ending move aside with it (the new one has none here)
+    assert earlier["kept_hypotheses"] == {"hypotheses": "ln_s1.cap30.avg.hyp.txt"} and "kept_hypotheses" not in ln
+    assert (recs / "ln_s1.cap30.avg.hyp.txt").read_text() == "earlier kept translations\n"
+    assert not (recs / "ln_s1.avg.hyp.txt").exists()
     assert ln["eval_segments"]["avg@cap30"]["wall_s"] == 3600.0 and "avg" in ln["eval_segments"]
     assert ln["core_hours"] >= 1.0  # the earlier evaluation's hour is still counted
     bn = json.loads((recs / "bn_s1.json").read_text())

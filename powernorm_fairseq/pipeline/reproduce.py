@@ -16,7 +16,8 @@ Campaigns (``--campaign``; every setting of each lives in ``CAMPAIGNS`` below, o
   loss (the released ``--early-stop 5``; fairseq's ``--patience``), with an epoch cap per corpus.
   Each run is evaluated three ways: the paper's protocol (the average of the last 5 epoch
   checkpoints), the best checkpoint, and the last. For BLEU, each norm's averaged model is then
-  compared with LN's of the same seed by sacreBLEU's paired bootstrap.
+  compared with LN's of the same seed by sacreBLEU's paired bootstrap, from the translations kept
+  beside the records (``<run>.avg.hyp*.txt``).
   Records: ``results/runs/<corpus>/<norm>_s<seed>.json``. Raising a corpus's cap (``CORPORA``)
   reopens the runs the old cap stopped: they train on from their last checkpoint and are
   evaluated again, their earlier ending kept aside (:meth:`Run.reopen`).
@@ -85,8 +86,11 @@ LN = NORMS[0]  # the baseline every norm is compared with
 PATIENCE = 5        # the released --early-stop 5
 AVERAGE_EPOCHS = 5  # the paper averages the last 5 epoch checkpoints
 # what a run's end produced; a done run reopened for a raised epoch cap (Run.reopen) sets them aside
-REOPENED = ("evaluations", "paired_bootstrap", "embedding_spectrum", "averaged", "stopped_by", "commit",
-            "norm_stats")
+REOPENED = ("evaluations", "paired_bootstrap", "paired_bootstrap_skipped", "embedding_spectrum", "averaged",
+            "stopped_by", "commit", "norm_stats", "kept_hypotheses")
+# the averaged model's test translations (fields of its "avg" evaluation) that the paired bootstrap
+# reads; kept beside the record, since the run directory is lost with a replaced machine
+HYPOTHESES = {"hypotheses": "avg.hyp.txt", "hypotheses_tokenized": "avg.hyp.tok.txt"}
 CONVERGED_SEEDS = (1, 2, 3)  # the issue's >= 3 seeds; status.md lists every one of them
 
 
@@ -293,6 +297,12 @@ class Run:
             aside = self.stats_record.with_name(f"{self.name}.cap{recorded}.norm_stats.csv")
             os.replace(self.stats_record, aside)
             ending["norm_stats"] = aside.name
+        for field, name in (self.record.get("kept_hypotheses") or {}).items():
+            kept_copy = self.record_path.with_name(name)
+            if kept_copy.is_file():
+                aside = kept_copy.with_name(f"{self.name}.cap{recorded}.{HYPOTHESES[field]}")
+                os.replace(kept_copy, aside)
+                ending["kept_hypotheses"][field] = aside.name
         segments = {k if "@" in k else f"{k}@cap{recorded}": v
                     for k, v in (self.record.get("eval_segments") or {}).items()}
         self.save(earlier_caps=[*self.record.get("earlier_caps", []), {"max_epoch": recorded, **ending}],
@@ -435,9 +445,12 @@ class Run:
 
     def keep_analyses(self) -> None:
         """Keep in the records what the paper's analyses read from a finished run, so that
-        ``make_results`` needs no run directory: the tracked norm statistics (Figs. 2-4;
-        ``runs/.../norm_stats.csv`` copied beside the record) and the normalized singular values
-        of the averaged model's word embedding (Fig. 6; ``embedding_spectrum`` in the record)."""
+        ``make_results`` and the paired bootstrap need no run directory: the tracked norm
+        statistics (Figs. 2-4; ``runs/.../norm_stats.csv`` copied beside the record), the
+        normalized singular values of the averaged model's word embedding (Fig. 6;
+        ``embedding_spectrum`` in the record) and, for BLEU, the averaged model's test
+        translations (:data:`HYPOTHESES`, copied beside the record as ``<run>.avg.hyp*.txt``)."""
+        self.keep_hypotheses()
         stats = self.dir / "norm_stats.csv"
         if stats.is_file() and not self.stats_record.exists():
             atomic_write_text(self.stats_record, stats.read_text())
@@ -454,6 +467,31 @@ class Run:
             self.save(embedding_spectrum={"checkpoint": "avg", "key": key,
                                           "shape": list(weight.shape),
                                           "values": [round(float(v), 6) for v in values]})
+
+    def keep_hypotheses(self) -> None:
+        """Copy the averaged model's hypotheses files beside the record (``kept_hypotheses`` names
+        the copies): a replaced machine takes the run directory, and with it any later paired
+        bootstrap against this run (LN's seed-2 translations were lost that way)."""
+        kept = dict(self.record.get("kept_hypotheses") or {})
+        avg = (self.record.get("evaluations") or {}).get("avg") or {}
+        for field, suffix in HYPOTHESES.items():
+            source, copy = Path(avg.get(field) or ""), self.record_path.with_name(f"{self.name}.{suffix}")
+            if field not in kept and avg.get(field) and source.is_file():
+                atomic_write_text(copy, source.read_text())
+            if copy.is_file():
+                kept[field] = copy.name
+        if kept and kept != self.record.get("kept_hypotheses"):
+            self.save(kept_hypotheses=kept)
+
+    def hypotheses(self, field: str) -> Path | None:
+        """The averaged model's hypotheses file ``field`` (:data:`HYPOTHESES`): the evaluation's
+        own, else the copy kept beside the record; None when neither exists."""
+        own = Path(((self.record.get("evaluations") or {}).get("avg") or {}).get(field) or "")
+        kept = (self.record.get("kept_hypotheses") or {}).get(field)
+        for path in (own, self.record_path.with_name(kept) if kept else None):
+            if path is not None and path.name and path.is_file():
+                return path
+        return None
 
     def checkpoint_for(self, which: str) -> Path:
         return {"avg": self.dir / "checkpoint_avg.pt", "best": self.dir / "checkpoint_best.pt",
@@ -620,19 +658,25 @@ def significance(runs: list[Run]) -> None:
         _, prep = load_prepared(run.root / run.spec.prepared)
         # the same casing as the evaluation's own BLEU (its recipe)
         lower = not RECIPES[run.record["evaluations"]["avg"]["recipe"]]["case_sensitive"]
-        result = {"vs": f"{LN}_s{run.seed}", "checkpoint": "avg"}
+        result, missing = {"vs": f"{LN}_s{run.seed}", "checkpoint": "avg"}, []
         for key, field, refs, tok in (("bleu_detok", "hypotheses", prep["references"]["detok"], "13a"),
                                       ("bleu_tokenized", "hypotheses_tokenized", prep["references"]["tok"], "none")):
-            hyp = Path(run.record["evaluations"]["avg"].get(field, ""))
-            hyp_base = Path(base.record["evaluations"]["avg"].get(field, ""))
-            if not (hyp.is_file() and hyp_base.is_file()):
-                run.log(f"no {hyp.name} beside both evaluations: paired bootstrap of {key} skipped")
+            hyp, hyp_base = run.hypotheses(field), base.hypotheses(field)
+            if hyp is None or hyp_base is None:
+                missing += [f"{r.name}'s {field}" for r, h in ((run, hyp), (base, hyp_base)) if h is None]
                 continue
             result[key] = paired_bootstrap_bleu(read_lines(refs), read_lines(hyp_base), read_lines(hyp),
                                                 tokenize=tok, lowercase=lower)
         if len(result) > 2:
             run.save(paired_bootstrap=result)
             run.log(f"paired bootstrap vs LN: p = {result.get('bleu_tokenized', {}).get('p_value')}")
+        if missing:  # the tables say why this pair has no p-value; a later call tries again
+            reason = (f"no {', '.join(missing)} (neither in its run directory nor kept beside its record: "
+                      "lost with a replaced machine; retrain that run to test this pair)")
+            run.save(paired_bootstrap_skipped=reason)
+            run.log(f"paired bootstrap vs LN skipped: {reason}")
+        elif "paired_bootstrap_skipped" in run.record:
+            run.drop("paired_bootstrap_skipped")
 
 
 def cost_per_run(done_hours: list[float]) -> float | None:

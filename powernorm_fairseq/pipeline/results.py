@@ -186,6 +186,8 @@ def bootstrap_lines(runs: dict[str, list[dict]]) -> list[str]:
                 t, d = pb["bleu_tokenized"], pb.get("bleu_detok") or {}
                 cells.append(f"s{r['seed']}: {t['system']['score']:.2f} vs {t['baseline']['score']:.2f}, "
                              f"p = {t['p_value']:.3f}" + (f" (detok. p = {d['p_value']:.3f})" if d else ""))
+            elif r.get("paired_bootstrap_skipped"):
+                cells.append(f"s{r['seed']}: not tested, {r['paired_bootstrap_skipped']}")
         if cells:
             lines.append(f"- {LABELS[norm]} vs LN (tokenized BLEU, averaged checkpoints): " + "; ".join(cells))
     if lines:
