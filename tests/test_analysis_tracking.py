@@ -63,6 +63,7 @@ def _batch(seed: int):
 # over the group-RMS-scaled input)
 CASES = [(name, {}) for name in NORM_CHOICES] + [
     ("batch", {"prescale": True}),
+    ("batch", {"pad_statistics": "released"}),  # sigma_B^2 diluted over all T*B rows, as it normalizes
     ("power", {"variant": "paper", "group_num": 2, "warmup_updates": 1}),
     ("power", {"variant": "reference", "group_num": 2}),
     ("power", {"variant": "reference", "group_num": 0, "warmup_updates": 2}),
@@ -104,6 +105,8 @@ def _expected(norm, x, mask, grad_y, y, before, shadow, kind):
     n, d = xr.shape
     g = gr * norm.weight.detach().double()
     mu, var, psi2 = xr.mean(0), xr.var(0, unbiased=False), xr.pow(2).mean(0)
+    if getattr(norm, "pad_statistics", None) == "released":
+        var = (xr - mu).pow(2).sum(0) / (T * B)
     ref = {k: before[k] if before[k] is not None else shadow[k].clone() for k in shadow}
     for k, batch in (("mu", mu), ("var", xr.var(0, unbiased=True)), ("psi2", psi2)):
         shadow[k] = 0.9 * shadow[k] + 0.1 * batch

@@ -15,6 +15,9 @@ Forward statistics of the batch::
 
     mu_B      = (1/B) sum_i x_i
     sigma_B^2 = (1/B) sum_i (x_i - mu_B)^2          (biased, as used for normalizing)
+                (BN with the released pad filling, ``pad_statistics="released"``, normalizes by
+                its own, (1/(T*B)) sum_i (x_i - mu_B)^2 over the T*B rows, pads included, and
+                sigma_B^2 here is that one)
     psi_B^2   = (1/B) sum_i x_i^2                   (quadratic mean, PN-V / PN)
 
 Running statistics ``mu``, ``sigma^2``, ``psi^2`` are read *before* this call's update: the layer's
@@ -190,6 +193,7 @@ class _LayerState:
         self.before: dict[str, Tensor] = {}
         self.x: Tensor | None = None
         self.mask: Tensor | None = None
+        self.rows = 0  # rows of the input, pads included
         self.pending: dict | None = None
 
     def running(self, stat: str) -> Tensor | None:
@@ -360,6 +364,7 @@ class NormStatsTracker:
             x = args[0] if args else kwargs.get("x", kwargs.get("input"))
             mask = args[1] if len(args) > 1 else kwargs.get("padding_mask")
             state.x = _non_pad(_prescaled(module, x), mask)
+            state.rows = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]  # pads included
             state.mask = mask.detach() if isinstance(mask, Tensor) else None
             state.before = {s: v for s in _RUNNING_KEYS if (v := state.running(s)) is not None}
 
@@ -401,6 +406,10 @@ class NormStatsTracker:
         eps = float(getattr(state.module, "eps", 1e-5))
         mu_b = x.mean(0)
         var_b = x.var(0, unbiased=False)
+        if getattr(state.module, "pad_statistics", None) == "released" and state.rows > n:
+            # BN with the released pad filling divides the real tokens' squared deviations by
+            # all T*B rows (pads sit at the mean): its sigma_B^2 is diluted by n / (T*B)
+            var_b = var_b * (n / state.rows)
         psi2_b = x.pow(2).mean(0)
         batch = {"mu": mu_b, "var": var_b, "psi2": psi2_b}
         step, micro = self._step(state)
