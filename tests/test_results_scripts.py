@@ -588,6 +588,9 @@ def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp
     # killed in its first segment: only the epochs it logged (a collect read them) say it trained
     (recs / "pnv_s1.json").write_text(json.dumps({"norm": "pnv", "seed": 1, "status": "training", "last_epoch": 2,
                                                   "epochs": [{"epoch": 2, "train_wall": 1800}]}))
+    # started on a machine since replaced, before its record named any training (PTB PN-paper s3)
+    (recs / "pn_s1.json").write_text(json.dumps({"norm": "pn", "seed": 1, "status": "training",
+                                                 "started_commit": "old"}))
     args = reproduce.argparse.Namespace(campaign="converged", corpus="multi30k", norms=["ln"], seed_list=[1],
                                         threads=1, track_norm_stats=False, override=[], root=str(tmp_path))
     reproduce.write_status(args)
@@ -610,9 +613,10 @@ def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp
     monkeypatch.setattr(reproduce, "significance", lambda runs: None)
     monkeypatch.setitem(reproduce.CORPORA, "multi30k",
                         dataclasses.replace(reproduce.CORPORA["multi30k"], max_epoch=40))
-    reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn,pnv", "--seeds", "1", "--threads", "1"])
+    reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn,pnv,pn", "--seeds", "1", "--threads", "1"])
 
-    assert len(trained) == 2  # LN and PN-V restarted; BN, without a checkpoint to train on from, is not
+    assert len(trained) == 3  # LN, PN-V and PN restarted; BN, without a checkpoint to train on from, is not
+    assert json.loads((recs / "pn_s1.json").read_text())["started_commit"] != "old"
     ln = json.loads((recs / "ln_s1.json").read_text())
     assert ln["status"] == "done" and ln["evaluations"]["avg"]["value"] == 31.0
     assert len(ln["train_segments"]) == 1 and ln["train_segments"][0]["commit"] != "old"

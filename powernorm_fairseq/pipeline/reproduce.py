@@ -598,11 +598,14 @@ class Run:
         log = self.dir / "train.log"
         argv = self.train_argv(data)
         segments = self.record.get("train_segments", [])
+        # a run that starts at update 0 starts at this commit, whatever an earlier start that left
+        # no checkpoint (a replaced machine, killed before its record named any training) said
+        resumes = (self.dir / "checkpoint_last.pt").exists() or (self.dir / "train.done").exists()
         self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, campaign=self.args.campaign,
                   preset=f"configs/{self.preset}.yaml", max_epoch=self.cap(),
                   command=shlex.join(["python", "-m", "powernorm_fairseq.pipeline.train", *argv]),
                   status="training", hardware=hardware(self.args.threads),
-                  started_commit=self.record.get("started_commit") or git_commit())
+                  started_commit=(self.record.get("started_commit") if resumes else None) or git_commit())
         write_status(self.args)  # the table shows this run as running from its start
         if not (self.dir / "train.done").exists():
             stats = self.dir / "norm_stats.csv"
