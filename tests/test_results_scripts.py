@@ -406,20 +406,26 @@ def test_measured_cost_projects_the_campaign_from_its_finished_runs(tmp_path):
     assert "the whole campaign about 52 core-hours" in make_results.measured_cost(tmp_path, 15)
 
 
+def _bleu_campaign(root: Path) -> Path:
+    """A prepared Multi30k with one-line references under ``root``; returns its records folder."""
+    prep = root / "data" / "multi30k"
+    prep.mkdir(parents=True)
+    for name in ("ref.tok", "ref.detok"):
+        (prep / name).write_text("a b\n")
+    (prep / "prepare.json").write_text(json.dumps({"references": {"tok": str(prep / "ref.tok"),
+                                                                  "detok": str(prep / "ref.detok")}}))
+    recs = root / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    return recs
+
+
 def test_collect_adds_the_paired_bootstrap_once_a_norm_and_ln_of_its_seed_are_done(tmp_path, monkeypatch):
     """The bootstrap against LN must not wait for the end of a whole invocation (which a session
     may never reach): --collect and every finished run compute it for each done pair."""
     reproduce = load_script("reproduce")
     import powernorm_fairseq.analysis.stats as stats
 
-    prep = tmp_path / "data" / "multi30k"
-    prep.mkdir(parents=True)
-    for name in ("ref.tok", "ref.detok"):
-        (prep / name).write_text("a b\n")
-    (prep / "prepare.json").write_text(json.dumps({"references": {"tok": str(prep / "ref.tok"),
-                                                                  "detok": str(prep / "ref.detok")}}))
-    recs = tmp_path / "results" / "runs" / "multi30k"
-    recs.mkdir(parents=True)
+    recs = _bleu_campaign(tmp_path)
     for norm in ("ln", "bn", "pn"):
         hyp = tmp_path / f"{norm}.hyp"
         hyp.write_text("a b\n")
@@ -448,14 +454,7 @@ def test_the_paired_bootstrap_survives_a_replaced_machine(tmp_path, monkeypatch)
 
     reproduce = load_script("reproduce")
     make_results = load_script("make_results")
-    prep = tmp_path / "data" / "multi30k"
-    prep.mkdir(parents=True)
-    for name in ("ref.tok", "ref.detok"):
-        (prep / name).write_text("a b\n")
-    (prep / "prepare.json").write_text(json.dumps({"references": {"tok": str(prep / "ref.tok"),
-                                                                  "detok": str(prep / "ref.detok")}}))
-    recs = tmp_path / "results" / "runs" / "multi30k"
-    recs.mkdir(parents=True)
+    recs = _bleu_campaign(tmp_path)
 
     def finish(norm: str) -> None:
         """``norm`` seed 1 done on the machine of now: its translations in its run directory."""
