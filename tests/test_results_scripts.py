@@ -110,6 +110,13 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     # running BN (8 epochs in) counts 22 of them, the 12 runs to do and the interrupted PN 30
     assert "multi30k: 14 run(s) not done, about 27.5 core-hours (their epochs to the cap" in status
     assert "| ptb | pnpaper_s3 | to do |" in status and "ptb: 15 run(s) not done" in status
+    # the resume commands name the corpora with runs left (and the job with the most runs to spare)
+    assert "reproduce.py multi30k --seeds 1,2,3 --threads 1 --commit" in status
+    assert "reproduce.py ptb --seeds 1,2,3 --threads 1 --commit" in status and "ptb has the most runs left" in status
+    reproduce = load_script("reproduce")
+    assert reproduce.resume_lines({"converged": {"multi30k": 7}, "budget": {}})[2:] == [
+        "    python scripts/reproduce.py multi30k --seeds 1,2,3 --threads 1 --commit", ""]
+    assert reproduce.resume_lines({"converged": {}, "budget": {}}) == ["Nothing is left to run.", ""]
 
 
 def converged_record(norm, seed, bleu, **extra):

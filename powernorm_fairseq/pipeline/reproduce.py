@@ -707,12 +707,31 @@ def cost_left(done: list[tuple[float, float, int]], left: list[tuple[int, int | 
     return sum(max(cap - trained, 0) * per_epoch + per_eval if cap else whole for trained, cap in left)
 
 
+def resume_lines(unfinished: dict[str, dict[str, int]]) -> list[str]:
+    """The status table's closing paragraph: the commands that resume what is unfinished
+    (``unfinished``: campaign -> corpus -> runs not done), two jobs of 1 thread on the 2 cores.
+    Two jobs may run one corpus's command: a run one job holds is left to it by the other."""
+    corpora = [c for c, n in unfinished.get("converged", {}).items() if n]
+    commands = [f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1 --commit" for c in corpora]
+    if unfinished.get("budget", {}).get("multi30k"):  # the sizing run, after the campaign
+        commands.append("    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 --threads 1")
+    if not commands:
+        return ["Nothing is left to run.", ""]
+    spare = max(corpora, key=lambda c: unfinished["converged"][c]) if corpora else None
+    return ["Resume everything unfinished with the same commands, in two jobs of 1 thread each (each "
+            "skips what is done, continues a run from its last checkpoint and commits each finished "
+            "run's record; a run one job holds is left to it by the other, so two jobs may run the "
+            f"same command{f', as soon as one has nothing else: {spare} has the most runs left' if spare else ''}):",
+            "", *commands, ""]
+
+
 def write_status(args) -> None:
     """Rewrite ``results/status.md``: every run of every campaign that has a record or is asked
     for now, with its state, stopping epoch and core-hours; totals spent and estimated left."""
     lines = ["# Run status", "",
              "Written by `scripts/reproduce.py` after every step (and by `--status`). "
              "Core-hours = wall time x threads of every training and evaluation segment.", ""]
+    unfinished = {}  # campaign -> corpus -> runs not done
     for campaign in ("converged", "budget", "pilot"):
         spec = CAMPAIGNS[campaign]
         rows, spent, lost, done_runs, todo = [], 0.0, 0.0, {}, {}
@@ -740,6 +759,7 @@ def write_status(args) -> None:
                     todo.setdefault(corpus, []).append((trained, run.cap()))
                 rows.append(f"| {corpus} | {name} | {state} | {rec.get('last_epoch', '-')} | "
                             f"{rec.get('best_epoch', '-')} | {rec.get('stopped_by') or '-'} | {hours:.2f} |")
+        unfinished[campaign] = {corpus: len(runs) for corpus, runs in todo.items()}
         if not rows:
             continue
         left = []
@@ -755,11 +775,7 @@ def write_status(args) -> None:
                                                        "checkpoints (a replaced machine; those runs "
                                                        "restart at update 0)" if lost else "")
                   + ". Left: " + ("; ".join(left) or "nothing") + ".", ""]
-    lines += ["Resume everything unfinished with the same commands, one job per corpus, 1 thread each "
-              "(each skips what is done, continues a run from its last checkpoint and commits each "
-              "finished run's record):", "",
-              *(f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1 --commit" for c in CORPORA),
-              "    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 --threads 1", ""]
+    lines += resume_lines(unfinished)
     lines.append(f"Last written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
     atomic_write_text(project_root(args) / "results" / "status.md", "\n".join(lines) + "\n")
 
