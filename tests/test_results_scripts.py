@@ -691,6 +691,15 @@ def test_commit_lands_each_finished_runs_record_and_nothing_else(tmp_path, monke
 
     reproduce.main(command)  # done already: its record is unchanged, nothing is committed
     assert git("rev-list", "--count", "HEAD") == "2"
+    # a run another live process is training (its lock; its record "training", not committed):
+    # left to that process, which commits it when it ends; a second job must not commit it now
+    bn_dir = tmp_path / "runs" / "converged" / "multi30k" / "bn_s1"
+    bn_dir.mkdir(parents=True)
+    (bn_dir / "run.lock").write_text(f"{os.getppid()} host\n")
+    (tmp_path / "results" / "runs" / "multi30k" / "bn_s1.json").write_text(
+        json.dumps({"norm": "bn", "seed": 1, "status": "training"}))
+    reproduce.main([*command[:3], "--norms", "bn", *command[5:]])
+    assert git("rev-list", "--count", "HEAD") == "2"
 
 
 def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending(tmp_path, monkeypatch):

@@ -572,12 +572,15 @@ class Run:
             return None
         return pid if pid > 0 and pid_alive(pid) else None
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Train, average and evaluate what is left of this run; False when another process
+        holds it (left to that process, which also commits its record)."""
         with self.claim() as holder:
             if holder is not None:
                 self.log(f"running in another process (pid {holder}); left to it")
-                return
+                return False
             self._run()
+            return True
 
     def _run(self) -> None:
         recorded = self.capped_below()
@@ -676,8 +679,9 @@ def significance(runs: list[Run]) -> None:
         if missing:  # the tables say why this pair has no p-value; a later call tries again
             reason = (f"no {', '.join(missing)} (neither in its run directory nor kept beside its record: "
                       "lost with a replaced machine; retrain that run to test this pair)")
-            run.save(paired_bootstrap_skipped=reason)
-            run.log(f"paired bootstrap vs LN skipped: {reason}")
+            if run.record.get("paired_bootstrap_skipped") != reason:  # said once, not at every call
+                run.save(paired_bootstrap_skipped=reason)
+                run.log(f"paired bootstrap vs LN skipped: {reason}")
         elif "paired_bootstrap_skipped" in run.record:
             run.drop("paired_bootstrap_skipped")
 
@@ -875,8 +879,8 @@ def main(argv=None) -> None:
     one_at_a_time = threading.Lock()  # significance() saves other runs' records
 
     def job(run: Run) -> None:
-        train(run)
-        if args.commit:
+        # a run another process holds is its to commit: its record here is that run in progress
+        if train(run) and args.commit:
             with one_at_a_time:
                 run.log(commit_records(run.root, run.record_path, (
                     f"Campaign {args.campaign}: {run.corpus} {run.name} {run.record.get('status')} "
@@ -884,19 +888,21 @@ def main(argv=None) -> None:
                     f"stopped by {run.record.get('stopped_by') or '-'}): its record, the status table "
                     "and the regenerated tables (reproduce --commit)")))
 
-    def train(run: Run) -> None:
+    def train(run: Run) -> bool:
+        """Whether this process held ``run`` (trained it, found it done, or saw it fail)."""
         try:
-            run.run()
+            held = run.run()
         except Exception as e:  # one failed run must not stop the others; its record says so
             run.save(status="failed", error=str(e))
             run.log(f"FAILED: {e}")
             failed.append(run.name)
-            return
+            return True
         finally:
             write_status(args)
-        if compare:  # as soon as a norm and LN of its seed are both done, not after all the runs
+        if held and compare:  # as soon as a norm and LN of its seed are both done, not after all the runs
             with one_at_a_time:
                 significance(runs)
+        return held
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         list(pool.map(job, runs))
