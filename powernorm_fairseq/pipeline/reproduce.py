@@ -473,25 +473,26 @@ class Run:
         the copies): a replaced machine takes the run directory, and with it any later paired
         bootstrap against this run (LN's seed-2 translations were lost that way)."""
         kept = dict(self.record.get("kept_hypotheses") or {})
-        avg = (self.record.get("evaluations") or {}).get("avg") or {}
         for field, suffix in HYPOTHESES.items():
-            source, copy = Path(avg.get(field) or ""), self.record_path.with_name(f"{self.name}.{suffix}")
-            if field not in kept and avg.get(field) and source.is_file():
+            source, copy = self._evaluated(field), self.record_path.with_name(f"{self.name}.{suffix}")
+            if field not in kept and source is not None:
                 atomic_write_text(copy, source.read_text())
             if copy.is_file():
                 kept[field] = copy.name
         if kept and kept != self.record.get("kept_hypotheses"):
             self.save(kept_hypotheses=kept)
 
+    def _evaluated(self, field: str) -> Path | None:
+        """The "avg" evaluation's own file ``field`` in the run directory, None when gone."""
+        name = ((self.record.get("evaluations") or {}).get("avg") or {}).get(field)
+        return Path(name) if name and Path(name).is_file() else None
+
     def hypotheses(self, field: str) -> Path | None:
         """The averaged model's hypotheses file ``field`` (:data:`HYPOTHESES`): the evaluation's
         own, else the copy kept beside the record; None when neither exists."""
-        own = Path(((self.record.get("evaluations") or {}).get("avg") or {}).get(field) or "")
         kept = (self.record.get("kept_hypotheses") or {}).get(field)
-        for path in (own, self.record_path.with_name(kept) if kept else None):
-            if path is not None and path.name and path.is_file():
-                return path
-        return None
+        copy = self.record_path.with_name(kept) if kept else None
+        return self._evaluated(field) or (copy if copy is not None and copy.is_file() else None)
 
     def checkpoint_for(self, which: str) -> Path:
         return {"avg": self.dir / "checkpoint_avg.pt", "best": self.dir / "checkpoint_best.pt",
