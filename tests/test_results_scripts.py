@@ -102,9 +102,15 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     status = (tmp_path / "results" / "status.md").read_text()
     assert "| multi30k | ln_s1 | done | 30 |" in status and "| 2.00 |" in status
     assert "| multi30k | bn_s1 | running | 8 | 3 |" in status
-    assert "| multi30k | pn_s1 | interrupted" in status
+    # PN was killed before its first checkpoint: there is nothing to resume, it starts again
+    assert "| multi30k | pn_s1 | interrupted before its first checkpoint (rerun the command to start it at update 0) |" in status
     assert "| multi30k | pnv_s1 | to do |" in status
     assert "Spent: 3.00 core-hours" in status
+    (lock.parent / "checkpoint_last.pt").write_bytes(b"")  # with a checkpoint it resumes
+    reproduce.write_status(args)
+    assert "| multi30k | pn_s1 | interrupted (rerun the command to resume) |" in \
+        (tmp_path / "results" / "status.md").read_text()
+    (lock.parent / "checkpoint_last.pt").unlink()
     # every run of the campaign is listed (5 norms x 3 seeds per corpus), not only this call's
     # left: each run's epochs to the 30-epoch cap at LN's 2/30 core-hours per epoch, so the
     # running BN (8 epochs in) counts 22 of them, the 12 runs to do and the interrupted PN 30
@@ -265,6 +271,8 @@ def test_budget_arithmetic_uses_the_measured_epoch_cost_and_the_cap():
     assert f"its best up to epoch {cap} was {5.0 - 0.01 * cap:.3f}, +0.050 from its best" in line
     running = make_results.budget_arithmetic("multi30k", {**rec, "status": "training"}, 15)
     assert "has not finished" in running and "from its best" not in running
+    # the record cannot tell a running budget run from one whose checkpoints were lost
+    assert "so far" not in running and "`status.md` says whether it is running" in running
 
 
 def test_the_campaigns_tracked_runs_record_norm_stats_without_the_flag(tmp_path):

@@ -395,6 +395,9 @@ class Run:
             return "running"
         if self.lost():
             return "lost (no checkpoint to resume from: rerun the command to restart it)"
+        if not (self.dir / "checkpoint_last.pt").exists() and not (self.dir / "train.done").exists():
+            # killed before its first epoch's checkpoint: there is nothing to resume, and nothing lost
+            return "interrupted before its first checkpoint (rerun the command to start it at update 0)"
         return "interrupted (rerun the command to resume)"
 
     def lost(self) -> bool:

@@ -445,8 +445,10 @@ def budget_arithmetic(corpus: str, r: dict, n_runs: int) -> str:
                  f"best epoch {best} (validation loss {curve[best]:.3f}); its best up to epoch {cap} "
                  f"was {at_cap:.3f}, {at_cap - curve[best]:+.3f} from its best.")
     elif r.get("status") != "done":
-        line += (f" The budget run has not finished ({r.get('last_epoch', 0)} epochs, "
-                 f"{r.get('core_hours') or 0:.2f} core-hours so far).")
+        # its record alone cannot tell running from stopped or lost: the status table can
+        line += (f" The budget run has not finished: its record stands at epoch {r.get('last_epoch', 0)} "
+                 f"({r.get('core_hours') or 0:.2f} core-hours; `status.md` says whether it is running, "
+                 "can resume, or lost its checkpoints).")
     return line
 
 
