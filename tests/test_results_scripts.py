@@ -646,6 +646,54 @@ def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp
     assert json.loads((recs / "pnv_s1.json").read_text())["lost"][0]["core_hours"] == 0.5
 
 
+def test_a_killed_jobs_training_stays_in_the_record(tmp_path, monkeypatch):
+    """A job killed without running its cleanup (SIGKILL, a session's end) must leave the training
+    it did in the run's record: each epoch's end writes the open segment (wall time, epochs), and
+    the next job to hold the run marks that segment killed and keeps counting it."""
+    import torch
+
+    reproduce = load_script("reproduce")
+    record = tmp_path / "results" / "runs" / "multi30k" / "ln_s1.json"
+    seen = {}
+
+    def train(argv, echo):
+        save = Path(argv[argv.index("--save-dir") + 1])
+        with open(save / "train.log", "a") as log:
+            for line in CONVERGED_LOG.splitlines(keepends=True):
+                log.write(line)
+                log.flush()
+                echo(line.rstrip("\n"))
+                if "[train][INFO] - epoch 002" in line:  # what a SIGKILL here would leave
+                    seen["killed"] = json.loads(record.read_text())
+        (save / "checkpoint_last.pt").write_bytes(b"")
+
+    monkeypatch.setattr(reproduce.runner, "train", train)
+    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
+        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
+        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
+    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    command = ["multi30k", "--root", str(tmp_path), "--norms", "ln", "--seeds", "1", "--threads", "1"]
+    reproduce.main(command)
+    killed = seen["killed"]
+    (segment,) = killed["train_segments"]
+    assert segment["open"] is True and segment["threads"] == 1 and "killed" not in segment
+    assert killed["status"] == "training" and killed["last_epoch"] == 2
+    assert killed["core_hours"] >= 200 / 3600  # the two epochs' logged training time at least
+    done = json.loads(record.read_text())
+    assert [s.get("open") for s in done["train_segments"]] == [None] and done["status"] == "done"
+
+    # the job was killed there: the record stands as it left it; the next job resumes the run
+    run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
+    (run_dir / "train.done").unlink()
+    record.write_text(json.dumps({**killed, "train_segments": [{**segment, "wall_s": 1800.0}]}))
+    reproduce.main(command)
+    first, second = json.loads(record.read_text())["train_segments"]
+    assert "open" not in first and first["killed"].startswith("its job was killed") and first["wall_s"] == 1800.0
+    assert "open" not in second and "killed" not in second
+    assert json.loads(record.read_text())["core_hours"] >= 0.5
+
+
 def test_commit_lands_each_finished_runs_record_and_nothing_else(tmp_path, monkeypatch):
     """``--commit``: a finished run's record, the status table and the regenerated tables are
     committed as soon as the run ends (a machine replaced later loses only the runs in progress),

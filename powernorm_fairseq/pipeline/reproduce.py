@@ -400,6 +400,17 @@ class Run:
             return "interrupted before its first checkpoint (rerun the command to start it at update 0)"
         return "interrupted (rerun the command to resume)"
 
+    def close_killed_segment(self) -> None:
+        """A training segment still open in the record (its job was killed before it could close
+        it: SIGKILL, a session's end) is marked killed; we hold the run, so its job is gone. Its
+        wall time stands at its last epoch's end, the last time it wrote the record."""
+        segments = self.record.get("train_segments") or []
+        if any(s.get("open") for s in segments):
+            for s in segments:
+                if s.pop("open", False):
+                    s["killed"] = "its job was killed; wall time to its last epoch's end"
+            self.save(train_segments=segments)
+
     def lost(self) -> bool:
         """Whether this unfinished run's training is lost: its record has trained (segments, or
         the epochs a killed segment logged), but its run directory holds neither
@@ -598,6 +609,7 @@ class Run:
         elif self.record.get("status") == "done":
             self.log("done already (delete the record to rerun)")
             return
+        self.close_killed_segment()
         if self.lost():
             self.set_aside_lost()
         data = self.root / self.spec.prepared / "data-bin"
@@ -621,18 +633,33 @@ class Run:
                 # tracker refuses to continue a file of another start; keep it aside
                 stats.rename(stats.with_name(f"norm_stats.before-restart-{time.strftime('%Y%m%d%H%M%S')}.csv"))
             self.log("training")
-            start = time.strftime("%Y-%m-%d %H:%M:%S")
-            commit = git_commit()
+            segment = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0,
+                       "threads": self.threads(), "commit": git_commit()}
             t0 = time.time()
+
+            def record_segment() -> None:
+                segment["wall_s"] = round(time.time() - t0, 1)
+                trained = [*segments, segment]
+                self.save(train_segments=trained, train_wall_s=round(sum(s["wall_s"] for s in trained), 1),
+                          **parse_log(log))
+                self.save(core_hours=self.core_hours())
+
+            def progress(line: str) -> None:
+                # each epoch's end brings the record up to date: a job killed without running the
+                # `finally` below (SIGKILL, a session's end) leaves its training in the record
+                if TRAIN_EPOCH_RE.search(line):
+                    segment["open"] = True
+                    try:
+                        record_segment()
+                    except OSError as e:  # the record catches up at the segment's end; train on
+                        self.log(f"could not bring the record up to date at an epoch's end ({e})")
+
             try:
                 # fairseq's output goes to train.log (pipeline.train writes it), not the console
-                self.step("powernorm-train", argv, log, lambda: runner.train(argv, echo=lambda line: None))
+                self.step("powernorm-train", argv, log, lambda: runner.train(argv, echo=progress))
             finally:
-                segments.append({"started": start, "wall_s": round(time.time() - t0, 1),
-                                 "threads": self.threads(), "commit": commit})
-                self.save(train_segments=segments,
-                          train_wall_s=round(sum(s["wall_s"] for s in segments), 1),
-                          core_hours=self.core_hours(), **parse_log(log))
+                segment.pop("open", None)
+                record_segment()
             (self.dir / "train.done").write_text("")
         parsed = parse_log(log)
         if parsed.get("stopped_by") is None and parsed.get("last_epoch") and \
