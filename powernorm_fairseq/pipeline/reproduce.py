@@ -700,7 +700,7 @@ def significance(runs: list[Run]) -> None:
                                       ("bleu_tokenized", "hypotheses_tokenized", prep["references"]["tok"], "none")):
             hyp, hyp_base = run.hypotheses(field), base.hypotheses(field)
             if hyp is None or hyp_base is None:
-                missing += [f"{r.name}'s {field}" for r, h in ((run, hyp), (base, hyp_base)) if h is None]
+                missing += [r.name for r, h in ((run, hyp), (base, hyp_base)) if h is None and r.name not in missing]
                 continue
             result[key] = paired_bootstrap_bleu(read_lines(refs), read_lines(hyp_base), read_lines(hyp),
                                                 tokenize=tok, lowercase=lower)
@@ -708,8 +708,9 @@ def significance(runs: list[Run]) -> None:
             run.save(paired_bootstrap=result)
             run.log(f"paired bootstrap vs LN: p = {result.get('bleu_tokenized', {}).get('p_value')}")
         if missing:  # the tables say why this pair has no p-value; a later call tries again
-            reason = (f"no {', '.join(missing)} (neither in its run directory nor kept beside its record: "
-                      "lost with a replaced machine; retrain that run to test this pair)")
+            names = " and ".join(missing)
+            reason = (f"the test translations of {names} are lost (a replaced machine); retrain "
+                      f"{names} to test this pair")
             if run.record.get("paired_bootstrap_skipped") != reason:  # said once, not at every call
                 run.save(paired_bootstrap_skipped=reason)
                 run.log(f"paired bootstrap vs LN skipped: {reason}")
