@@ -580,6 +580,19 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
+def _fake_stages(reproduce, monkeypatch, train) -> None:
+    """Stand-ins for a run's stages: ``train`` trains, averaging writes a tiny model, each
+    evaluation scores 31.0, and the paired bootstrap is left out."""
+    import torch
+
+    monkeypatch.setattr(reproduce.runner, "train", train)
+    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
+        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
+        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
+    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+
+
 def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp_path, monkeypatch):
     """A replaced machine (or a deleted run directory) loses an unfinished run's checkpoints while
     its record, committed, survives. Rerun, the run restarts at update 0; its record must then hold
@@ -588,8 +601,6 @@ def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp
     moves to ``lost`` (nothing is dropped) and the status table says so. A done run at a since
     raised cap without its checkpoint is left done, not retrained from 0 or marked failed."""
     import dataclasses
-
-    import torch
 
     reproduce = load_script("reproduce")
     recs = tmp_path / "results" / "runs" / "multi30k"
@@ -621,12 +632,7 @@ def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp
         trained.append(argv)
         (Path(argv[argv.index("--save-dir") + 1]) / "train.log").write_text(CONVERGED_LOG)
 
-    monkeypatch.setattr(reproduce.runner, "train", train)
-    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
-        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
-    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
-        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
-    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    _fake_stages(reproduce, monkeypatch, train)
     monkeypatch.setitem(reproduce.CORPORA, "multi30k",
                         dataclasses.replace(reproduce.CORPORA["multi30k"], max_epoch=40))
     reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn,pnv,pn", "--seeds", "1", "--threads", "1"])
@@ -652,8 +658,6 @@ def test_a_killed_jobs_training_stays_in_the_record(tmp_path, monkeypatch):
     """A job killed without running its cleanup (SIGKILL, a session's end) must leave the training
     it did in the run's record: each epoch's end writes the open segment (wall time, epochs), and
     the next job to hold the run marks that segment killed and keeps counting it."""
-    import torch
-
     reproduce = load_script("reproduce")
     record = tmp_path / "results" / "runs" / "multi30k" / "ln_s1.json"
     seen = {}
@@ -669,12 +673,7 @@ def test_a_killed_jobs_training_stays_in_the_record(tmp_path, monkeypatch):
                     seen["killed"] = json.loads(record.read_text())
         (save / "checkpoint_last.pt").write_bytes(b"")
 
-    monkeypatch.setattr(reproduce.runner, "train", train)
-    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
-        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
-    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
-        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
-    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    _fake_stages(reproduce, monkeypatch, train)
     command = ["multi30k", "--root", str(tmp_path), "--norms", "ln", "--seeds", "1", "--threads", "1"]
     reproduce.main(command)
     killed = seen["killed"]
