@@ -536,13 +536,24 @@ def test_a_record_saved_by_two_processes_keeps_both_updates(tmp_path):
     assert json.loads(trainer.record_path.read_text())["valid_loss"] == [[1, 4.0]]
 
 
+def _fake_stages(reproduce, monkeypatch, train) -> None:
+    """Stand-ins for a run's stages: ``train`` trains, averaging writes a tiny model, each
+    evaluation scores 31.0, and the paired bootstrap is left out."""
+    import torch
+
+    monkeypatch.setattr(reproduce.runner, "train", train)
+    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
+        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
+        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
+    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+
+
 def test_a_run_another_process_is_training_is_left_to_it(tmp_path, monkeypatch):
     """The same command started twice (a second terminal, or two jobs given overlapping seeds)
     must not train one run directory twice at once, which would overwrite its checkpoints: a run
     whose ``run.lock`` another live process holds is left to it, record untouched; once that
     process is gone (killed: its flock goes with it) the same command resumes the run."""
-    import torch
-
     reproduce = load_script("reproduce")
     run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
     run_dir.mkdir(parents=True)
@@ -553,12 +564,7 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, monkeypatch):
          "os.write(fd, f'{os.getpid()} host\\n'.encode()); print('held', flush=True); time.sleep(120)",
          str(lock)], stdout=subprocess.PIPE, text=True)
     trained = []
-    monkeypatch.setattr(reproduce.runner, "train", lambda argv, echo=None: trained.append(argv))
-    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
-        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
-    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
-        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
-    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
+    _fake_stages(reproduce, monkeypatch, lambda argv, echo=None: trained.append(argv))
     record = tmp_path / "results" / "runs" / "multi30k" / "ln_s1.json"
     command = ["multi30k", "--root", str(tmp_path), "--norms", "ln", "--seeds", "1"]
     try:
@@ -578,19 +584,6 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, monkeypatch):
     reproduce.main(command)
     assert len(trained) == 1 and json.loads(record.read_text())["status"] == "done"
     assert not lock.exists()
-
-
-def _fake_stages(reproduce, monkeypatch, train) -> None:
-    """Stand-ins for a run's stages: ``train`` trains, averaging writes a tiny model, each
-    evaluation scores 31.0, and the paired bootstrap is left out."""
-    import torch
-
-    monkeypatch.setattr(reproduce.runner, "train", train)
-    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
-        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
-    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
-        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
-    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
 
 
 def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp_path, monkeypatch):
@@ -700,8 +693,6 @@ def test_commit_lands_each_finished_runs_record_and_nothing_else(tmp_path, monke
     committed as soon as the run ends (a machine replaced later loses only the runs in progress),
     and nothing else: the user's staged and unstaged work stays as it was. A run already done
     commits nothing; a root that is not a checkout is refused before anything trains."""
-    import torch
-
     reproduce, make_results = load_script("reproduce"), load_script("make_results")
 
     def git(*argv):
@@ -725,13 +716,8 @@ def test_commit_lands_each_finished_runs_record_and_nothing_else(tmp_path, monke
     git("add", "notes.txt")
     (tmp_path / "notes.txt").write_text("staged, then edited\n")
 
-    monkeypatch.setattr(reproduce.runner, "train", lambda argv, echo=None: (
+    _fake_stages(reproduce, monkeypatch, lambda argv, echo=None: (
         Path(argv[argv.index("--save-dir") + 1]) / "train.log").write_text(CONVERGED_LOG))
-    monkeypatch.setattr(reproduce.runner, "average", lambda d, n, kind, out: torch.save(
-        {"model": {"encoder.embed_tokens.weight": torch.eye(3)}}, out))
-    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(
-        argv[argv.index("--out") + 1]).write_text(json.dumps({"value": 31.0, "recipe": "multi30k"})))
-    monkeypatch.setattr(reproduce, "significance", lambda runs: None)
     monkeypatch.setattr(make_results, "main", lambda argv: (
         Path(argv[argv.index("--root") + 1]) / "results" / "table.md").write_text("regenerated\n"))
     command = ["multi30k", "--root", str(tmp_path), "--norms", "ln", "--seeds", "1", "--threads", "1", "--commit"]
