@@ -395,10 +395,15 @@ class Run:
             return "running"
         if self.lost():
             return "lost (no checkpoint to resume from: rerun the command to restart it)"
-        if not (self.dir / "checkpoint_last.pt").exists() and not (self.dir / "train.done").exists():
+        if not self.resumable():
             # killed before its first epoch's checkpoint: there is nothing to resume, and nothing lost
             return "interrupted before its first checkpoint (rerun the command to start it at update 0)"
         return "interrupted (rerun the command to resume)"
+
+    def resumable(self) -> bool:
+        """Whether the run directory holds something to go on from: ``checkpoint_last.pt``, or the
+        end of its training (``train.done``)."""
+        return (self.dir / "checkpoint_last.pt").exists() or (self.dir / "train.done").exists()
 
     def close_killed_segment(self) -> None:
         """A training segment still open in the record (its job was killed before it could close
@@ -418,7 +423,7 @@ class Run:
         deleted), so the run restarts at update 0."""
         trained = self.record.get("train_segments") or self.record.get("epochs")
         return (self.record.get("status") not in (None, "to do", "done") and bool(trained)
-                and not (self.dir / "checkpoint_last.pt").exists() and not (self.dir / "train.done").exists())
+                and not self.resumable())
 
     def set_aside_lost(self) -> None:
         """Before a lost run restarts (:meth:`lost`): what its lost training put in the record
@@ -619,7 +624,7 @@ class Run:
         segments = self.record.get("train_segments", [])
         # a run that starts at update 0 starts at this commit, whatever an earlier start that left
         # no checkpoint (a replaced machine, killed before its record named any training) said
-        resumes = (self.dir / "checkpoint_last.pt").exists() or (self.dir / "train.done").exists()
+        resumes = self.resumable()
         self.save(corpus=self.corpus, norm=self.norm, seed=self.seed, campaign=self.args.campaign,
                   preset=f"configs/{self.preset}.yaml", max_epoch=self.cap(),
                   command=shlex.join(["python", "-m", "powernorm_fairseq.pipeline.train", *argv]),
@@ -634,21 +639,20 @@ class Run:
                 stats.rename(stats.with_name(f"norm_stats.before-restart-{time.strftime('%Y%m%d%H%M%S')}.csv"))
             self.log("training")
             segment = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": 0.0,
-                       "threads": self.threads(), "commit": git_commit()}
+                       "threads": self.threads(), "commit": git_commit(), "open": True}
             t0 = time.time()
 
             def record_segment() -> None:
                 segment["wall_s"] = round(time.time() - t0, 1)
                 trained = [*segments, segment]
-                self.save(train_segments=trained, train_wall_s=round(sum(s["wall_s"] for s in trained), 1),
-                          **parse_log(log))
-                self.save(core_hours=self.core_hours())
+                fields = dict(train_segments=trained, train_wall_s=round(sum(s["wall_s"] for s in trained), 1),
+                              **parse_log(log))
+                self.save(**fields, core_hours=self.core_hours({**self.record, **fields}))
 
             def progress(line: str) -> None:
                 # each epoch's end brings the record up to date: a job killed without running the
                 # `finally` below (SIGKILL, a session's end) leaves its training in the record
                 if TRAIN_EPOCH_RE.search(line):
-                    segment["open"] = True
                     try:
                         record_segment()
                     except OSError as e:  # the record catches up at the segment's end; train on
