@@ -506,7 +506,8 @@ def test_the_paired_bootstrap_survives_a_replaced_machine(tmp_path, monkeypatch)
     reproduce.main(collect)
     pn = json.loads((recs / "pn_s1.json").read_text())
     assert "paired_bootstrap" not in pn and pn["paired_bootstrap_skipped"] == \
-        "the test translations of ln_s1 are lost (a replaced machine); retrain ln_s1 to test this pair"
+        "the test translations of ln_s1 are lost (a replaced machine); retrain ln_s1 " \
+        "(reproduce --supersede ln_s1) to test this pair"
     lines = make_results.bootstrap_lines({"pn": [pn]})
     assert lines[0].startswith("- PN (reference variant) vs LN") and \
         "s1: not tested, the test translations of ln_s1 are lost" in lines[0]
@@ -645,6 +646,85 @@ def test_a_run_whose_checkpoints_were_lost_restarts_with_a_record_of_its_own(tmp
     status = (tmp_path / "results" / "status.md").read_text()
     assert "| multi30k | ln_s1 | done |" in status and "of which 1.50 on training lost" in status
     assert json.loads((recs / "pnv_s1.json").read_text())["lost"][0]["core_hours"] == 0.5
+
+
+def test_a_superseded_run_is_trained_again_and_its_old_record_kept(tmp_path, monkeypatch):
+    """``--supersede``: a done run whose test translations were lost (Multi30k LN s2, on a machine
+    since replaced) can be trained again from update 0 without losing its record: the record and
+    the files kept beside it move to ``superseded/`` (pointers renamed, reason kept), the bootstraps
+    against it move to ``earlier_paired_bootstrap``, its core-hours stay spent, the next command
+    trains the run afresh, and the tables list both values. Refused, with nothing moved, without a
+    reason, for a run not done, and while the run directory holds files of its training."""
+    reproduce, make_results = load_script("reproduce"), load_script("make_results")
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    ev = {"avg": {"bleu_tokenized": {"score": 30.0}, "hypotheses": "/gone/eval_avg.hyp.txt"}}
+    ln = {"norm": "ln", "seed": 1, "status": "done", "core_hours": 2.0, "evaluations": ev, "lost": [{"core_hours": 0.5}],
+          "hardware": {"cpu": "Intel", "threads": 1}, "norm_stats": "ln_s1.norm_stats.csv",
+          "kept_hypotheses": {"hypotheses_tokenized": "ln_s1.avg.hyp.tok.txt"}}
+    (recs / "ln_s1.json").write_text(json.dumps(ln))
+    (recs / "ln_s1.norm_stats.csv").write_text("statistics\n")
+    (recs / "ln_s1.avg.hyp.tok.txt").write_text("translations\n")
+    (recs / "bn_s1.json").write_text(json.dumps({"norm": "bn", "seed": 1, "status": "done",
+                                                 "paired_bootstrap": {"vs": "ln_s1", "p": 0.01}}))
+    (recs / "pn_s1.json").write_text(json.dumps({"norm": "pn", "seed": 1, "status": "training"}))
+    run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_last.pt").write_text("its training\n")
+    before = sorted(p.name for p in recs.iterdir())
+    base = ["multi30k", "--root", str(tmp_path), "--supersede"]
+    for argv, said in ((["ln_s1"], "--reason"), (["ln_s1", "--reason", "lost"], "checkpoint_last.pt"),
+                       (["ln_s1,pn_s1", "--reason", "lost"], "pn_s1: its record is training"),
+                       (["ln_1", "--reason", "lost"], "not a run name")):
+        with pytest.raises(SystemExit, match=said):
+            reproduce.main([*base, *argv])
+        assert sorted(p.name for p in recs.iterdir()) == before and json.loads((recs / "ln_s1.json").read_text()) == ln
+    assert (run_dir / "checkpoint_last.pt").read_text() == "its training\n"  # never deleted for the user
+
+    (run_dir / "checkpoint_last.pt").unlink()  # the user moved it aside (here: a replaced machine)
+    reproduce.main([*base, "ln_s1", "--reason", "its test translations are lost"])
+    assert not (recs / "ln_s1.json").exists()
+    (old,) = (recs / "superseded").glob("ln_s1.*.json")
+    stamp = old.name.split(".")[1]
+    kept = json.loads(old.read_text())
+    assert kept["superseded"]["reason"] == "its test translations are lost"
+    assert {k: v for k, v in kept.items() if k not in ("superseded", "norm_stats", "kept_hypotheses")} == \
+        {k: v for k, v in ln.items() if k not in ("norm_stats", "kept_hypotheses")}
+    assert kept["norm_stats"] == f"ln_s1.{stamp}.norm_stats.csv"
+    assert kept["kept_hypotheses"] == {"hypotheses_tokenized": f"ln_s1.{stamp}.avg.hyp.tok.txt"}
+    assert (recs / "superseded" / kept["norm_stats"]).read_text() == "statistics\n"
+    assert (recs / "superseded" / kept["kept_hypotheses"]["hypotheses_tokenized"]).read_text() == "translations\n"
+    assert not list(recs.glob("ln_s1.*"))
+    bn = json.loads((recs / "bn_s1.json").read_text())
+    assert "paired_bootstrap" not in bn and bn["earlier_paired_bootstrap"] == [{"vs": "ln_s1", "p": 0.01}]
+    status = (tmp_path / "results" / "status.md").read_text()
+    assert "| multi30k | ln_s1 | to do |" in status and "Spent: 2.50 core-hours" in status
+    assert "of which 0.50 on training lost with its checkpoints" in status and "and 2.00 on superseded runs" in status
+    with pytest.raises(SystemExit, match="its record is missing"):  # said twice: nothing more moves
+        reproduce.main([*base, "ln_s1", "--reason", "again"])
+    # until the retrain is done the tables keep the superseded record: no finished seed goes missing
+    (standin,) = make_results.load(recs, tmp_path)["ln"]
+    assert standin["_file"] == f"results/runs/multi30k/superseded/{old.name}" and standin["_retrain"] == "to do"
+    assert (recs / standin["norm_stats"]).read_text() == "statistics\n"
+    assert make_results.status_line([standin]) == "s1: done (superseded; its retrain: to do)"
+
+    trained = []
+
+    def train(argv, echo=None):
+        trained.append(argv)
+        (Path(argv[argv.index("--save-dir") + 1]) / "train.log").write_text(CONVERGED_LOG)
+
+    _fake_stages(reproduce, monkeypatch, train)
+    monkeypatch.setattr(reproduce.runner, "evaluate", lambda argv: Path(argv[argv.index("--out") + 1]).write_text(
+        json.dumps({"bleu_tokenized": {"score": 31.5}, "recipe": "multi30k"})))
+    reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln", "--seeds", "1", "--threads", "1"])
+    new = json.loads((recs / "ln_s1.json").read_text())
+    assert len(trained) == 1 and new["status"] == "done" and "superseded" not in new and "lost" not in new
+    runs = make_results.load(recs, tmp_path)
+    (line,) = [x for x in make_results.superseded_lines(recs, runs, "bleu_tokenized", "BLEU") if x.startswith("- ")]
+    assert line.startswith(f"- LN s1 (`superseded/{old.name}`): BLEU 30.00 on Intel, 1 thread(s); superseded ")
+    assert "its test translations are lost. Its retrain: BLEU 31.50 on " in line and "(retrain - superseded: +1.50)" in line
+    assert make_results.load(recs, tmp_path)["ln"] == [{**new, "_file": "results/runs/multi30k/ln_s1.json"}]
 
 
 def test_a_killed_jobs_training_stays_in_the_record(tmp_path, monkeypatch):

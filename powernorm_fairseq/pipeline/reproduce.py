@@ -20,7 +20,9 @@ Campaigns (``--campaign``; every setting of each lives in ``CAMPAIGNS`` below, o
   beside the records (``<run>.avg.hyp*.txt``).
   Records: ``results/runs/<corpus>/<norm>_s<seed>.json``. Raising a corpus's cap (``CORPORA``)
   reopens the runs the old cap stopped: they train on from their last checkpoint and are
-  evaluated again, their earlier ending kept aside (:meth:`Run.reopen`).
+  evaluated again, their earlier ending kept aside (:meth:`Run.reopen`). ``--supersede ln_s2
+  --reason ...`` sets a done run's record aside (``superseded/``) so that the same command trains
+  it again from update 0, for a run whose test translations were lost (:meth:`Run.supersede`).
 * ``budget``: one run to convergence that keeps every epoch checkpoint (the campaign's sizing
   run). Records: ``results/budget/<corpus>/``.
 * ``pilot``: the earlier short fixed budgets (500 / 300 updates, the last 3 update checkpoints
@@ -92,6 +94,7 @@ REOPENED = ("evaluations", "paired_bootstrap", "paired_bootstrap_skipped", "embe
 # reads; kept beside the record, since the run directory is lost with a replaced machine
 HYPOTHESES = {"hypotheses": "avg.hyp.txt", "hypotheses_tokenized": "avg.hyp.tok.txt"}
 CONVERGED_SEEDS = (1, 2, 3)  # the issue's >= 3 seeds; status.md lists every one of them
+SUPERSEDED = "superseded"  # records set aside for a retrain (Run.supersede), in the records folder
 
 
 def _to_convergence(corpus: Corpus, keep_last_epochs: int, max_epoch: int | None = None) -> list[str]:
@@ -309,14 +312,95 @@ class Run:
                   eval_segments=segments)
         self.drop(*REOPENED)
         (self.dir / "train.done").unlink(missing_ok=True)
-        if self.norm == LN:
-            for norm in NORMS[1:]:
-                other = Run(self.corpus, norm, self.seed, self.args)
-                if "paired_bootstrap" in other.record:
-                    other.save(earlier_paired_bootstrap=[*other.record.get("earlier_paired_bootstrap", []),
-                                                         other.record["paired_bootstrap"]])
-                    other.drop("paired_bootstrap")
+        self.set_aside_bootstraps_against()
         self.log(f"reopened: done at the {recorded}-epoch cap, now {self.cap()}; training on from its last checkpoint")
+
+    def set_aside_bootstraps_against(self) -> None:
+        """For an LN run whose ending changes (reopened, superseded): the other norms' paired
+        bootstraps of its seed compared the earlier ending; each moves to the other record's
+        ``earlier_paired_bootstrap``, and the next bootstrap compares the new one."""
+        if self.norm != LN:
+            return
+        for norm in NORMS[1:]:
+            other = Run(self.corpus, norm, self.seed, self.args)
+            if "paired_bootstrap" in other.record:
+                other.save(earlier_paired_bootstrap=[*other.record.get("earlier_paired_bootstrap", []),
+                                                     other.record["paired_bootstrap"]])
+                other.drop("paired_bootstrap")
+
+    @property
+    def superseded_dir(self) -> Path:
+        """Where superseded records of this corpus go (:meth:`supersede`): a folder of the records
+        folder, so that no ``*.json`` glob of the records takes one for a current run."""
+        return self.record_path.parent / SUPERSEDED
+
+    def supersede(self, reason: str) -> str:
+        """Set this done run's record aside so that the campaign trains the run again from
+        update 0, losing nothing; returns what was done. For a run whose test translations are
+        lost (a replaced machine), whose pairs with the other norms the paired bootstrap cannot
+        test: the retrain keeps its translations beside its new record.
+
+        The record, and the files kept beside it (translations, norm statistics), move to
+        ``superseded/<run>.<time>.*``, the record with ``superseded`` (when, why, where) and its
+        pointers renamed; its core-hours stay counted as spent (``write_status``), and the tables
+        read it until the retrain is done (``results.load``), then list both values
+        (``results.superseded_lines``). Refused, with nothing
+        moved, while another process holds the run, when the run is not done, and when its run
+        directory still holds files of its training (a retrain would resume from them or mix
+        their logs): those are the user's to move, never deleted here."""
+        with self.claim() as holder:
+            refused = (f"--supersede {self.name}: process {holder} holds it; wait for it to end"
+                       if holder is not None else self.supersede_refused(held=True))
+            if refused:
+                raise SystemExit(refused)
+            stamp = time.strftime("%Y%m%d%H%M%S")
+            aside = self.superseded_dir
+            aside.mkdir(exist_ok=True)
+            record = dict(self.record)
+            renamed = {}
+            for field, name in (record.get("kept_hypotheses") or {}).items():
+                renamed[field] = self._set_aside_file(name, stamp)
+            if renamed:
+                record["kept_hypotheses"] = {f: n for f, n in renamed.items() if n}
+            if record.get("norm_stats"):
+                record["norm_stats"] = self._set_aside_file(record["norm_stats"], stamp)
+                if record["norm_stats"] is None:
+                    record.pop("norm_stats")
+            record["superseded"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "reason": reason,
+                                    "host": socket.gethostname(), "by_commit": git_commit()}
+            target = aside / f"{self.name}.{stamp}.json"
+            atomic_write_json(target, record)
+            self.record_path.unlink()
+            self.record, self._set = {}, set()
+        self.set_aside_bootstraps_against()
+        return (f"record moved to {target.relative_to(self.root)}; the campaign's command trains "
+                f"{self.name} again from update 0")
+
+    def supersede_refused(self, held: bool = False) -> str | None:
+        """Why :meth:`supersede` would refuse this run now (None: it would not); ``held``: this
+        process holds its lock (so the lock's pid is its own)."""
+        holder = None if held else self.holder()
+        if holder is not None:
+            return f"--supersede {self.name}: process {holder} holds it; wait for it to end"
+        if self.record.get("status") != "done":
+            return (f"--supersede {self.name}: its record is {self.record.get('status') or 'missing'}, not done; "
+                    "only a done run is superseded (rerun the campaign's command to finish it)")
+        left = sorted(f.name for f in self.dir.iterdir() if f != self.lock) if self.dir.is_dir() else []
+        if left:
+            return (f"--supersede {self.name}: {self.dir} still holds {', '.join(left)} of its training; a "
+                    "retrain there would resume from it. Move the directory aside yourself (nothing is "
+                    "deleted here), then run --supersede again")
+        return None
+
+    def _set_aside_file(self, name: str, stamp: str) -> str | None:
+        """Move the file ``name`` kept beside the record into ``superseded/`` with the record's
+        stamp; its new name relative to the superseded record (None when it is gone already)."""
+        source = self.record_path.with_name(name)
+        if not source.is_file():
+            return None
+        new = f"{self.name}.{stamp}.{name.removeprefix(self.name + '.')}"
+        os.replace(source, self.superseded_dir / new)
+        return new
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {self.corpus}/{self.name}: {msg}", flush=True)
@@ -439,9 +523,9 @@ class Run:
                  f"{kept.get('last_epoch', 0)}) is lost with its checkpoints: restarting at update 0, "
                  "the lost segments kept in the record's 'lost'")
 
-    def lost_hours(self, record: dict | None = None) -> float:
-        """Core-hours of the training this run lost and restarted (``lost`` entries)."""
-        record = self.record if record is None else record
+    @staticmethod
+    def lost_hours(record: dict) -> float:
+        """Core-hours of the training a run's ``record`` lost and restarted (``lost`` entries)."""
         return sum(entry.get("core_hours", 0.0) for entry in record.get("lost", []))
 
     def collect(self) -> None:
@@ -606,8 +690,8 @@ class Run:
         recorded = self.capped_below()
         if recorded and not (self.dir / "checkpoint_last.pt").exists():  # its record stays as it is
             self.log(f"done at the {recorded}-epoch cap, now {self.cap()}, but {self.dir} has no "
-                     "checkpoint_last.pt to train on from: left done (move its record aside to train it "
-                     "again from the start)")
+                     f"checkpoint_last.pt to train on from: left done (`--supersede {self.name} --reason ...` "
+                     "sets its record aside to train it again from the start)")
             return
         if recorded:
             self.reopen(recorded)
@@ -714,12 +798,37 @@ def significance(runs: list[Run]) -> None:
         if missing:  # the tables say why this pair has no p-value; a later call tries again
             names = " and ".join(missing)
             reason = (f"the test translations of {names} are lost (a replaced machine); retrain "
-                      f"{names} to test this pair")
+                      f"{names} (reproduce --supersede {names.replace(' and ', ',')}) to test this pair")
             if run.record.get("paired_bootstrap_skipped") != reason:  # said once, not at every call
                 run.save(paired_bootstrap_skipped=reason)
                 run.log(f"paired bootstrap vs LN skipped: {reason}")
         elif "paired_bootstrap_skipped" in run.record:
             run.drop("paired_bootstrap_skipped")
+
+
+def supersede(args) -> None:
+    """``--supersede``: set each named done run's record aside (:meth:`Run.supersede`), all names
+    checked before any record moves; with ``--commit`` the move is committed."""
+    if not (args.reason or "").strip():
+        raise SystemExit("--supersede: give --reason 'why' (kept in the set-aside record, and the tables show it)")
+    if args.campaign != "converged":
+        raise SystemExit(f"--supersede: only the converged campaign's runs are superseded, not {args.campaign}'s")
+    runs = []
+    for name in args.supersede.split(","):
+        norm, _, seed = name.strip().rpartition("_s")
+        if norm not in NORMS or not seed.isdigit():
+            raise SystemExit(f"--supersede: {name!r} is not a run name <norm>_s<seed> (norms: {', '.join(NORMS)})")
+        runs.append(Run(args.corpus, norm, int(seed), args))
+    refused = [r for run in runs if (r := run.supersede_refused())]
+    if refused:
+        raise SystemExit("\n".join(refused))
+    for run in runs:
+        record = run.record_path
+        run.log(run.supersede(args.reason.strip()))
+        if args.commit:
+            run.log(commit_records(run.root, record, f"Campaign converged: {run.corpus} {run.name} superseded "
+                                   f"({args.reason.strip()}); the campaign trains it again (reproduce --supersede)"))
+    write_status(args)
 
 
 def cost_per_run(done_hours: list[float]) -> float | None:
@@ -774,13 +883,18 @@ def write_status(args) -> None:
     unfinished = {}  # campaign -> corpus -> runs not done
     for campaign in ("converged", "budget", "pilot"):
         spec = CAMPAIGNS[campaign]
-        rows, spent, lost, done_runs, todo = [], 0.0, 0.0, {}, {}
+        rows, spent, lost, superseded, done_runs, todo = [], 0.0, 0.0, 0.0, {}, {}
         for corpus in CORPORA:
             names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")}
             if campaign == args.campaign and corpus == args.corpus:
                 names |= {f"{n}_s{s}" for n in args.norms for s in args.seed_list}
             if campaign == "converged":  # the whole campaign, whichever corpus this call runs
                 names |= {f"{n}_s{s}" for n in NORMS for s in CONVERGED_SEEDS}
+            for old in sorted((project_root(args) / spec.records / corpus / SUPERSEDED).glob("*.json")):
+                rec = json.loads(old.read_text())  # set aside for a retrain: its hours were spent
+                superseded += rec.get("core_hours") or 0.0
+                lost += Run.lost_hours(rec)
+                spent += Run.lost_hours(rec)
             for name in sorted(names, key=lambda n: (NORMS.index(n.split("_s")[0]) if n.split("_s")[0] in NORMS
                                                      else 99, int(n.split("_s")[1]))):
                 norm, seed = name.split("_s")
@@ -811,9 +925,11 @@ def write_status(args) -> None:
         lines += [f"## Campaign `{campaign}`", "",
                   "| corpus | run | state | last epoch | best epoch | stopped by | core-hours |",
                   "|---|---|---|---|---|---|---|", *rows, "",
-                  f"Spent: {spent:.2f} core-hours" + (f", of which {lost:.2f} on training lost with its "
-                                                       "checkpoints (a replaced machine; those runs "
-                                                       "restart at update 0)" if lost else "")
+                  f"Spent: {spent + superseded:.2f} core-hours"
+                  + (f", of which {lost:.2f} on training lost with its checkpoints (a replaced machine; "
+                     "those runs restart at update 0)" if lost else "")
+                  + (f"{' and' if lost else ', of which'} {superseded:.2f} on superseded runs (set aside "
+                     f"for a retrain: results/runs/<corpus>/{SUPERSEDED}/)" if superseded else "")
                   + ". Left: " + ("; ".join(left) or "nothing") + ".", ""]
     lines += resume_lines(unfinished)
     lines.append(f"Last written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
@@ -885,6 +1001,12 @@ def main(argv=None) -> None:
                    help="as each run finishes, regenerate the tables (scripts/make_results.py) and "
                    "git-commit results/ and README.md in the --root checkout, so that a machine "
                    "replaced later loses only the runs in progress; nothing else is committed")
+    p.add_argument("--supersede", metavar="RUNS",
+                   help="train nothing: set the records of these done runs (comma list, e.g. ln_s2) "
+                   f"aside in results/runs/<corpus>/{SUPERSEDED}/, so that the campaign's command "
+                   "trains them again from update 0 (for a run whose test translations were lost); "
+                   "needs --reason")
+    p.add_argument("--reason", help="--supersede: why, kept in the set-aside record")
     args = p.parse_args(argv)
     if args.commit and checkout_top(project_root(args)) != project_root(args).resolve():
         raise SystemExit(f"--commit: {project_root(args)} is not the top of a git checkout; "
@@ -899,6 +1021,9 @@ def main(argv=None) -> None:
     if args.threads:  # every stage's children inherit it (pipeline.common.subprocess_env)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     runs = [Run(args.corpus, norm, seed, args) for seed in args.seed_list for norm in args.norms]
+    if args.supersede:
+        supersede(args)
+        return
     if args.status:
         write_status(args)
         return

@@ -50,12 +50,26 @@ EVALS = (("avg", "average of the last 5 epoch checkpoints (paper protocol)"),
 
 def load(records: Path, root: Path) -> dict[str, list[dict]]:
     """The records in ``records`` by norm, seeds ascending; ``_file`` is each one's path
-    relative to the project directory ``root``."""
+    relative to the project directory ``root``. A run superseded for a retrain
+    (``reproduce --supersede``) is read from its set-aside record until the retrain is done, so
+    the tables never lose a finished run meanwhile; ``_retrain`` then says where the retrain is."""
     runs: dict[str, list[dict]] = {}
     for p in sorted(records.glob("*.json")):
         rec = json.loads(p.read_text())
         rec["_file"] = str(p.relative_to(root))
         runs.setdefault(rec["norm"], []).append(rec)
+    for p in sorted((records / reproduce.SUPERSEDED).glob("*.json")):  # by stamp: the latest last
+        old = json.loads(p.read_text())
+        recs = runs.setdefault(old["norm"], [])
+        now = next((r for r in recs if r["seed"] == old["seed"]), None)
+        if now is not None and now.get("status") == "done":
+            continue
+        if now is not None:
+            recs.remove(now)
+        if old.get("norm_stats"):  # kept beside it, in the superseded folder
+            old["norm_stats"] = f"{reproduce.SUPERSEDED}/{old['norm_stats']}"
+        recs.append({**old, "_file": str(p.relative_to(root)),
+                     "_retrain": (now or {}).get("_retrain") or (now or {}).get("status") or "to do"})
     for recs in runs.values():
         recs.sort(key=lambda r: r["seed"])
     return runs
@@ -73,6 +87,7 @@ def summary(values: list[float]) -> str:
 def status_line(recs: list[dict]) -> str:
     return ", ".join(f"s{r['seed']}: {r.get('status')}"
                      + (f" ({r['progress']})" if r.get("status") == "unfinished" and r.get("progress") else "")
+                     + (f" (superseded; its retrain: {r['_retrain']})" if r.get("_retrain") else "")
                      for r in recs) or "not run"
 
 
@@ -176,6 +191,36 @@ def hardware_line(runs: dict[str, list[dict]]) -> str:
             "and data order, different floating-point kernels): " + "; ".join(mixed) + ".")
 
 
+def _where(rec: dict) -> str:
+    hw = rec.get("hardware") or {}
+    return f"{hw.get('cpu') or '?'}, {hw.get('threads') or '?'} thread(s)"
+
+
+def superseded_lines(records: Path, runs: dict[str, list[dict]], key: str, metric: str) -> list[str]:
+    """The records set aside for a retrain (``reproduce --supersede``, in ``records/superseded/``):
+    each with its paper-protocol value, where it trained, why it was superseded, and the value of
+    its retrain (the record the tables use) once done: two trainings of one seed and preset, so
+    also a measure of how much the hardware alone moves a run. Empty when there are none."""
+    lines = []
+    for p in sorted((records / reproduce.SUPERSEDED).glob("*.json")):
+        old = json.loads(p.read_text())
+        new = next((r for r in runs.get(old["norm"], []) if r["seed"] == old["seed"]), {})
+        before, after = score(old, "avg", key), score(new, "avg", key)
+        if new.get("_retrain"):
+            retrain = f"{new['_retrain']} (until it is done, the tables use the superseded record)"
+        else:
+            retrain = (f"{metric} {after:.2f} on {_where(new)}"
+                       + (f" (retrain - superseded: {after - before:+.2f})" if before is not None else "")
+                       if after is not None else new.get("status") or "to do")
+        lines.append(f"- {SHORT[old['norm']]} s{old['seed']} (`{reproduce.SUPERSEDED}/{p.name}`): "
+                     f"{metric} {'-' if before is None else f'{before:.2f}'} on {_where(old)}; superseded "
+                     f"{old['superseded']['when']}: {old['superseded']['reason']}. Its retrain: {retrain}.")
+    if lines:
+        lines = ["Superseded records (set aside for a retrain of the same seed and preset; the tables "
+                 "use the retrain once it is done; paper protocol):", "", *lines]
+    return lines
+
+
 def bootstrap_lines(runs: dict[str, list[dict]]) -> list[str]:
     lines = []
     for norm in ORDER[1:]:
@@ -265,6 +310,9 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
              "A difference is named only where its interval excludes 0; otherwise the cell says \"no "
              "significant difference at this scale\" (or \"untested\" while only one seed pair is done).", "",
              *diff, "", hardware_line(runs), ""]
+    superseded = superseded_lines(results / "runs" / corpus, runs, key, spec["metric"])
+    if superseded:
+        lines += [*superseded, ""]
     if key != "ppl":
         lines += [*bootstrap_lines(runs), ""]
         if sig:
