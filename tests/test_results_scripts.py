@@ -814,6 +814,14 @@ def test_commit_lands_each_finished_runs_record_and_nothing_else(tmp_path, monke
 
     reproduce.main(command)  # done already: its record is unchanged, nothing is committed
     assert git("rev-list", "--count", "HEAD") == "2"
+    # done already, but a field of its record changes (a paired bootstrap's note): committed, and
+    # the message says so instead of announcing a newly finished run
+    monkeypatch.setattr(reproduce, "significance", lambda runs: [r.save(paired_bootstrap_skipped="why")
+                                                                  for r in runs])
+    reproduce.main(command)
+    assert git("rev-list", "--count", "HEAD") == "3"
+    assert "multi30k ln_s1 done before: a field of its record updated" in git("log", "-1", "--format=%s")
+    assert "epochs" not in git("log", "-1", "--format=%s")
     # a run another live process is training (its lock; its record "training", not committed):
     # left to that process, which commits it when it ends; a second job must not commit it now
     bn_dir = tmp_path / "runs" / "converged" / "multi30k" / "bn_s1"
@@ -822,7 +830,7 @@ def test_commit_lands_each_finished_runs_record_and_nothing_else(tmp_path, monke
     (tmp_path / "results" / "runs" / "multi30k" / "bn_s1.json").write_text(
         json.dumps({"norm": "bn", "seed": 1, "status": "training"}))
     reproduce.main([*command[:3], "--norms", "bn", *command[5:]])
-    assert git("rev-list", "--count", "HEAD") == "2"
+    assert git("rev-list", "--count", "HEAD") == "3"
 
 
 def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending(tmp_path, monkeypatch):

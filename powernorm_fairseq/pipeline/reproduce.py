@@ -1040,14 +1040,19 @@ def main(argv=None) -> None:
     one_at_a_time = threading.Lock()  # significance() saves other runs' records
 
     def job(run: Run) -> None:
+        run.refresh()  # another process may have finished it since this one started
+        done_before = run.record.get("status") == "done"
         # a run another process holds is its to commit: its record here is that run in progress
         if train(run) and args.commit:
+            # a run done before this call changes only by a field (its paired bootstrap, say):
+            # the message must not announce a newly finished run
+            what = ("done before: a field of its record updated" if done_before else
+                    f"{run.record.get('status')} ({run.record.get('last_epoch', '-')} epochs, "
+                    f"{run.core_hours():.2f} core-hours; stopped by {run.record.get('stopped_by') or '-'})")
             with one_at_a_time:
                 run.log(commit_records(run.root, run.record_path, (
-                    f"Campaign {args.campaign}: {run.corpus} {run.name} {run.record.get('status')} "
-                    f"({run.record.get('last_epoch', '-')} epochs, {run.core_hours():.2f} core-hours; "
-                    f"stopped by {run.record.get('stopped_by') or '-'}): its record, the status table "
-                    "and the regenerated tables (reproduce --commit)")))
+                    f"Campaign {args.campaign}: {run.corpus} {run.name} {what}: its record, the status "
+                    "table and the regenerated tables (reproduce --commit)")))
 
     def train(run: Run) -> bool:
         """Whether this process held ``run`` (trained it, found it done, or saw it fail)."""
