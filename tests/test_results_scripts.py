@@ -727,6 +727,30 @@ def test_a_superseded_run_is_trained_again_and_its_old_record_kept(tmp_path, mon
     assert make_results.load(recs, tmp_path)["ln"] == [{**new, "_file": "results/runs/multi30k/ln_s1.json"}]
 
 
+def test_supersede_with_commit_leaves_the_checkout_clean(tmp_path, monkeypatch):
+    """``--supersede ... --commit`` commits the move together with the status table that shows the
+    run to do again: before, the table was rewritten after the commit and left uncommitted."""
+    reproduce, make_results = load_script("reproduce"), load_script("make_results")
+
+    def git(*argv):
+        return subprocess.run(["git", "-C", str(tmp_path), *argv], check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    (recs / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, "status": "done", "core_hours": 1.0}))
+    (tmp_path / "README.md").write_text("readme\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    monkeypatch.setattr(make_results, "main", lambda argv: None)
+    reproduce.main(["multi30k", "--root", str(tmp_path), "--supersede", "ln_s1", "--reason", "lost", "--commit"])
+    assert git("status", "--porcelain", "--", "results") == ""
+    assert "| multi30k | ln_s1 | to do |" in git("show", "HEAD:results/status.md")
+
+
 def test_a_killed_jobs_training_stays_in_the_record(tmp_path, monkeypatch):
     """A job killed without running its cleanup (SIGKILL, a session's end) must leave the training
     it did in the run's record: each epoch's end writes the open segment (wall time, epochs), and

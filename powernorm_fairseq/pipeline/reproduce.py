@@ -825,10 +825,10 @@ def supersede(args) -> None:
     for run in runs:
         record = run.record_path
         run.log(run.supersede(args.reason.strip()))
+        write_status(args)  # before the commit, which takes the status table with the move
         if args.commit:
             run.log(commit_records(run.root, record, f"Campaign converged: {run.corpus} {run.name} superseded "
                                    f"({args.reason.strip()}); the campaign trains it again (reproduce --supersede)"))
-    write_status(args)
 
 
 def cost_per_run(done_hours: list[float]) -> float | None:
