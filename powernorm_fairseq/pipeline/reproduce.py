@@ -349,19 +349,16 @@ class Run:
         directory still holds files of its training (a retrain would resume from them or mix
         their logs): those are the user's to move, never deleted here."""
         with self.claim() as holder:
-            refused = (f"--supersede {self.name}: process {holder} holds it; wait for it to end"
-                       if holder is not None else self.supersede_refused(held=True))
+            refused = self.supersede_refused(holder)
             if refused:
                 raise SystemExit(refused)
             stamp = time.strftime("%Y%m%d%H%M%S")
             aside = self.superseded_dir
             aside.mkdir(exist_ok=True)
             record = dict(self.record)
-            renamed = {}
-            for field, name in (record.get("kept_hypotheses") or {}).items():
-                renamed[field] = self._set_aside_file(name, stamp)
-            if renamed:
-                record["kept_hypotheses"] = {f: n for f, n in renamed.items() if n}
+            if record.get("kept_hypotheses"):
+                record["kept_hypotheses"] = {field: new for field, name in record["kept_hypotheses"].items()
+                                             if (new := self._set_aside_file(name, stamp))}
             if record.get("norm_stats"):
                 record["norm_stats"] = self._set_aside_file(record["norm_stats"], stamp)
                 if record["norm_stats"] is None:
@@ -376,10 +373,9 @@ class Run:
         return (f"record moved to {target.relative_to(self.root)}; the campaign's command trains "
                 f"{self.name} again from update 0")
 
-    def supersede_refused(self, held: bool = False) -> str | None:
-        """Why :meth:`supersede` would refuse this run now (None: it would not); ``held``: this
-        process holds its lock (so the lock's pid is its own)."""
-        holder = None if held else self.holder()
+    def supersede_refused(self, holder: int | None) -> str | None:
+        """Why :meth:`supersede` would refuse this run now (None: it would not); ``holder``: the
+        pid of the process that holds the run (:meth:`holder`, or what :meth:`claim` yields)."""
         if holder is not None:
             return f"--supersede {self.name}: process {holder} holds it; wait for it to end"
         if self.record.get("status") != "done":
@@ -819,7 +815,7 @@ def supersede(args) -> None:
         if norm not in NORMS or not seed.isdigit():
             raise SystemExit(f"--supersede: {name!r} is not a run name <norm>_s<seed> (norms: {', '.join(NORMS)})")
         runs.append(Run(args.corpus, norm, int(seed), args))
-    refused = [r for run in runs if (r := run.supersede_refused())]
+    refused = [r for run in runs if (r := run.supersede_refused(run.holder()))]
     if refused:
         raise SystemExit("\n".join(refused))
     for run in runs:

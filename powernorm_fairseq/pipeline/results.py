@@ -456,9 +456,8 @@ def runs_table(runs: dict[str, list[dict]]) -> str:
     for norm in ORDER:
         for r in runs.get(norm, []):
             seg = (r.get("train_segments") or [{}])[-1]
-            hw = r.get("hardware") or {}
             lines.append(f"| {LABELS[norm]} | {r.get('status')} | {r['seed']} | {seg.get('commit', '-')} | "
-                         f"{hw.get('cpu', '?')}, {hw.get('threads') or '?'} thread(s) | "
+                         f"{_where(r)} | "
                          f"{r.get('stopped_by') or '-'} | {r.get('last_epoch', '-')} ({r.get('best_epoch', '-')}) | "
                          f"{r.get('core_hours', 0):.2f} | `{r['_file']}` |")
     return "\n".join(lines)
