@@ -698,7 +698,8 @@ def test_a_superseded_run_is_trained_again_and_its_old_record_kept(tmp_path, mon
     bn = json.loads((recs / "bn_s1.json").read_text())
     assert "paired_bootstrap" not in bn and bn["earlier_paired_bootstrap"] == [{"vs": "ln_s1", "p": 0.01}]
     status = (tmp_path / "results" / "status.md").read_text()
-    assert "| multi30k | ln_s1 | to do |" in status and "Spent: 2.50 core-hours" in status
+    assert "| multi30k | ln_s1 | to do (retrain; old record in superseded/) |" in status
+    assert "Spent: 2.50 core-hours" in status
     assert "of which 0.50 on training lost with its checkpoints" in status and "and 2.00 on superseded runs" in status
     with pytest.raises(SystemExit, match="its record is missing"):  # said twice: nothing more moves
         reproduce.main([*base, "ln_s1", "--reason", "again"])
@@ -748,7 +749,7 @@ def test_supersede_with_commit_leaves_the_checkout_clean(tmp_path, monkeypatch):
     monkeypatch.setattr(make_results, "main", lambda argv: None)
     reproduce.main(["multi30k", "--root", str(tmp_path), "--supersede", "ln_s1", "--reason", "lost", "--commit"])
     assert git("status", "--porcelain", "--", "results") == ""
-    assert "| multi30k | ln_s1 | to do |" in git("show", "HEAD:results/status.md")
+    assert "| multi30k | ln_s1 | to do (retrain; old record in superseded/) |" in git("show", "HEAD:results/status.md")
 
 
 def test_a_killed_jobs_training_stays_in_the_record(tmp_path, monkeypatch):

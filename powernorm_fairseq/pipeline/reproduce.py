@@ -886,7 +886,9 @@ def write_status(args) -> None:
                 names |= {f"{n}_s{s}" for n in args.norms for s in args.seed_list}
             if campaign == "converged":  # the whole campaign, whichever corpus this call runs
                 names |= {f"{n}_s{s}" for n in NORMS for s in CONVERGED_SEEDS}
+            retrains = set()  # runs whose earlier record was set aside: this row is its retrain
             for old in sorted((project_root(args) / spec.records / corpus / SUPERSEDED).glob("*.json")):
+                retrains.add(old.name.split(".")[0])  # <run>.<stamp>.json
                 rec = json.loads(old.read_text())  # set aside for a retrain: its hours were spent
                 superseded += rec.get("core_hours") or 0.0
                 lost += Run.lost_hours(rec)
@@ -907,7 +909,8 @@ def write_status(args) -> None:
                     done_runs.setdefault(corpus, []).append((*run.split_hours(rec), trained))
                 if state != "done" or run.capped_below():  # a raised cap reopens it at the next call
                     todo.setdefault(corpus, []).append((trained, run.cap()))
-                rows.append(f"| {corpus} | {name} | {state} | {rec.get('last_epoch', '-')} | "
+                shown = f"{state} (retrain; old record in {SUPERSEDED}/)" if name in retrains else state
+                rows.append(f"| {corpus} | {name} | {shown} | {rec.get('last_epoch', '-')} | "
                             f"{rec.get('best_epoch', '-')} | {rec.get('stopped_by') or '-'} | {hours:.2f} |")
         unfinished[campaign] = {corpus: len(runs) for corpus, runs in todo.items()}
         if not rows:
