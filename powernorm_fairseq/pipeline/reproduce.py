@@ -296,16 +296,12 @@ class Run:
                 os.replace(f, kept / f.name)
                 moved[str(f)] = str(kept / f.name)
         ending = _moved({k: self.record[k] for k in REOPENED if k in self.record}, moved)
-        if self.stats_record.exists():
-            aside = self.stats_record.with_name(f"{self.name}.cap{recorded}.norm_stats.csv")
-            os.replace(self.stats_record, aside)
-            ending["norm_stats"] = aside.name
+        beside, tag = self.record_path.parent, f"cap{recorded}"
+        if new := self._set_aside_file(self.stats_record.name, tag, beside):
+            ending["norm_stats"] = new
         for field, name in (self.record.get("kept_hypotheses") or {}).items():
-            kept_copy = self.record_path.with_name(name)
-            if kept_copy.is_file():
-                aside = kept_copy.with_name(f"{self.name}.cap{recorded}.{HYPOTHESES[field]}")
-                os.replace(kept_copy, aside)
-                ending["kept_hypotheses"][field] = aside.name
+            if new := self._set_aside_file(name, tag, beside):
+                ending["kept_hypotheses"][field] = new
         segments = {k if "@" in k else f"{k}@cap{recorded}": v
                     for k, v in (self.record.get("eval_segments") or {}).items()}
         self.save(earlier_caps=[*self.record.get("earlier_caps", []), {"max_epoch": recorded, **ending}],
@@ -358,9 +354,9 @@ class Run:
             record = dict(self.record)
             if record.get("kept_hypotheses"):
                 record["kept_hypotheses"] = {field: new for field, name in record["kept_hypotheses"].items()
-                                             if (new := self._set_aside_file(name, stamp))}
+                                             if (new := self._set_aside_file(name, stamp, aside))}
             if record.get("norm_stats"):
-                record["norm_stats"] = self._set_aside_file(record["norm_stats"], stamp)
+                record["norm_stats"] = self._set_aside_file(record["norm_stats"], stamp, aside)
                 if record["norm_stats"] is None:
                     record.pop("norm_stats")
             record["superseded"] = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "reason": reason,
@@ -388,14 +384,16 @@ class Run:
                     "deleted here), then run --supersede again")
         return None
 
-    def _set_aside_file(self, name: str, stamp: str) -> str | None:
-        """Move the file ``name`` kept beside the record into ``superseded/`` with the record's
-        stamp; its new name relative to the superseded record (None when it is gone already)."""
+    def _set_aside_file(self, name: str, tag: str, folder: Path) -> str | None:
+        """Move the file ``name`` kept beside the record (``<run>.<what>``) to
+        ``folder/<run>.<tag>.<what>``: a superseded record's stamp (:meth:`supersede`) or a
+        reopened run's ``cap<N>`` (:meth:`reopen`). Returns the new name, for the record that
+        points at it (None when the file is gone already)."""
         source = self.record_path.with_name(name)
         if not source.is_file():
             return None
-        new = f"{self.name}.{stamp}.{name.removeprefix(self.name + '.')}"
-        os.replace(source, self.superseded_dir / new)
+        new = f"{self.name}.{tag}.{name.removeprefix(self.name + '.')}"
+        os.replace(source, folder / new)
         return new
 
     def log(self, msg: str) -> None:
