@@ -75,7 +75,7 @@ def test_converged_campaign_overrides_are_the_papers_rule():
     assert reproduce.CAMPAIGNS["pilot"].overrides(reproduce.CORPORA["ptb"]) == []
 
 
-def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
+def test_status_table_tells_running_interrupted_and_to_do(tmp_path, monkeypatch):
     reproduce = load_script("reproduce")
     recs = tmp_path / "results" / "runs" / "multi30k"
     recs.mkdir(parents=True)
@@ -101,6 +101,12 @@ def test_status_table_tells_running_interrupted_and_to_do(tmp_path):
     reproduce.write_status(args)
     status = (tmp_path / "results" / "status.md").read_text()
     assert "| multi30k | ln_s1 | done | 30 |" in status and "| 2.00 |" in status
+    # nothing changed: a later call (the one that ends a job, after its --commit) leaves the
+    # table as it is, its time included, instead of a checkout modified by a timestamp
+    with monkeypatch.context() as later:
+        later.setattr(reproduce.time, "strftime", lambda fmt, *a: "2099-01-01 00:00:00 UTC")
+        reproduce.write_status(args)
+    assert (tmp_path / "results" / "status.md").read_text() == status
     assert "| multi30k | bn_s1 | running | 8 | 3 |" in status
     # PN was killed before its first checkpoint: there is nothing to resume, it starts again
     assert "| multi30k | pn_s1 | interrupted before its first checkpoint (rerun the command to start it at update 0) |" in status

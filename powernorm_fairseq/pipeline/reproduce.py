@@ -868,6 +868,9 @@ def resume_lines(unfinished: dict[str, dict[str, int]]) -> list[str]:
             "", *commands, ""]
 
 
+STATUS_STAMP = "Last changed "  # status.md's last line: when its content last changed
+
+
 def write_status(args) -> None:
     """Rewrite ``results/status.md``: every run of every campaign that has a record or is asked
     for now, with its state, stopping epoch and core-hours; totals spent and estimated left."""
@@ -929,8 +932,13 @@ def write_status(args) -> None:
                      f"for a retrain: results/runs/<corpus>/{SUPERSEDED}/)" if superseded else "")
                   + ". Left: " + ("; ".join(left) or "nothing") + ".", ""]
     lines += resume_lines(unfinished)
-    lines.append(f"Last written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.")
-    atomic_write_text(project_root(args) / "results" / "status.md", "\n".join(lines) + "\n")
+    # Rewritten only when a line above changes, so that the call that ends a job (after its
+    # --commit) leaves the committed table as it is rather than a checkout modified by a timestamp
+    path = project_root(args) / "results" / "status.md"
+    body = "\n".join(lines) + "\n"
+    if path.is_file() and path.read_text().rsplit(STATUS_STAMP, 1)[0] == body:
+        return
+    atomic_write_text(path, f"{body}{STATUS_STAMP}{time.strftime('%Y-%m-%d %H:%M:%S %Z')}.\n")
 
 
 # What a finished run changes and ``--commit`` commits: its record and the status table
