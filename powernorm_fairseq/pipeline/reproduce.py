@@ -872,8 +872,9 @@ STATUS_STAMP = "Last changed "  # status.md's last line: when its content last c
 
 
 def write_status(args) -> None:
-    """Rewrite ``results/status.md``: every run of every campaign that has a record or is asked
-    for now, with its state, stopping epoch and core-hours; totals spent and estimated left."""
+    """Rewrite ``results/status.md`` (when its content changes): every run of every campaign that
+    has a record or is asked for now, with its state, stopping epoch and core-hours; totals spent
+    and estimated left; last, the time the content last changed."""
     lines = ["# Run status", "",
              "Written by `scripts/reproduce.py` after every step (and by `--status`). "
              "Core-hours = wall time x threads of every training and evaluation segment.", ""]
