@@ -890,8 +890,8 @@ def write_status(args) -> None:
                 names |= {f"{n}_s{s}" for n in NORMS for s in CONVERGED_SEEDS}
             retrains = set()  # runs whose earlier record was set aside: this row is its retrain
             for old in sorted((project_root(args) / spec.records / corpus / SUPERSEDED).glob("*.json")):
-                retrains.add(old.name.split(".")[0])  # <run>.<stamp>.json
                 rec = json.loads(old.read_text())  # set aside for a retrain: its hours were spent
+                retrains.add(f"{rec['norm']}_s{rec['seed']}")  # as results.superseded_lines pairs them
                 superseded += rec.get("core_hours") or 0.0
                 lost += Run.lost_hours(rec)
                 spent += Run.lost_hours(rec)
