@@ -76,7 +76,11 @@ def test_converged_campaign_overrides_are_the_papers_rule():
 
 
 def test_status_table_tells_running_interrupted_and_to_do(tmp_path, monkeypatch):
+    import dataclasses
+
     reproduce = load_script("reproduce")
+    # the arithmetic below is at a 30-epoch cap (Multi30k's until issue 37 raised it)
+    monkeypatch.setitem(reproduce.CORPORA, "multi30k", dataclasses.replace(reproduce.CORPORA["multi30k"], max_epoch=30))
     recs = tmp_path / "results" / "runs" / "multi30k"
     recs.mkdir(parents=True)
     seg = {"wall_s": 7200.0, "threads": 1}
@@ -941,6 +945,86 @@ def test_a_run_done_at_a_raised_epoch_cap_trains_on_and_keeps_its_earlier_ending
     # the same command again: nothing to do
     reproduce.main(["multi30k", "--root", str(tmp_path), "--norms", "ln,bn", "--seeds", "1"])
     assert len(trained) == 1
+
+
+def test_a_capped_run_whose_checkpoints_are_gone_retrains_for_a_raised_cap_keeping_its_capped_ending(
+        tmp_path, monkeypatch):
+    """Issue 37: with ``--retrain-capped``, a run done at a since raised cap whose checkpoints are
+    gone (a replaced machine) trains again from update 0 to the new cap. Its ending at the old cap
+    stays whole under ``earlier_caps`` (evaluations, curve, segments, hardware, command), marked
+    ``retrained``; its kept translations move aside as ``cap30``; its core-hours stay spent; and the
+    tables read the run at the old cap (``results.load`` with the cap) while it retrains and after.
+    A continued run says from which checkpoint, epoch and commit (``continued_from``)."""
+    import dataclasses
+
+    reproduce, results = load_script("reproduce"), load_script("make_results")
+    monkeypatch.setitem(reproduce.CORPORA, "multi30k", dataclasses.replace(
+        reproduce.CORPORA["multi30k"], max_epoch=40, earlier_caps=(30,)))
+    recs = tmp_path / "results" / "runs" / "multi30k"
+    recs.mkdir(parents=True)
+    capped = {"norm": "bn", "seed": 1, "status": "done", "max_epoch": 30, "last_epoch": 30, "best_epoch": 30,
+              "stopped_by": "epoch cap (30 epochs; not converged by the rule)", "started_commit": "old",
+              "command": "python -m powernorm_fairseq.pipeline.train ... optimization.max_epoch=30",
+              "hardware": {"cpu": "Old CPU", "threads": 1}, "train_segments": [{"wall_s": 7200.0, "threads": 1}],
+              "valid_loss_by_epoch": [[29, 4.3], [30, 4.2]], "core_hours": 2.0,
+              "evaluations": {"avg": {"value": 7.0}}, "kept_hypotheses": {"hypotheses": "bn_s1.avg.hyp.txt"}}
+    (recs / "bn_s1.json").write_text(json.dumps(capped))
+    (recs / "bn_s1.avg.hyp.txt").write_text("capped translations\n")
+    seen_while_training = []
+
+    def train(argv, echo=None):
+        assert "optimization.max_epoch=40" in argv
+        seen_while_training.append(results.load(recs, tmp_path, 30)["bn"][0])
+        (Path(argv[argv.index("--save-dir") + 1]) / "train.log").write_text(CONVERGED_LOG)
+
+    _fake_stages(reproduce, monkeypatch, train)
+    command = ["multi30k", "--root", str(tmp_path), "--norms", "bn", "--seeds", "1", "--threads", "1"]
+    reproduce.main(command)  # without the flag: left done, nothing trained
+    assert json.loads((recs / "bn_s1.json").read_text()) == capped and not seen_while_training
+    reproduce.main([*command, "--retrain-capped"])
+
+    (during,) = seen_while_training
+    assert during["status"] == "done" and during["evaluations"]["avg"]["value"] == 7.0
+    assert during["last_epoch"] == 30 and during["hardware"]["cpu"] == "Old CPU"
+    bn = json.loads((recs / "bn_s1.json").read_text())
+    assert bn["status"] == "done" and bn["max_epoch"] == 40 and bn["evaluations"]["avg"]["value"] == 31.0
+    assert bn["last_epoch"] == 8 and bn["stopped_by"].startswith("patience")
+    assert bn["started_commit"] != "old" and len(bn["train_segments"]) == 1
+    (earlier,) = bn["earlier_caps"]
+    assert earlier["max_epoch"] == 30 and earlier["retrained"]["why"].startswith(str(tmp_path))
+    for key in ("evaluations", "valid_loss_by_epoch", "train_segments", "hardware", "command", "core_hours",
+                "started_commit", "stopped_by", "last_epoch"):
+        assert earlier[key] == capped[key], key
+    assert earlier["kept_hypotheses"] == {"hypotheses": "bn_s1.cap30.avg.hyp.txt"}
+    assert (recs / "bn_s1.cap30.avg.hyp.txt").read_text() == "capped translations\n"
+    after = results.load(recs, tmp_path, 30)["bn"][0]
+    assert after["evaluations"]["avg"]["value"] == 7.0 and after["last_epoch"] == 30
+    assert results.load(recs, tmp_path, 40)["bn"][0]["evaluations"]["avg"]["value"] == 31.0
+    assert results.load(recs, tmp_path, 50) == {}
+    status = (tmp_path / "results" / "status.md").read_text()
+    spent = float(status.split("Spent: ")[1].split(" core-hours")[0])
+    assert spent >= 2.0 + bn["core_hours"] - 0.01  # the retrained ending's hours still count
+
+    # a continued run (its checkpoint is there) names its starting point, and its view at the old
+    # cap stops its curve there
+    assert reproduce.at_cap({"max_epoch": 40}, 30) is None
+    ln = {**capped, "norm": "ln", "kept_hypotheses": {}}
+    (recs / "ln_s1.json").write_text(json.dumps(ln))
+    run_dir = tmp_path / "runs" / "converged" / "multi30k" / "ln_s1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint_last.pt").write_text("")
+    monkeypatch.setattr(reproduce.runner, "train", lambda argv, echo=None: (run_dir / "train.log").write_text(
+        "".join(f"[x][valid][INFO] - epoch {e:03d} | valid on 'valid' subset | loss {5 - e / 100} | "
+                f"num_updates {10 * e}\n[x][train][INFO] - epoch {e:03d} | loss 5 | wps 9.0 | "
+                f"num_updates {10 * e} | train_wall 1\n" for e in range(1, 36))))
+    reproduce.main([*command[:3], "--norms", "ln", *command[5:]])
+    ln = json.loads((recs / "ln_s1.json").read_text())
+    (earlier,) = ln["earlier_caps"]
+    assert earlier["continued_from"]["epoch"] == 30 and earlier["continued_from"]["trained_from_commit"] == "old"
+    assert "retrained" not in earlier and ln["train_segments"][0] == capped["train_segments"][0]
+    view = reproduce.at_cap(ln, 30)
+    assert view["last_epoch"] == 30 and view["valid_loss_by_epoch"][-1][0] == 30
+    assert view["evaluations"] == {"avg": {"value": 7.0}} and reproduce.at_cap(ln, 40) is ln
 
 
 def test_every_finished_converged_run_stopped_where_the_rule_says():

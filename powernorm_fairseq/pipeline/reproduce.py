@@ -49,6 +49,7 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -76,10 +77,13 @@ class Corpus:
     prepared: str      # the prepared directory (prepare_<corpus>.sh)
     metric: str        # "bleu" or "ppl" (powernorm_fairseq.pipeline.evaluate)
     max_epoch: int     # the converged campaign's cap (results/README.md: the budget arithmetic)
+    earlier_caps: tuple[int, ...] = ()  # caps it had before: the tables show the runs at each too
 
 
 CORPORA = {
-    "multi30k": Corpus("multi30k", "data/multi30k", "bleu", max_epoch=30),
+    # 30 until session 17 (every run stopped there, results/README.md); raised for the paper's
+    # stopping rule (issue 37): the tables keep each run's ending at 30 too (earlier_caps)
+    "multi30k": Corpus("multi30k", "data/multi30k", "bleu", max_epoch=80, earlier_caps=(30,)),
     # the paper's PTB model, the Tensorized Transformer (multi-linear attention), at CPU scale
     "ptb": Corpus("ptb_cpu_tensorized", "data/ptb", "ppl", max_epoch=12),
 }
@@ -178,6 +182,10 @@ LOG_FIELDS = ("fairseq_train_s", "valid_loss", "valid_loss_by_epoch", "epochs", 
 TRAINED = (*LOG_FIELDS, "train_segments", "train_wall_s", "started_commit", "averaged", "evaluations",
            "eval_segments", "core_hours")
 
+# what a run retrained from update 0 for a raised cap (Run.reopen without a checkpoint) keeps of
+# its earlier training under earlier_caps, beside REOPENED: the run as it stood at the old cap
+RETRAINED = (*TRAINED, "hardware", "command", "preset")
+
 # how a finished converged run stopped: the start of its record's ``stopped_by``
 STOP_PATIENCE, STOP_CAP = "patience", "epoch cap"
 
@@ -185,6 +193,39 @@ STOP_PATIENCE, STOP_CAP = "patience", "epoch cap"
 def stopped_by(record: dict, reason: str) -> bool:
     """Whether ``record`` stopped for ``reason`` (:data:`STOP_PATIENCE` or :data:`STOP_CAP`)."""
     return str(record.get("stopped_by") or "").startswith(reason)
+
+
+def recorded_cap(record: dict) -> int | None:
+    """The epoch cap a record's run trained to: its ``max_epoch``, else its training command's."""
+    if record.get("max_epoch"):
+        return record["max_epoch"]
+    caps = re.findall(r"optimization\.max_epoch=(\d+)", record.get("command", ""))
+    return int(caps[-1]) if caps else None
+
+
+def at_cap(record: dict, cap: int | None) -> dict | None:
+    """The run of ``record`` as it stood at the epoch cap ``cap`` (None: as it is): the record
+    itself when it trains to that cap, else its ending at that cap (``earlier_caps``, written
+    when a raised cap reopened it: :meth:`Run.reopen`), a done run whose curve stops at ``cap``;
+    None when the run has no ending at ``cap`` (it never trained to it). A record that names no
+    cap is taken as it is."""
+    if cap is None or recorded_cap(record) in (None, cap):
+        return record
+    ending = next((e for e in record.get("earlier_caps", []) if e.get("max_epoch") == cap), None)
+    if ending is None:
+        return None
+    view = {**record, **ending, "status": "done"}
+    if not ending.get("retrained"):  # trained on from that ending: its curve goes on past the cap
+        view["valid_loss_by_epoch"] = [p for p in record.get("valid_loss_by_epoch", []) if p[0] <= cap]
+        view["epochs"] = [e for e in record.get("epochs", []) if e["epoch"] <= cap]
+        last_update = max((e["num_updates"] for e in view["epochs"]), default=0)
+        view["valid_loss"] = [p for p in record.get("valid_loss", []) if p[0] <= last_update]
+        if view["valid_loss_by_epoch"]:
+            best = min(view["valid_loss_by_epoch"], key=lambda p: (p[1], p[0]))
+            view.update(last_epoch=view["valid_loss_by_epoch"][-1][0], best_epoch=best[0], best_valid_loss=best[1])
+    for key in ("earlier_caps", "continued_from"):
+        view.pop(key, None)
+    return view
 
 
 def pid_alive(pid: int) -> bool:
@@ -268,10 +309,7 @@ class Run:
 
     def recorded_cap(self) -> int | None:
         """The epoch cap the record's run trained to (its training command's)."""
-        if self.record.get("max_epoch"):
-            return self.record["max_epoch"]
-        caps = re.findall(r"optimization\.max_epoch=(\d+)", self.record.get("command", ""))
-        return int(caps[-1]) if caps else None
+        return recorded_cap(self.record)
 
     def capped_below(self) -> int | None:
         """The cap a done run stopped at, when that is below this invocation's cap (the cap was
@@ -287,15 +325,32 @@ class Run:
         checkpoint, ``eval_*`` files, the kept norm statistics) moves to ``cap<recorded>/`` beside
         it, and the record keeps the earlier ending's fields under ``earlier_caps``. Its evaluation
         core-hours stay counted (``eval_segments`` keys ``<which>@cap<recorded>``). A reopened LN
-        run also sets aside the paired bootstraps that compared its earlier ending."""
+        run also sets aside the paired bootstraps that compared its earlier ending.
+
+        With ``checkpoint_last.pt`` the run trains on from it (``continued_from`` in the ending
+        says from which epoch and commit). Without it (a replaced machine; only with
+        ``--retrain-capped``) the run trains again from update 0, and its ending keeps the
+        earlier training whole (curve, segments, hardware, command: :data:`RETRAINED`), so that
+        the tables still read the run at the old cap (``results.at_cap``); its core-hours stay
+        counted as spent (:meth:`earlier_hours`)."""
+        retrain = not (self.dir / "checkpoint_last.pt").exists()
         kept = self.dir / f"cap{recorded}"
-        kept.mkdir(exist_ok=True)
+        kept.mkdir(parents=True, exist_ok=True)
         moved = {}
         for f in [self.checkpoint_for("avg"), *self.dir.glob("eval_*")]:
             if f.is_file():
                 os.replace(f, kept / f.name)
                 moved[str(f)] = str(kept / f.name)
-        ending = _moved({k: self.record[k] for k in REOPENED if k in self.record}, moved)
+        fields = (*REOPENED, *RETRAINED) if retrain else REOPENED
+        ending = _moved({k: self.record[k] for k in fields if k in self.record}, moved)
+        how = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "commit": git_commit()}
+        if retrain:
+            ending["retrained"] = {**how, "why": f"{self.dir} had no checkpoint_last.pt to train on from "
+                                   "(lost with a replaced machine): trained again from update 0 to the new cap"}
+        else:
+            ending["continued_from"] = {**how, "checkpoint": str(self.dir / "checkpoint_last.pt"),
+                                        "epoch": self.record.get("last_epoch"),
+                                        "trained_from_commit": self.record.get("started_commit")}
         beside, tag = self.record_path.parent, f"cap{recorded}"
         if new := self._set_aside_file(self.stats_record.name, tag, beside):
             ending["norm_stats"] = new
@@ -306,10 +361,18 @@ class Run:
                     for k, v in (self.record.get("eval_segments") or {}).items()}
         self.save(earlier_caps=[*self.record.get("earlier_caps", []), {"max_epoch": recorded, **ending}],
                   eval_segments=segments)
-        self.drop(*REOPENED)
+        self.drop(*fields)
         (self.dir / "train.done").unlink(missing_ok=True)
         self.set_aside_bootstraps_against()
-        self.log(f"reopened: done at the {recorded}-epoch cap, now {self.cap()}; training on from its last checkpoint")
+        self.log(f"reopened: done at the {recorded}-epoch cap, now {self.cap()}; "
+                 + ("training again from update 0 (no checkpoint to train on from)" if retrain
+                    else "training on from its last checkpoint"))
+
+    @staticmethod
+    def earlier_hours(record: dict) -> float:
+        """Core-hours of earlier endings whose training a retrain replaced (``earlier_caps``
+        entries with ``retrained``): spent, though no longer the record's own."""
+        return sum(e.get("core_hours", 0.0) for e in record.get("earlier_caps", []) if e.get("retrained"))
 
     def set_aside_bootstraps_against(self) -> None:
         """For an LN run whose ending changes (reopened, superseded): the other norms' paired
@@ -682,10 +745,11 @@ class Run:
 
     def _run(self) -> None:
         recorded = self.capped_below()
-        if recorded and not (self.dir / "checkpoint_last.pt").exists():  # its record stays as it is
+        if recorded and not (self.dir / "checkpoint_last.pt").exists() and \
+                not getattr(self.args, "retrain_capped", False):  # its record stays as it is
             self.log(f"done at the {recorded}-epoch cap, now {self.cap()}, but {self.dir} has no "
-                     f"checkpoint_last.pt to train on from: left done (`--supersede {self.name} --reason ...` "
-                     "sets its record aside to train it again from the start)")
+                     "checkpoint_last.pt to train on from: left done (`--retrain-capped` trains it again "
+                     "from update 0 to the new cap, its ending at this cap kept under earlier_caps)")
             return
         if recorded:
             self.reopen(recorded)
@@ -905,7 +969,7 @@ def write_status(args) -> None:
                 hours = run.core_hours(rec)
                 gone = state != "running" and run.lost()  # it restarts at update 0
                 lost += run.lost_hours(rec) + (hours if gone else 0.0)
-                spent += hours + run.lost_hours(rec)
+                spent += hours + run.lost_hours(rec) + run.earlier_hours(rec)
                 trained = 0 if gone else int(rec.get("last_epoch") or 0)
                 if state == "done":
                     done_runs.setdefault(corpus, []).append((*run.split_hours(rec), trained))
@@ -947,31 +1011,50 @@ def write_status(args) -> None:
 COMMITTED = ("results", "README.md")
 
 
+def regenerate_tables(root: Path) -> None:
+    """Rewrite the tables of the checkout ``root`` from its records: with the ``root`` checkout's
+    own ``scripts/make_results.py``, in a process of its own, when ``root`` is another checkout
+    than the one this code runs from (a campaign runs from a worktree at a fixed commit while the
+    checkout it commits to moves on: the tables are drawn as that checkout draws them); else here."""
+    script = root / "scripts" / "make_results.py"
+    if script.is_file() and checkout_top(root) != checkout_top(Path(__file__)):
+        subprocess.run([sys.executable, os.fspath(script), "--root", os.fspath(root)], check=True,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.fspath(root)})
+        return
+    from powernorm_fairseq.pipeline import results  # imports this module
+
+    results.main(["--root", os.fspath(root)])
+
+
 def commit_records(root: Path, record: Path, message: str, regenerate=None) -> str:
     """``--commit``: once a run has finished (or failed), commit its record with the status table
     and the tables regenerated from the records, so that a machine lost later loses only the runs
     then in progress. Only ``COMMITTED`` paths are committed (anything else the user has changed
     or staged stays as it is), and nothing when ``record`` is unchanged since HEAD (a run that was
-    already done). ``regenerate(root)`` rewrites the tables (default: scripts/make_results.py).
-    Returns what was done, for the log; a failure to commit is reported, not raised: the run
-    itself is finished and its record written."""
+    already done). ``regenerate(root)`` rewrites the tables (default :func:`regenerate_tables`).
+    A table that cannot be regenerated does not hold the record back: the record and the status
+    table are committed alone, and the message says so. Returns what was done, for the log; a
+    failure to commit is reported, not raised: the run itself is finished and its record written."""
     if not git(root, "status", "--porcelain", "--", os.fspath(record)):
         return "--commit: its record is unchanged since HEAD; nothing to commit"
     if regenerate is None:
-        from powernorm_fairseq.pipeline import results  # imports this module
-
-        def regenerate(root: Path) -> None:
-            results.main(["--root", os.fspath(root)])
+        regenerate = regenerate_tables
+    paths, note = COMMITTED, ""
     try:
         with directory_lock(root / "results"):  # other campaign processes commit in the same checkout
-            regenerate(root)
-            git(root, "add", "--", *COMMITTED)
-            git(root, "commit", "-q", "-m", message, "--", *COMMITTED)
+            try:
+                regenerate(root)
+            except Exception as e:  # the finished run's record must still land
+                detail = (e.stderr or "").strip().splitlines()[-1:] if isinstance(e, subprocess.CalledProcessError) else []
+                paths = (os.fspath(record.relative_to(root)), "results/status.md")
+                paths = tuple(p for p in paths if (root / p).exists())
+                note = (f" (tables not regenerated: {type(e).__name__}: {' '.join(detail) or e}; "
+                        "run scripts/make_results.py)")
+            git(root, "add", "--", *paths)
+            git(root, "commit", "-q", "-m", message + note, "--", *paths)
     except subprocess.CalledProcessError as e:
         return f"--commit: git {e.cmd[3]} failed ({(e.stderr or e.stdout).strip()}); the record is written, commit it by hand"
-    except Exception as e:  # a table that cannot be regenerated must not fail the finished run
-        return f"--commit: {type(e).__name__}: {e}; the record is written, commit it by hand"
-    return f"--commit: committed {git(root, 'rev-parse', '--short', 'HEAD')}: {message}"
+    return f"--commit: committed {git(root, 'rev-parse', '--short', 'HEAD')}: {message + note}"
 
 
 def project_root(args) -> Path:
@@ -1013,6 +1096,11 @@ def main(argv=None) -> None:
                    "trains them again from update 0 (for a run whose test translations were lost); "
                    "needs --reason")
     p.add_argument("--reason", help="--supersede: why, kept in the set-aside record")
+    p.add_argument("--retrain-capped", action="store_true",
+                   help="a done run that a since raised epoch cap reopens, but whose checkpoints are gone "
+                   "(a replaced machine), trains again from update 0 to the new cap; its ending at the old "
+                   "cap, training included, stays in its record under earlier_caps (without this flag "
+                   "such a run is left done)")
     args = p.parse_args(argv)
     if args.commit and checkout_top(project_root(args)) != project_root(args).resolve():
         raise SystemExit(f"--commit: {project_root(args)} is not the top of a git checkout; "

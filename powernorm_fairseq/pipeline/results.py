@@ -48,14 +48,18 @@ EVALS = (("avg", "average of the last 5 epoch checkpoints (paper protocol)"),
          ("best", "best checkpoint (validation loss)"), ("last", "last checkpoint"))
 
 
-def load(records: Path, root: Path) -> dict[str, list[dict]]:
+def load(records: Path, root: Path, cap: int | None = None) -> dict[str, list[dict]]:
     """The records in ``records`` by norm, seeds ascending; ``_file`` is each one's path
-    relative to the project directory ``root``. A run superseded for a retrain
+    relative to the project directory ``root``. With ``cap``, each run as it stood at that epoch
+    cap (``reproduce.at_cap``: a run reopened since by a raised cap is read from its ending at
+    ``cap``; a run without one is left out). A run superseded for a retrain
     (``reproduce --supersede``) is read from its set-aside record until the retrain is done, so
     the tables never lose a finished run meanwhile; ``_retrain`` then says where the retrain is."""
     runs: dict[str, list[dict]] = {}
     for p in sorted(records.glob("*.json")):
-        rec = json.loads(p.read_text())
+        rec = reproduce.at_cap(json.loads(p.read_text()), cap)
+        if rec is None:
+            continue
         rec["_file"] = str(p.relative_to(root))
         runs.setdefault(rec["norm"], []).append(rec)
     for p in sorted((records / reproduce.SUPERSEDED).glob("*.json")):  # by stamp: the latest last
@@ -73,6 +77,13 @@ def load(records: Path, root: Path) -> dict[str, list[dict]]:
     for recs in runs.values():
         recs.sort(key=lambda r: r["seed"])
     return runs
+
+
+def first_cap(corpus: str) -> int:
+    """The epoch cap the corpus's tables read the runs at: its first (Multi30k: 30 epochs, where
+    every run stopped before the cap was raised; ``reproduce.CORPORA``)."""
+    spec = reproduce.CORPORA[corpus]
+    return (*spec.earlier_caps, spec.max_epoch)[0]
 
 
 def summary(values: list[float]) -> str:
@@ -269,11 +280,11 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
     """The converged table of one corpus; returns its headline lines for the README and the
     norms ordered by their mean score (paper protocol, best first)."""
     results = root / "results"
-    runs = load(results / "runs" / corpus, root)
+    cap = campaign["cap"]
+    runs = load(results / "runs" / corpus, root, cap)
     key, hb = spec["key"], spec["higher_better"]
     png = f"{corpus}_valid_loss.png"
     plotted = plot_curves(runs, results / png, spec["plot_title"])
-    cap = campaign["cap"]
     head = [f"| norm | {' | '.join(spec['paper_cols'])} | " + " | ".join(f"ours: {spec['metric']}, {label}"
                                                                       for _, label in EVALS)
             + (" | ours: detok. sacreBLEU, paper protocol" if key != "ppl" else "")
@@ -364,7 +375,7 @@ def build_analyses(root: Path, corpus: str = ANALYSIS_CORPUS) -> list[str]:
 
     results = root / "results"
     records = results / "runs" / corpus
-    runs = load(records, root)
+    runs = load(records, root, first_cap(corpus))
 
     def done(norm: str, field: str) -> list[dict]:
         return [r for r in runs.get(norm, []) if r.get("status") == "done" and r.get(field)]
@@ -685,7 +696,7 @@ def main(argv=None) -> None:
     for corpus, spec in TABLES.items():
         build_pilot(corpus, spec, root)
         lines, orders[corpus] = build_converged(
-            corpus, spec, {"patience": reproduce.PATIENCE, "cap": reproduce.CORPORA[corpus].max_epoch}, root)
+            corpus, spec, {"patience": reproduce.PATIENCE, "cap": first_cap(corpus)}, root)
         readme += lines
     if all(len(o) >= 2 for o in orders.values()):
         same = orders["multi30k"] == orders["ptb"]
