@@ -55,6 +55,14 @@ and is idempotent. It changes fairseq's behaviour in these ways only:
    ``--reset-meters``). A checkpoint saved before this restores the best loss it recorded and
    counts from 0 since it: the run stops at most as many epochs late as it had gone without a
    better loss when it was saved.
+10. **A resumed run trains on the batches of the run uninterrupted.** fairseq-fixed's
+    ``FairseqTask.get_batch_iterator`` groups the sentences into batches once, under the seed
+    ``seed + epoch`` of the epoch at which the iterator is first built, and reuses those batches
+    (reshuffled per epoch) for the rest of the process. A run builds it at epoch 1; a run resumed
+    at epoch N built it at N, so every batch after a resume held other sentences than in the run
+    uninterrupted (measured: the first update of epoch 3 had loss 5.222 instead of 5.207 on a tiny
+    corpus). A reusable iterator is now always built as at epoch 1, then set to its epoch; an
+    iterator built anew every epoch (``--rebuild-batches``, sharded data) is left as it was.
 
 Bad plugin options (:class:`OptionError`, a ``ValueError``, raised by the models' option checks)
 are printed like a :class:`CheckpointError`: the message only.
@@ -72,6 +80,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import inspect
 import logging
 import os
 import pickle
@@ -400,6 +409,34 @@ def batch_by_size_keep_tail(
     )
 
 
+def _batches_as_at_epoch_one(get_batch_iterator):
+    """Wrap ``FairseqTask.get_batch_iterator`` (item 10): an iterator that fairseq will reuse
+    across epochs groups its batches under ``seed + 1``, as the run that started at epoch 1 did,
+    whichever epoch asks for it first (a resume); then it and the dataset are set to that epoch,
+    as fairseq sets them. fairseq's own call for epoch 1, a cached iterator and an iterator built
+    anew each epoch go through unchanged."""
+    signature = inspect.signature(get_batch_iterator)
+
+    @functools.wraps(get_batch_iterator)
+    def wrapped(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        reused = (not a["disable_iterator_cache"] and not a["update_epoch_batch_itr"]
+                  and self.can_reuse_epoch_itr(a["dataset"])
+                  and not getattr(getattr(self, "cfg", None), "rebuild_batches", False))
+        epoch = a["epoch"]
+        if not reused or epoch <= 1 or a["dataset"] in self.dataset_to_epoch_iter:
+            return get_batch_iterator(*bound.args, **bound.kwargs)
+        a["epoch"] = 1
+        itr = get_batch_iterator(*bound.args, **bound.kwargs)
+        itr.epoch = epoch  # what EpochBatchIterator(epoch=epoch) sets; load_state_dict sets it again
+        a["dataset"].set_epoch(epoch)
+        return itr
+
+    return wrapped
+
+
 def _atomic_copy_path_manager(base: type) -> type:
     """A subclass of fairseq's ``PathManager`` whose ``copy`` to a local file is atomic."""
 
@@ -459,6 +496,8 @@ def install() -> None:
     )
     _ORIGINAL["Trainer.save_checkpoint"] = trainer.Trainer.save_checkpoint
     trainer.Trainer.save_checkpoint = _patience_saved(trainer.Trainer.save_checkpoint)
+    _ORIGINAL["FairseqTask.get_batch_iterator"] = FairseqTask.get_batch_iterator
+    FairseqTask.get_batch_iterator = _batches_as_at_epoch_one(FairseqTask.get_batch_iterator)
     _ORIGINAL["batch_by_size"] = data_utils.batch_by_size
     data_utils.batch_by_size = batch_by_size_keep_tail
     _ORIGINAL["LanguageModelingTask.eval_lm_dataloader"] = LanguageModelingTask.eval_lm_dataloader

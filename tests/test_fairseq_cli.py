@@ -167,6 +167,39 @@ def test_resume_repeats_the_uninterrupted_run(train_mt, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("kind", ["layer", "power"])
+def test_resume_at_an_epoch_boundary_repeats_the_uninterrupted_run(kind, fairseq_cli, tiny_mt_data, plugin_dir,
+                                                                   tmp_path):
+    """3 epochs straight == 2 epochs (``--max-epoch 2``), then the same command with
+    ``--max-epoch 3``: every logged training loss and every parameter and norm buffer (issue 40).
+
+    fairseq groups the sentences into batches once per process under ``seed + epoch`` of the epoch
+    it first builds the iterator at: the resumed run grouped them under ``seed + 3``, so its epoch
+    3 trained on other batches (compat item 10). Dropout 0.1, so the per-update seeds count too.
+    """
+    def train(save_dir, max_epoch):
+        proc = fairseq_cli(
+            "train", tiny_mt_data, "--user-dir", plugin_dir, *MT_TRAIN, "--max-tokens", "200",
+            "--dropout", "0.1", "--encoder-norm", kind, "--decoder-norm", kind,
+            "--max-epoch", max_epoch, "--save-dir", save_dir,
+        )
+        return train_inner(proc.stdout + proc.stderr)
+
+    straight = train(tmp_path / "straight", 3)
+    train(tmp_path / "resumed", 2)
+    resumed = train(tmp_path / "resumed", 3)
+    epoch_three = [u for u in straight if u > min(resumed) - 1]
+    assert sorted(resumed) == epoch_three and len(epoch_three) >= 5
+    for update in epoch_three:
+        keep = set(straight[update]) - TIMING_FIELDS
+        assert {k: resumed[update][k] for k in keep} == {k: straight[update][k] for k in keep}, update
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint_last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
 def test_early_stopping_counts_across_a_resume(fairseq_cli, tiny_mt_data, plugin_dir, tmp_path):
     """``--patience`` stops a resumed run at the epoch the uninterrupted run stops at.
 
