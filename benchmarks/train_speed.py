@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from powernorm_fairseq import synthetic
-from powernorm_fairseq.norms.vocabulary import NORM_BY_SHORT
+from powernorm_fairseq.presets import norm_config
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_write_json,
@@ -50,7 +50,7 @@ from powernorm_fairseq.pipeline.train import norm_flags
 SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_de_en"}
 # Norm of every normalization site (encoder and decoder) of the plugin's transformer_pn, by label:
 # LN, PN (the released code's variant, GroupScaling pre-scaling) and PN-paper (Algorithm 2).
-NORM_FLAGS = {NORM_BY_SHORT[short].short_label: norm_flags(NORM_BY_SHORT[short], ("encoder", "decoder"))
+NORM_FLAGS = {norm_config(short).short_label: norm_flags(norm_config(short), ("encoder", "decoder"))
               for short in ("ln", "pn", "pnpaper")}
 PN_NORMS = [n for n in NORM_FLAGS if n != "LN"]
 _TRAIN_INNER = re.compile(r"\| train_inner \| (\{.*\})\s*$")

@@ -3,6 +3,7 @@
 Usage::
 
     powernorm-hydra-train --config-name iwslt14_pn task.data=data-bin/iwslt14.tokenized.de-en
+    powernorm-hydra-train --config-name iwslt14 norm=pn task.data=...   # the same preset
     python -m powernorm_fairseq.hydra_train --config-name ptb_pn task.data=data-bin/ptb
 
 fairseq's own ``fairseq-hydra-train`` completes the composed config with each component's
@@ -17,17 +18,56 @@ installed wheel alike.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from powernorm_fairseq import presets
 
 
 def _with_config_dir(argv: list[str]) -> list[str]:
-    """``argv`` plus ``--config-dir <the package's presets>`` unless a config dir is given."""
-    given = any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "-cd="))
-                for a in argv)
-    if given:
-        return argv
-    return [argv[0], "--config-dir", str(presets.config_dir()), *argv[1:]]
+    """``argv`` with the presets hydra loads (:func:`presets.materialize`): ``--config-dir``
+    the composed presets of the given directory (a directory of presets in this project's layout,
+    ``base/`` and ``norm/``; any other is passed on as it is) or of the package's; and
+    ``--config-name <experiment> norm=<short>`` (``norm`` the config group, default
+    :data:`presets.DEFAULT_NORM`) as the preset ``<experiment>_<short>``."""
+    argv = list(argv)
+    given = None
+    for i, a in enumerate(argv):
+        if a in ("--config-dir", "-cd") and i + 1 < len(argv):
+            given, at = argv[i + 1], (i, i + 2)
+        elif a.startswith(("--config-dir=", "-cd=")):
+            given, at = a.split("=", 1)[1], (i, i + 1)
+    if given is not None:
+        if not ((Path(given) / "base").is_dir() and (Path(given) / "norm").is_dir()):
+            return argv  # the user's own presets
+        del argv[at[0]:at[1]]
+    directory = presets.config_dir(given)
+    argv = _norm_group(argv, directory)
+    return [argv[0], "--config-dir", str(presets.materialize(directory)), *argv[1:]]
+
+
+def _norm_group(argv: list[str], directory) -> list[str]:
+    """``--config-name <experiment>`` with ``norm=<short>`` (or none: the default norm) as
+    ``--config-name <experiment>_<short>``; a preset name is left as it is."""
+    for i, a in enumerate(argv):
+        if a in ("--config-name", "-cn") and i + 1 < len(argv):
+            at, name = i + 1, argv[i + 1]
+        elif a.startswith(("--config-name=", "-cn=")):
+            at, name = None, a.split("=", 1)[1]
+        else:
+            continue
+        if name not in presets.experiments(directory):
+            return argv
+        chosen = [x for x in argv if x.startswith("norm=")]
+        norm = chosen[-1].split("=", 1)[1] if chosen else presets.DEFAULT_NORM
+        presets.norm_config(norm, directory)  # an unknown norm: one line naming the choices
+        out = [x for x in argv if not x.startswith("norm=")]
+        index = out.index(a)
+        if at is None:
+            out[index] = f"--config-name={name}_{norm}"
+        else:
+            out[index + 1] = f"{name}_{norm}"
+        return out
+    return argv
 
 
 def check_config(cfg) -> None:

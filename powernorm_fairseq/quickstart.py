@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from powernorm_fairseq.norms.vocabulary import NORM_SPECS
 from powernorm_fairseq.pipeline import prepare, runner
+from powernorm_fairseq.presets import norm_configs
 from powernorm_fairseq.pipeline.common import Steps, atomic_write_json, atomic_write_text, log
 
-NORM_NAMES = {s.short: s.short_label for s in NORM_SPECS}
-# --all-norms: every family once, PN in its reference variant (the paper's Table 1 rows)
-ALL_NORMS = [s.short for s in NORM_SPECS if s.variant != "paper"]
+# --all-norms: the paper's Table 1 rows (configs/norm/), PN in its reference variant
+ALL_NORMS = ["ln", "bn", "pnv", "pn"]
 
 # Sizes: the default reaches ~74 BLEU in 588 updates (~2 minutes of training per norm on one busy
 # CPU thread, ~5 minutes for LN + PN in all); --tiny is a smoke test (BLEU near 0, ~1 minute).
@@ -93,7 +92,7 @@ def run_norm(norm: str, args, size: dict, data_dir: Path) -> dict:
     run_dir = Path(args.out) / "runs" / norm
     save_dir = run_dir / "checkpoints"
     steps = Steps(run_dir)
-    label = NORM_NAMES[norm]
+    label = norm_configs()[norm].short_label
 
     def do_train():
         t0 = time.time()
@@ -131,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quickstart_out", help="output directory (default quickstart_out/)")
     p.add_argument("--tiny", action="store_true", help="a smoke-test size (~1 minute in all)")
     p.add_argument("--all-norms", action="store_true", help="also BN and PN-V")
-    p.add_argument("--norms", nargs="+", choices=list(NORM_NAMES), help="explicit list of norms")
+    p.add_argument("--norms", nargs="+", choices=list(norm_configs()), help="explicit list of norms (configs/norm/)")
     p.add_argument("--arch", default="transformer_pn_tiny", help="model architecture (2+2 layers, d 64)")
     p.add_argument("--seed", type=int, default=1, help="corpus and training seed")
     p.add_argument("--train-pairs", type=int, help="synthetic training pairs (default 4000; tiny 600)")

@@ -29,7 +29,7 @@ from fairseq.models.transformer.transformer_config import (  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 import powernorm_fairseq.models  # noqa: E402, F401  (registers the models, applies compat)
-from powernorm_fairseq import compat  # noqa: E402
+from powernorm_fairseq import compat, presets  # noqa: E402
 from powernorm_fairseq.models.pn_config import TransformerPNConfig  # noqa: E402
 from powernorm_fairseq.norms import NORM_CHOICES, NORM_REGISTRY  # noqa: E402
 
@@ -513,7 +513,8 @@ def _model_options(name: str) -> set[str]:
     return {a.dest for a in parser._actions}
 
 
-PRESETS = sorted(CONFIGS.glob("*.yaml"))
+# every preset, as the overlay hydra loads (configs/: a base and a norm configuration each)
+PRESETS = [presets.preset_path(name) for name in presets.preset_names()]
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])

@@ -9,6 +9,7 @@ made on purpose is listed in :data:`INTENDED` (and the snapshot left alone).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -59,8 +60,10 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if (a == b and type(a) is type(b)) else [f"{prefix[:-1]}: {a!r} != {b!r}"]
 
 
-def test_every_preset_of_the_snapshot_exists_and_no_other():
-    assert presets.preset_names() == sorted(EXPECTED)
+def test_every_preset_of_the_snapshot_exists():
+    """The snapshot's presets keep their names; a norm configuration added since (configs/norm/)
+    adds a preset to every experiment, checked by the tests below, not by the snapshot."""
+    assert set(EXPECTED) <= set(presets.preset_names())
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -77,19 +80,59 @@ def test_diff_sees_a_changed_value_and_type():
 
 
 def test_presets_are_a_base_plus_a_small_overlay():
-    """One fact, one place: each preset names one base and adds at most a few lines of its norm."""
-    for path in sorted(CONFIGS.glob("*.yaml")):
-        cfg = yaml.safe_load(path.read_text())
-        experiment = path.stem.rsplit("_", 1)[0]
-        assert cfg["defaults"] == ["_self_", f"base/{experiment}"], path.name
-        assert set(cfg) <= {"defaults", "model"}, f"{path.name}: only model keys belong to a norm"
-        assert len(cfg["model"]) <= 8, f"{path.name}: a norm's overlay is a few model keys"
+    """One fact, one place: each preset is one base plus its norm's few lines (configs/norm/, the
+    same file for every experiment) and, for some experiments, a few lines of their own
+    (configs/specific/); the overlay hydra loads is written from them, never by hand."""
+    for name in presets.preset_names():
+        experiment, norm = presets.split_preset(name)
+        cfg = yaml.safe_load(presets.preset_path(name).read_text())
+        assert cfg == presets.overlay(experiment, norm), name
+        assert cfg["defaults"] == ["_self_", f"base/{experiment}"], name
+        assert set(cfg) <= {"defaults", "model"}, f"{name}: only model keys belong to a norm"
+        assert len(cfg["model"]) <= 8, f"{name}: a norm's overlay is a few model keys"
         # the base comes after _self_ (configs/README.md), so it would win over a key it restates
-        composed = presets.compose(path.stem)
+        composed = presets.compose(name)
         shadowed = {k: composed.model[k] for k, v in cfg["model"].items() if composed.model[k] != v}
-        assert not shadowed, f"{path.name}: the base overrides the overlay's {shadowed}"
+        assert not shadowed, f"{name}: the base overrides the overlay's {shadowed}"
+    for path in sorted((CONFIGS / "norm").glob("*.yaml")):
+        assert len(path.read_text().splitlines()) <= 10, f"{path.name}: a norm configuration is a small file"
+    assert not list(CONFIGS.glob("*_*.yaml")), "presets are composed, not written per experiment and norm"
     lines = sum(len(p.read_text().splitlines()) for p in CONFIGS.rglob("*.yaml"))
     assert lines < 1739 / 2, f"configs/ holds {lines} lines"
+
+
+def test_the_norm_group_names_a_preset_and_an_unknown_norm_is_refused(tmp_path):
+    """``--config-name <experiment> norm=<short>`` is the preset ``<experiment>_<short>``; no
+    ``norm=`` is LN's; a preset name and another ``--config-dir`` pass as they are."""
+    from powernorm_fairseq.hydra_train import _with_config_dir
+
+    cached = str(presets.materialize())
+    assert _with_config_dir(["t", "--config-name", "multi30k", "norm=pnpaper", "task.data=d"]) == [
+        "t", "--config-dir", cached, "--config-name", "multi30k_pnpaper", "task.data=d"]
+    assert _with_config_dir(["t", "--config-name=ptb_cpu_tensorized"])[-1] == "--config-name=ptb_cpu_tensorized_ln"
+    assert _with_config_dir(["t", "--config-name", "ptb_cpu_pn"])[-2:] == ["--config-name", "ptb_cpu_pn"]
+    assert _with_config_dir(["t", "--config-dir", str(CONFIGS), "-cn", "multi30k_bn"]) == [
+        "t", "--config-dir", cached, "-cn", "multi30k_bn"]
+    assert _with_config_dir(["t", "--config-dir", str(tmp_path), "-cn", "x"]) == [
+        "t", "--config-dir", str(tmp_path), "-cn", "x"]
+    with pytest.raises(SystemExit, match="unknown norm 'nope'.*choose one of"):
+        _with_config_dir(["t", "--config-name", "multi30k", "norm=nope"])
+
+
+def test_a_norm_configuration_is_one_file_for_every_experiment(tmp_path):
+    """A new file in configs/norm/ makes a preset of every experiment, its norm at the side the
+    experiment compares norms on (the encoder of a translation model, the decoder of an LM)."""
+    directory = tmp_path / "configs"
+    shutil.copytree(CONFIGS, directory, symlinks=True)
+    (directory / "norm" / "mine.yaml").write_text(
+        "norm: power_v\nlabel: Mine\nshort_label: M\nmodel:\n  bn_momentum: 0.2\n")
+    names = presets.preset_names(directory)
+    assert {f"{e}_mine" for e in presets.experiments(directory)} <= set(names)
+    mt, lm = presets.compose("multi30k_mine", directory=directory), presets.compose("ptb_cpu_mine", directory=directory)
+    assert mt.model.encoder_norm == "power_v" and mt.model.decoder_norm == "layer" and mt.model.bn_momentum == 0.2
+    assert lm.model.decoder_norm == "power_v" and "encoder_norm" not in lm.model
+    assert presets.norm_config("mine", directory).flags("encoder") == [
+        "--encoder-norm", "power_v", "--bn-momentum", "0.2"]
 
 
 def test_package_data_is_the_checkout_configs():

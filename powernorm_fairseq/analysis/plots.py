@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from powernorm_fairseq.norms.vocabulary import NORM_SPECS
+from powernorm_fairseq.presets import ordered_norm_configs
 
 __all__ = [
     "BACKWARD_COLUMN",
@@ -39,8 +39,8 @@ __all__ = [
 # label of a registry name (what the statistics and sweep records name a norm by), in the paper's
 # order; PN's variants share the name ``power``, which takes the label of the first (``PN``)
 NORM_LABELS: dict[str, str] = {}
-for _spec in NORM_SPECS:
-    NORM_LABELS.setdefault(_spec.name, _spec.short_label)
+for _spec in ordered_norm_configs():
+    NORM_LABELS.setdefault(_spec.norm, _spec.short_label)
 del _spec
 # Fig. 4 compares each norm's own statistic: sigma^2 for BN (and LN's shadow), psi^2 for PN-V/PN.
 FORWARD_COLUMN = {"layer": "var_dist", "batch": "var_dist", "power_v": "psi2_dist", "power": "psi2_dist"}

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from powernorm_fairseq.norms.vocabulary import NORM_SPECS
 from powernorm_fairseq.pipeline import runner
+from powernorm_fairseq.presets import ordered_norm_configs
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_write_json,
@@ -39,10 +39,10 @@ from powernorm_fairseq.pipeline.common import (
 __all__ = ["NORM_ALIASES", "SweepPoint", "parse_bleu", "plan", "run_sweep", "sweep_table"]
 
 # A point names its norm by the registry name (its records' ``norm``). PN's variants share the
-# name ``power``: the sweep compares the first of them in the vocabulary (``pn``, the reference).
+# name ``power``: the sweep compares the first of them (``pn``, the reference; configs/norm/).
 _BY_NAME: dict = {}
-for _spec in NORM_SPECS:
-    _BY_NAME.setdefault(_spec.name, _spec)
+for _spec in ordered_norm_configs():
+    _BY_NAME.setdefault(_spec.norm, _spec)
 del _spec
 #: short names of the pipeline (train.py) for the registry names, and the short names themselves
 NORM_ALIASES = {**{name: s.short for name, s in _BY_NAME.items()},

@@ -32,10 +32,14 @@ from fairseq.models.transformer.transformer_config import (
     TransformerConfig,
 )
 
-from powernorm_fairseq.norms import NORM_CHOICES, POWER_VARIANTS, defaults
+from powernorm_fairseq.norms import defaults, norm_class, norm_names, norm_variants
 
-NORM_CHOICE_ENUM = ChoiceEnum(list(NORM_CHOICES))
-PN_VARIANT_CHOICES = tuple(POWER_VARIANTS)
+# The norm options take any registered name (a norm registered after this module was imported,
+# by a user's --user-dir, included): their type is str, argparse's choices are the registry as
+# it stands when the command line is parsed (add_range_checks), and the model checks the name
+# again at build (modules.norm_factory.site_norm_name) for hydra, which skips argparse.
+NORM_CHOICE_ENUM = str
+PN_VARIANT_CHOICES = norm_variants("power")
 PN_VARIANT_ENUM = ChoiceEnum(list(PN_VARIANT_CHOICES))
 PAD_INPUT_CHOICES = ("zero", "embedding")
 PAD_INPUT_ENUM = ChoiceEnum(list(PAD_INPUT_CHOICES))
@@ -48,9 +52,11 @@ def _norm_field(side: str) -> Any:
     return field(
         default="layer",
         metadata={
-            "help": f"normalization of every {side} norm site, one of {', '.join(NORM_CHOICES)}: "
+            "help": f"normalization of every {side} norm site, a registered norm "
+            f"(powernorm_fairseq.norms.norm_names(); here: {', '.join(norm_names())}): "
             "layer = LayerNorm, batch = masked BatchNorm, power_v = PN-V (quadratic mean of the "
-            "batch), power = PowerNorm (running quadratic mean, approximate backward)"
+            "batch), power = PowerNorm (running quadratic mean, approximate backward); "
+            "docs/norms.md lists every one"
         },
     )
 
@@ -136,8 +142,9 @@ class PowerNormOptions(FairseqDataclass):
     pn_group_num: int = field(
         default=defaults.GROUP_NUM_AUTO,
         metadata={
-            "help": "groups of the per-token RMS pre-scaling (GroupScaling) before PowerNorm; "
-            "-1 = the number of attention heads for --pn-variant reference, 0 (none) for paper"
+            "help": "groups of the per-token RMS pre-scaling (GroupScaling) before PowerNorm, PN-V "
+            "and group_rms; -1 = the norm's default (the attention heads for --pn-variant reference "
+            "and group_rms, none for paper and power_v), -2 = the attention heads, 0 = none"
         },
     )
     bn_momentum: float = field(
@@ -194,9 +201,9 @@ _RANGES = {
     "pn_warmup_updates": (int, lambda v: v >= 0, "an integer >= 0"),
     "pn_final_warmup_updates": (int, lambda v: v >= -1,
                                 "an integer >= 0, or -1 (= --pn-warmup-updates)"),
-    "pn_group_num": (int, lambda v: v >= -1,
-                     "an integer >= 0 (0 = no GroupScaling), or -1 (= the attention heads for "
-                     "--pn-variant reference, 0 for paper)"),
+    "pn_group_num": (int, lambda v: v >= -2,
+                     "an integer >= 0 (0 = no GroupScaling), -1 (the norm's default: the attention "
+                     "heads for --pn-variant reference, 0 for paper and PN-V) or -2 (the attention heads)"),
     "bn_momentum": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 
@@ -223,11 +230,31 @@ def _range_type(name: str):
     return parse
 
 
+class _RegisteredNorms:
+    """argparse ``choices`` of the norm options: the norms registered when the line is parsed."""
+
+    def __contains__(self, name) -> bool:
+        return name in norm_names()
+
+    def __iter__(self):
+        return iter(norm_names())
+
+
+def _norm_dests() -> set[str]:
+    from powernorm_fairseq.modules.norm_factory import SITES
+
+    return {f"{side}_{site}norm" for side, sites in SITES.items() for site in ("", *(f"{s}_" for s in sites))}
+
+
 def add_range_checks(parser) -> None:
-    """Make the numeric norm options of ``parser`` fail at argument parsing when out of range."""
+    """Make the numeric norm options of ``parser`` fail at argument parsing when out of range,
+    and the norm options when they name no registered norm (listing the registered ones)."""
+    norm_dests = _norm_dests()
     for action in parser._actions:
         if action.dest in _RANGES:
             action.type = _range_type(action.dest)
+        elif action.dest in norm_dests:
+            action.choices = _RegisteredNorms()
 
 
 def check_norm_options(cfg, sides: dict) -> None:
@@ -254,7 +281,7 @@ def check_norm_options(cfg, sides: dict) -> None:
     if groups <= 0:
         return
     for side, names in sides.items():
-        uses_power = any(str(getattr(cfg, f"{side}_{n}", None)) == "power" for n in names)
+        uses_power = any(_takes_groups(getattr(cfg, f"{side}_{n}", None)) for n in names)
         dim = getattr(cfg, f"{side}_embed_dim", None)
         if uses_power and dim and int(dim) % groups:
             raise OptionError(
@@ -264,6 +291,13 @@ def check_norm_options(cfg, sides: dict) -> None:
 
 
 _SUBCONFIGS = {EncDecBaseConfig: PNEncoderConfig, DecoderConfig: PNDecoderConfig}
+
+
+def _takes_groups(name) -> bool:
+    """Whether the norm ``name`` splits the channels into groups (takes ``group_num``)."""
+    from powernorm_fairseq.norms.registry import accepted_kwargs
+
+    return str(name) in norm_names() and "group_num" in accepted_kwargs(norm_class(str(name)))
 
 
 @dataclass

@@ -61,7 +61,8 @@ class TransformerLMPNConfig(
     decoder_norm: NORM_CHOICE_ENUM = field(
         default="layer",
         metadata={
-            "help": "normalization of every decoder norm site: layer, batch, power_v or power"
+            "help": "normalization of every decoder norm site, a registered norm (layer, batch, "
+            "power_v, power, ...: powernorm_fairseq.norms.norm_names(), docs/norms.md)"
         },
     )
     decoder_self_attn_norm: Optional[NORM_CHOICE_ENUM] = field(

@@ -1,7 +1,7 @@
 """fairseq layer and stack subclasses whose norms are built per site and receive the padding mask."""
 
 from .multilinear_attention import MultilinearAttention
-from .norm_factory import SITES, build_site_norm, norm_kwargs, site_norm_name
+from .norm_factory import SITES, build_site_norm, site_norm_name
 from .transformer_layer import TransformerPNDecoderLayer, TransformerPNEncoderLayer
 from .transformer_stack import TransformerPNDecoder, TransformerPNEncoder
 
@@ -13,6 +13,5 @@ __all__ = [
     "TransformerPNEncoder",
     "TransformerPNEncoderLayer",
     "build_site_norm",
-    "norm_kwargs",
     "site_norm_name",
 ]

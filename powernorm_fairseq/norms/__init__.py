@@ -6,107 +6,51 @@ Every layer is called as ``norm(x, padding_mask=None)`` with ``x: (T, B, C)`` (o
     >>> from powernorm_fairseq.norms import build_norm
     >>> norm = build_norm("power", 512, variant="reference", group_num=4)
 
-This package never imports fairseq.
+Every norm is one module of this package that registers its class with
+:func:`~powernorm_fairseq.norms.registry.register_norm`; importing the package imports each
+module (the paper's norms first, then any other, as fairseq imports its models), so a new norm
+is one module and its one registration. This package never imports fairseq.
 """
 
 from __future__ import annotations
 
-import inspect
+import importlib
+import pkgutil
 
 from . import defaults
 from .base import MaskedNorm
+
+# the paper's norms, registered in the paper's order; every other module after them
+from .layer_norm import LayerNorm  # noqa: I001
 from .batch_norm import MaskedBatchNorm
-from .layer_norm import LayerNorm
-from .power_norm import POWER_VARIANTS, PowerNormPaper, PowerNormReference, PowerNormV
-from .vocabulary import NORM_BY_SHORT, NORM_SHORTS, NORM_SPECS, NormSpec, norm_spec
+from .power_norm import PowerNormPaper, PowerNormReference, PowerNormV
+from .registry import (
+    build_norm,
+    build_norm_from_options,
+    norm_class,
+    norm_configs,
+    norm_family,
+    norm_names,
+    norm_variants,
+    register_norm,
+)
 
-#: name -> class, one entry per norm class (timm's ``_NORM_MAP``).
-_NORM_MAP: dict[str, type[MaskedNorm]] = {
-    "layer": LayerNorm,
-    "batch": MaskedBatchNorm,
-    "power_v": PowerNormV,
-    "power_paper": PowerNormPaper,
-    "power_reference": PowerNormReference,
-}
-#: alias -> (the keyword that selects the class, its default, {value: name in ``_NORM_MAP``}).
-_NORM_ALIASES: dict[str, tuple[str, str, dict[str, str]]] = {
-    "power": ("variant", defaults.PN_VARIANT,
-              {variant: f"power_{variant}" for variant in POWER_VARIANTS}),
-}
-#: The families: the names of ``--encoder-norm`` / ``--decoder-norm`` and of the norm vocabulary.
+# not norms (helpers of the norm modules) and the modules imported above
+_NOT_NORMS = {"autograd", "base", "defaults", "distributed", "functional", "fused", "registry"}
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name not in _NOT_NORMS:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+#: The paper's four families: the names of its tables, in its order (every registered name:
+#: :func:`norm_names`).
 NORM_CHOICES = ("layer", "batch", "power_v", "power")
-#: family -> the class ``build_norm(name, C)`` builds (for the alias ``power``: the default
-#: variant's; ``variant=`` selects the other, see :data:`POWER_VARIANTS`).
-NORM_REGISTRY: dict[str, type[MaskedNorm]] = {
-    name: _NORM_MAP[_NORM_ALIASES[name][2][_NORM_ALIASES[name][1]]]
-    if name in _NORM_ALIASES else _NORM_MAP[name]
-    for name in NORM_CHOICES
-}
-
-#: class -> family, for :func:`norm_family`
-_FAMILY_OF: dict[type, str] = {
-    _NORM_MAP[target]: alias for alias, (_, _, targets) in _NORM_ALIASES.items()
-    for target in targets.values()
-}
-_FAMILY_OF.update((cls, name) for name, cls in _NORM_MAP.items() if name in NORM_CHOICES)
-
-
-def _accepted_kwargs(cls) -> list[str]:
-    params = list(inspect.signature(cls.__init__).parameters.values())[2:]
-    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _resolve(name: str, kwargs: dict) -> tuple[type[MaskedNorm], str]:
-    """The class of ``name`` (popping an alias's selecting keyword from ``kwargs``) and how
-    error messages call it."""
-    if name in _NORM_ALIASES:
-        key, default, targets = _NORM_ALIASES[name]
-        value = kwargs.pop(key, default)
-        if value not in targets:
-            raise ValueError(f"unknown PowerNorm {key} {value!r}; choose one of {sorted(targets)}")
-        return _NORM_MAP[targets[value]], f"{name} ({key}={value!r})"
-    if name not in _NORM_MAP:
-        raise ValueError(f"unknown norm {name!r}; choose one of {list(NORM_CHOICES)} "
-                         f"(or a class name: {list(_NORM_MAP)})")
-    return _NORM_MAP[name], repr(name)
-
-
-def build_norm(name: str, num_features: int, **kwargs) -> MaskedNorm:
-    """Build the norm registered as ``name`` over ``num_features`` channels.
-
-    Args:
-        name: a family of :data:`NORM_CHOICES` (``"layer"``, ``"batch"``, ``"power_v"``,
-            ``"power"``), or a class name of ``_NORM_MAP`` (``"power_paper"``,
-            ``"power_reference"``). ``"power"`` is an alias: ``variant`` (default
-            ``"paper"``, :data:`~powernorm_fairseq.norms.defaults.PN_VARIANT`) selects the class.
-        num_features: number of channels ``C``.
-        **kwargs: options of that class.
-
-    Raises:
-        ValueError: unknown ``name``, ``variant`` or keyword for that class, or invalid values.
-    """
-    kwargs = dict(kwargs)
-    cls, label = _resolve(name, kwargs)
-    accepted = _accepted_kwargs(cls)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for norm {label}; accepted: {accepted}")
-    return cls(num_features, **kwargs)
-
-
-def norm_family(module) -> str | None:
-    """The family (:data:`NORM_CHOICES`) of a norm module or class, or None if it is none of
-    ours (``"power"`` for both PN variants)."""
-    cls = module if isinstance(module, type) else type(module)
-    return next((_FAMILY_OF[base] for base in cls.__mro__ if base in _FAMILY_OF), None)
-
+#: family -> the class ``build_norm(name, C)`` builds, for the paper's families (for ``power``
+#: the default variant's; ``variant=`` selects the other, :func:`norm_variants`).
+NORM_REGISTRY: dict[str, type[MaskedNorm]] = {name: norm_class(name) for name in NORM_CHOICES}
+#: ``variant`` -> class of the ``"power"`` norm
+POWER_VARIANTS = {variant: norm_class("power", variant) for variant in norm_variants("power")}
 
 __all__ = [
-    "NORM_BY_SHORT",
-    "NORM_SHORTS",
-    "NORM_SPECS",
-    "NormSpec",
-    "norm_spec",
     "NORM_CHOICES",
     "NORM_REGISTRY",
     "POWER_VARIANTS",
@@ -117,6 +61,12 @@ __all__ = [
     "PowerNormReference",
     "PowerNormV",
     "build_norm",
+    "build_norm_from_options",
     "defaults",
+    "norm_class",
+    "norm_configs",
     "norm_family",
+    "norm_names",
+    "norm_variants",
+    "register_norm",
 ]

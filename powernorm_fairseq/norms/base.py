@@ -17,9 +17,20 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .defaults import EPS
+from .defaults import EPS, GROUP_NUM_AUTO, GROUP_NUM_HEADS
 from .distributed import sync_enabled
 from .functional import keep_vector
+
+
+def group_num_option(options, num_heads: int, auto: int) -> int | None:
+    """GroupScaling groups from ``options.pn_group_num``: ``-1`` (:data:`~.defaults.GROUP_NUM_AUTO`)
+    = ``auto``, the norm's own default; ``-2`` (:data:`~.defaults.GROUP_NUM_HEADS`) = the
+    attention heads ``num_heads``; ``N >= 0`` = N groups (0 = none). None when unset."""
+    value = getattr(options, "pn_group_num", None)
+    if value is None:
+        return None
+    value = int(value)
+    return {GROUP_NUM_AUTO: auto, GROUP_NUM_HEADS: num_heads}.get(value, value)
 
 
 class MaskedNorm(nn.Module):
@@ -30,6 +41,8 @@ class MaskedNorm(nn.Module):
         eps: added to the variance-like statistic before the square root. Default: 1e-5.
         affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0); when False both
             are registered as None. Default: True.
+        bias: with ``affine``, learn the ``bias`` too (False: ``weight`` only, the bias registered
+            as None), as ``torch.nn.LayerNorm``'s ``bias``. Default: True.
         sync_stats: all-reduce the batch statistics over ``process_group`` when
             ``torch.distributed`` is initialized with more than one rank. Default: False.
         process_group: group for ``sync_stats`` (None = world).
@@ -56,7 +69,8 @@ class MaskedNorm(nn.Module):
     _max_snapshots = 8
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True,
-                 sync_stats: bool = False, process_group=None, device=None, dtype=None):
+                 sync_stats: bool = False, process_group=None, device=None, dtype=None,
+                 bias: bool = True):
         super().__init__()
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -68,12 +82,9 @@ class MaskedNorm(nn.Module):
         self.sync_stats = sync_stats
         self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        self.register_parameter("weight", nn.Parameter(torch.empty(num_features, **factory)) if affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.empty(num_features, **factory))
+                                if affine and bias else None)
         self._snapshots: collections.deque = collections.deque(maxlen=self._max_snapshots)
 
     def _apply(self, fn, recurse=True):
@@ -100,12 +111,33 @@ class MaskedNorm(nn.Module):
     def reset_parameters(self) -> None:
         """Reset running buffers, ``weight`` to 1 and ``bias`` to 0."""
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def set_num_updates(self, num_updates: int) -> None:
         """Told by fairseq the number of optimizer updates done; no-op unless overridden."""
+
+    @classmethod
+    def from_options(cls, options, *, num_heads: int = 1, final: bool = False) -> dict:
+        """The keyword arguments of this norm from an options object (fairseq's model config: the
+        ``--bn-*`` / ``--pn-*`` / ``--norm-*`` flags as attributes; a missing attribute leaves the
+        keyword at the class's default). Each norm reads the options it takes, so nothing outside
+        its module has a branch per norm (:func:`~.registry.build_norm_from_options`).
+
+        Args:
+            options: the options, as attributes.
+            num_heads: attention heads of the side (the default GroupScaling groups).
+            final: the norm is an encoder/decoder output norm.
+
+        Default: ``sync_stats`` from ``norm_sync_stats`` where the class takes it, nothing else.
+        """
+        from .registry import accepted_kwargs
+
+        if "sync_stats" in accepted_kwargs(cls) and getattr(options, "norm_sync_stats", None) is not None:
+            return {"sync_stats": bool(options.norm_sync_stats)}
+        return {}
 
     def eval_affine(self) -> tuple[Tensor, Tensor] | None:
         """Per-channel ``(scale, shift)``, each ``(C,)``, of the eval-mode map, or None if none."""
@@ -140,13 +172,14 @@ class MaskedNorm(nn.Module):
         return f"{self.num_features}, eps={self.eps}, affine={self.affine}, sync_stats={self.sync_stats}"
 
     def _affine_or_identity(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``(weight, bias)`` as ``(C,)`` tensors of ``dtype``, ones/zeros when not affine."""
-        if self.weight is None:
-            ref = next(iter(self.buffers()), None)
-            device = ref.device if ref is not None else None
-            return (torch.ones(self.num_features, dtype=dtype, device=device),
-                    torch.zeros(self.num_features, dtype=dtype, device=device))
-        return self.weight.to(dtype), self.bias.to(dtype)
+        """``(weight, bias)`` as ``(C,)`` tensors of ``dtype``, ones/zeros where not learned."""
+        ref = next(iter([*self.parameters(), *self.buffers()]), None)
+        device = ref.device if ref is not None else None
+        weight = (torch.ones(self.num_features, dtype=dtype, device=device) if self.weight is None
+                  else self.weight.to(dtype))
+        bias = (torch.zeros(self.num_features, dtype=dtype, device=device) if self.bias is None
+                else self.bias.to(dtype))
+        return weight, bias
 
     def _check_input(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
         """Validate shapes (host-side metadata only) and return a bool mask or None."""

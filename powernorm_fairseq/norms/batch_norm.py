@@ -9,8 +9,10 @@ from .autograd import PRESCALE_EPS, BatchStatNormFunction
 from .base import MaskedNorm
 from .defaults import BN_PAD_STATISTICS, EPS, MOMENTUM, PAD_STATISTICS
 from .functional import group_rms_scale
+from .registry import register_norm
 
 
+@register_norm("batch")
 class MaskedBatchNorm(MaskedNorm):
     r"""Batch normalization over the real (non-pad) tokens of a ``(T, B, C)`` batch.
 
@@ -80,6 +82,17 @@ class MaskedBatchNorm(MaskedNorm):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.reset_parameters()
+
+    @classmethod
+    def from_options(cls, options, *, num_heads: int = 1, final: bool = False) -> dict:
+        """``momentum`` (``bn_momentum``), ``prescale`` (``bn_prescale``), ``pad_statistics``
+        (``bn_pad_statistics``), ``sync_stats`` (``norm_sync_stats``)."""
+        kwargs = super().from_options(options, num_heads=num_heads, final=final)
+        for key, option, kind in (("momentum", "bn_momentum", float), ("prescale", "bn_prescale", bool),
+                                  ("pad_statistics", "bn_pad_statistics", str)):
+            if getattr(options, option, None) is not None:
+                kwargs[key] = kind(getattr(options, option))
+        return kwargs
 
     def prescale_groups(self) -> int:
         return 1 if self.prescale else 0

@@ -42,5 +42,8 @@ FAIRSEQ_BN_MOMENTUM = 0.05
 #: ``--pn-group-num`` sentinel: the attention heads for the reference variant (as the released
 #: transformer builds it), the paper variant's :data:`PAPER_GROUP_NUM` for the paper variant
 GROUP_NUM_AUTO = -1
+#: ``--pn-group-num`` sentinel: the attention heads, for any norm that takes GroupScaling groups
+#: (PN-V, both PN variants, GroupScaling alone)
+GROUP_NUM_HEADS = -2
 #: ``--pn-final-warmup-updates`` sentinel: the same as ``--pn-warmup-updates``
 FINAL_WARMUP_INHERIT = -1

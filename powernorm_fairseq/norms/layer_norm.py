@@ -7,8 +7,10 @@ from torch import Tensor
 
 from .base import MaskedNorm
 from .defaults import EPS
+from .registry import register_norm
 
 
+@register_norm("layer")
 class LayerNorm(MaskedNorm):
     r"""Layer normalization over the channel dimension (per token; padding needs no masking).
 
@@ -24,6 +26,7 @@ class LayerNorm(MaskedNorm):
         num_features: ``C``.
         eps: Default: 1e-5.
         affine: learn ``weight`` (init 1) and ``bias`` (init 0). Default: True.
+        bias: with ``affine``, learn ``bias`` too (False: weight only). Default: True.
         device, dtype: of the parameters.
 
     Shape:
@@ -39,9 +42,9 @@ class LayerNorm(MaskedNorm):
     stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True, device=None,
-                 dtype=None):
+                 dtype=None, bias: bool = True):
         # no sync_stats / process_group: LN has no batch statistics to synchronize
-        super().__init__(num_features, eps, affine, device=device, dtype=dtype)
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias)
         self.reset_parameters()
 
     def extra_repr(self) -> str:

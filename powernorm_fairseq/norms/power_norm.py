@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
+# PN-V first: the registry keeps the paper's order (power_v, then power)
+from .power_norm_v import PowerNormV  # noqa: I001
 from .power_norm_paper import PowerNormPaper
 from .power_norm_reference import PowerNormReference
-from .power_norm_v import PowerNormV
 
-#: ``variant`` -> class of the ``"power"`` alias of :func:`~powernorm_fairseq.norms.build_norm`.
-POWER_VARIANTS = {"paper": PowerNormPaper, "reference": PowerNormReference}
-
-__all__ = ["POWER_VARIANTS", "PowerNormPaper", "PowerNormReference", "PowerNormV"]
+__all__ = ["PowerNormPaper", "PowerNormReference", "PowerNormV"]

@@ -19,7 +19,7 @@ from .autograd import (
     check_group_num,
     update_nu_,
 )
-from .base import MaskedNorm
+from .base import MaskedNorm, group_num_option
 from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, PAPER_GROUP_NUM, SAFEGUARD, WARMUP_UPDATES
 from .distributed import maybe_all_reduce
 from .functional import (
@@ -30,6 +30,25 @@ from .functional import (
     token_count,
     zero_pads_,
 )
+from .registry import register_norm
+
+
+def power_options(options, num_heads: int, final: bool, auto_groups: int) -> dict:
+    """The PowerNorm keywords both variants read: ``alpha_fwd`` / ``alpha_bkw``
+    (``pn_alpha_fwd`` / ``pn_alpha_bkw``), ``warmup_updates`` (``pn_warmup_updates``, or
+    ``pn_final_warmup_updates`` >= 0 at an output norm), ``group_num`` (``pn_group_num``; -1 =
+    ``auto_groups``, -2 = the heads)."""
+    kwargs = {}
+    for key, option, kind in (("alpha_fwd", "pn_alpha_fwd", float), ("alpha_bkw", "pn_alpha_bkw", float),
+                              ("warmup_updates", "pn_warmup_updates", int)):
+        if getattr(options, option, None) is not None:
+            kwargs[key] = kind(getattr(options, option))
+    final_warmup = getattr(options, "pn_final_warmup_updates", None)
+    if final and final_warmup is not None and int(final_warmup) >= 0:
+        kwargs["warmup_updates"] = int(final_warmup)
+    if (groups := group_num_option(options, num_heads, auto_groups)) is not None:
+        kwargs["group_num"] = groups
+    return kwargs
 
 
 class RunningPowerFunction(torch.autograd.Function):
@@ -102,6 +121,7 @@ class RunningPowerFunction(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
+@register_norm("power", variant="paper", default=True, variant_option="pn_variant")
 class PowerNormPaper(MaskedNorm):
     r"""PN as in Algorithm 2 of the paper (``variant="paper"``), per channel.
 
@@ -185,6 +205,12 @@ class PowerNormPaper(MaskedNorm):
         # host copy of num_updates: choosing warmup vs PN must not sync with the device
         self._num_updates_host = 0
         self.reset_parameters()
+
+    @classmethod
+    def from_options(cls, options, *, num_heads: int = 1, final: bool = False) -> dict:
+        """:func:`power_options` (no GroupScaling unless ``pn_group_num`` asks) and ``sync_stats``."""
+        return {**super().from_options(options, num_heads=num_heads, final=final),
+                **power_options(options, num_heads, final, auto_groups=PAPER_GROUP_NUM)}
 
     def prescale_groups(self) -> int:
         return self.group_num

@@ -19,6 +19,8 @@ from .base import MaskedNorm
 from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, REFERENCE_GROUP_NUM, WARMUP_UPDATES
 from .distributed import maybe_all_reduce
 from .functional import column_sum, group_rms_scale, token_count, zero_pads_
+from .power_norm_paper import power_options
+from .registry import register_norm
 
 
 class ReferenceConfig(NamedTuple):
@@ -196,6 +198,7 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
                                           sum_sq_all, num_all, count)
 
 
+@register_norm("power", variant="reference")
 class PowerNormReference(MaskedNorm):
     r"""PN as in the released ``MaskPowerNorm`` (``variant="reference"``), number for number.
 
@@ -256,6 +259,9 @@ class PowerNormReference(MaskedNorm):
 
     check_every = 1000
     _host_state = ("_calls_since_check",)
+    #: D5, by design: ``ema_gz`` averages over every position, pads included, and the input
+    #: gradient's correction reaches them (the norm contract holds it to its outputs instead)
+    pads_enter_backward = True
 
     def __init__(self, num_features: int, eps: float = EPS, alpha_fwd: float = ALPHA_FWD,
                  alpha_bkw: float = ALPHA_BKW, warmup_updates: int = WARMUP_UPDATES,
@@ -278,6 +284,13 @@ class PowerNormReference(MaskedNorm):
         self._calls_since_check = 0
         self._warned = False
         self.reset_parameters()
+
+    @classmethod
+    def from_options(cls, options, *, num_heads: int = 1, final: bool = False) -> dict:
+        """:func:`~.power_norm_paper.power_options` (GroupScaling over the attention heads unless
+        ``pn_group_num`` says otherwise, as the released transformer builds it) and ``sync_stats``."""
+        return {**super().from_options(options, num_heads=num_heads, final=final),
+                **power_options(options, num_heads, final, auto_groups=num_heads)}
 
     def prescale_groups(self) -> int:
         return self.group_num

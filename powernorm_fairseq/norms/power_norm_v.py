@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .autograd import BatchStatNormFunction
-from .base import MaskedNorm
+from .autograd import PRESCALE_EPS, BatchStatNormFunction, check_group_num
+from .base import MaskedNorm, group_num_option
 from .defaults import EPS, MOMENTUM
+from .functional import group_rms_scale
+from .registry import register_norm
 
 
+@register_norm("power_v")
 class PowerNormV(MaskedNorm):
     r"""PN-V: divide by the per-channel quadratic mean of the batch (no centering).
 
@@ -24,10 +27,16 @@ class PowerNormV(MaskedNorm):
     ``psi^2 <- (1 - momentum) psi^2 + momentum psi_B^2`` (init 1; skipped for a batch without
     real tokens or with a non-finite statistic); eval uses ``y = gamma * x / sqrt(psi^2 + eps) + beta``.
 
+    With ``group_num > 0`` each token is first divided by its RMS over each of ``group_num``
+    channel groups (the released PN's GroupScaling,
+    :func:`~powernorm_fairseq.norms.functional.group_rms_scale`, eps 1e-5, also at eval): PN-V
+    with GroupScaling, the ``pnv_gs`` configuration.
+
     Args:
         num_features: ``C``.
         eps: Default: 1e-5.
         momentum: weight of the batch statistic in the running average. Default: 0.1.
+        group_num: GroupScaling groups before the statistic, 0 = off. Default: 0.
         affine, sync_stats, process_group, device, dtype: see
             :class:`~powernorm_fairseq.norms.base.MaskedNorm`.
 
@@ -43,14 +52,30 @@ class PowerNormV(MaskedNorm):
 
     def __init__(self, num_features: int, eps: float = EPS, momentum: float = MOMENTUM,
                  affine: bool = True, sync_stats: bool = False, process_group=None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, group_num: int = 0):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        check_group_num(num_features, group_num)
         self.momentum = momentum
+        self.group_num = group_num
         self.register_buffer("running_psi2",
                              torch.ones(num_features, device=device, dtype=dtype))
         self.reset_parameters()
+
+    @classmethod
+    def from_options(cls, options, *, num_heads: int = 1, final: bool = False) -> dict:
+        """``momentum`` (``bn_momentum``), ``group_num`` (``pn_group_num``; -1 = none, -2 = the
+        heads), ``sync_stats`` (``norm_sync_stats``)."""
+        kwargs = super().from_options(options, num_heads=num_heads, final=final)
+        if getattr(options, "bn_momentum", None) is not None:
+            kwargs["momentum"] = float(options.bn_momentum)
+        if (groups := group_num_option(options, num_heads, auto=0)) is not None:
+            kwargs["group_num"] = groups
+        return kwargs
+
+    def prescale_groups(self) -> int:
+        return self.group_num
 
     def reset_running_stats(self) -> None:
         self.running_psi2.fill_(1.0)
@@ -59,7 +84,8 @@ class PowerNormV(MaskedNorm):
         return {"psi2": self.running_psi2.detach()}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, momentum={self.momentum}"
+        return f"{super().extra_repr()}, momentum={self.momentum}" + (
+            f", group_num={self.group_num}" if self.group_num else "")
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[Tensor, Tensor]:
@@ -67,6 +93,8 @@ class PowerNormV(MaskedNorm):
         return weight * torch.rsqrt(self.running_psi2 + self.eps), bias.clone()
 
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        if self.group_num:
+            x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
         weight, bias = self._affine_or_identity(x2d.dtype)
         if not self.training:
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(

@@ -57,7 +57,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from powernorm_fairseq.norms.vocabulary import NORM_SHORTS
 from powernorm_fairseq.pipeline import runner
 from powernorm_fairseq.pipeline.common import (
     atomic_write_json,
@@ -68,7 +67,7 @@ from powernorm_fairseq.pipeline.common import (
     git_commit,
     hardware,
 )
-from powernorm_fairseq.presets import config_dir
+from powernorm_fairseq.presets import PAPER_NORMS, config_dir, preset_names
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ CORPORA = {
     # the paper's PTB model, the Tensorized Transformer (multi-linear attention), at CPU scale
     "ptb": Corpus("ptb_cpu_tensorized", "data/ptb", "ppl", max_epoch=12),
 }
-NORMS = NORM_SHORTS
+NORMS = PAPER_NORMS  # the converged campaign's
 LN = NORMS[0]  # the baseline every norm is compared with
 PATIENCE = 5        # the released --early-stop 5
 AVERAGE_EPOCHS = 5  # the paper averages the last 5 epoch checkpoints
@@ -1108,10 +1107,10 @@ def main(argv=None) -> None:
     args.norms = args.norms.split(",")
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     prefix = CAMPAIGNS[args.campaign].prefix(args.corpus)
-    unknown = [n for n in args.norms if not (config_dir() / f"{prefix}_{n}.yaml").exists()]
+    unknown = [n for n in args.norms if f"{prefix}_{n}" not in preset_names()]
     if unknown:
-        raise SystemExit(f"--norms: no preset {config_dir()}/{prefix}_<norm>.yaml for "
-                         f"{', '.join(unknown)} (choose from {', '.join(NORMS)})")
+        raise SystemExit(f"--norms: no preset {prefix}_<norm> for {', '.join(unknown)} (a norm is a "
+                         f"configuration {config_dir()}/norm/<norm>.yaml; choose from {', '.join(NORMS)}, ...)")
     if args.threads:  # every stage's children inherit it (pipeline.common.subprocess_env)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     runs = [Run(args.corpus, norm, seed, args) for seed in args.seed_list for norm in args.norms]

@@ -30,15 +30,16 @@ import statistics
 from pathlib import Path
 
 from powernorm_fairseq.analysis.stats import paired_interval, verdict
-from powernorm_fairseq.norms.vocabulary import NORM_SPECS
 from powernorm_fairseq.pipeline import reproduce
 from powernorm_fairseq.pipeline.common import atomic_write_text
+from powernorm_fairseq.presets import PAPER_NORMS, ordered_norm_configs
 
-LABELS = {s.short: s.label for s in NORM_SPECS}
-SHORT = {s.short: s.short_label for s in NORM_SPECS}
-ORDER = [s.short for s in NORM_SPECS]
+# every norm configuration's labels (configs/norm/<short>.yaml), the paper's first
+LABELS = {c.short: c.label for c in ordered_norm_configs()}
+SHORT = {c.short: c.short_label for c in ordered_norm_configs()}
+ORDER = list(PAPER_NORMS)  # the converged campaign's tables
 # the norms the paper's questions name
-LN, BN, PNV, PN, PN_PAPER = ORDER
+LN, BN, PNV, PN, PN_PAPER = PAPER_NORMS
 # The paper's numbers (docs/SPEC.md section 0: confirmed by the paper's text), one pair per row in
 # ORDER; the paper has no row of its Algorithm 2 (PN_PAPER). PN in the paper was trained with the
 # released code, i.e. our "reference" variant.

@@ -32,7 +32,7 @@ def train_argv(experiment: str, norm: str, data: str | os.PathLike, save_dir: st
 
     Args:
         experiment: a preset prefix (``configs/<experiment>_<norm>.yaml``) or ``flags``.
-        norm: the short name (:data:`~powernorm_fairseq.norms.vocabulary.NORM_SHORTS`).
+        norm: the norm configuration's name (``configs/norm/<norm>.yaml``).
         overrides: hydra ``key=value`` pairs (preset mode) or fairseq-train flags (``flags``);
             they follow ``--``, so none is read as an option of ``pipeline.train`` itself.
         cpu: train on CPU even where GPUs are visible.

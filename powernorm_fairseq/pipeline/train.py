@@ -51,7 +51,6 @@ import zipfile
 from pathlib import Path
 
 from powernorm_fairseq import presets
-from powernorm_fairseq.norms.vocabulary import NORM_BY_SHORT, NORM_SHORTS, NormSpec
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_path,
@@ -67,12 +66,11 @@ from powernorm_fairseq.pipeline.common import (
 from powernorm_fairseq.pipeline.rank import ON_START_ENV
 
 
-def norm_flags(spec: NormSpec, sites: tuple[str, ...]) -> list[str]:
-    """fairseq model flags that put the norm ``spec`` at the norm ``sites`` (``encoder``,
-    ``decoder``), with its PowerNorm variant named explicitly (``--pn-variant``), so that a run's
-    command says which variant it trained whatever the model's default is."""
-    flags = [f for site in sites for f in (f"--{site}-norm", spec.name)]
-    return flags + (["--pn-variant", spec.variant] if spec.variant else [])
+def norm_flags(config: presets.NormConfig, sites: tuple[str, ...]) -> list[str]:
+    """fairseq model flags that put the norm configuration ``config`` (``configs/norm/<short>.yaml``)
+    at the norm ``sites`` (``encoder``, ``decoder``), each of its options named explicitly
+    (``--pn-variant``), so that a run's command says what it trained whatever the model's defaults."""
+    return config.flags(*sites)
 
 
 def check_data_dir(data: str | Path, splits: tuple[str, ...] = ("train", "valid")) -> Path:
@@ -202,12 +200,13 @@ def build_flags_command(args, overrides: list[str], world: int) -> tuple[list[st
     """fairseq-train flags for 'flags' mode: the caller's flags plus data, save dir, norm, batch."""
     flags = [str(args.data), "--user-dir", str(PLUGIN_DIR), "--save-dir", str(args.save_dir)]
     arch = _flag_value(overrides, "--arch", "")
-    if args.norm not in NORM_BY_SHORT:
-        raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(NORM_SHORTS)}")
+    configs = presets.norm_configs(getattr(args, "config_dir", None))
+    if args.norm not in configs:
+        raise SystemExit(f"unknown norm {args.norm!r}; choose from {sorted(configs)}")
     if arch.startswith("transformer_lm_pn"):
-        flags += norm_flags(NORM_BY_SHORT[args.norm], ("decoder",))
+        flags += norm_flags(configs[args.norm], ("decoder",))
     elif arch.startswith("transformer_pn"):
-        flags += norm_flags(NORM_BY_SHORT[args.norm], ("encoder",))
+        flags += norm_flags(configs[args.norm], ("encoder",))
     flags += overrides
     max_tokens, batch_size = _flag_value(flags, "--max-tokens"), _flag_value(flags, "--batch-size")
     batch = {}
@@ -426,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")
-    p.add_argument("norm", help=f"flags mode: one of {list(NORM_SHORTS)}; preset mode: the preset's suffix")
+    p.add_argument("norm", help="a norm configuration, configs/norm/<norm>.yaml (ln, bn, pnv, pn, pnpaper, ...); "
+                   "preset mode trains the preset <experiment>_<norm>")
     p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
     p.add_argument("--save-dir", help="checkpoint directory (default ./checkpoints/<experiment>_<norm>)")
     p.add_argument("--config-dir", help="directory of the presets (default: the package's, a copy "
