@@ -1,0 +1,57 @@
+"""RMSNorm (Zhang & Sennrich, 2019): LayerNorm without centering, per token."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import MaskedNorm
+from .defaults import EPS
+from .registry import register_norm
+
+
+@register_norm("rms")
+class RMSNorm(MaskedNorm):
+    r"""Root-mean-square normalization over the channels of each token.
+
+    .. math::
+        y = \frac{x}{\sqrt{\mathrm{E}_c[x^2] + \epsilon}} \cdot \gamma \; (+ \beta)
+
+    Statistics are per token, so pads never influence real tokens; ``padding_mask`` is validated
+    and otherwise ignored. The numbers of ``torch.nn.RMSNorm(C, eps)`` (it calls
+    ``torch.nn.functional.rms_norm``), plus an optional bias. The paper cites it as the norm
+    without mean subtraction; PN-V is its batch-statistic counterpart, GroupScaling (``group_rms``)
+    its per-group one.
+
+    Args:
+        num_features: ``C``.
+        eps: added to the mean square. Default: 1e-5.
+        affine: learn ``weight`` (init 1). Default: True.
+        bias: with ``affine``, also learn ``bias`` (init 0). Default: False (torch's RMSNorm
+            has none).
+        device, dtype: of the parameters.
+
+    Shape:
+        - x: ``(T, B, C)`` or ``(N, C)``; padding_mask: ``(B, T)`` bool, True = pad, or None.
+        - output: same as ``x``.
+
+    Example::
+
+        >>> norm = RMSNorm(512)
+        >>> y = norm(torch.randn(10, 4, 512))
+    """
+
+    stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
+
+    def __init__(self, num_features: int, eps: float = EPS, affine: bool = True, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}"
+
+    def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
+        weight = None if self.weight is None else self.weight.to(x2d.dtype)
+        y = F.rms_norm(x2d, (self.num_features,), weight, self.eps)
+        return y if self.bias is None else y + self.bias.to(x2d.dtype)
