@@ -169,6 +169,11 @@ class PowerNormOptions(FairseqDataclass):
             "statistics over all rows, so the variance is diluted by N_real / (T*B))"
         },
     )
+    dyt_alpha_init: float = field(
+        default=defaults.DYT_ALPHA_INIT,
+        metadata={"help": "initial alpha of the dyt norm (Dynamic Tanh, y = weight * tanh(alpha * x) + "
+                  "bias; the authors' 0.5 for models other than LLMs)"},
+    )
     norm_sync_stats: bool = field(
         default=False,
         metadata={
@@ -205,6 +210,7 @@ _RANGES = {
                      "an integer >= 0 (0 = no GroupScaling), -1 (the norm's default: the attention "
                      "heads for --pn-variant reference, 0 for paper and PN-V) or -2 (the attention heads)"),
     "bn_momentum": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "dyt_alpha_init": (float, lambda v: v > 0, "> 0"),
 }
 
 

@@ -35,6 +35,9 @@ SAFEGUARD = True
 BN_PAD_STATISTICS = ("masked", "released")
 PAD_STATISTICS = "masked"
 
+#: Dynamic Tanh's initial alpha: the authors' value for models other than LLMs
+DYT_ALPHA_INIT = 0.5
+
 #: ``--pn-variant``: the released code, which the presets reproduce
 FAIRSEQ_PN_VARIANT = "reference"
 #: ``--bn-momentum``: the released MaskSyncBatchNorm's
