@@ -228,11 +228,11 @@ def _composed(name: str, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     import powernorm_fairseq.models  # noqa: F401  (the plugin's model dataclasses)
-    from powernorm_fairseq.presets import config_dir
+    from powernorm_fairseq.presets import materialize
 
     hydra_init(name)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.1"):
+    with initialize_config_dir(config_dir=str(materialize()), version_base="1.1"):  # the presets hydra loads
         cfg = compose(name, overrides=overrides)
     add_defaults(cfg)
     return OmegaConf.to_container(cfg)

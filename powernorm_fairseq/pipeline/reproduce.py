@@ -23,6 +23,10 @@ Campaigns (``--campaign``; every setting of each lives in ``CAMPAIGNS`` below, o
   evaluated again, their earlier ending kept aside (:meth:`Run.reopen`). ``--supersede ln_s2
   --reason ...`` sets a done run's record aside (``superseded/``) so that the same command trains
   it again from update 0, for a run whose test translations were lost (:meth:`Run.supersede`).
+* ``mechanism``: issue 36's norms (RMSNorm, GroupScaling alone, Algorithm 2 and PN-V after
+  GroupScaling, Dynamic Tanh) with the converged campaign's settings, protocol and seeds, at its
+  first cap (Multi30k 30 epochs, PTB 12): records beside the converged ones, the same LN of each
+  seed their baseline.
 * ``budget``: one run to convergence that keeps every epoch checkpoint (the campaign's sizing
   run). Records: ``results/budget/<corpus>/``.
 * ``pilot``: the earlier short fixed budgets (500 / 300 updates, the last 3 update checkpoints
@@ -116,16 +120,29 @@ class Campaign:
     significance: bool = False   # paired bootstrap against LN of the same seed (BLEU)
     prefixes: tuple = ()         # (corpus, preset prefix) pairs that differ from CORPORA's
     tracked: tuple = ()          # (corpus, seed) pairs whose runs record the norm statistics
+    norms: tuple = NORMS         # its norm configurations (configs/norm/), in its tables' order
+    complete: bool = False       # its status table lists every norm x CONVERGED_SEEDS, run or not
 
     def prefix(self, corpus: str) -> str:
         return dict(self.prefixes).get(corpus, CORPORA[corpus].prefix)
+
+
+def first_cap(corpus: Corpus) -> int:
+    """The corpus's first cap: where the converged campaign's capped comparison stands."""
+    return (*corpus.earlier_caps, corpus.max_epoch)[0]
 
 
 CAMPAIGNS = {
     # Multi30k seed 1 of every norm records the first encoder norm's statistics (Figs. 2-4)
     "converged": Campaign("results/runs", lambda c: _to_convergence(c, AVERAGE_EPOCHS),
                           ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True,
-                          tracked=(("multi30k", 1),)),
+                          tracked=(("multi30k", 1),), complete=True),
+    # issue 36: PN's ingredients apart and the norms of today, with the converged campaign's
+    # settings, protocol and seeds at its capped comparison (Multi30k 30 epochs, PTB 12); its
+    # records sit beside the converged ones (the same LN of each seed is their baseline)
+    "mechanism": Campaign("results/runs", lambda c: _to_convergence(c, AVERAGE_EPOCHS, max_epoch=first_cap(c)),
+                          ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True,
+                          norms=("rms", "group_rms", "pnpaper_gs", "dyt", "pnv_gs"), complete=True),
     # keeps every epoch checkpoint, with a higher cap: the run that sizes the campaign
     "budget": Campaign("results/budget", lambda c: _to_convergence(c, -1, max_epoch=80),
                        ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS)),
@@ -918,7 +935,11 @@ def resume_lines(unfinished: dict[str, dict[str, int]]) -> list[str]:
     (``unfinished``: campaign -> corpus -> runs not done), two jobs of 1 thread on the 2 cores.
     Two jobs may run one corpus's command: a run one job holds is left to it by the other."""
     corpora = [c for c, n in unfinished.get("converged", {}).items() if n]
-    commands = [f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1 --commit" for c in corpora]
+    retrain = unfinished.get("retrain", {})  # done at an earlier cap, their checkpoints gone
+    commands = [f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1 --commit"
+                + (" --retrain-capped" if retrain.get(c) else "") for c in corpora]
+    commands += [f"    python scripts/reproduce.py {c} --campaign mechanism --seeds 1,2,3 --threads 1 --commit"
+                 for c, n in unfinished.get("mechanism", {}).items() if n]
     if unfinished.get("budget", {}).get("multi30k"):  # the sizing run, after the campaign
         commands.append("    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 --threads 1")
     if not commands:
@@ -942,25 +963,30 @@ def write_status(args) -> None:
              "Written by `scripts/reproduce.py` after every step (and by `--status`). "
              "Core-hours = wall time x threads of every training and evaluation segment.", ""]
     unfinished = {}  # campaign -> corpus -> runs not done
-    for campaign in ("converged", "budget", "pilot"):
-        spec = CAMPAIGNS[campaign]
+    retrain = unfinished["retrain"] = {}  # corpus -> done runs that a raised cap trains again from 0
+    for campaign, spec in CAMPAIGNS.items():
         rows, spent, lost, superseded, done_runs, todo = [], 0.0, 0.0, 0.0, {}, {}
         for corpus in CORPORA:
-            names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")}
+            # campaigns may share a records folder: each lists its own norms
+            names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")
+                     if p.stem.rpartition("_s")[0] in spec.norms or campaign in ("budget", "pilot")}
             if campaign == args.campaign and corpus == args.corpus:
                 names |= {f"{n}_s{s}" for n in args.norms for s in args.seed_list}
-            if campaign == "converged":  # the whole campaign, whichever corpus this call runs
-                names |= {f"{n}_s{s}" for n in NORMS for s in CONVERGED_SEEDS}
+            if spec.complete:  # the whole campaign, whichever corpus this call runs
+                names |= {f"{n}_s{s}" for n in spec.norms for s in CONVERGED_SEEDS}
             retrains = set()  # runs whose earlier record was set aside: this row is its retrain
             for old in sorted((project_root(args) / spec.records / corpus / SUPERSEDED).glob("*.json")):
                 rec = json.loads(old.read_text())  # set aside for a retrain: its hours were spent
+                if rec["norm"] not in spec.norms:
+                    continue
                 retrains.add(f"{rec['norm']}_s{rec['seed']}")  # as results.superseded_lines pairs them
                 superseded += rec.get("core_hours") or 0.0
                 lost += Run.lost_hours(rec)
                 spent += Run.lost_hours(rec)
-            for name in sorted(names, key=lambda n: (NORMS.index(n.split("_s")[0]) if n.split("_s")[0] in NORMS
-                                                     else 99, int(n.split("_s")[1]))):
-                norm, seed = name.split("_s")
+            for name in sorted(names, key=lambda n: (spec.norms.index(n.rpartition("_s")[0])
+                                                     if n.rpartition("_s")[0] in spec.norms else 99,
+                                                     int(n.rpartition("_s")[2]))):
+                norm, _, seed = name.rpartition("_s")
                 ns = argparse.Namespace(**{**vars(args), "campaign": campaign})
                 run = Run(corpus, norm, int(seed), ns)
                 state = run.state()
@@ -974,6 +1000,8 @@ def write_status(args) -> None:
                     done_runs.setdefault(corpus, []).append((*run.split_hours(rec), trained))
                 if state != "done" or run.capped_below():  # a raised cap reopens it at the next call
                     todo.setdefault(corpus, []).append((trained, run.cap()))
+                if run.capped_below() and not (run.dir / "checkpoint_last.pt").exists():
+                    retrain[corpus] = retrain.get(corpus, 0) + 1
                 shown = f"{state} (retrain; old record in {SUPERSEDED}/)" if name in retrains else state
                 rows.append(f"| {corpus} | {name} | {shown} | {rec.get('last_epoch', '-')} | "
                             f"{rec.get('best_epoch', '-')} | {rec.get('stopped_by') or '-'} | {hours:.2f} |")
@@ -1067,11 +1095,13 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", choices=sorted(CORPORA))
     p.add_argument("--campaign", choices=sorted(CAMPAIGNS), default="converged",
-                   help="converged (default): to convergence, 3 evaluations; budget: the sizing run; "
-                   "pilot: the earlier short fixed budgets")
-    p.add_argument("--norms", default=",".join(NORMS),
-                   help="comma list; each names a preset configs/<prefix>_<norm>.yaml (prefix: "
-                   "multi30k, ptb_cpu_tensorized; the pilot's PTB runs used ptb_cpu)")
+                   help="converged (default): the paper's norms by the stopping rule, 3 evaluations; "
+                   "mechanism: PN's ingredients and the norms of today at the converged campaign's first "
+                   "cap; budget: the sizing run; pilot: the earlier short fixed budgets")
+    p.add_argument("--norms", default=None,
+                   help="comma list of norm configurations (configs/norm/<norm>.yaml; the presets "
+                   "<prefix>_<norm>, prefix multi30k or ptb_cpu_tensorized; the pilot's PTB runs used "
+                   "ptb_cpu); default: the campaign's")
     p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
     p.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0 = inherit)")
@@ -1104,7 +1134,7 @@ def main(argv=None) -> None:
     if args.commit and checkout_top(project_root(args)) != project_root(args).resolve():
         raise SystemExit(f"--commit: {project_root(args)} is not the top of a git checkout; "
                          "run from the project's checkout (or name it with --root), or drop --commit")
-    args.norms = args.norms.split(",")
+    args.norms = args.norms.split(",") if args.norms else list(CAMPAIGNS[args.campaign].norms)
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     prefix = CAMPAIGNS[args.campaign].prefix(args.corpus)
     unknown = [n for n in args.norms if f"{prefix}_{n}" not in preset_names()]
