@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from powernorm_fairseq import synthetic
-from powernorm_fairseq.presets import norm_config
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_write_json,
@@ -46,6 +45,7 @@ from powernorm_fairseq.pipeline.common import (
     run_cmd,
 )
 from powernorm_fairseq.pipeline.train import norm_flags
+from powernorm_fairseq.presets import norm_config
 
 SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_de_en"}
 # Norm of every normalization site (encoder and decoder) of the plugin's transformer_pn, by label:

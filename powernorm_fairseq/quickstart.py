@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from powernorm_fairseq.pipeline import prepare, runner
-from powernorm_fairseq.presets import norm_configs
 from powernorm_fairseq.pipeline.common import Steps, atomic_write_json, atomic_write_text, log
+from powernorm_fairseq.presets import norm_configs
 
 # --all-norms: the paper's Table 1 rows (configs/norm/), PN in its reference variant
 ALL_NORMS = ["ln", "bn", "pnv", "pn"]

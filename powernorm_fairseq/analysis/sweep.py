@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from powernorm_fairseq.pipeline import runner
-from powernorm_fairseq.presets import ordered_norm_configs
 from powernorm_fairseq.pipeline.common import (
     PLUGIN_DIR,
     atomic_write_json,
@@ -35,6 +34,7 @@ from powernorm_fairseq.pipeline.common import (
     python_module_cmd,
     run_cmd,
 )
+from powernorm_fairseq.presets import ordered_norm_configs
 
 __all__ = ["NORM_ALIASES", "SweepPoint", "parse_bleu", "plan", "run_sweep", "sweep_table"]
 

@@ -21,9 +21,11 @@ from . import defaults
 from .base import MaskedNorm
 
 # the paper's norms, registered in the paper's order; every other module after them
-from .layer_norm import LayerNorm  # noqa: I001
+# isort: off
+from .layer_norm import LayerNorm
 from .batch_norm import MaskedBatchNorm
 from .power_norm import PowerNormPaper, PowerNormReference, PowerNormV
+# isort: on
 from .registry import (
     build_norm,
     build_norm_from_options,

@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 # PN-V first: the registry keeps the paper's order (power_v, then power)
-from .power_norm_v import PowerNormV  # noqa: I001
+# isort: off
+from .power_norm_v import PowerNormV
 from .power_norm_paper import PowerNormPaper
 from .power_norm_reference import PowerNormReference
+# isort: on
 
 __all__ = ["PowerNormPaper", "PowerNormReference", "PowerNormV"]
