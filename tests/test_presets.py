@@ -38,6 +38,10 @@ for _name in EXPECTED:
         INTENDED.setdefault(_name, {})["model.bn_pad_statistics"] = "masked"
 for _name in ("iwslt14_bn", "wmt14_bn"):
     INTENDED[_name]["model.bn_pad_statistics"] = "released"
+# issue 36: Dynamic Tanh's initial alpha, a new option (the language models' configs list every option)
+for _name in EXPECTED:
+    if _name.startswith(("ptb_", "wikitext103_")):
+        INTENDED[_name]["model.dyt_alpha_init"] = 0.5
 
 
 def _expected(name: str) -> dict:
