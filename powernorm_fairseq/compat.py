@@ -114,11 +114,19 @@ class OptionError(ValueError):
 def _checkpoint_safe_globals() -> list:
     """Classes a fairseq checkpoint may pickle besides tensors (configs and training state)."""
     import omegaconf
+    from fairseq.distributed import utils as distributed_utils
     from omegaconf import base, nodes
 
     scalar_reconstruct = np.float64(0).__reduce__()[0]  # numpy scalars, e.g. the best loss
     array_reconstruct = np.zeros(1).__reduce__()[0]
     return [
+        # the builtin types themselves: an omegaconf config in memory names them in its metadata
+        # (object_type=dict, element_type=int, ...), and a resume on several workers sends rank 0's
+        # loaded checkpoint to the others through torch.save / torch.load (fairseq's
+        # _broadcast_object_slow), which met "Unsupported global: GLOBAL dict" (issue 38)
+        dict, list, tuple, int, float, str, bool,
+        # broadcast_object sends the tensors apart, each replaced by this placeholder (an index)
+        distributed_utils._TensorPlaceholder,
         argparse.Namespace,
         collections.defaultdict,
         collections.OrderedDict,

@@ -84,6 +84,35 @@ def test_two_cpu_workers_train_one_model(data_bin, tmp_path, sync):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sync", [False, True], ids=["per-worker-stats", "norm-sync-stats"])
+def test_two_cpu_workers_resume_as_if_uninterrupted(data_bin, tmp_path, sync):
+    """2 CPU workers: 4 updates, then the same command to 8. The resume crashed on every rank but 0
+    (issue 38): fairseq sends rank 0's loaded checkpoint to the others (torch.save / torch.load),
+    whose weights_only load refused the builtin types an omegaconf config names. With
+    ``--norm-sync-stats`` the result equals 8 updates in one go (parameters and every norm
+    buffer). With per-worker statistics (the released code's) a checkpoint holds rank 0's, which
+    every rank resumes from, as in the released program: the resume trains on, with one model."""
+    extra = ["--norm-sync-stats"] if sync else []
+
+    def run(save_dir, max_update):
+        args = train.build_parser().parse_args(["flags", "pn", "--data", str(data_bin), "--save-dir",
+                                                str(save_dir), "--cpu-workers", "2"])
+        return train.train(args, [*TINY, "--max-update", str(max_update), *extra], echo=lambda line: None)
+
+    run(tmp_path / "straight", 8)
+    run(tmp_path / "resumed", 4)
+    record = run(tmp_path / "resumed", 8)
+    assert record["rank_check"]["num_updates"] == 8 and record["rank_check"]["world_size"] == 2
+    if not sync:
+        return
+    a = model_tensors(tmp_path / "straight" / "checkpoint_last.pt")
+    b = model_tensors(tmp_path / "resumed" / "checkpoint_last.pt")
+    assert a.keys() == b.keys() and any("running_phi" in k for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(data_bin, tmp_path):
     schedule = ["--max-update", "30", "--save-interval-updates", "6", "--cpu"]
     # MKL may pick kernels by memory alignment, which changes float sums at the last bit (and Adam

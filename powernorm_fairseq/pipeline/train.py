@@ -361,20 +361,27 @@ def _launch(args, how: str, world: int, entry: str, base: list[str], record: dic
     digest_dir = args.save_dir / "rank_digests"
     if how == "cpu-workers" and world > 1:
         port = args.port or _free_port()
-        procs = []
+        procs, rank_logs = [], {}
         for rank in range(world):
             cmd = python_module_cmd("powernorm_fairseq.pipeline.rank") + [
                 "--param-digest", str(digest_dir / f"rank{rank}.json"), entry,
                 *base, *_distributed_args(mode, world, rank, port)]
+            # rank 0 streams into train.log; every other rank keeps its own log beside it
+            # (appended: a resume adds to it), so a failing worker's error is never lost
+            if rank:
+                rank_logs[rank] = args.save_dir / f"train.rank{rank}.log"
+            out = open(rank_logs[rank], "a") if rank else subprocess.PIPE  # noqa: SIM115 (closed below)
             procs.append(subprocess.Popen(
-                cmd, text=True, preexec_fn=die_with_parent, stdout=subprocess.PIPE if rank == 0 else None,
-                stderr=subprocess.STDOUT if rank == 0 else subprocess.DEVNULL,
+                cmd, text=True, preexec_fn=die_with_parent, stdout=out, stderr=subprocess.STDOUT,
                 # N ranks share the cores: one thread each unless the caller says otherwise
                 env=subprocess_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                                     **launch_env})))
+            if rank:
+                out.close()  # the child holds its own descriptor
         codes = _stream(procs, log_path, echo)
         if any(codes):
-            raise SystemExit(f"training failed: rank exit codes {codes}; see {log_path}")
+            raise SystemExit(f"training failed: rank exit codes {codes}; see {log_path}"
+                             + _failed_rank_tails(codes, log_path, rank_logs))
         record["rank_check"] = check_rank_digests(digest_dir, world)
     else:
         extra = []
@@ -393,6 +400,18 @@ def _launch(args, how: str, world: int, entry: str, base: list[str], record: dic
     record["wall_s"] = round(time.time() - t0, 1)
     atomic_write_json(args.save_dir / "launch.json", record)
     return record
+
+
+def _failed_rank_tails(codes: list[int], log_path: Path, rank_logs: dict[int, Path], lines: int = 12) -> str:
+    """The last lines of each failed rank's log, for the failure message: a worker that dies
+    leaves the others with gloo's "Connection closed by peer", which names no cause."""
+    out = []
+    for rank, code in enumerate(codes):
+        if code:
+            path = rank_logs.get(rank, log_path)
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.is_file() else []
+            out.append(f"\n--- rank {rank} (exit {code}), the end of {path}:\n" + "\n".join(text))
+    return "".join(out)
 
 
 def check_rank_digests(digest_dir: Path, world: int) -> dict:
