@@ -66,7 +66,7 @@ CASES = [(name, {}) for name in NORM_CHOICES] + [
     ("batch", {"pad_statistics": "released"}),  # sigma_B^2 diluted over all T*B rows, as it normalizes
     ("power", {"variant": "paper", "group_num": 2, "warmup_updates": 1}),
     ("power", {"variant": "reference", "group_num": 2}),
-    ("power", {"variant": "reference", "group_num": 0, "warmup_updates": 2}),
+    ("power", {"variant": "reference", "group_num": 0, "warmup_updates": 2, "warmup_unit": "forwards"}),
 ]
 CASE_IDS = [n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in CASES]
 

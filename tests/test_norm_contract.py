@@ -111,6 +111,26 @@ def test_appending_pads_changes_no_real_token(cfg):
             torch.testing.assert_close(_buffers(b)[key], value, rtol=1e-10, atol=1e-10, msg=key)
 
 
+@pytest.mark.parametrize("T,B", [(6, 6), (6, 3)])
+def test_batch_first_equals_time_first(cfg, T, B):
+    """``batch_first=True`` on ``(B, T, C)`` gives the outputs, input gradients and buffers of the
+    default on ``(T, B, C)``, the padding mask ``(B, T)`` in both, also when ``B == T`` (where
+    the shapes cannot tell the layouts apart: issue 38)."""
+    a, b = _make(cfg).double(), _make(cfg, batch_first=True).double()
+    for step in range(3):
+        x, pad = _batch(T, B, seed=60 + step)
+        ya, ga = _step(a, x, pad)
+        yb, gb = _step(lambda x_, padding_mask: b(x_.transpose(0, 1), padding_mask=padding_mask).transpose(0, 1),
+                       x, pad)
+        torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gb, ga, rtol=1e-12, atol=1e-12)
+    for key, value in _buffers(a).items():
+        torch.testing.assert_close(_buffers(b)[key], value, rtol=1e-12, atol=1e-12, msg=key)
+    if T != B:  # a mask of the other layout is refused, naming the layout read
+        with pytest.raises(ValueError, match=r"read as \(B, T, C\) \(batch_first=True\)"):
+            b(x, padding_mask=pad)
+
+
 def test_state_dict_round_trip(cfg):
     a = _make(cfg)
     for step in range(2):

@@ -34,7 +34,8 @@ CONFIGS = [
     ("power_v", "power_v", {}),
     ("power_paper", "power", {}),
     ("power_paper_warmup_groups", "power", {"warmup_updates": 2, "group_num": 2}),
-    ("power_reference", "power", {"variant": "reference", "group_num": 2, "warmup_updates": 2}),
+    ("power_reference", "power", {"variant": "reference", "group_num": 2, "warmup_updates": 2,
+                                    "warmup_unit": "forwards"}),
 ]
 STATEFUL = [c for c in CONFIGS if c[1] != "layer"]
 
@@ -115,7 +116,8 @@ def test_must_work_snippet_without_fairseq():
         "import sys\n"
         "sys.modules['fairseq'] = None\n"
         "from powernorm_fairseq.norms import build_norm\n"
-        "norm = build_norm('power', 8, variant='reference', group_num=2, warmup_updates=2)\n"
+        "norm = build_norm('power', 8, variant='reference', group_num=2, warmup_updates=2, "
+        "warmup_unit='forwards')\n"
         "import torch\n"
         "norm(torch.randn(4, 2, 8)).sum().backward()\n"
         "assert not [m for m in sys.modules if m.startswith('fairseq.')]\n"

@@ -14,7 +14,8 @@ CONFIGS = {
     "batch": ("batch", {}),
     "power_v": ("power_v", {}),
     "power_paper": ("power", {"warmup_updates": 1, "group_num": 2}),
-    "power_reference": ("power", {"variant": "reference", "group_num": 2, "warmup_updates": 2}),
+    "power_reference": ("power", {"variant": "reference", "group_num": 2, "warmup_updates": 2,
+                                   "warmup_unit": "forwards"}),
 }
 
 

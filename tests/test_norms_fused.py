@@ -26,7 +26,8 @@ CONFIGS = [
     ("power_v", "power_v", {}),
     ("power_paper", "power", {"warmup_updates": 2}),
     ("power_paper_groups", "power", {"group_num": 4}),
-    ("power_reference", "power", {"variant": "reference", "group_num": 4, "warmup_updates": 2}),
+    ("power_reference", "power", {"variant": "reference", "group_num": 4, "warmup_updates": 2,
+                                    "warmup_unit": "forwards"}),
     ("power_reference_nogroups", "power", {"variant": "reference", "group_num": 0}),
 ]
 

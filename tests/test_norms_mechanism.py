@@ -106,3 +106,48 @@ def test_fairseq_group_option_gives_each_norm_its_groups(name, variant, group_nu
     norm = build_norm_from_options(name, 16, options, num_heads=4)
     assert norm.prescale_groups() == expected
     assert float(build_norm_from_options("dyt", 16, options).alpha) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("unit,switch", [("updates", 6), ("forwards", 3)])
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_both_variants_count_their_warmup_in_the_same_unit(variant, unit, switch):
+    """``warmup_updates=3`` with two training forwards per optimizer update (gradient
+    accumulation) and ``set_num_updates`` after each update: both variants leave the warmup
+    (their forward stops being PN-V's) after 3 updates, forward 6, in ``"updates"`` (the default);
+    after 3 forwards with ``warmup_unit="forwards"`` (the released count). Issue 38: the reference
+    variant counted forwards, so its warmup ended at update 2 here."""
+    from powernorm_fairseq.norms import set_num_updates
+
+    model = torch.nn.Sequential(build_norm("power", 16, variant=variant, warmup_updates=3, group_num=0,
+                                           warmup_unit=unit)).double()
+    pnv = build_norm("power_v", 16).double()
+    first_pn = None
+    for forward in range(10):
+        x = _x(seed=forward, dtype=torch.float64)
+        if first_pn is None and not torch.allclose(model(x), pnv(x), rtol=1e-12, atol=1e-12):
+            first_pn = forward
+        if forward % 2 == 1:
+            set_num_updates(model, forward // 2 + 1)
+    assert first_pn == switch
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_a_warmup_never_told_an_update_warns_once(variant, monkeypatch):
+    """Outside fairseq a norm counting its warmup in updates that is never told one warns once
+    (after ``UNTOLD_WARN_AFTER`` training forwards) that its warmup cannot end; told once, never."""
+    from powernorm_fairseq.norms import base, set_num_updates
+
+    monkeypatch.setattr(base, "UNTOLD_WARN_AFTER", 5)
+    norm = build_norm("power", 16, variant=variant, warmup_updates=50)
+    with pytest.warns(RuntimeWarning, match="set_num_updates was never called in 5 training forwards") as seen:
+        for _ in range(12):
+            norm(_x())
+    assert len([w for w in seen if "never called" in str(w.message)]) == 1
+    told = build_norm("power", 16, variant=variant, warmup_updates=50)
+    set_num_updates(told, 0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(12):
+            told(_x())

@@ -73,7 +73,7 @@ def test_checkpointed_training_equals_plain(cfg, mode):
 def test_forward_in_backward_without_snapshot_changes_nothing():
     """A training forward inside a backward pass with no snapshot left (e.g. a second
     recomputation) runs on the current state and leaves it unchanged."""
-    norm = build_norm("power", C, variant="reference", warmup_updates=2)
+    norm = build_norm("power", C, variant="reference", warmup_updates=2, warmup_unit="forwards")
     x, pad = _batch()
     before = _buffers(norm)
 

@@ -42,6 +42,11 @@ for _name in ("iwslt14_bn", "wmt14_bn"):
 for _name in EXPECTED:
     if _name.startswith(("ptb_", "wikitext103_")):
         INTENDED[_name]["model.dyt_alpha_init"] = 0.5
+        INTENDED[_name]["model.pn_warmup_unit"] = "updates"
+# issue 38: --pn-warmup-unit; the released PN's presets keep the count they trained with (forwards)
+for _name in EXPECTED:
+    if _name.endswith("_pn"):
+        INTENDED.setdefault(_name, {})["model.pn_warmup_unit"] = "forwards"
 
 
 def _expected(name: str) -> dict:

@@ -44,6 +44,7 @@ PN_VARIANT_ENUM = ChoiceEnum(list(PN_VARIANT_CHOICES))
 PAD_INPUT_CHOICES = ("zero", "embedding")
 PAD_INPUT_ENUM = ChoiceEnum(list(PAD_INPUT_CHOICES))
 BN_PAD_STATISTICS_ENUM = ChoiceEnum(list(defaults.BN_PAD_STATISTICS))
+PN_WARMUP_UNIT_ENUM = ChoiceEnum(list(defaults.WARMUP_UNITS))
 
 _SITE_HELP = "norm at the {site} (default: inherit --{side}-norm)"
 
@@ -120,8 +121,18 @@ class PowerNormOptions(FairseqDataclass):
     pn_warmup_updates: int = field(
         default=defaults.WARMUP_UPDATES,
         metadata={
-            "help": "PowerNorm warmup length in updates (its own setting, independent of the "
-            "learning-rate --warmup-updates; the released scripts effectively used 8000)"
+            "help": "PowerNorm warmup length in optimizer updates (--pn-warmup-unit forwards: in "
+            "training forward calls), its own setting, independent of the learning-rate "
+            "--warmup-updates; the released scripts effectively used 8000"
+        },
+    )
+    pn_warmup_unit: PN_WARMUP_UNIT_ENUM = field(
+        default=defaults.WARMUP_UNIT,
+        metadata={
+            "help": "what --pn-warmup-updates counts, both variants: 'updates' (optimizer updates) or "
+            "'forwards' (training forward calls, the released code's count: with --update-freq k a "
+            "warmup of W forwards ends at update W/k; the IWSLT14/WMT14 presets and every preset "
+            "of the released PN set it)"
         },
     )
     pn_final_warmup_updates: int = field(

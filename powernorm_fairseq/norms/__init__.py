@@ -18,7 +18,7 @@ import importlib
 import pkgutil
 
 from . import defaults
-from .base import MaskedNorm
+from .base import MaskedNorm, set_num_updates
 
 # the paper's norms, registered in the paper's order; every other module after them
 # isort: off
@@ -71,4 +71,5 @@ __all__ = [
     "norm_names",
     "norm_variants",
     "register_norm",
+    "set_num_updates",
 ]

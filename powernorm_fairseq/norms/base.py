@@ -13,13 +13,30 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .defaults import EPS, GROUP_NUM_AUTO, GROUP_NUM_HEADS
+from .defaults import EPS, GROUP_NUM_AUTO, GROUP_NUM_HEADS, UNTOLD_WARN_AFTER
 from .distributed import sync_enabled
 from .functional import keep_vector
+
+
+def set_num_updates(model: nn.Module, num_updates: int) -> None:
+    """Tell every norm of ``model`` the number of optimizer updates done, as fairseq does after
+    each update: call it after each ``optimizer.step()`` in a plain-torch loop, so that a PN
+    warmup (counted in updates) ends. Modules other than these norms are left alone.
+
+    Example::
+
+        >>> for step, batch in enumerate(loader, start=1):
+        ...     loss(model(batch)).backward(); optimizer.step(); optimizer.zero_grad()
+        ...     set_num_updates(model, step)
+    """
+    for module in model.modules():
+        if isinstance(module, MaskedNorm):
+            module.set_num_updates(num_updates)
 
 
 def group_num_option(options, num_heads: int, auto: int) -> int | None:
@@ -43,13 +60,16 @@ class MaskedNorm(nn.Module):
             are registered as None. Default: True.
         bias: with ``affine``, learn the ``bias`` too (False: ``weight`` only, the bias registered
             as None), as ``torch.nn.LayerNorm``'s ``bias``. Default: True.
+        batch_first: ``x`` is ``(B, T, C)`` (most models outside fairseq) instead of fairseq's
+            ``(T, B, C)``; the padding mask is ``(B, T)`` either way. With ``B == T`` the two
+            layouts have the same shape, so only this flag tells them apart. Default: False.
         sync_stats: all-reduce the batch statistics over ``process_group`` when
             ``torch.distributed`` is initialized with more than one rank. Default: False.
         process_group: group for ``sync_stats`` (None = world).
         device, dtype: of the parameters and floating buffers.
 
     Shape:
-        - x: ``(T, B, C)`` or ``(N, C)``, any floating dtype.
+        - x: ``(T, B, C)`` (``(B, T, C)`` with ``batch_first``) or ``(N, C)``, any floating dtype.
         - padding_mask: ``(B, T)`` bool, True = pad (``(N,)`` for 2-D input), or None.
         - output: shape and dtype of ``x``. Statistics are computed in float32 (float64 for
           float64 input), with autocast disabled inside the layer; running-statistic buffers
@@ -70,7 +90,7 @@ class MaskedNorm(nn.Module):
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True,
                  sync_stats: bool = False, process_group=None, device=None, dtype=None,
-                 bias: bool = True):
+                 bias: bool = True, batch_first: bool = False):
         super().__init__()
         if not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -81,6 +101,7 @@ class MaskedNorm(nn.Module):
         self.affine = affine
         self.sync_stats = sync_stats
         self.process_group = process_group
+        self.batch_first = bool(batch_first)
         factory = {"device": device, "dtype": dtype}
         self.register_parameter("weight", nn.Parameter(torch.empty(num_features, **factory)) if affine else None)
         self.register_parameter("bias", nn.Parameter(torch.empty(num_features, **factory))
@@ -118,6 +139,21 @@ class MaskedNorm(nn.Module):
 
     def set_num_updates(self, num_updates: int) -> None:
         """Told by fairseq the number of optimizer updates done; no-op unless overridden."""
+
+    def _check_warmup_clock(self) -> None:
+        """For a norm whose warmup counts optimizer updates: after :data:`~.defaults.UNTOLD_WARN_AFTER`
+        training forwards without a :meth:`set_num_updates`, warn once that its warmup cannot end."""
+        if getattr(self, "_told", False) or getattr(self, "_warned_untold", False):
+            return
+        self._untold = getattr(self, "_untold", 0) + 1
+        if self._untold >= UNTOLD_WARN_AFTER:
+            self._warned_untold = True
+            warnings.warn(
+                f"{type(self).__name__}: warmup_updates={self.warmup_updates} counts optimizer updates, "
+                f"but set_num_updates was never called in {self._untold} training forwards, so the "
+                "warmup never ends. Call powernorm_fairseq.norms.set_num_updates(model, step) after "
+                "each optimizer step (fairseq does), or build with warmup_unit='forwards'.",
+                RuntimeWarning, stacklevel=3)
 
     @classmethod
     def from_options(cls, options, *, num_heads: int = 1, final: bool = False) -> dict:
@@ -169,7 +205,8 @@ class MaskedNorm(nn.Module):
         return None
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.affine}, sync_stats={self.sync_stats}"
+        return (f"{self.num_features}, eps={self.eps}, affine={self.affine}, sync_stats={self.sync_stats}"
+                + (", batch_first=True" if self.batch_first else ""))
 
     def _affine_or_identity(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(weight, bias)`` as ``(C,)`` tensors of ``dtype``, ones/zeros where not learned."""
@@ -183,18 +220,26 @@ class MaskedNorm(nn.Module):
 
     def _check_input(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
         """Validate shapes (host-side metadata only) and return a bool mask or None."""
+        layout = "(B, T, C)" if self.batch_first else "(T, B, C)"
         if x.dim() not in (2, 3) or x.shape[-1] != self.num_features:
             raise ValueError(
-                f"{type(self).__name__} expects x of shape (T, B, {self.num_features}) or "
-                f"(N, {self.num_features}), got {tuple(x.shape)}")
+                f"{type(self).__name__} expects x of shape {layout.replace('C', str(self.num_features))} "
+                f"or (N, {self.num_features}), got {tuple(x.shape)}")
         if padding_mask is None:
             return None
-        expected = (x.shape[1], x.shape[0]) if x.dim() == 3 else (x.shape[0],)
+        if x.dim() == 3:
+            expected = (x.shape[0], x.shape[1]) if self.batch_first else (x.shape[1], x.shape[0])
+        else:
+            expected = (x.shape[0],)
         if tuple(padding_mask.shape) != expected:
-            layout = "(B, T)" if x.dim() == 3 else "(N,)"
-            raise ValueError(
-                f"padding_mask must have shape {layout} = {expected} for x of shape "
-                f"{tuple(x.shape)}, got {tuple(padding_mask.shape)}")
+            if x.dim() == 3:
+                other = "batch_first=False for (T, B, C)" if self.batch_first else "batch_first=True for (B, T, C)"
+                raise ValueError(
+                    f"padding_mask must have shape (B, T) = {expected}: x of shape {tuple(x.shape)} is read "
+                    f"as {layout} (batch_first={self.batch_first}); got {tuple(padding_mask.shape)}. "
+                    f"Build the norm with {other} if that is your layout")
+            raise ValueError(f"padding_mask must have shape (N,) = {expected} for x of shape "
+                             f"{tuple(x.shape)}, got {tuple(padding_mask.shape)}")
         if padding_mask.is_floating_point():
             raise ValueError("padding_mask must be a bool tensor (True = pad), got "
                              f"{padding_mask.dtype}")
@@ -262,7 +307,9 @@ class MaskedNorm(nn.Module):
                        if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
         with no_autocast:
             x2d = x.reshape(-1, self.num_features).to(compute_dtype)
-            y2d = self._normalize(x2d, keep_vector(mask, compute_dtype))
+            # rows of x2d: t * B + b for (T, B, C), b * T + t for (B, T, C)
+            batch_major = self.batch_first and x.dim() == 3
+            y2d = self._normalize(x2d, keep_vector(mask, compute_dtype, batch_major=batch_major))
         return y2d.reshape(x.shape).to(x.dtype)
 
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:

@@ -68,8 +68,10 @@ class MaskedBatchNorm(MaskedNorm):
 
     def __init__(self, num_features: int, eps: float = EPS, momentum: float = MOMENTUM,
                  affine: bool = True, prescale: bool = False, sync_stats: bool = False,
-                 process_group=None, device=None, dtype=None, pad_statistics: str = PAD_STATISTICS):
-        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+                 process_group=None, device=None, dtype=None, pad_statistics: str = PAD_STATISTICS,
+                 batch_first: bool = False):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype,
+                         batch_first=batch_first)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         if pad_statistics not in BN_PAD_STATISTICS:

@@ -22,6 +22,13 @@ ALPHA_FWD = 0.9
 ALPHA_BKW = 0.9
 #: PN warmup (PN-V steps before PN)
 WARMUP_UPDATES = 0
+#: what PN's ``warmup_updates`` counts, both variants: optimizer updates (told by
+#: ``set_num_updates``, as fairseq does), or training forward calls (the released code's count)
+WARMUP_UNITS = ("updates", "forwards")
+WARMUP_UNIT = "updates"
+#: training forwards after which a PN that counts its warmup in updates, and was never told one,
+#: warns (once) that its warmup cannot end
+UNTOLD_WARN_AFTER = 100
 #: the PN variant of ``build_norm("power", C)``: Algorithm 2 of the paper
 PN_VARIANT = "paper"
 #: GroupScaling groups of each PN variant (0 = off, 1 = one group over all channels)

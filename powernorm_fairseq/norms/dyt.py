@@ -42,8 +42,8 @@ class DynamicTanh(MaskedNorm):
     stateful = False  # plain torch ops
 
     def __init__(self, num_features: int, alpha_init: float = DYT_ALPHA_INIT, eps: float = 1e-5,
-                 affine: bool = True, bias: bool = True, device=None, dtype=None):
-        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias)
+                 affine: bool = True, bias: bool = True, device=None, dtype=None, batch_first: bool = False):
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias, batch_first=batch_first)
         if not alpha_init > 0:
             raise ValueError(f"alpha_init must be > 0, got {alpha_init}")
         self.alpha_init = float(alpha_init)

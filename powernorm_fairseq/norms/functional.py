@@ -18,20 +18,22 @@ from torch.autograd.function import once_differentiable
 from . import fused
 
 
-def keep_vector(padding_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def keep_vector(padding_mask: Tensor | None, dtype: torch.dtype, batch_major: bool = False) -> Tensor | None:
     """Float keep-vector from a padding mask.
 
     Args:
         padding_mask: ``(B, T)`` bool, True = pad (or ``(N,)`` for 2-D inputs), or None.
         dtype: floating dtype of the result.
+        batch_major: the rows are ``b * T + t`` (a ``(B, T, C)`` input), not ``t * B + b``.
 
     Returns:
-        ``(N,)`` with ``keep[t * B + b] = 1 - padding_mask[b, t]``, or None.
+        ``(N,)`` with ``keep[t * B + b] = 1 - padding_mask[b, t]`` (``keep[b * T + t]`` when
+        ``batch_major``), or None.
     """
     if padding_mask is None:
         return None
     keep = torch.logical_not(padding_mask)
-    if keep.dim() == 2:
+    if keep.dim() == 2 and not batch_major:
         keep = keep.t()
     return keep.reshape(-1).to(dtype)
 

@@ -49,8 +49,8 @@ class GroupRMSNorm(MaskedNorm):
     stateful = False  # plain torch ops and the group-scaling Function: no state to recompute
 
     def __init__(self, num_features: int, eps: float = PRESCALE_EPS, group_num: int = 1,
-                 affine: bool = True, bias: bool = True, device=None, dtype=None):
-        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias)
+                 affine: bool = True, bias: bool = True, device=None, dtype=None, batch_first: bool = False):
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias, batch_first=batch_first)
         check_group_num(num_features, group_num)
         if group_num < 1:
             raise ValueError(f"group_num must be >= 1 for group_rms (it is the norm), got {group_num}")

@@ -42,9 +42,9 @@ class LayerNorm(MaskedNorm):
     stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True, device=None,
-                 dtype=None, bias: bool = True):
+                 dtype=None, bias: bool = True, batch_first: bool = False):
         # no sync_stats / process_group: LN has no batch statistics to synchronize
-        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias)
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias, batch_first=batch_first)
         self.reset_parameters()
 
     def extra_repr(self) -> str:

@@ -20,7 +20,16 @@ from .autograd import (
     update_nu_,
 )
 from .base import MaskedNorm, group_num_option
-from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, PAPER_GROUP_NUM, SAFEGUARD, WARMUP_UPDATES
+from .defaults import (
+    ALPHA_BKW,
+    ALPHA_FWD,
+    EPS,
+    PAPER_GROUP_NUM,
+    SAFEGUARD,
+    WARMUP_UNIT,
+    WARMUP_UNITS,
+    WARMUP_UPDATES,
+)
 from .distributed import maybe_all_reduce
 from .functional import (
     column_sum,
@@ -36,11 +45,12 @@ from .registry import register_norm
 def power_options(options, num_heads: int, final: bool, auto_groups: int) -> dict:
     """The PowerNorm keywords both variants read: ``alpha_fwd`` / ``alpha_bkw``
     (``pn_alpha_fwd`` / ``pn_alpha_bkw``), ``warmup_updates`` (``pn_warmup_updates``, or
-    ``pn_final_warmup_updates`` >= 0 at an output norm), ``group_num`` (``pn_group_num``; -1 =
+    ``pn_final_warmup_updates`` >= 0 at an output norm), ``warmup_unit`` (``pn_warmup_unit``),
+    ``group_num`` (``pn_group_num``; -1 =
     ``auto_groups``, -2 = the heads)."""
     kwargs = {}
     for key, option, kind in (("alpha_fwd", "pn_alpha_fwd", float), ("alpha_bkw", "pn_alpha_bkw", float),
-                              ("warmup_updates", "pn_warmup_updates", int)):
+                              ("warmup_updates", "pn_warmup_updates", int), ("warmup_unit", "pn_warmup_unit", str)):
         if getattr(options, option, None) is not None:
             kwargs[key] = kind(getattr(options, option))
     final_warmup = getattr(options, "pn_final_warmup_updates", None)
@@ -145,7 +155,9 @@ class PowerNormPaper(MaskedNorm):
     the same recurrence (with the batch ``x_hat``), so both are warm when PN takes over. Warmup is
     counted in optimizer updates as told by :meth:`set_num_updates`, which fairseq calls on every
     module, so gradient accumulation does not shorten it. Plain-torch users with
-    ``warmup_updates > 0`` call ``norm.set_num_updates(step)`` themselves.
+    ``warmup_updates > 0`` call ``powernorm_fairseq.norms.set_num_updates(model, step)`` after each
+    optimizer step (a norm never told one warns once after 100 training forwards), or build with
+    ``warmup_unit="forwards"``: then every training forward call counts, the released code's unit.
 
     Safeguard (a deviation that acts only where Algorithm 2 would break down): the ``nu``
     recurrence contracts while ``|1 - w| < 1``, i.e. ``0 < w < 2``, and amplifies ``nu`` for
@@ -161,7 +173,9 @@ class PowerNormPaper(MaskedNorm):
         eps: Default: 1e-5.
         alpha_fwd: EMA factor of ``psi^2``. Default: 0.9.
         alpha_bkw: EMA factor of ``nu``. Default: 0.9.
-        warmup_updates: optimizer updates of PN-V before PN. Default: 0.
+        warmup_updates: optimizer updates (``warmup_unit``) of PN-V before PN. Default: 0.
+        warmup_unit: ``"updates"`` (told by :meth:`set_num_updates`) or ``"forwards"`` (training
+            forward calls, the released code's count). Default: ``"updates"``.
         group_num: per-token RMS pre-scaling in ``group_num`` channel groups (the released code's
             GroupScaling, eps 1e-5, also at eval); 0 = off. Default: 0.
         safeguard: scale the ``nu`` step by ``1/w`` where ``w >= 2``, as described above.
@@ -189,15 +203,19 @@ class PowerNormPaper(MaskedNorm):
     def __init__(self, num_features: int, eps: float = EPS, alpha_fwd: float = ALPHA_FWD,
                  alpha_bkw: float = ALPHA_BKW, warmup_updates: int = WARMUP_UPDATES,
                  group_num: int = PAPER_GROUP_NUM, safeguard: bool = SAFEGUARD, affine: bool = True, sync_stats: bool = False,
-                 process_group=None, device=None, dtype=None):
-        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+                 process_group=None, device=None, dtype=None, batch_first: bool = False, warmup_unit: str = WARMUP_UNIT):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype,
+                         batch_first=batch_first)
         check_alpha("alpha_fwd", alpha_fwd)
         check_alpha("alpha_bkw", alpha_bkw)
         check_group_num(num_features, group_num)
         if warmup_updates < 0:
             raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
+        if warmup_unit not in WARMUP_UNITS:
+            raise ValueError(f"warmup_unit must be one of {', '.join(WARMUP_UNITS)}, got {warmup_unit!r}")
         self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
         self.warmup_updates, self.group_num, self.safeguard = warmup_updates, group_num, safeguard
+        self.warmup_unit = warmup_unit
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("running_psi2", torch.ones(num_features, **factory))
         self.register_buffer("nu", torch.zeros(num_features, **factory))
@@ -228,13 +246,16 @@ class PowerNormPaper(MaskedNorm):
         self._num_updates_host = 0
 
     def set_num_updates(self, num_updates: int) -> None:
-        self.num_updates.fill_(num_updates)
-        self._num_updates_host = int(num_updates)
+        self._told = True
+        if self.warmup_unit == "updates":  # with "forwards" the layer counts its own calls
+            self.num_updates.fill_(num_updates)
+            self._num_updates_host = int(num_updates)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, variant=paper, alpha_fwd={self.alpha_fwd}, "
                 f"alpha_bkw={self.alpha_bkw}, warmup_updates={self.warmup_updates}, "
-                f"group_num={self.group_num}, safeguard={self.safeguard}")
+                f"group_num={self.group_num}, safeguard={self.safeguard}"
+                + (f", warmup_unit={self.warmup_unit}" if self.warmup_unit != WARMUP_UNIT else ""))
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[Tensor, Tensor]:
@@ -253,7 +274,13 @@ class PowerNormPaper(MaskedNorm):
         if not self.training:
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(psi2 + self.eps))
         sync = self._sync()
-        if self._num_updates_host < self.warmup_updates:
+        warming = self._num_updates_host < self.warmup_updates
+        if self.warmup_unit == "forwards":  # this call counts (the recomputation restores it)
+            self._num_updates_host += 1
+            self.num_updates.fill_(self._num_updates_host)
+        elif warming:
+            self._check_warmup_clock()
+        if warming:
             y, psi2_b, count = BatchStatNormFunction.apply(
                 x2d, weight, bias, keep, False, None, self.eps, sync, self.process_group,
                 self.nu, self.alpha_bkw, self.safeguard)

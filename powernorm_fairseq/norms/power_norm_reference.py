@@ -16,7 +16,7 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from .autograd import PRESCALE_EPS, check_alpha, check_group_num
 from .base import MaskedNorm
-from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, REFERENCE_GROUP_NUM, WARMUP_UPDATES
+from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, REFERENCE_GROUP_NUM, WARMUP_UNIT, WARMUP_UNITS, WARMUP_UPDATES
 from .distributed import maybe_all_reduce
 from .functional import column_sum, group_rms_scale, token_count, zero_pads_
 from .power_norm_paper import power_options
@@ -31,16 +31,20 @@ class ReferenceConfig(NamedTuple):
     alpha_bkw: float
     warmup_updates: int
     group_num: int
+    #: the warmup's clock: None = the forward calls (``t``, released), else the optimizer update
+    #: being computed (``num_updates + 1``, told by ``set_num_updates``)
+    clock: int | None = None
 
 
 def reference_running_step(phi: Tensor, iters: Tensor, psi2_b: Tensor, count: Tensor,
                            cfg: ReferenceConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""One released forward statistics step (D1, D3), as tensor ops (no host sync).
 
-    With ``t = iters + 1``: ``rstd_bwd = 1/sqrt(psi_B^2 + eps)``, ``rstd_fwd = rstd_bwd`` while
-    ``t <= warmup_updates``, else ``1/sqrt(phi + eps)``; the new running statistic is
+    With ``t = iters + 1`` and the warmup clock ``w = t`` (``cfg.clock`` when the warmup counts
+    optimizer updates): ``rstd_bwd = 1/sqrt(psi_B^2 + eps)``, ``rstd_fwd = rstd_bwd`` while
+    ``w <= warmup_updates``, else ``1/sqrt(phi + eps)``; the new running statistic is
     ``alpha_fwd phi' + (1 - alpha_fwd) psi_B^2`` with ``phi' = phi (t-1)/t + psi_B^2/t`` while
-    ``t < warmup_updates``, else ``phi' = phi`` (unchanged for a batch without real tokens).
+    ``w < warmup_updates``, else ``phi' = phi`` (unchanged for a batch without real tokens).
 
     Shape: phi, psi2_b ``(C,)``; iters ``(1,)`` long; count ``()``.
 
@@ -52,8 +56,9 @@ def reference_running_step(phi: Tensor, iters: Tensor, psi2_b: Tensor, count: Te
     phi_c = phi.to(psi2_b.dtype)
     t = new_iters.to(psi2_b.dtype)
     rstd_bwd = torch.rsqrt(psi2_b + cfg.eps)
-    rstd_fwd = torch.where(t <= cfg.warmup_updates, rstd_bwd, torch.rsqrt(phi_c + cfg.eps))
-    cumulative = torch.where(t < cfg.warmup_updates, phi_c * (t - 1) / t + psi2_b / t, phi_c)
+    w = t if cfg.clock is None else torch.full_like(t, cfg.clock)
+    rstd_fwd = torch.where(w <= cfg.warmup_updates, rstd_bwd, torch.rsqrt(phi_c + cfg.eps))
+    cumulative = torch.where(w < cfg.warmup_updates, phi_c * (t - 1) / t + psi2_b / t, phi_c)
     new = cfg.alpha_fwd * cumulative + (1.0 - cfg.alpha_fwd) * psi2_b
     new_phi = torch.where(count > 0, new, phi_c).to(phi.dtype)
     return rstd_fwd, rstd_bwd, new_phi, new_iters
@@ -222,8 +227,9 @@ class PowerNormReference(MaskedNorm):
     - D7: no cross-rank sync unless ``sync_stats=True`` (then ``psi_B^2``, the position count and
       the ``ema_gz`` increment are all-reduced: an opt-in departure from the released code).
 
-    The step counter ``iters`` is incremented on every training forward call (not per optimizer
-    update) and is not touched in eval, where ``y = weight * x / sqrt(running_phi + eps) + bias``
+    The step counter ``iters`` is incremented on every training forward call and is not touched
+    in eval (with ``warmup_unit="forwards"`` it is also the warmup's clock, as released; with
+    ``"updates"`` the warmup counts optimizer updates instead), where ``y = weight * x / sqrt(running_phi + eps) + bias``
     on the group-scaled ``x``. ``affine`` works (the released code ignores it). A batch without
     real tokens leaves ``running_phi`` and ``ema_gz`` unchanged (the released code would divide by
     zero).
@@ -237,7 +243,11 @@ class PowerNormReference(MaskedNorm):
         num_features: ``C``.
         eps: Default: 1e-5.
         alpha_fwd, alpha_bkw: Default: 0.9, 0.9.
-        warmup_updates: the released ``warmup_iters`` (in forward calls). Default: 0.
+        warmup_updates: the released ``warmup_iters``, in ``warmup_unit``s. Default: 0.
+        warmup_unit: ``"updates"`` (optimizer updates, told by :meth:`set_num_updates`, as the
+            paper variant; the running statistic's cumulative average still weighs each forward)
+            or ``"forwards"`` (training forward calls: the released count, number for number).
+            Default: ``"updates"``.
         group_num: GroupScaling groups, 0 = off. Default: 1.
         affine, sync_stats, process_group, device, dtype: see
             :class:`~powernorm_fairseq.norms.base.MaskedNorm`.
@@ -267,15 +277,19 @@ class PowerNormReference(MaskedNorm):
                  alpha_bkw: float = ALPHA_BKW, warmup_updates: int = WARMUP_UPDATES,
                  group_num: int = REFERENCE_GROUP_NUM,
                  affine: bool = True, sync_stats: bool = False, process_group=None,
-                 device=None, dtype=None):
-        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+                 device=None, dtype=None, batch_first: bool = False, warmup_unit: str = WARMUP_UNIT):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype,
+                         batch_first=batch_first)
         check_alpha("alpha_fwd", alpha_fwd)
         check_alpha("alpha_bkw", alpha_bkw)
         check_group_num(num_features, group_num)
         if warmup_updates < 0:
             raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
+        if warmup_unit not in WARMUP_UNITS:
+            raise ValueError(f"warmup_unit must be one of {', '.join(WARMUP_UNITS)}, got {warmup_unit!r}")
         self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
-        self.warmup_updates, self.group_num = warmup_updates, group_num
+        self.warmup_updates, self.group_num, self.warmup_unit = warmup_updates, group_num, warmup_unit
+        self._num_updates_host = 0  # the optimizer updates told (warmup_unit="updates")
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("running_phi", torch.ones(1, num_features, 1, 1, **factory))
         self.register_buffer("ema_gz", torch.zeros(1, num_features, 1, 1, **factory))
@@ -311,7 +325,7 @@ class PowerNormReference(MaskedNorm):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, variant=reference, alpha_fwd={self.alpha_fwd}, "
                 f"alpha_bkw={self.alpha_bkw}, warmup_updates={self.warmup_updates}, "
-                f"group_num={self.group_num}")
+                f"group_num={self.group_num}, warmup_unit={self.warmup_unit}")
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[Tensor, Tensor]:
@@ -344,6 +358,8 @@ class PowerNormReference(MaskedNorm):
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
         weight, bias = self._affine_or_identity(x2d.dtype)
         if self.training:
+            if self.warmup_unit == "updates" and self._num_updates_host < self.warmup_updates:
+                self._check_warmup_clock()
             self._calls_since_check += 1
             if self._calls_since_check >= self.check_every:
                 self.check_stability()
@@ -365,6 +381,10 @@ class PowerNormReference(MaskedNorm):
         phi = self.running_phi.view(-1).to(x2d.dtype)
         return torch.addcmul(bias, x2d, weight * torch.rsqrt(phi + self.eps))
 
+    def set_num_updates(self, num_updates: int) -> None:
+        self._told, self._num_updates_host = True, int(num_updates)
+
     def _config(self) -> ReferenceConfig:
+        clock = None if self.warmup_unit == "forwards" else self._num_updates_host + 1
         return ReferenceConfig(self.eps, self.alpha_fwd, self.alpha_bkw, self.warmup_updates,
-                               self.group_num)
+                               self.group_num, clock)

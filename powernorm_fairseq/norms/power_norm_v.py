@@ -52,8 +52,9 @@ class PowerNormV(MaskedNorm):
 
     def __init__(self, num_features: int, eps: float = EPS, momentum: float = MOMENTUM,
                  affine: bool = True, sync_stats: bool = False, process_group=None,
-                 device=None, dtype=None, group_num: int = 0):
-        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype)
+                 device=None, dtype=None, group_num: int = 0, batch_first: bool = False):
+        super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype,
+                         batch_first=batch_first)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         check_group_num(num_features, group_num)

@@ -161,10 +161,18 @@ def build_norm(name: str, num_features: int, **kwargs):
     cls = norm_class(name, variant)
     label = repr(name) + (f" (variant={variant or default_variant(name)!r})" if variants else "")
     accepted = accepted_kwargs(cls)
+    # the layout is the base class's (MaskedNorm.batch_first), so a norm whose own signature
+    # does not name it still takes it
+    layout = {} if "batch_first" in accepted else {k: kwargs.pop(k) for k in ("batch_first",) if k in kwargs}
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for norm {label}; accepted: {accepted}")
-    return cls(num_features, **kwargs)
+    norm = cls(num_features, **kwargs)
+    if layout:
+        if not hasattr(norm, "batch_first"):
+            raise ValueError(f"norm {label} takes no batch_first (not a MaskedNorm)")
+        norm.batch_first = bool(layout["batch_first"])
+    return norm
 
 
 def build_norm_from_options(name: str, num_features: int, options, *, num_heads: int = 1,

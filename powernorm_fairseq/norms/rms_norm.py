@@ -44,8 +44,8 @@ class RMSNorm(MaskedNorm):
     stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True, bias: bool = False,
-                 device=None, dtype=None):
-        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias)
+                 device=None, dtype=None, batch_first: bool = False):
+        super().__init__(num_features, eps, affine, device=device, dtype=dtype, bias=bias, batch_first=batch_first)
         self.reset_parameters()
 
     def extra_repr(self) -> str:
