@@ -112,6 +112,19 @@ def test_two_cpu_workers_resume_as_if_uninterrupted(data_bin, tmp_path, sync):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_a_failed_worker_says_why_and_keeps_its_log(data_bin, tmp_path):
+    """Issue 38 item 5: a worker's own error reaches the user (its log beside train.log, and its
+    last lines in the failure message), not only the other ranks' "Connection closed by peer"."""
+    args = train.build_parser().parse_args(["flags", "ln", "--data", str(data_bin), "--save-dir",
+                                            str(tmp_path / "ckpt"), "--cpu-workers", "2"])
+    with pytest.raises(SystemExit) as failed:
+        train.train(args, [*TINY, "--max-update", "1", "--lr-scheduler", "no_such_scheduler"],
+                    echo=lambda line: None)
+    message = str(failed.value)
+    assert "--- rank 1 (exit" in message and "no_such_scheduler" in message.split("--- rank 1")[1]
+    assert "no_such_scheduler" in (tmp_path / "ckpt" / "train.rank1.log").read_text()
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(data_bin, tmp_path):
     schedule = ["--max-update", "30", "--save-interval-updates", "6", "--cpu"]
