@@ -112,6 +112,18 @@ def test_two_cpu_workers_resume_as_if_uninterrupted(data_bin, tmp_path, sync):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_torchrun_on_cpu_is_refused_before_anything_starts(data_bin, tmp_path, monkeypatch):
+    """Issue 38 item 2: torchrun on CPU trained independent copies silently (fairseq's world size
+    counts GPUs); it is refused, naming --cpu-workers, with nothing written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    args = train.build_parser().parse_args(["flags", "ln", "--data", str(data_bin), "--save-dir",
+                                            str(tmp_path / "ckpt"), "--cpu"])
+    with pytest.raises(SystemExit, match="torchrun with 2 processes on CPU.*--cpu-workers N"):
+        train.train(args, [*TINY, "--max-update", "1"], echo=lambda line: None)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_failed_worker_says_why_and_keeps_its_log(data_bin, tmp_path):
     """Issue 38 item 5: a worker's own error reaches the user (its log beside train.log, and its
     last lines in the failure message), not only the other ranks' "Connection closed by peer"."""

@@ -158,15 +158,32 @@ def world_size(args) -> tuple[int, str]:
     if args.cpu_workers:
         return args.cpu_workers, "cpu-workers"
     if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"]), "torchrun"
+        world = int(os.environ["WORLD_SIZE"])
+        if world > 1 and not _cuda(args):
+            # fairseq sizes its world from the CUDA devices and ignores torchrun's environment on
+            # CPU: each rank trained its own copy into the same save dir, silently (issue 38)
+            raise SystemExit(
+                f"error: torchrun with {world} processes on CPU: fairseq-fixed would train {world} "
+                "independent copies (its world size counts GPUs). On one machine use "
+                "--cpu-workers N instead (one model over N gloo workers); training on several CPU "
+                "machines is not supported. Nothing was started.")
+        return world, "torchrun"
     if "SLURM_NTASKS" in os.environ and args.port:
         return int(os.environ["SLURM_NTASKS"]), "slurm"
-    if not args.cpu:
+    if _cuda(args):
         import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.device_count(), "local-gpus"
+        return torch.cuda.device_count(), "local-gpus"
     return 1, "cpu"
+
+
+def _cuda(args) -> bool:
+    """Whether this launch trains on GPUs (not ``--cpu``, and CUDA is there)."""
+    if args.cpu:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def scale_update_freq(per_rank: int, update_freq: int, world: int, target: int | None,
