@@ -165,7 +165,7 @@ def test_records_of_a_replaced_average_are_removed(tmp_path):
     avg = tmp_path / "checkpoint_avg.pt"
     average.average_checkpoints([a, b], avg)
     records = [tmp_path / n for n in ("checkpoint_avg.bleu.json", "checkpoint_avg.bleu.hyp.txt",
-                                      "checkpoint_avg.ppl.json")]
+                                      "checkpoint_avg.bleu.hyp.tok.txt", "checkpoint_avg.ppl.json")]
     other = tmp_path / "checkpoint2.bleu.json"  # a record of another checkpoint stays
     for r in [*records, other]:
         r.write_text("{}")

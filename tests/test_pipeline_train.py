@@ -61,6 +61,25 @@ def test_preset_batch_follows_the_paper_and_overrides(tmp_path):
         train.build_preset_command(args, ["--max-update", "3"], 1)
 
 
+def test_preset_paths_with_a_comma_stay_one_value(tmp_path):
+    """Issue 38 item 7: a comma in the working directory's path made hydra read task.data as a
+    list ("Ambiguous value for argument"); the launcher quotes the paths it passes."""
+    from powernorm_fairseq import presets
+
+    where = tmp_path / "runs, old" / "it's"
+    args = train.build_parser().parse_args(["multi30k", "ln", "--data", str(where / "data-bin"),
+                                            "--save-dir", str(where / "ckpt")])
+    args.data, args.save_dir = where / "data-bin", where / "ckpt"
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cmd, _ = train.build_preset_command(args, [], 1)
+    data = next(a for a in cmd if a.startswith("task.data="))
+    assert presets.compose(cmd[cmd.index("--config-name") + 1], [data]).task.data == str(where / "data-bin")
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(
+        [a for a in cmd if a.startswith(("checkpoint.save_dir=", "hydra.run.dir="))])}
+    assert parsed == {"checkpoint.save_dir": str(where / "ckpt"), "hydra.run.dir": str(where / "ckpt" / "hydra")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sync", [False, True], ids=["per-worker-stats", "norm-sync-stats"])
 def test_two_cpu_workers_train_one_model(data_bin, tmp_path, sync):

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from powernorm_fairseq.pipeline.common import atomic_path, log
+from powernorm_fairseq.pipeline.evaluate import record_files
 
 # Names fairseq itself writes and reads back (resume, best, epoch/update checkpoints).
 _FAIRSEQ_NAMES = re.compile(r"checkpoint(_last|_best|\d+|_\d+_\d+)\.pt|checkpoint\.best_.*\.pt")
 # Evaluation records of a checkpoint C at their default paths (pipeline/evaluate.py).
-RECORD_SUFFIXES = (".bleu.json", ".bleu.hyp.txt", ".ppl.json")
 
 # Config fields whose difference means a different model (shapes are checked separately).
 _ARCH_KEY = re.compile(r"(^arch$|^_name$|layers|embed_dim|ffn|heads|norm|^share|^pn_|^bn_|"
@@ -154,12 +154,12 @@ def check_output(output: Path, inputs: list[Path], force: bool) -> None:
                          "from or averaged again. Use another name, e.g. checkpoint_avg.pt")
     if output.exists() and not force:
         raise SystemExit(f"--output {output} exists; pass --force to replace it (its evaluation "
-                         f"records {', '.join('*' + s for s in RECORD_SUFFIXES)} are then removed)")
+                         f"records {', '.join(p.name for p in record_files(output))} are then removed)")
 
 
 def stale_records(output: Path) -> list[Path]:
     """The evaluation records of ``output`` at their default paths that exist."""
-    return [r for s in RECORD_SUFFIXES if (r := output.with_suffix(s)).exists()]
+    return [r for r in record_files(output) if r.exists()]
 
 
 def average_checkpoints(inputs: list[str | Path], output: str | Path, *, force: bool = False) -> dict:
@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "name fairseq writes (checkpoint_last.pt, checkpoint_best.pt, checkpointE.pt, "
                    "checkpoint_E_U.pt)")
     p.add_argument("--force", action="store_true",
-                   help="replace an existing --output (its .bleu.json/.bleu.hyp.txt/.ppl.json "
-                   "records are deleted with it)")
+                   help="replace an existing --output (its evaluation records, <output>.bleu.json "
+                   "with its translations and <output>.ppl.json, are deleted with it)")
     return p
 
 

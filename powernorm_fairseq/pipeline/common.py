@@ -214,6 +214,13 @@ def subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
+
+def hydra_quote(value) -> str:
+    """``value`` as a quoted hydra override value: a path with a comma, a space, brackets or an
+    equals sign is one string, not a list or a sweep (``task.data='/a,b/data-bin'``)."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
 def git(path: str | os.PathLike, *args: str) -> str:
     """``git -C path ARGS``'s stripped stdout; a failure is a CalledProcessError (no git at all:
     FileNotFoundError)."""

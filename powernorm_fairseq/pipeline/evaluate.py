@@ -53,6 +53,20 @@ _HYP = re.compile(r"^H-(\d+)\t\S+\t(.*)$")
 _EVAL_LM = re.compile(r"Evaluated ([\d,]+) tokens in ([\d.]+)s")
 _PPL = re.compile(r"Loss \(base 2\): ([\d.]+|nan|inf), Perplexity: ([\d.]+|nan|inf)")
 
+#: what an evaluation writes by default: its record beside the checkpoint (``<checkpoint>`` +
+#: the record's suffix) and the files beside the record (the record's path, suffix replaced)
+RECORDS = {"bleu": (".bleu.json", (".hyp.txt", ".hyp.tok.txt")), "ppl": (".ppl.json", ())}
+
+
+def record_files(checkpoint: str | Path) -> list[Path]:
+    """Every file an evaluation of ``checkpoint`` writes at its default paths, each metric's
+    record and its translations (what a replaced checkpoint must not leave behind)."""
+    out = []
+    for record, beside in RECORDS.values():
+        path = Path(checkpoint).with_suffix(record)
+        out += [path, *(path.with_suffix(s) for s in beside)]
+    return out
+
 
 def load_prepared(data: str | Path) -> tuple[Path, dict]:
     """(prepared root, prepare.json record) for a prepared root or its ``data-bin``."""
@@ -147,10 +161,11 @@ def evaluate_bleu(args) -> dict:
     hyps_tok = [hyps[i] for i in range(n_test)]
     scores = score_bleu(hyps_tok, refs_tok, refs_raw, lang=prep["tgt"],
                         case_sensitive=recipe["case_sensitive"], compound=recipe["compound_split"])
-    out = Path(args.out or Path(args.checkpoint).with_suffix(".bleu.json"))
-    atomic_write_lines(out.with_suffix(".hyp.txt"), scores.pop("hyps_detok"))
+    record_suffix, (detok_suffix, tok_suffix) = RECORDS["bleu"]
+    out = Path(args.out or Path(args.checkpoint).with_suffix(record_suffix))
+    atomic_write_lines(out.with_suffix(detok_suffix), scores.pop("hyps_detok"))
     # the hypotheses as the paper's metric scores them (paired bootstrap of the tokenized BLEU)
-    atomic_write_lines(out.with_suffix(".hyp.tok.txt"), scores.pop("hyps_paper"))
+    atomic_write_lines(out.with_suffix(tok_suffix), scores.pop("hyps_paper"))
     record = {
         "metric": "bleu", "value": scores["bleu_tokenized"]["score"],
         "metric_definition": ("tokenized BLEU, " + ("case-sensitive, compound-split"
@@ -158,8 +173,8 @@ def evaluate_bleu(args) -> dict:
         **scores, "beam": beam, "lenpen": lenpen, "recipe": args.recipe or prep["corpus"],
         "checkpoint": str(Path(args.checkpoint).resolve()), "data": str(root),
         "n_sentences_scored": len(hyps_tok), "n_test_sentences": n_test,
-        "hypotheses": str(out.with_suffix(".hyp.txt")),
-        "hypotheses_tokenized": str(out.with_suffix(".hyp.tok.txt")), "command": args.command,
+        "hypotheses": str(out.with_suffix(detok_suffix)),
+        "hypotheses_tokenized": str(out.with_suffix(tok_suffix)), "command": args.command,
         "fairseq_command": " ".join(cmd), "git_commit": git_commit(), "hardware": hardware(),
         "wall_s": round(time.time() - t0, 1)}
     atomic_write_json(out, record)
@@ -245,7 +260,7 @@ def evaluate_ppl(args) -> dict:
     if scored != expected:
         raise SystemExit(f"fairseq-eval-lm scored {scored} tokens, the test set has {expected}; "
                          "some tokens were skipped (e.g. infinite scores); not reporting a PPL.")
-    out = Path(args.out or Path(args.checkpoint).with_suffix(".ppl.json"))
+    out = Path(args.out or Path(args.checkpoint).with_suffix(RECORDS["ppl"][0]))
     record = {"metric": "perplexity", "value": float(m_ppl.group(2)),
               "loss_base2": float(m_ppl.group(1)), "checkpoint": str(Path(args.checkpoint).resolve()),
               "data": str(root), "n_tokens_scored": scored, "n_test_tokens": expected,
@@ -275,10 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--context-window", type=int, default=0,
                     help="tokens of left context carried into each block (fairseq-eval-lm)")
     lm.add_argument("--max-tokens", type=int, default=4096)
-    for s in (b, lm):
+    for s, metric in ((b, "bleu"), (lm, "ppl")):
         s.add_argument("--data", required=True, help="the prepared directory (or its data-bin)")
         s.add_argument("--checkpoint", required=True)
-        s.add_argument("--out", help="JSON record (default: <checkpoint>.bleu.json / .ppl.json)")
+        record, beside = RECORDS[metric]
+        s.add_argument("--out", help=f"the JSON record (default: <checkpoint>{record})"
+                       + (f"; the translations go beside it ({', '.join(f'<record>{x}' for x in beside)}, "
+                          "the record's suffix replaced)" if beside else ""))
     return p
 
 

@@ -70,6 +70,7 @@ from powernorm_fairseq.pipeline.common import (
     git,
     git_commit,
     hardware,
+    hydra_quote,
 )
 from powernorm_fairseq.presets import PAPER_NORMS, config_dir, preset_names
 
@@ -504,7 +505,7 @@ class Run:
         return runner.train_argv(
             self.campaign.prefix(self.corpus), self.norm, data, self.dir,
             [f"common.seed={self.seed}", *self.campaign.overrides(self.spec),
-             *(["++model.track_norm_stats=" + str(self.dir / "norm_stats.csv")]
+             *(["++model.track_norm_stats=" + hydra_quote(self.dir / "norm_stats.csv")]
                if self.tracks() else []),
              *self.args.override])
 

@@ -58,6 +58,7 @@ from powernorm_fairseq.pipeline.common import (
     atomic_write_text,
     die_with_parent,
     git_commit,
+    hydra_quote,
     invocation,
     log,
     python_module_cmd,
@@ -256,9 +257,10 @@ def build_preset_command(args, overrides: list[str], world: int) -> tuple[list[s
     ds, opt = cfg.get("dataset", {}) or {}, cfg.get("optimization", {}) or {}
     # No common.user_dir: the hydra entry (powernorm_fairseq.hydra_train) imports the plugin
     # itself, so a preset resolves to the same config here as with `powernorm-hydra-train`.
+    # quoted: a path with a comma (or a space, a bracket) would be a list to hydra
     hydra_args = ["--config-dir", str(path.parent), "--config-name", path.stem,
-                  f"task.data={args.data}", f"checkpoint.save_dir={args.save_dir}",
-                  f"hydra.run.dir={args.save_dir}/hydra"]
+                  f"task.data={hydra_quote(args.data)}", f"checkpoint.save_dir={hydra_quote(args.save_dir)}",
+                  f"hydra.run.dir={hydra_quote(Path(args.save_dir) / 'hydra')}"]
     # The preset's batch (max_tokens or batch_size, times update_freq) is the paper's, the target.
     # A per-rank batch given as an override takes part in the arithmetic; an explicit update_freq
     # override is kept as is. Hydra refuses a key given twice, so ours replace the user's.
