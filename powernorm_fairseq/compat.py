@@ -175,7 +175,8 @@ def _checked_load_checkpoint_to_cpu(load):
         if _TRAINING_LOAD.get("active") and not _TRAINING_LOAD.get("reset_optimizer") \
                 and isinstance(state, dict) and state.get("average"):
             raise CheckpointError(
-                f"{path} is an average of checkpoints (scripts/average_checkpoints.py): it has no "
+                f"{path} is an average of checkpoints (scripts/average_checkpoints.py, "
+                "powernorm-average): it has no "
                 "optimizer state and no position in the data, so training cannot resume from it. "
                 "To continue the run, train from its checkpoint_last.pt; to fine-tune from the "
                 "averaged weights, add --reset-optimizer --reset-dataloader --reset-meters."

@@ -95,3 +95,13 @@ def test_wheel_installs_and_its_stages_run_outside_the_checkout(installed, tmp_p
 
     for script in ("prepare", "train", "evaluate", "reproduce", "quickstart", "hydra-train"):
         assert (installed / f"powernorm-{script}").is_file(), script
+
+
+def test_the_license_is_an_spdx_expression():
+    """Issue 38 item 10: ``license = { text = "MIT" }`` is deprecated by setuptools (removal
+    announced for 2027-02-18); the SPDX string form, with a build backend that reads it."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    assert "setuptools>=77" in project["build-system"]["requires"]

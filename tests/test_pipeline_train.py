@@ -239,3 +239,16 @@ def test_refused_launch_leaves_the_runs_records_intact(mode, data_bin, tiny_lm_d
     assert "does not fit the model being trained" in (save / "train.log").read_text()
     assert _records(save) == before
     assert not (save / "hydra" / ".hydra.pending").exists()
+
+
+def test_messages_name_the_console_scripts_when_installed(tmp_path, monkeypatch):
+    """Issue 38 item 9: an installed package has no scripts/; its messages name the console
+    scripts (a checkout's name its scripts)."""
+    from powernorm_fairseq.pipeline import common
+
+    with pytest.raises(SystemExit, match=r"run scripts/prepare_<corpus>\.sh first"):
+        train.check_data_dir(tmp_path / "nope")
+    monkeypatch.setattr(common, "PLUGIN_DIR", tmp_path / "site-packages" / "powernorm_fairseq")
+    with pytest.raises(SystemExit, match="run powernorm-prepare <corpus> first"):
+        train.check_data_dir(tmp_path / "nope")
+    assert train.build_parser().prog == "powernorm-train"

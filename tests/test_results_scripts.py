@@ -1072,3 +1072,13 @@ def test_core_hours_count_a_records_own_threads_not_the_status_calls(tmp_path, m
                                             root=str(tmp_path))
         hours[threads] = reproduce.Run("multi30k", "bn", 1, args).core_hours()
     assert hours[None] == hours[1] == 1.0
+
+
+def test_status_outside_a_project_writes_nothing(tmp_path, monkeypatch):
+    """Issue 38 item 9: ``powernorm-reproduce multi30k --status`` in any directory created
+    results/status.md there; outside a project directory it is refused, nothing written."""
+    reproduce = load_script("reproduce")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="--status: .* has no results/ directory"):
+        reproduce.main(["multi30k", "--status"])
+    assert list(tmp_path.iterdir()) == []

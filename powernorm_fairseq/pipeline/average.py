@@ -199,7 +199,7 @@ def average_checkpoints(inputs: list[str | Path], output: str | Path, *, force: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="average_checkpoints", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="powernorm-average", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--inputs", nargs="+", help="checkpoint files, or one directory with "
                      "--num-epoch-checkpoints/--num-update-checkpoints")

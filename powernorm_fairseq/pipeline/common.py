@@ -215,6 +215,14 @@ def subprocess_env(extra: dict | None = None) -> dict:
 
 
 
+
+def stage_command(script: str, console: str) -> str:
+    """How the user runs a stage, for a message: the checkout's ``script`` (``scripts/...``)
+    where this package runs from a checkout, else the installed ``console`` script (an installed
+    wheel has no ``scripts/``)."""
+    checkout = PLUGIN_DIR.parent
+    return script if (checkout / "scripts").is_dir() and (checkout / "pyproject.toml").is_file() else console
+
 def hydra_quote(value) -> str:
     """``value`` as a quoted hydra override value: a path with a comma, a space, brackets or an
     equals sign is one string, not a list or a sweep (``task.data='/a,b/data-bin'``)."""

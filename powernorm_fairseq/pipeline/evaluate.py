@@ -39,6 +39,7 @@ from powernorm_fairseq.pipeline.common import (
     python_module_cmd,
     read_lines,
     run_cmd,
+    stage_command,
 )
 from powernorm_fairseq.pipeline.train import check_data_dir
 
@@ -223,11 +224,13 @@ def check_trained_for(checkpoint: str | Path, metric: str) -> None:
     task = str(trained["task"] or "")
     if metric == "ppl" and task.startswith("translation"):
         raise SystemExit(f"{checkpoint} is a translation model (task {task}, arch "
-                         f"{trained['arch']}); evaluate it with scripts/evaluate_bleu.sh, not "
-                         "evaluate_ppl.sh (perplexity is for language models).")
+                         f"{trained['arch']}); evaluate it with "
+                         f"{stage_command('scripts/evaluate_bleu.sh', 'powernorm-evaluate bleu')}, not the "
+                         "perplexity (for language models).")
     if metric == "bleu" and task == "language_modeling":
         raise SystemExit(f"{checkpoint} is a language model (arch {trained['arch']}); evaluate "
-                         "it with scripts/evaluate_ppl.sh, not evaluate_bleu.sh.")
+                         f"it with {stage_command('scripts/evaluate_ppl.sh', 'powernorm-evaluate ppl')}, "
+                         "not BLEU.")
 
 
 def trained_tokens_per_sample(checkpoint: str | Path) -> int:
@@ -273,7 +276,7 @@ def evaluate_ppl(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="powernorm-evaluate", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="metric", required=True)
     b = sub.add_parser("bleu", help="translation: tokenized BLEU (paper) and detokenized sacreBLEU")
     b.add_argument("--recipe", choices=sorted(RECIPES), help="default: the prepared corpus's name")

@@ -1092,7 +1092,7 @@ def project_root(args) -> Path:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="reproduce", description=__doc__,
+    p = argparse.ArgumentParser(prog="powernorm-reproduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", choices=sorted(CORPORA))
     p.add_argument("--campaign", choices=sorted(CAMPAIGNS), default="converged",
@@ -1149,6 +1149,9 @@ def main(argv=None) -> None:
         supersede(args)
         return
     if args.status:
+        if not (project_root(args) / "results").is_dir():  # not a project directory: write nothing
+            raise SystemExit(f"--status: {project_root(args)} has no results/ directory, so no campaign "
+                             "has run here; run from the project directory or pass --root DIR")
         write_status(args)
         return
     compare = CAMPAIGNS[args.campaign].significance

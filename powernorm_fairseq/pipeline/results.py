@@ -683,7 +683,7 @@ TABLES = {
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="make_results", description=__doc__,
+    p = argparse.ArgumentParser(prog="powernorm-results", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=".",
                    help="the project directory: results/ (its records are read, its tables "

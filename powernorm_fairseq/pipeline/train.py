@@ -63,6 +63,7 @@ from powernorm_fairseq.pipeline.common import (
     log,
     python_module_cmd,
     subprocess_env,
+    stage_command,
 )
 from powernorm_fairseq.pipeline.rank import ON_START_ENV
 
@@ -82,8 +83,9 @@ def check_data_dir(data: str | Path, splits: tuple[str, ...] = ("train", "valid"
     """
     data = Path(data)
     if not data.is_dir():
-        raise SystemExit(f"data directory {data} does not exist: run scripts/prepare_<corpus>.sh "
-                         "first (or pass --data to the data-bin directory it wrote).")
+        prepare = stage_command("scripts/prepare_<corpus>.sh", "powernorm-prepare <corpus>")
+        raise SystemExit(f"data directory {data} does not exist: run {prepare} first (or pass "
+                         "--data to the data-bin directory it wrote).")
     markers = data.parent / ".done"
     if markers.is_dir() and not (markers / "binarize").exists():
         raise SystemExit(f"{data} is from an unfinished prepare run (no {markers / 'binarize'}); "
@@ -459,7 +461,7 @@ def check_rank_digests(digest_dir: Path, world: int) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `--cpu-worker 2` must not silently mean --cpu-workers (see _no_abbreviations).
-    p = argparse.ArgumentParser(prog="train", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="powernorm-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")

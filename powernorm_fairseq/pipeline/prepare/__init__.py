@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         textwrap.fill(corpus.from_layout, 98, initial_indent=f"  {name}: ",
                       subsequent_indent="      ")
         for name, corpus in CORPORA.items())
-    p = argparse.ArgumentParser(prog="prepare", description=__doc__.split("\n")[0], epilog=epilog,
+    p = argparse.ArgumentParser(prog="powernorm-prepare", description=__doc__.split("\n")[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("corpus", choices=sorted(CORPORA))
     p.add_argument("--from", dest="from_dir", metavar="DIR",

@@ -8,7 +8,7 @@ import re
 import urllib.request
 from pathlib import Path
 
-from powernorm_fairseq.pipeline.common import atomic_path, log
+from powernorm_fairseq.pipeline.common import atomic_path, log, stage_command
 
 from .registry import CORPORA
 
@@ -69,7 +69,8 @@ def download(url: str, dest: Path, corpus: str, hint: str) -> Path:
     except OSError as e:
         raise SystemExit(
             f"download failed: {url} ({e}).\n"
-            f"If you have a copy, pass it with: scripts/prepare_{corpus}.sh --from DIR "
+            f"If you have a copy, pass it with: "
+            f"{stage_command(f'scripts/prepare_{corpus}.sh', f'powernorm-prepare {corpus}')} --from DIR "
             f"(DIR holding {hint}).") from e
     return dest
 
