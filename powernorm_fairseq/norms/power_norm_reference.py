@@ -16,7 +16,15 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from .autograd import PRESCALE_EPS, check_alpha, check_group_num
 from .base import MaskedNorm
-from .defaults import ALPHA_BKW, ALPHA_FWD, EPS, REFERENCE_GROUP_NUM, WARMUP_UNIT, WARMUP_UNITS, WARMUP_UPDATES
+from .defaults import (
+    ALPHA_BKW,
+    ALPHA_FWD,
+    EPS,
+    REFERENCE_GROUP_NUM,
+    WARMUP_UNIT,
+    WARMUP_UNITS,
+    WARMUP_UPDATES,
+)
 from .distributed import maybe_all_reduce
 from .functional import column_sum, group_rms_scale, token_count, zero_pads_
 from .power_norm_paper import power_options

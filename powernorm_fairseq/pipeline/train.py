@@ -62,8 +62,8 @@ from powernorm_fairseq.pipeline.common import (
     invocation,
     log,
     python_module_cmd,
-    subprocess_env,
     stage_command,
+    subprocess_env,
 )
 from powernorm_fairseq.pipeline.rank import ON_START_ENV
 
