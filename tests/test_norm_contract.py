@@ -263,3 +263,17 @@ def test_every_registered_norm_trains_under_fairseq_user_dir(cfg, fairseq_cli, t
     log = proc.stdout + proc.stderr
     assert "num_updates=3" in log or "num_updates 3" in log, log[-2000:]
     assert "nan" not in log.split("num_updates=3")[0].lower().split("| train_inner |")[-1]
+
+
+def test_a_plain_training_forward_keeps_no_snapshot(cfg):
+    """Issue 35 item 7 / issue 39: the recomputation snapshot (a copy of every buffer) is taken
+    only where a forward may be recomputed (activation checkpointing), not at every training
+    forward."""
+    norm = _make(cfg)
+    if not norm.stateful:
+        pytest.skip("a stateless norm keeps no snapshots")
+    x, pad = _batch()
+    _step(norm, x.float(), pad)
+    assert len(norm._snapshots) == 0
+    checkpoint(norm, x.float().requires_grad_(), pad, use_reentrant=False)
+    assert len(norm._snapshots) == 1

@@ -23,6 +23,19 @@ from .distributed import sync_enabled
 from .functional import keep_vector
 
 
+def _may_be_recomputed() -> bool:
+    """Whether a training forward running now may be recomputed in the backward, so that the
+    norm must keep a snapshot of its state (the one place that tells; torch has no public API):
+    under reentrant checkpointing (``torch.utils.checkpoint(use_reentrant=True)``, fairseq's
+    ``--checkpoint-activations``) the first pass runs without gradients; non-reentrant
+    checkpointing (and ``--offload-activations``) installs saved-tensor hooks. A plain training
+    forward is neither, and pays no buffer copy. Where the torch build lacks the query, always."""
+    if not torch.is_grad_enabled():
+        return True
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
 def set_num_updates(model: nn.Module, num_updates: int) -> None:
     """Tell every norm of ``model`` the number of optimizer updates done, as fairseq does after
     each update: call it after each ``optimizer.step()`` in a plain-torch loop, so that a PN
@@ -248,8 +261,9 @@ class MaskedNorm(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Normalize ``x`` (see the class docstring for shapes).
 
-        A training forward of a stateful norm that runs while autograd executes a backward pass
-        is a recomputation (``torch.utils.checkpoint``, reentrant or not; fairseq's
+        A training forward of a stateful norm that may be recomputed (under activation
+        checkpointing, :func:`_may_be_recomputed`) first keeps a snapshot of the buffers; one that
+        runs while autograd executes a backward pass is a recomputation (``torch.utils.checkpoint``, reentrant or not; fairseq's
         ``checkpoint_wrapper``, i.e. ``--checkpoint-activations``, with or without
         ``--offload-activations``). It runs on the state the original forward saw (a snapshot
         of the buffers taken before that forward, newest first) and leaves the state as it
@@ -273,7 +287,8 @@ class MaskedNorm(nn.Module):
             return self._forward(x, padding_mask)
         if torch._C._current_graph_task_id() != -1:  # inside a backward pass: a recomputation
             return self._recompute(x, padding_mask)
-        self._snapshots.append(self._snapshot())
+        if _may_be_recomputed():
+            self._snapshots.append(self._snapshot())
         return self._forward(x, padding_mask)
 
     def _snapshot(self) -> dict:
