@@ -40,14 +40,14 @@ def evaluate() -> None:
 
 def reproduce() -> None:
     """``powernorm-reproduce CORPUS ...``: the paper's campaigns, resumably."""
-    from powernorm_fairseq.pipeline.reproduce import main
+    from powernorm_fairseq.campaign.cli import main
 
     main()
 
 
 def results() -> None:
     """``powernorm-results``: the results tables and plots from the run records."""
-    from powernorm_fairseq.pipeline.results import main
+    from powernorm_fairseq.campaign.make import main
 
     main()
 

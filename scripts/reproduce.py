@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The paper's campaigns, resumably (``powernorm-reproduce``; see powernorm_fairseq/pipeline/reproduce.py)."""
+"""The paper's campaigns, resumably (``powernorm-reproduce``; see powernorm_fairseq/campaign/)."""
 from powernorm_fairseq.cli import reproduce
 
 reproduce()

@@ -1,6 +1,6 @@
 """One run of an orchestrator: train, average and evaluate one (norm, seed, size) point.
 
-The quickstart, ``pipeline/reproduce.py`` (the paper's campaigns) and the batch-size sweep
+The quickstart, :mod:`powernorm_fairseq.campaign` (the paper's campaigns) and the batch-size sweep
 (``analysis/sweep.py``) all run their points through these functions, so every caller gets what the
 pipeline's stages do, the same way:
 
