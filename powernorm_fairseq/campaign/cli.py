@@ -23,13 +23,15 @@ def supersede(args) -> None:
     checked before any record moves; with ``--commit`` the move is committed."""
     if not (args.reason or "").strip():
         raise SystemExit("--supersede: give --reason 'why' (kept in the set-aside record, and the tables show it)")
-    if args.campaign != "converged":
-        raise SystemExit(f"--supersede: only the converged campaign's runs are superseded, not {args.campaign}'s")
+    if not CAMPAIGNS[args.campaign].complete:
+        raise SystemExit(f"--supersede: only the runs of a campaign of every norm and seed (converged, "
+                         f"mechanism) are superseded, not {args.campaign}'s")
     runs = []
     for name in args.supersede.split(","):
         norm, _, seed = name.strip().rpartition("_s")
-        if norm not in NORMS or not seed.isdigit():
-            raise SystemExit(f"--supersede: {name!r} is not a run name <norm>_s<seed> (norms: {', '.join(NORMS)})")
+        norms = CAMPAIGNS[args.campaign].norms
+        if norm not in norms or not seed.isdigit():
+            raise SystemExit(f"--supersede: {name!r} is not a run name <norm>_s<seed> (norms: {', '.join(norms)})")
         runs.append(Run(args.corpus, norm, int(seed), args))
     refused = [r for run in runs if (r := run.supersede_refused(run.holder()))]
     if refused:

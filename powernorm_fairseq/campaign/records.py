@@ -102,7 +102,8 @@ class RunRecord:
         self.campaign = CAMPAIGNS[args.campaign]
         self.name = f"{norm}_s{seed}"
         self.root = project_root(args)
-        sub = "" if args.campaign == "pilot" else f"{args.campaign}/"  # the pilot's runs predate campaigns
+        runs = args.campaign if self.campaign.runs is None else self.campaign.runs
+        sub = f"{runs}/" if runs else ""
         self.dir = self.root / "runs" / f"{sub}{corpus}" / self.name
         self.record_path = self.root / self.campaign.records / corpus / f"{self.name}.json"
         self.record = self._read()

@@ -320,8 +320,7 @@ class Run(SetAside, RunRecord):
                 record_segment()
             (self.dir / "train.done").write_text("")
         parsed = parse_log(log)
-        if parsed.get("stopped_by") is None and parsed.get("last_epoch") and \
-                self.args.campaign != "pilot":
+        if parsed.get("stopped_by") is None and parsed.get("last_epoch") and self.cap() is not None:
             parsed["stopped_by"] = f"{STOP_CAP} ({parsed['last_epoch']} epochs; not converged by the rule)"
         self.save(status="evaluating", **parsed)
         if "avg" in self.campaign.evaluations:

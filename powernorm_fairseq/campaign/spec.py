@@ -61,6 +61,9 @@ class Campaign:
     tracked: tuple = ()          # (corpus, seed) pairs whose runs record the norm statistics
     norms: tuple = NORMS         # its norm configurations (configs/norm/), in its tables' order
     complete: bool = False       # its status table lists every norm x CONVERGED_SEEDS, run or not
+    runs: str | None = None      # run directories runs/<runs>/<corpus>/ (None: the campaign's name)
+    resume: str | None = None    # the arguments after <corpus> that resume it (None: it is not resumed)
+    resume_corpora: tuple | None = None  # the corpora it resumes on (None: every corpus with runs left)
 
     def prefix(self, corpus: str) -> str:
         return dict(self.prefixes).get(corpus, CORPORA[corpus].prefix)
@@ -75,19 +78,23 @@ CAMPAIGNS = {
     # Multi30k seed 1 of every norm records the first encoder norm's statistics (Figs. 2-4)
     "converged": Campaign("results/runs", lambda c: _to_convergence(c, AVERAGE_EPOCHS),
                           ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True,
-                          tracked=(("multi30k", 1),), complete=True),
+                          tracked=(("multi30k", 1),), complete=True,
+                          resume="--seeds 1,2,3 --threads 1 --commit"),
     # issue 36: PN's ingredients apart and the norms of today, with the converged campaign's
     # settings, protocol and seeds at its capped comparison (Multi30k 30 epochs, PTB 12); its
     # records sit beside the converged ones (the same LN of each seed is their baseline)
     "mechanism": Campaign("results/runs", lambda c: _to_convergence(c, AVERAGE_EPOCHS, max_epoch=first_cap(c)),
                           ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True,
-                          norms=("rms", "group_rms", "pnpaper_gs", "dyt", "pnv_gs"), complete=True),
+                          norms=("rms", "group_rms", "pnpaper_gs", "dyt", "pnv_gs"), complete=True,
+                          resume="--campaign mechanism --seeds 1,2,3 --threads 1 --commit"),
     # keeps every epoch checkpoint, with a higher cap: the run that sizes the campaign
     "budget": Campaign("results/budget", lambda c: _to_convergence(c, -1, max_epoch=80),
-                       ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS)),
-    # the pilot's PTB model was fairseq's standard transformer_lm_pn (configs/ptb_cpu_<norm>.yaml)
+                       ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS),
+                       resume="--campaign budget --norms ln --seeds 1 --threads 1", resume_corpora=("multi30k",)),
+    # the pilot's PTB model was fairseq's standard transformer_lm_pn (configs/ptb_cpu_<norm>.yaml);
+    # its run directories predate the campaigns (runs/<corpus>/)
     "pilot": Campaign("results/pilot/runs", lambda c: [], ("avg",), ("update", 3),
-                      prefixes=(("ptb", "ptb_cpu"),)),
+                      prefixes=(("ptb", "ptb_cpu"),), runs=""),
 }
 
 

@@ -40,19 +40,22 @@ def cost_left(done: list[tuple[float, float, int]], left: list[tuple[int, int | 
 
 def resume_lines(unfinished: dict[str, dict[str, int]]) -> list[str]:
     """The status table's closing paragraph: the commands that resume what is unfinished
-    (``unfinished``: campaign -> corpus -> runs not done), two jobs of 1 thread on the 2 cores.
-    Two jobs may run one corpus's command: a run one job holds is left to it by the other."""
-    corpora = [c for c, n in unfinished.get("converged", {}).items() if n]
-    retrain = unfinished.get("retrain", {})  # done at an earlier cap, their checkpoints gone
-    commands = [f"    python scripts/reproduce.py {c} --seeds 1,2,3 --threads 1 --commit"
-                + (" --retrain-capped" if retrain.get(c) else "") for c in corpora]
-    commands += [f"    python scripts/reproduce.py {c} --campaign mechanism --seeds 1,2,3 --threads 1 --commit"
-                 for c, n in unfinished.get("mechanism", {}).items() if n]
-    if unfinished.get("budget", {}).get("multi30k"):  # the sizing run, after the campaign
-        commands.append("    python scripts/reproduce.py multi30k --campaign budget --norms ln --seeds 1 --threads 1")
+    (``unfinished``: campaign -> corpus -> runs not done; ``"retrain"`` -> corpus -> done runs a
+    raised cap trains again from update 0), two jobs of 1 thread on the 2 cores, each campaign's
+    as its ``resume`` says. Two jobs may run one corpus's command: a run one job holds is left to
+    it by the other."""
+    retrain, commands = unfinished.get("retrain", {}), []
+    for name, campaign in CAMPAIGNS.items():
+        if campaign.resume is None:
+            continue
+        for corpus, n in unfinished.get(name, {}).items():
+            if n and corpus in (campaign.resume_corpora or (corpus,)):
+                extra = " --retrain-capped" if retrain.get(corpus) and name == next(iter(CAMPAIGNS)) else ""
+                commands.append(f"    python scripts/reproduce.py {corpus} {campaign.resume}{extra}")
     if not commands:
         return ["Nothing is left to run.", ""]
-    spare = max(corpora, key=lambda c: unfinished["converged"][c]) if corpora else None
+    first = unfinished.get(next(iter(CAMPAIGNS)), {})  # the default campaign's runs left
+    spare = max((c for c, n in first.items() if n), key=lambda c: first[c], default=None)
     return ["Resume everything unfinished with the same commands, in two jobs of 1 thread each (each "
             "skips what is done, continues a run from its last checkpoint and commits each finished "
             "run's record; a run one job holds is left to it by the other, so two jobs may run the "
@@ -77,7 +80,7 @@ def write_status(args) -> None:
         for corpus in CORPORA:
             # campaigns may share a records folder: each lists its own norms
             names = {p.stem for p in (project_root(args) / spec.records / corpus).glob("*.json")
-                     if p.stem.rpartition("_s")[0] in spec.norms or campaign in ("budget", "pilot")}
+                     if p.stem.rpartition("_s")[0] in spec.norms}
             if campaign == args.campaign and corpus == args.corpus:
                 names |= {f"{n}_s{s}" for n in args.norms for s in args.seed_list}
             if spec.complete:  # the whole campaign, whichever corpus this call runs
