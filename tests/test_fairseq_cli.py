@@ -200,6 +200,36 @@ def test_resume_at_an_epoch_boundary_repeats_the_uninterrupted_run(kind, fairseq
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
 
 
+def test_fairseqs_own_transformer_trains_under_the_plugin_as_without_it(fairseq_cli, tiny_mt_data, plugin_dir,
+                                                                         tmp_path):
+    """Issue 35 item 5: ``--user-dir powernorm_fairseq --arch transformer`` trains bit for bit as
+    stock fairseq-fixed without the plugin (every training loss line, every parameter): the
+    plugin's change of what a model trains on (no batch dropped, compat item 3) applies to its own
+    models only, and its other patches change no number of a training run."""
+    arch = ["--task", "translation", "-s", "src", "-t", "tgt", "--arch", "transformer",
+            "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "16",
+            "--decoder-embed-dim", "16", "--encoder-ffn-embed-dim", "32", "--decoder-ffn-embed-dim", "32",
+            "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-all-embeddings",
+            # batches of 14, multiples of 7: 240 sentences leave a tail of 2, which fairseq-fixed drops
+            "--optimizer", "adam", "--lr", "0.002", "--batch-size", "14", "--required-batch-size-multiple", "7",
+            "--dropout", "0.1",
+            "--max-epoch", "2", "--seed", "1", "--log-format", "simple", "--log-interval", "1",
+            "--no-epoch-checkpoints", "--num-workers", "0"]
+    logs = {}
+    for name, plugin in (("stock", []), ("plugin", ["--user-dir", plugin_dir])):
+        proc = fairseq_cli("train", tiny_mt_data, *plugin, *arch, "--save-dir", tmp_path / name)
+        logs[name] = train_inner(proc.stdout + proc.stderr)
+    assert logs["plugin"] and logs["plugin"].keys() == logs["stock"].keys()
+    for update, row in logs["stock"].items():
+        keep = set(row) - TIMING_FIELDS
+        assert {k: logs["plugin"][update][k] for k in keep} == {k: row[k] for k in keep}, update
+    a = torch.load(tmp_path / "stock" / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "plugin" / "checkpoint_last.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
 def test_early_stopping_counts_across_a_resume(fairseq_cli, tiny_mt_data, plugin_dir, tmp_path):
     """``--patience`` stops a resumed run at the epoch the uninterrupted run stops at.
 

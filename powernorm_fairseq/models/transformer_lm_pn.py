@@ -30,6 +30,7 @@ from fairseq.models.transformer_lm import (
 from fairseq.modules import AdaptiveInput
 from fairseq.utils import safe_getattr
 
+from powernorm_fairseq import compat
 from powernorm_fairseq.modules import TransformerPNDecoder
 
 from .pn_config import (
@@ -104,6 +105,7 @@ class TransformerLanguageModelPN(NormTrackingMixin, TransformerLanguageModel):
     @classmethod
     def build_model(cls, args, task):
         """fairseq's ``TransformerLanguageModel.build_model`` with the PN decoder."""
+        compat.plugin_model_built()  # its batching keeps every sentence (compat item 3)
         check_norm_options(args, _LM_NORM_FIELDS)  # hydra skips argparse and the arch functions
         if args.decoder_layers_to_keep:
             args.decoder_layers = len(args.decoder_layers_to_keep.split(","))

@@ -21,6 +21,7 @@ from fairseq.models.transformer import TransformerModel
 from fairseq.models.transformer.transformer_legacy import base_architecture
 from fairseq.utils import safe_getattr
 
+from powernorm_fairseq import compat
 from powernorm_fairseq.modules import TransformerPNDecoder, TransformerPNEncoder
 
 from .pn_config import (
@@ -69,6 +70,7 @@ class TransformerPNModel(NormTrackingMixin, TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         """Build the model from a flat namespace / DictConfig (command line, hydra, checkpoint)."""
+        compat.plugin_model_built()  # its batching keeps every sentence (compat item 3)
         transformer_pn_base_architecture(args)  # checks the norm options (hydra skips argparse)
         cfg = TransformerPNConfig.from_namespace(args)
         # TransformerModel.build_model would rebuild the config as a plain TransformerConfig;

@@ -9,7 +9,7 @@ the newest checkpoint, so fairseq-generate / fairseq-eval-lm load the result lik
 An average is not a training state: it is written without the optimizer state
 (``last_optimizer_state``) and without the data-iterator position (``extra_state.train_iterator``),
 and carries an ``average`` field (inputs, update count, how each tensor was combined). Training
-refuses to resume from it (``compat.py``); fine-tuning from it needs ``--reset-optimizer``.
+refuses to resume from it (``compat/checkpoints.py``); fine-tuning from it needs ``--reset-optimizer``.
 
 Files are never lost: the output may not be one of the inputs, nor a name fairseq writes itself
 (``checkpoint_last.pt`` / ``checkpoint_best.pt`` / ``checkpointE.pt`` / ``checkpoint_E_U.pt``,
