@@ -563,3 +563,17 @@ def test_eval_lm_filter_refuses_partial_and_empty_splits():
             wrapped(None, np.arange(0), None, 32)
     finally:
         compat._EVAL_LM.clear()
+
+
+def test_the_multi30k_architecture_is_the_model_its_preset_trains():
+    """Issue 35 item 6: ``--arch transformer_pn_multi30k`` said 3+3 layers, d 256 while the preset
+    (and every campaign record) trains 2+2, d 128: the architecture is now the trained model."""
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    args = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY["transformer_pn_multi30k"](args)
+    model = presets.compose("multi30k_ln").model
+    for key in ("encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_layers", "encoder_attention_heads",
+                "decoder_embed_dim", "decoder_ffn_embed_dim", "decoder_layers", "decoder_attention_heads",
+                "share_all_embeddings", "dropout", "attention_dropout", "activation_dropout"):
+        assert getattr(args, key) == model[key], key
