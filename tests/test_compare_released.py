@@ -17,12 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cr():
-    spec = importlib.util.spec_from_file_location("compare_released",
-                                                  REPO / "scripts" / "compare_released.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare_released"] = module
-    spec.loader.exec_module(module)
-    return module
+    # as when the script runs: its directory first on the import path (its parts sit beside it)
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("compare_released",
+                                                      REPO / "scripts" / "compare_released.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["compare_released"] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
 
 
 # ------------------------------------------------------------------------------ float64 shims
