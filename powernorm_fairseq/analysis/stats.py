@@ -9,7 +9,11 @@ paired Student-t interval of those differences:
     mean(d) +- t_{1-(1-level)/2, n-1} * sd(d) / sqrt(n)
 
 A difference is called a difference only when this interval excludes 0 (``verdict``). With
-n = 3 seeds the t factor is 4.30, so only large, consistent gaps pass: that is the point.
+n = 3 seeds the t factor is 4.30, so only large, consistent gaps pass: that is the point. Each
+interval carries the paired t statistic and its two-sided p-value; over the comparisons of one
+table (every norm minus LN, one evaluation) :func:`holm` applies Holm's step-down correction, and
+a table names a direction only where the Holm-adjusted p-value is below 0.05 (equivalently, the
+interval at the level of its Holm step excludes 0).
 """
 
 from __future__ import annotations
@@ -28,6 +32,34 @@ class Interval:
     low: float
     high: float
     level: float = 0.95
+    sd: float = math.nan  # of the per-seed differences
+
+    @property
+    def t(self) -> float:
+        """The paired t statistic ``mean / (sd / sqrt(n))`` (nan for one seed)."""
+        if self.n < 2 or not self.sd > 0:
+            return math.nan if self.n < 2 else math.copysign(math.inf, self.mean) if self.mean else 0.0
+        return self.mean / (self.sd / math.sqrt(self.n))
+
+    @property
+    def p(self) -> float:
+        """The two-sided p-value of the paired t-test (nan for one seed)."""
+        from scipy.stats import t as student
+
+        if self.n < 2:
+            return math.nan
+        return float(2 * student.sf(abs(self.t), self.n - 1))
+
+    def at_level(self, level: float) -> Interval:
+        """The same difference with its interval at another two-sided ``level``."""
+        if self.n < 2:
+            return Interval(self.n, self.mean, math.nan, math.nan, level, self.sd)
+        half = t_quantile(1 - (1 - level) / 2, self.n - 1) * self.sd / math.sqrt(self.n)
+        return Interval(self.n, self.mean, self.mean - half, self.mean + half, level, self.sd)
+
+    def fmt_tp(self) -> str:
+        """``t = .., p = ..`` (empty for one seed)."""
+        return "" if self.n < 2 else f"t = {self.t:.2f}, p = {self.p:.3f}"
 
     @property
     def excludes_zero(self) -> bool:
@@ -63,12 +95,38 @@ def paired_interval(x: dict[int, float], base: dict[int, float], level: float = 
     m = statistics.mean(d)
     if len(d) < 2:
         return Interval(1, m, math.nan, math.nan, level)
-    half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return Interval(len(d), m, m - half, m + half, level)
+    sd = statistics.stdev(d)
+    half = t_quantile(1 - (1 - level) / 2, len(d) - 1) * sd / math.sqrt(len(d))
+    return Interval(len(d), m, m - half, m + half, level, sd)
 
 
-def verdict(name: str, base: str, iv: Interval | None, higher_better: bool) -> str:
-    """The words a table may use: a direction only when the interval excludes 0, "no significant
+@dataclass(frozen=True)
+class Holm:
+    """One comparison of a family after Holm's step-down correction: its interval at the level of
+    its step (``1 - alpha / (m - rank)``, rank 0 the smallest p), the adjusted p-value, and
+    whether it holds (adjusted p < alpha: a direction may be named)."""
+
+    interval: Interval
+    p_adjusted: float
+    holds: bool
+    m: int
+
+
+def holm(intervals: dict, alpha: float = 0.05) -> dict:
+    """Holm's step-down correction over ``intervals`` (key -> :class:`Interval`; those of fewer
+    than two seeds are left out of the family): key -> :class:`Holm`."""
+    tested = {k: iv for k, iv in intervals.items() if iv is not None and iv.n >= 2}
+    m = len(tested)
+    out, running = {}, 0.0
+    for rank, (key, iv) in enumerate(sorted(tested.items(), key=lambda kv: kv[1].p)):
+        running = max(running, min(1.0, (m - rank) * iv.p))  # adjusted p-values stay monotone
+        out[key] = Holm(iv.at_level(1 - alpha / (m - rank)), running, running < alpha, m)
+    return out
+
+
+def verdict(name: str, base: str, iv: Interval | None, higher_better: bool, corrected: Holm | None = None) -> str:
+    """The words a table may use: a direction only when the interval excludes 0 (and, given the
+    family's ``corrected`` result, only when it holds after Holm's correction), "no significant
     difference" only when there is an interval (two or more seeds) and it holds 0."""
     if iv is None:
         return "not run"
@@ -76,6 +134,8 @@ def verdict(name: str, base: str, iv: Interval | None, higher_better: bool) -> s
         return "untested"  # fmt() says "1 seed: no interval"
     if not iv.excludes_zero:
         return "no significant difference at this scale"
+    if corrected is not None and not corrected.holds:
+        return "no significant difference after Holm's correction"
     sign = ">" if iv.mean > 0 else "<"
     better = (iv.mean > 0) == higher_better
     return f"{name} {sign} {base} ({'better' if better else 'worse'})"

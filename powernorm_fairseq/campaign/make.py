@@ -32,7 +32,7 @@ from powernorm_fairseq.campaign.analyses import build_analyses
 from powernorm_fairseq.campaign.budget import build_budget
 from powernorm_fairseq.campaign.pilot import build_pilot
 from powernorm_fairseq.campaign.tables import build_converged
-from powernorm_fairseq.campaign.view import PAPER_T1, PAPER_T2, SHORT, first_cap
+from powernorm_fairseq.campaign.view import PAPER_T1, PAPER_T2, SHORT
 from powernorm_fairseq.pipeline.common import atomic_write_text
 
 TABLES = {
@@ -93,8 +93,9 @@ def main(argv=None) -> None:
     readme, orders = [], {}
     for corpus, table in TABLES.items():
         build_pilot(corpus, table, root)
-        lines, orders[corpus] = build_converged(
-            corpus, table, {"patience": spec.PATIENCE, "cap": first_cap(corpus)}, root)
+        corpus_spec = spec.CORPORA[corpus]
+        caps = (*corpus_spec.earlier_caps, corpus_spec.max_epoch)
+        lines, orders[corpus] = build_converged(corpus, table, {"patience": spec.PATIENCE, "caps": caps}, root)
         readme += lines
     if all(len(o) >= 2 for o in orders.values()):
         same = orders["multi30k"] == orders["ptb"]

@@ -1,5 +1,7 @@
-"""The converged campaign's tables: each norm over seeds, each norm minus LN with its paired
-interval, the paper's questions, the paired bootstraps, how the runs stopped, the runs."""
+"""The main campaign's tables: each norm over seeds, each norm minus LN with its paired interval,
+t, p and Holm's correction, the paper's questions, the paired bootstraps, how the runs stopped, the
+runs; at each cap of a corpus (Multi30k: capped at 30 epochs, and by the patience rule under the
+raised cap)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
-from powernorm_fairseq.analysis.stats import paired_interval, verdict
+from powernorm_fairseq.analysis.stats import holm, paired_interval, verdict
 from powernorm_fairseq.campaign import spec
 from powernorm_fairseq.campaign.figures import plot_curves
 from powernorm_fairseq.campaign.view import (
@@ -29,22 +31,53 @@ from powernorm_fairseq.campaign.view import (
 from powernorm_fairseq.pipeline.common import atomic_write_text
 
 
-def differences(runs: dict[str, list[dict]], key: str, higher_better: bool) -> tuple[list[str], dict]:
-    """Each norm minus LN, per evaluation, with the paired 95% interval and its verdict."""
+def evaluations(runs: dict[str, list[dict]]) -> tuple[tuple, str]:
+    """The evaluations a table shows (:data:`EVALS`; best and last as one column where every
+    finished run's best checkpoint is its last) and the line that says how many runs have them
+    the same."""
+    done = [r for recs in runs.values() for r in recs if r.get("status") == "done"]
+    same = sum(r.get("best_epoch") == r.get("last_epoch") for r in done)
+    line = f"Best and last checkpoint: the same checkpoint in {same} of {len(done)} finished run(s)"
+    if done and same == len(done):
+        return (EVALS[0], ("best", "best checkpoint = last checkpoint (the same in every run)")), line + "."
+    return EVALS, line + "; both are shown."
+
+
+def family(runs: dict[str, list[dict]], norms, key: str, which: str) -> dict:
+    """Each of ``norms`` minus LN on evaluation ``which``: norm -> paired interval (None: not run)."""
+    base = by_seed(runs.get(LN, []), which, key)
+    return {norm: paired_interval(by_seed(runs.get(norm, []), which, key), base) for norm in norms if norm != LN}
+
+
+def cell(name: str, base: str, iv, corrected, higher_better: bool) -> str:
+    """A difference as the tables write it: the uncorrected interval, the verdict after Holm's
+    correction, t and p, and the Holm-adjusted p."""
+    if iv is None:
+        return "not run"
+    text = f"{iv.fmt()}: {verdict(name, base, iv, higher_better, corrected)}"
+    if iv.n >= 2:
+        text += f"; {iv.fmt_tp()}" + (f", Holm p = {corrected.p_adjusted:.3f}" if corrected else "")
+    return text
+
+
+def differences(runs: dict[str, list[dict]], key: str, higher_better: bool, evals=EVALS,
+                norms=ORDER) -> tuple[list[str], dict, dict]:
+    """Each norm minus LN, per evaluation: the paired 95% interval (uncorrected), t and p, and
+    the verdict after Holm's correction over the norms of that evaluation (its family)."""
     better = "higher BLEU is better" if higher_better else "lower perplexity is better"
-    lines = [f"| norm - LN ({better}) | " + " | ".join(label for _, label in EVALS) + " |",
-             "|---|" + "---|" * len(EVALS)]
-    found = {}
-    base = runs.get(LN, [])
-    for norm in ORDER[1:]:
-        cells = []
-        for which, _ in EVALS:
-            iv = paired_interval(by_seed(runs.get(norm, []), which, key), by_seed(base, which, key))
-            found[(norm, which)] = iv
-            cells.append("not run" if iv is None else
-                         f"{iv.fmt()}: {verdict(SHORT[norm], 'LN', iv, higher_better)}")
-        lines.append(f"| {LABELS[norm]} | " + " | ".join(cells) + " |")
-    return lines, found
+    lines = [f"| norm - LN ({better}) | " + " | ".join(label for _, label in evals) + " |",
+             "|---|" + "---|" * len(evals)]
+    found, corrected = {}, {}
+    for which, _ in evals:
+        ivs = family(runs, norms, key, which)
+        found.update({(n, which): iv for n, iv in ivs.items()})
+        corrected.update({(n, which): c for n, c in holm(ivs).items()})
+    for norm in norms:
+        if norm != LN:
+            cells = [cell(SHORT[norm], "LN", found[(norm, w)], corrected.get((norm, w)), higher_better)
+                     for w, _ in evals]
+            lines.append(f"| {LABELS[norm]} | " + " | ".join(cells) + " |")
+    return lines, found, corrected
 
 
 def hardware_line(runs: dict[str, list[dict]]) -> str:
@@ -56,10 +89,17 @@ def hardware_line(runs: dict[str, list[dict]]) -> str:
     mixed = [f"{SHORT[norm]} s{r['seed']} ({cpu(r)}) vs LN s{r['seed']} ({cpu(base[r['seed']])})"
              for norm in ORDER[1:] for r in runs.get(norm, [])
              if r.get("status") == "done" and r["seed"] in base and cpu(r) != cpu(base[r["seed"]])]
+    threads = lambda r: (r.get("hardware") or {}).get("threads") or "?"  # noqa: E731
+    other = [f"{SHORT[norm]} s{r['seed']} ({threads(r)}) vs LN s{r['seed']} ({threads(base[r['seed']])})"
+             for norm in ORDER[1:] for r in runs.get(norm, [])
+             if r.get("status") == "done" and r["seed"] in base and threads(r) != threads(base[r["seed"]])]
+    runs_line = (" Threads: " + ("seed pairs whose two runs trained with different threads: " + "; ".join(other)
+                                 if other else "each seed pair trained both its runs with the same threads")
+                 + "; every run's CPU and threads are in the runs table.")
     if not mixed:
-        return "Hardware: each seed pair above trained both its runs on the same CPU model."
+        return "Hardware: each seed pair above trained both its runs on the same CPU model." + runs_line
     return ("Hardware: seed pairs whose two runs trained on different CPU models (same initialisation "
-            "and data order, different floating-point kernels): " + "; ".join(mixed) + ".")
+            "and data order, different floating-point kernels): " + "; ".join(mixed) + "." + runs_line)
 
 
 def _where(rec: dict) -> str:
@@ -114,48 +154,49 @@ def bootstrap_lines(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def questions(found: dict, runs: dict, key: str, higher_better: bool) -> list[str]:
-    """The paper's four questions, answered only where the interval allows (paper protocol)."""
-    def iv_between(a: str, b: str):
+def questions(found: dict, corrected: dict, runs: dict, key: str, higher_better: bool) -> list[str]:
+    """The paper's four questions, answered only where the interval allows after Holm's
+    correction over the comparisons with LN (paper protocol); PN-V between BN and PN is asked of
+    two more pairs, corrected as a family of two."""
+    def answer(name: str, norm: str) -> str:
+        iv = found.get((norm, "avg"))
+        return ("not run yet" if iv is None else
+                f"{verdict(name, 'LN', iv, higher_better, corrected.get((norm, 'avg')))}, {iv.fmt()}"
+                + (f" ({iv.fmt_tp()})" if iv.n >= 2 else ""))
+
+    def between(a: str, b: str):
         return paired_interval(by_seed(runs.get(a, []), "avg", key), by_seed(runs.get(b, []), "avg", key))
 
-    out = []
-    for norm in (PN, PN_PAPER):
-        iv = found.get((norm, "avg"))
-        out.append(f"- Does {LABELS[norm]} beat LN? "
-                   + ("not run yet" if iv is None else f"{verdict(SHORT[norm], 'LN', iv, higher_better)}, "
-                      f"{iv.fmt()}"))
-    iv = found.get((BN, "avg"))
-    out.append("- Does BN fall behind LN? " + ("not run yet" if iv is None else
-                                               f"{verdict('BN', 'LN', iv, higher_better)}, {iv.fmt()}"))
-    a, b = iv_between(PNV, BN), iv_between(PN, PNV)
+    out = [f"- Does {LABELS[norm]} beat LN? {answer(SHORT[norm], norm)}" for norm in (PN, PN_PAPER)]
+    out.append(f"- Does BN fall behind LN? {answer('BN', BN)}")
+    a, b = between(PNV, BN), between(PN, PNV)
+    pair = holm({"a": a, "b": b})
     out.append("- Does PN-V sit between BN and PN? "
                + ("not run yet" if a is None or b is None else
-                  f"PN-V - BN {a.fmt()}: {verdict('PN-V', 'BN', a, higher_better)}; "
-                  f"PN - PN-V {b.fmt()}: {verdict('PN', 'PN-V', b, higher_better)}"))
+                  f"PN-V - BN {a.fmt()}: {verdict('PN-V', 'BN', a, higher_better, pair.get('a'))}; "
+                  f"PN - PN-V {b.fmt()}: {verdict('PN', 'PN-V', b, higher_better, pair.get('b'))}"))
     return out
 
 
-def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list[str], list[str]]:
-    """The converged table of one corpus; returns its headline lines for the README and the
-    norms ordered by their mean score (paper protocol, best first)."""
+def section(corpus: str, table: dict, cap: int, root: Path, png: str | None) -> tuple[list[str], list[str], dict]:
+    """One corpus at one cap: the file's lines, the README's lines and the records read
+    (norm -> runs at ``cap``)."""
     results = root / "results"
-    cap = campaign["cap"]
-    # the converged campaign's norms: other campaigns (mechanism) keep their records beside them
+    # the main campaign's norms: other campaigns (mechanism) keep their records beside them
     runs = {n: recs for n, recs in load(results / "runs" / corpus, root, cap).items() if n in ORDER}
-    key, hb = spec["key"], spec["higher_better"]
-    png = f"{corpus}_valid_loss.png"
-    plotted = plot_curves(runs, results / png, spec["plot_title"])
-    head = [f"| norm | {' | '.join(spec['paper_cols'])} | " + " | ".join(f"ours: {spec['metric']}, {label}"
-                                                                      for _, label in EVALS)
+    key, hb = table["key"], table["higher_better"]
+    plotted = bool(png) and plot_curves(runs, results / png, table["plot_title"] + f" (cap {cap} epochs)")
+    evals, same_line = evaluations(runs)
+    head = [f"| norm | {' | '.join(table['paper_cols'])} | " + " | ".join(f"ours: {table['metric']}, {label}"
+                                                                       for _, label in evals)
             + (" | ours: detok. sacreBLEU, paper protocol" if key != "ppl" else "")
             + " | stopping epoch (best) per seed | core-hours | runs |",
-            "|---|" + "---|" * (len(spec["paper_cols"]) + len(EVALS) + (1 if key != "ppl" else 0) + 3)]
+            "|---|" + "---|" * (len(table["paper_cols"]) + len(evals) + (1 if key != "ppl" else 0) + 3)]
     rows = []
     for norm in ORDER:
         recs = runs.get(norm, [])
-        cells = [LABELS[norm], *map(str, spec["paper"].get(norm, ("-", "-")))]
-        cells += [summary(list(by_seed(recs, which, key).values())) for which, _ in EVALS]
+        cells = [LABELS[norm], *map(str, table["paper"].get(norm, ("-", "-")))]
+        cells += [summary(list(by_seed(recs, which, key).values())) for which, _ in evals]
         if key != "ppl":
             cells.append(summary(list(by_seed(recs, "avg", "bleu_detok").values())))
         cells.append(", ".join(f"s{r['seed']}: {r.get('last_epoch', '-')} ({r.get('best_epoch', '-')})"
@@ -164,41 +205,62 @@ def build_converged(corpus: str, spec: dict, campaign, root: Path) -> tuple[list
         cells.append(status_line(recs))
         rows.append("| " + " | ".join(cells) + " |")
     stopping = stopping_line(runs, cap)
-    means = {n: statistics.mean(v) for n in ORDER if (v := list(by_seed(runs.get(n, []), "avg", key).values()))}
-    order = sorted(means, key=lambda n: means[n], reverse=hb)
-    diff, found = differences(runs, key, hb)
-    qs = questions(found, runs, key, hb)
-    sig = next((r["evaluations"]["avg"][key]["signature"] for recs in runs.values() for r in recs
-                if key != "ppl" and r.get("status") == "done"), None)
-    lines = [spec["title"], "",
-             f"Generated by `python scripts/make_results.py` from the run records in `results/runs/{corpus}/`",
-             f"(written by `python scripts/reproduce.py {corpus} --seeds 1,2,3 ...`). Do not edit by hand.", "",
-             *spec["intro"],
-             f"Every run trains by the paper's stopping rule under an epoch cap: a checkpoint every epoch, "
-             f"stopped after {campaign['patience']} epochs without a better validation loss (the released "
-             f"`--early-stop {campaign['patience']}`) or at {cap} epochs, whichever comes first; the runs "
-             "table says which stopped each run.", "",
-             *head, *rows, "", f"Stopping: {stopping}", "",
-             "## Each norm minus LN (paired over seeds, 95% interval)", "",
-             "A difference is named only where its interval excludes 0; otherwise the cell says \"no "
-             "significant difference at this scale\" (or \"untested\" while only one seed pair is done).", "",
+    diff, found, corrected = differences(runs, key, hb, evals)
+    qs = questions(found, corrected, runs, key, hb)
+    lines = [*head, *rows, "", f"Stopping: {stopping}", "", same_line, "",
+             "### Each norm minus LN (paired over seeds)", "",
+             "Each cell: the difference with its paired 95% interval over seeds (uncorrected), the paired "
+             "t-test's t and p, and Holm's step-down correction over the norms of its column (Holm p). A "
+             "direction is named only where the interval excludes 0 and Holm p < 0.05; otherwise \"no "
+             "significant difference\" (or \"untested\" while only one seed pair is done).", "",
              *diff, "", hardware_line(runs), ""]
-    superseded = superseded_lines(results / "runs" / corpus, runs, key, spec["metric"])
-    if superseded:
-        lines += [*superseded, ""]
     if key != "ppl":
         lines += [*bootstrap_lines(runs), ""]
-        if sig:
-            lines += [f"Tokenized BLEU signature: `{sig}`.", ""]
-    lines += ["## The paper's questions (paper protocol)", "", *qs, ""]
+    lines += ["### The paper's questions (paper protocol)", "", *qs, ""]
     if plotted:
-        lines += ["## Validation loss", "", f"![validation loss]({png})", ""]
-    lines += ["## Runs", "", runs_table(runs), "",
-              "Each record holds the exact training and evaluation commands."]
-    atomic_write_text(results / spec["file"], "\n".join(lines) + "\n")
-    return [f"**{spec['short_title']}** (details: [`results/{spec['file']}`](results/{spec['file']}))", "",
-            *head, *rows, "", *diff, "", *qs, f"- How did the runs stop? {stopping}",
-            ""], order
+        lines += ["### Validation loss", "", f"![validation loss]({png})", ""]
+    lines += ["### Runs", "", runs_table(runs), ""]
+    if not any(r.get("status") == "done" for recs in runs.values() for r in recs):
+        started = sum(len(recs) for recs in runs.values())
+        return lines, [f"No finished run yet ({started} started; [`results/status.md`](results/status.md)).", ""], runs
+    return lines, [*diff, "", *qs, f"- How did the runs stop? {stopping}", ""], runs
+
+
+def build_converged(corpus: str, table: dict, campaign, root: Path) -> tuple[list[str], list[str]]:
+    """The tables of one corpus (``results/<file>``): at its first cap, and where a raised cap
+    lets the paper's stopping rule finish the runs, at that cap too, side by side; returns the
+    README's lines and the norms ordered by their mean score at the first cap (paper protocol,
+    best first)."""
+    results = root / "results"
+    caps = campaign["caps"]
+    patience = campaign["patience"]
+    lines = [table["title"], "",
+             f"Generated by `python scripts/make_results.py` from the run records in `results/runs/{corpus}/`",
+             f"(written by `python scripts/reproduce.py {corpus} --seeds 1,2,3 ...`). Do not edit by hand.", "",
+             *table["intro"],
+             f"Every run trains by the paper's stopping rule under an epoch cap: a checkpoint every epoch, "
+             f"stopped after {patience} epochs without a better validation loss (the released "
+             f"`--early-stop {patience}`) or at the cap, whichever comes first; the runs table says which "
+             "stopped each run. A run stopped at its cap is \"capped at N epochs\", never converged.", ""]
+    readme = [f"**{table['short_title']}** (details: [`results/{table['file']}`](results/{table['file']}))", ""]
+    first_runs = None
+    for i, cap in enumerate(caps):
+        raised = i > 0
+        title = (f"## By the patience rule, cap raised to {cap} epochs" if raised else
+                 f"## Capped at {cap} epochs" if len(caps) > 1 else f"## Cap {cap} epochs")
+        png = f"{corpus}_valid_loss.png" if not raised else f"{corpus}_valid_loss_cap{cap}.png"
+        body, short, runs = section(corpus, table, cap, root, png)
+        lines += [title, "", *body]
+        readme += ([f"*{title[3:]}:*", ""] if len(caps) > 1 else []) + short
+        first_runs = runs if first_runs is None else first_runs
+    superseded = superseded_lines(results / "runs" / corpus, first_runs, table["key"], table["metric"])
+    if superseded:
+        lines += [*superseded, ""]
+    lines += ["Each record holds the exact training and evaluation commands."]
+    atomic_write_text(results / table["file"], "\n".join(lines) + "\n")
+    key, hb = table["key"], table["higher_better"]
+    means = {n: statistics.mean(v) for n in ORDER if (v := list(by_seed(first_runs.get(n, []), "avg", key).values()))}
+    return readme, sorted(means, key=lambda n: means[n], reverse=hb)
 
 
 def stopping_line(runs: dict[str, list[dict]], cap: int) -> str:

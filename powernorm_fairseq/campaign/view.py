@@ -40,7 +40,9 @@ def load(records: Path, root: Path, cap: int | None = None) -> dict[str, list[di
         rec["_file"] = str(p.relative_to(root))
         runs.setdefault(rec["norm"], []).append(rec)
     for p in sorted((records / spec.SUPERSEDED).glob("*.json")):  # by stamp: the latest last
-        old = json.loads(p.read_text())
+        old = spec.at_cap(json.loads(p.read_text()), cap)
+        if old is None:  # set aside at another cap: not a stand-in at this one
+            continue
         recs = runs.setdefault(old["norm"], [])
         now = next((r for r in recs if r["seed"] == old["seed"]), None)
         if now is not None and now.get("status") == "done":
