@@ -31,7 +31,7 @@ from powernorm_fairseq.analysis.sweep import NORM_ALIASES, run_sweep
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="flags",
-                   help="preset name (configs/<experiment>_<norm>.yaml; overrides after -- are "
+                   help="an experiment (the preset <experiment>_<norm>; overrides after -- are "
                    "hydra key=value) or 'flags' (fairseq-train flags after --). Default: flags")
     p.add_argument("--data", required=True, help="fairseq data-bin directory")
     p.add_argument("--out", required=True, help="sweep directory: runs/, points/, sweep.json, figure")

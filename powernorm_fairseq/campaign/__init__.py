@@ -23,7 +23,7 @@ The package (one purpose a module; none imports one above it: spec <- records <-
 
 Campaigns (``--campaign``; every setting of each lives in ``spec.CAMPAIGNS``, once):
 
-* ``converged`` (default): the preset ``configs/<prefix>_<norm>.yaml`` trained to convergence as the
+* ``converged`` (default, the main campaign): the preset ``<prefix>_<norm>`` trained as the
   paper does: a checkpoint every epoch, stop after ``PATIENCE`` epochs without a better validation
   loss (the released ``--early-stop 5``; fairseq's ``--patience``), with an epoch cap per corpus.
   Each run is evaluated three ways: the paper's protocol (the average of the last 5 epoch

@@ -59,7 +59,7 @@ def measured_cost(root: Path, n_runs: int) -> str:
         total += n_runs * mean
         parts.append(f"{corpus}: {mean:.2f} core-hours per run over {len(done)} finished run(s), "
                      f"{n_runs * mean:.1f} for {n_runs} runs")
-    line = "- measured by the finished converged runs: " + "; ".join(parts)
+    line = "- measured by the finished runs of the main campaign (at the first cap): " + "; ".join(parts)
     return line + (f"; the whole campaign about {total:.0f} core-hours." if complete else ".")
 
 

@@ -8,7 +8,7 @@ directory (``--root`` names another; ``powernorm-results`` is the same command):
 
 Writes:
 
-* ``results/table1_multi30k.md``, ``results/table2_ptb.md``: the converged campaign
+* ``results/table1_multi30k.md``, ``results/table2_ptb.md``: the main campaign (``--campaign converged``)
   (``results/runs/<corpus>/``): each norm over seeds (mean +- sd) for the paper's protocol (the
   average of the last 5 epoch checkpoints), the best and the last checkpoint; each norm minus LN
   with its paired 95% interval over seeds, and the paired bootstrap p-values for BLEU; the
@@ -16,7 +16,7 @@ Writes:
 * ``results/budget/README.md`` and the budget arithmetic in ``results/README.md``: the sizing run
   (``results/budget/<corpus>/``).
 * ``results/analysis.md`` (between its ``converged`` markers) and its ``*_converged`` figures:
-  Figs. 2-4 and 6 from the converged records (:func:`build_analyses`).
+  Figs. 2-4 and 6 from the main campaign's records at the first cap (:func:`build_analyses`).
 * ``results/pilot/table*.md``: the earlier short fixed budgets (``results/pilot/runs/``).
 * README section 5, between its ``results:begin``/``results:end`` markers.
 """

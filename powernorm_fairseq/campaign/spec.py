@@ -14,7 +14,7 @@ from powernorm_fairseq.presets import PAPER_NORMS
 
 @dataclass(frozen=True)
 class Corpus:
-    prefix: str        # presets configs/<prefix>_<norm>.yaml
+    prefix: str        # presets <prefix>_<norm> (configs/base/<prefix>.yaml with configs/norm/<norm>.yaml)
     prepared: str      # the prepared directory (prepare_<corpus>.sh)
     metric: str        # "bleu" or "ppl" (powernorm_fairseq.pipeline.evaluate)
     max_epoch: int     # the converged campaign's cap (results/README.md: the budget arithmetic)

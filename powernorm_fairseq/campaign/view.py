@@ -13,7 +13,7 @@ from powernorm_fairseq.presets import PAPER_NORMS, ordered_norm_configs
 # every norm configuration's labels (configs/norm/<short>.yaml), the paper's first
 LABELS = {c.short: c.label for c in ordered_norm_configs()}
 SHORT = {c.short: c.short_label for c in ordered_norm_configs()}
-ORDER = list(PAPER_NORMS)  # the converged campaign's tables
+ORDER = list(PAPER_NORMS)  # the main campaign's tables (--campaign converged)
 # the norms the paper's questions name
 LN, BN, PNV, PN, PN_PAPER = PAPER_NORMS
 # The paper's numbers (docs/SPEC.md section 0: confirmed by the paper's text), one pair per row in

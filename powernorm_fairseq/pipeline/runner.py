@@ -31,7 +31,7 @@ def train_argv(experiment: str, norm: str, data: str | os.PathLike, save_dir: st
     """Arguments of ``pipeline.train`` for one run.
 
     Args:
-        experiment: a preset prefix (``configs/<experiment>_<norm>.yaml``) or ``flags``.
+        experiment: an experiment (``configs/base/<experiment>.yaml``; the preset ``<experiment>_<norm>``) or ``flags``.
         norm: the norm configuration's name (``configs/norm/<norm>.yaml``).
         overrides: hydra ``key=value`` pairs (preset mode) or fairseq-train flags (``flags``);
             they follow ``--``, so none is read as an option of ``pipeline.train`` itself.

@@ -2,7 +2,7 @@
 
 Usage::
 
-    # a preset configs/<experiment>_<norm>.yaml (hydra); overrides are hydra key=value pairs
+    # the preset <experiment>_<norm> (configs/base/ with configs/norm/, hydra); overrides are hydra key=value pairs
     python -m powernorm_fairseq.pipeline.train iwslt14 pn --data data/iwslt14/data-bin
     # no preset: the overrides are plain fairseq-train flags (used by the quickstart and tests)
     python -m powernorm_fairseq.pipeline.train flags pn --data DIR --save-dir DIR -- --arch ...
@@ -197,7 +197,7 @@ def scale_update_freq(per_rank: int, update_freq: int, world: int, target: int |
 
 
 def preset_path(experiment: str, norm: str, config_dir=None) -> Path:
-    """``<config_dir>/<experiment>_<norm>.yaml`` (default: the package's presets)."""
+    """The overlay hydra loads for the preset ``<experiment>_<norm>`` (default: the package's presets)."""
     try:
         return presets.preset_path(f"{experiment}_{norm}", config_dir)
     except SystemExit as e:
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="powernorm-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("experiment", help="preset name (configs/<experiment>_<norm>.yaml) or 'flags'")
+    p.add_argument("experiment", help="an experiment (configs/base/<experiment>.yaml: the preset <experiment>_<norm>) or 'flags'")
     p.add_argument("norm", help="a norm configuration, configs/norm/<norm>.yaml (ln, bn, pnv, pn, pnpaper, ...); "
                    "preset mode trains the preset <experiment>_<norm>")
     p.add_argument("--data", required=True, help="fairseq data-bin directory (from prepare)")
