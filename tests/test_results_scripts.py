@@ -1112,3 +1112,27 @@ def test_status_outside_a_project_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--status: .* has no results/ directory"):
         reproduce.main(["multi30k", "--status"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_mechanism_table_crosses_the_ingredients_and_answers_with_holm(tmp_path):
+    """Issue 36 item 4: rows = per-token scaling, columns = batch statistic, LN, RMSNorm, DyT and
+    the released PN beside; each cell the mean +- sd and its difference from LN with t, p and
+    Holm; the five questions as one Holm family, a direction named only where it holds."""
+    make_results = load_script("make_results")
+    runs = tmp_path / "results" / "runs" / "multi30k"
+    runs.mkdir(parents=True)
+    (tmp_path / "README.md").write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    scores = {"ln": (20.0, 21.0, 22.0), "pnpaper": (20.5, 21.4, 22.6), "group_rms": (21.0, 22.2, 23.1),
+              "pnpaper_gs": (21.1, 22.1, 23.0), "pn": (21.0, 22.0, 23.2), "rms": (20.0, 21.1, 21.9),
+              "dyt": (18.0, 19.1, 20.0)}
+    for norm, values in scores.items():
+        for seed, v in enumerate(values, start=1):
+            (runs / f"{norm}_s{seed}.json").write_text(json.dumps(converged_record(norm, seed, v)))
+    lines = make_results.build_mechanism("multi30k", make_results.TABLES["multi30k"], tmp_path)
+    page = (tmp_path / "results" / "mechanism_multi30k.md").read_text()
+    assert "| none | - (no norm; not run) | PN-V: not run | PN-paper: 21.50 ± 1.05" in page
+    # GS - LN: +1.0, +1.2, +1.1 (consistent): a direction after Holm; DyT - LN: -2.0, -1.9, -2.0
+    assert "GS - LN (GroupScaling alone against LN): +1.10 [+0.85, +1.35] (3 seeds), t = 19.05, p = 0.003" in page
+    assert "GS > LN (better)" in page and "DyT < LN (worse)" in page
+    assert "RMS - LN (RMSNorm against LN): +0.00" in page and "no significant difference" in page
+    assert len(lines) == 1 and "results/mechanism_multi30k.md" in lines[0]

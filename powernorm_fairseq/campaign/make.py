@@ -30,6 +30,7 @@ from pathlib import Path
 from powernorm_fairseq.campaign import spec
 from powernorm_fairseq.campaign.analyses import build_analyses
 from powernorm_fairseq.campaign.budget import build_budget
+from powernorm_fairseq.campaign.mechanism import build_mechanism
 from powernorm_fairseq.campaign.pilot import build_pilot
 from powernorm_fairseq.campaign.tables import build_converged
 from powernorm_fairseq.campaign.view import PAPER_T1, PAPER_T2, SHORT
@@ -105,6 +106,9 @@ def main(argv=None) -> None:
                       "an ordering inside the intervals is not established."), ""]
     else:
         readme += ["Does the order hold on both corpora? Not answerable yet: too few finished runs.", ""]
+    readme += ["**What makes PN work** (its ingredients apart and the norms of today, Holm over each corpus's "
+               "five questions):", "", *[line for corpus, table in TABLES.items()
+                                          for line in build_mechanism(corpus, table, root)], ""]
     update_between(root / "results" / "analysis.md", "converged", build_analyses(root))
     arithmetic = build_budget(root)
     update_between(root / "results" / "README.md", "budget", arithmetic)
