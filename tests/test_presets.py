@@ -43,6 +43,7 @@ for _name in EXPECTED:
     if _name.startswith(("ptb_", "wikitext103_")):
         INTENDED[_name]["model.dyt_alpha_init"] = 0.5
         INTENDED[_name]["model.pn_warmup_unit"] = "updates"
+        INTENDED[_name]["model.multilinear_unmasked"] = False  # issue 36: the leak diagnostic's option
 # issue 38: --pn-warmup-unit; the released PN's presets keep the count they trained with (forwards)
 for _name in EXPECTED:
     if _name.endswith("_pn"):

@@ -14,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # the campaign's modules behind each script (powernorm_fairseq.campaign)
 MODULES = {"reproduce": ("cli", "spec", "records", "setaside", "run", "bootstrap", "status", "commit"),
-           "make_results": ("make", "view", "figures", "tables", "analyses", "budget", "pilot", "spec")}
+           "make_results": ("make", "view", "figures", "tables", "analyses", "budget", "pilot", "mechanism",
+                            "leak_table", "spec")}
 
 
 class _Script:
@@ -1136,3 +1137,24 @@ def test_the_mechanism_table_crosses_the_ingredients_and_answers_with_holm(tmp_p
     assert "GS > LN (better)" in page and "DyT < LN (worse)" in page
     assert "RMS - LN (RMSNorm against LN): +0.00" in page and "no significant difference" in page
     assert len(lines) == 1 and "results/mechanism_multi30k.md" in lines[0]
+
+
+def test_the_leak_campaign_trains_the_authors_attention_and_its_table_reads_the_probe(tmp_path):
+    """Issue 36 item 6: the leak campaign is the main campaign's PTB settings with the causal mask
+    of the multi-linear attention off; its table sets each run's test PPL and probe beside the
+    masked run of the same seed."""
+    reproduce, make_results = load_script("reproduce"), load_script("make_results")
+    overrides = reproduce.CAMPAIGNS["leak"].overrides(reproduce.CORPORA["ptb"])
+    assert "model.multilinear_unmasked=true" in overrides and "optimization.max_epoch=12" in overrides
+    assert reproduce.CAMPAIGNS["leak"].leak_probe and reproduce.CAMPAIGNS["leak"].norms == ("ln", "pn")
+    leak = tmp_path / "results" / "leak" / "ptb"
+    leak.mkdir(parents=True)
+    masked = tmp_path / "results" / "runs" / "ptb"
+    masked.mkdir(parents=True)
+    ev = lambda v: {"avg": {"value": v}}  # noqa: E731
+    (leak / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, "status": "done", "evaluations": ev(40.0),
+                                                 "leak": {"mean_abs": 0.25, "max_abs": 2.0}}))
+    (masked / "ln_s1.json").write_text(json.dumps({"norm": "ln", "seed": 1, "status": "done", "evaluations": ev(170.0)}))
+    (line,) = make_results.build_leak(tmp_path)
+    assert "LN s1: test PPL 40.00 unmasked against 170.00 masked, the probe's mean |delta log p| 0.250 nats" in line
+    assert "| PN (reference variant) | 1 | - | - | - | to do |" in (tmp_path / "results" / "leak_ptb.md").read_text()

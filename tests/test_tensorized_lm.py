@@ -197,3 +197,21 @@ def test_hydra_presets_train_the_tensorized_model(preset, fairseq_cli, tiny_lm_d
     assert state["cfg"]["model"]["self_attention"] == "multilinear"
     assert state["model"]["decoder.layers.0.self_attn.out_proj.weight"].shape[1] == 32 * 32
     assert state["model"]["decoder.layers.0.self_attn.core"].shape == (1, 40)
+
+
+@pytest.mark.parametrize("arch,extra", [(ARCH, TINY), ("transformer_lm_pn_tiny", [])], ids=["multilinear", "standard"])
+def test_the_leak_probe_is_zero_for_a_masked_model_and_not_for_the_authors_unmasked_one(tiny_lm_data, arch, extra):
+    """Issue 36 item 6: shuffling the tokens after position t (the one t predicts included) leaves
+    t's log-probability exactly as it was in a causal model, with either attention; the authors'
+    multi-linear attention (``--multilinear-unmasked``: its mask built, never applied) reads them."""
+    from powernorm_fairseq.analysis.leak import leak_probe
+
+    blocks = torch.randint(4, 20, (3, 12), generator=torch.Generator().manual_seed(0))
+    _, masked, _ = build(tiny_lm_data, arch, "--decoder-norm", "layer", *extra, lm=True)
+    assert leak_probe(masked, blocks)["max_abs"] == 0.0
+    if arch != ARCH:
+        return
+    _, unmasked, _ = build(tiny_lm_data, arch, "--decoder-norm", "layer", *extra, "--multilinear-unmasked", lm=True)
+    assert all(layer.self_attn.unmasked for layer in unmasked.decoder.layers)
+    probe = leak_probe(unmasked, blocks)
+    assert probe["mean_abs"] > 1e-4 and probe["positions"] == 3 * 10

@@ -30,6 +30,7 @@ from pathlib import Path
 from powernorm_fairseq.campaign import spec
 from powernorm_fairseq.campaign.analyses import build_analyses
 from powernorm_fairseq.campaign.budget import build_budget
+from powernorm_fairseq.campaign.leak_table import build_leak
 from powernorm_fairseq.campaign.mechanism import build_mechanism
 from powernorm_fairseq.campaign.pilot import build_pilot
 from powernorm_fairseq.campaign.tables import build_converged
@@ -109,6 +110,7 @@ def main(argv=None) -> None:
     readme += ["**What makes PN work** (its ingredients apart and the norms of today, Holm over each corpus's "
                "five questions):", "", *[line for corpus, table in TABLES.items()
                                           for line in build_mechanism(corpus, table, root)], ""]
+    readme += [*build_leak(root), ""]
     update_between(root / "results" / "analysis.md", "converged", build_analyses(root))
     arithmetic = build_budget(root)
     update_between(root / "results" / "README.md", "budget", arithmetic)

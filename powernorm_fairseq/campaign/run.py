@@ -194,6 +194,21 @@ class Run(SetAside, RunRecord):
         return evaluation
 
 
+    def probe_leak(self, log: Path) -> dict:
+        """The leak probe of the averaged model (:mod:`powernorm_fairseq.analysis.leak`): how much
+        its prediction at t moves when the tokens after t are shuffled; kept as ``leak``."""
+        if "leak" in self.record:
+            return self.record["leak"]
+        out = self.dir / "leak.json"
+        argv = ["--path", str(self.checkpoint_for("avg")), "--data", str(self.root / self.spec.prepared / "data-bin"),
+                "--out", str(out)]
+        self.log("probing the averaged model for a leak")
+        wall = self.step("python -m powernorm_fairseq.analysis.leak", argv, log, lambda: runner.probe_leak(argv))
+        result = {**json.loads(out.read_text()), "wall_s": round(wall, 1),
+                  "command": shlex.join(["python", "-m", "powernorm_fairseq.analysis.leak", *argv])}
+        self.save(leak=result)
+        return result
+
     @contextlib.contextmanager
     def claim(self) -> Iterator[int | None]:
         """Hold this run for the block: an exclusive ``flock`` on ``run.lock`` (with this process's
@@ -327,6 +342,8 @@ class Run(SetAside, RunRecord):
             self.average(log)
         for which in self.campaign.evaluations:
             self.evaluate(which, log)
+        if self.campaign.leak_probe:
+            self.probe_leak(log)
         self.keep_analyses()
         self.save(status="done", commit=git_commit(), core_hours=self.core_hours())
         self.log("done")

@@ -64,6 +64,7 @@ class Campaign:
     runs: str | None = None      # run directories runs/<runs>/<corpus>/ (None: the campaign's name)
     resume: str | None = None    # the arguments after <corpus> that resume it (None: it is not resumed)
     resume_corpora: tuple | None = None  # the corpora it resumes on (None: every corpus with runs left)
+    leak_probe: bool = False     # its finished runs are probed for a leak (analysis.leak)
 
     def prefix(self, corpus: str) -> str:
         return dict(self.prefixes).get(corpus, CORPORA[corpus].prefix)
@@ -87,6 +88,12 @@ CAMPAIGNS = {
                           ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS), significance=True,
                           norms=("rms", "group_rms", "pnpaper_gs", "dyt", "pnv_gs"), complete=True,
                           resume="--campaign mechanism --seeds 1,2,3 --threads 1 --commit"),
+    # issue 36 item 6: the Tensorized Transformer authors' attention (its causal mask never
+    # applied) on PTB with the main campaign's settings, LN and PN, one seed, probed for the leak
+    "leak": Campaign("results/leak", lambda c: [*_to_convergence(c, AVERAGE_EPOCHS, max_epoch=first_cap(c)),
+                                                "model.multilinear_unmasked=true"],
+                     ("avg",), ("epoch", AVERAGE_EPOCHS), norms=("ln", "pn"), leak_probe=True,
+                     resume="--campaign leak --seeds 1 --threads 1 --commit", resume_corpora=("ptb",)),
     # keeps every epoch checkpoint, with a higher cap: the run that sizes the campaign
     "budget": Campaign("results/budget", lambda c: _to_convergence(c, -1, max_epoch=80),
                        ("avg", "best", "last"), ("epoch", AVERAGE_EPOCHS),

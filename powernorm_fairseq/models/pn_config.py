@@ -361,6 +361,14 @@ class SelfAttentionOptions(FairseqDataclass):
         default=1,
         metadata={"help": "multi-linear attention: number of blocks (cores) averaged, h"},
     )
+    multilinear_unmasked: bool = field(
+        default=False,
+        metadata={
+            "help": "multi-linear attention without its causal mask, as the Tensorized Transformer "
+            "authors' script (it builds the mask, never applies it): every position sees the tokens "
+            "it predicts. For the leak diagnostic only (powernorm_fairseq.analysis.leak); warns at start"
+        },
+    )
     multilinear_rank: int = field(
         default=-1,
         metadata={

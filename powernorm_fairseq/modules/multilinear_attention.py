@@ -58,11 +58,14 @@ training do not use it.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
 
 
 @with_incremental_state
@@ -91,8 +94,11 @@ class MultilinearAttention(nn.Module):
         torch.Size([5, 3, 16])
     """
 
-    def __init__(self, embed_dim: int, rank: int, num_cores: int = 1, max_positions: int = 32):
+    def __init__(self, embed_dim: int, rank: int, num_cores: int = 1, max_positions: int = 32,
+                 unmasked: bool = False):
         super().__init__()
+        # the authors' behaviour (--multilinear-unmasked): the causal mask is built, never applied
+        self.unmasked = bool(unmasked)
         sizes = {"rank": rank, "num_cores": num_cores, "max_positions": max_positions}
         for name, value in sizes.items():
             if int(value) < 1:
@@ -118,7 +124,8 @@ class MultilinearAttention(nn.Module):
         nn.init.normal_(self.core, mean=0.0, std=0.01)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, num_cores={self.num_cores}, max_positions={self.max_positions}"
+        return (f"rank={self.rank}, num_cores={self.num_cores}, max_positions={self.max_positions}"
+                + (", unmasked=True" if self.unmasked else ""))
 
     def forward(
         self,
@@ -159,6 +166,8 @@ class MultilinearAttention(nn.Module):
                 f"by default --tokens-per-sample, at training), got {num_keys}; use sequences of "
                 f"at most {self.max_positions} tokens (--tokens-per-sample, --context-window)"
             )
+        if self.unmasked:  # every position reads every other, the ones it predicts included
+            attn_mask = None
         q = self.q_proj(query).transpose(0, 1) * self.core.mean(dim=0)  # (B, T, R): Q diag(g)
         visible = self._visible(q.size(1), num_keys, attn_mask, key_padding_mask, q)
         # (B, T, S, R) x (B, 1, R, S) -> T[n, t, b, c] = sum_r g_r Q[t, r] K[b, r] V[c, r]
@@ -266,6 +275,16 @@ def build_multilinear_attention(cfg, embed_dim: int) -> MultilinearAttention:
         raise ValueError("--self-attention multilinear does not support --quant-noise-pq")
     if cfg.max_target_positions is None:
         raise ValueError("--self-attention multilinear needs --max-target-positions (N)")
+    unmasked = bool(getattr(cfg, "multilinear_unmasked", False))
+    if unmasked and not _WARNED_UNMASKED:
+        _WARNED_UNMASKED.append(True)
+        logger.warning(
+            "--multilinear-unmasked: the multi-linear attention does not apply its causal mask, as "
+            "the Tensorized Transformer authors' script: every position sees the tokens it predicts, "
+            "so the perplexity measures a leak (powernorm_fairseq.analysis.leak measures it)")
     return MultilinearAttention(
-        embed_dim, rank, int(cfg.multilinear_cores), int(cfg.max_target_positions)
+        embed_dim, rank, int(cfg.multilinear_cores), int(cfg.max_target_positions), unmasked
     )
+
+
+_WARNED_UNMASKED: list = []  # once a process

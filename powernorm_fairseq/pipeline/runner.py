@@ -86,3 +86,15 @@ def evaluate(argv: Sequence[str]) -> dict:
     from powernorm_fairseq.pipeline import evaluate as evaluate_stage
 
     return evaluate_stage.main(list(argv))
+
+
+def probe_leak(argv: Sequence[str]) -> dict:
+    """Run the leak probe (:mod:`powernorm_fairseq.analysis.leak`) with ``argv`` in a process of
+    its own (it loads the model with fairseq); returns its record (also written to its ``--out``)."""
+    import json
+
+    from powernorm_fairseq.pipeline.common import python_module_cmd, run_cmd
+
+    argv = list(argv)
+    run_cmd(python_module_cmd("powernorm_fairseq.analysis.leak") + argv)
+    return json.loads(Path(argv[argv.index("--out") + 1]).read_text())
