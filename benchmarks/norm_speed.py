@@ -42,20 +42,36 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from powernorm_fairseq.norms import build_norm, fused
+from powernorm_fairseq.norms import build_norm, fused, norm_configs
 from powernorm_fairseq.pipeline.common import git_commit, hardware
 
 DEFAULT_SHAPES = ["64x64x512", "128x32x1024", "128x32x512"]  # the last: 4096 tokens
-# (label, registry name, kwargs); "before"/"after" = inside / past PN's warmup
+# (label, registry name, kwargs): every registered norm (and variant), PN inside ("before") and
+# past ("after") its warmup (its default unit counts updates, which the benchmark never tells, so
+# a warmup of 10**9 never ends and 0 is over from the start)
 NORMS = [
-    ("layer", "layer", {}),
-    ("batch", "batch", {}),
-    ("power_v", "power_v", {}),
-    ("power/paper/before", "power", {"warmup_updates": 10**9}),
-    ("power/paper/after", "power", {"warmup_updates": 0}),
-    ("power/reference/before", "power", {"variant": "reference", "warmup_updates": 10**9}),
-    ("power/reference/after", "power", {"variant": "reference", "warmup_updates": 0}),
+    (f"{name}/{variant}/{phase}" if variant else name, name,
+     {**({"variant": variant} if variant else {}), "warmup_updates": warm} if name == "power" else {})
+    for name, variant in norm_configs()
+    for phase, warm in ((("before", 10**9), ("after", 0)) if name == "power" else (("", 0),))
 ]
+
+
+class EagerDyT(torch.nn.Module):
+    """The eager ``weight * tanh(alpha * x) + bias`` the issue compares ``dyt`` with."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.full((1,), 0.5))
+        self.weight, self.bias = torch.nn.Parameter(torch.ones(c)), torch.nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+
+#: the torch modules the norms are measured against (every ratio is also given to LayerNorm)
+REFERENCES = {"torch.nn.LayerNorm": torch.nn.LayerNorm, "torch.nn.RMSNorm": torch.nn.RMSNorm,
+              "eager DyT": EagerDyT}
 
 
 def padding_mask(T: int, B: int, fraction: float, gen: torch.Generator) -> torch.Tensor | None:
@@ -136,7 +152,7 @@ def bench_shape(T, B, C, fraction, reps, warmup, device="cpu"):
         mask = mask.to(device)
     x, grad_y = x.to(device).requires_grad_(), grad_y.to(device)
     cuda = torch.device(device).type == "cuda"
-    norms = {"torch.nn.LayerNorm": (torch.nn.LayerNorm(C).to(device), None)}
+    norms = {label: (make(C).to(device), None) for label, make in REFERENCES.items()}
     for label, name, kwargs in NORMS:
         norms[label] = (build_norm(name, C, **kwargs).to(device).train(), mask)
     for norm, m in norms.values():
