@@ -14,7 +14,7 @@ declares one (what ``fold_norms`` folds), and a ``fairseq-train --user-dir`` run
 
 from __future__ import annotations
 
-import textwrap
+import inspect
 
 import pytest
 import torch
@@ -236,23 +236,10 @@ def test_every_registered_norm_trains_under_fairseq_user_dir(cfg, fairseq_cli, t
     name, variant = cfg
     user = tmp_path / "my_norms"
     user.mkdir()
-    (user / "__init__.py").write_text(textwrap.dedent('''\
-        import powernorm_fairseq.models  # noqa: F401  (the plugin's models)
-        from powernorm_fairseq.norms import MaskedNorm, register_norm
-
-
-        @register_norm("outside_scale")
-        class OutsideScale(MaskedNorm):
-            stateful = False
-
-            def __init__(self, num_features, eps=1e-5, affine=True, device=None, dtype=None):
-                super().__init__(num_features, eps, affine, device=device, dtype=dtype)
-                self.reset_parameters()
-
-            def _normalize(self, x2d, keep):
-                weight, bias = self._affine_or_identity(x2d.dtype)
-                return x2d * weight + bias
-        '''))
+    (user / "__init__.py").write_text(
+        "import powernorm_fairseq.models  # noqa: F401  (the plugin's models)\n"
+        "from powernorm_fairseq.norms import MaskedNorm, register_norm\n\n\n"
+        + inspect.getsource(OutsideScale))  # the class this module registers, as a user's file would
     proc = fairseq_cli(
         "train", tiny_mt_data, "--user-dir", user, "--task", "translation", "-s", "src", "-t", "tgt",
         "--arch", "transformer_pn_tiny", "--share-all-embeddings", "--optimizer", "adam", "--lr", "0.002",
