@@ -32,6 +32,7 @@ from fairseq.utils import safe_getattr
 
 from powernorm_fairseq import compat
 from powernorm_fairseq.modules import TransformerPNDecoder
+from powernorm_fairseq.modules.norm_factory import norm_fields
 
 from .pn_config import (
     NORM_CHOICE_ENUM,
@@ -44,7 +45,7 @@ from .pn_config import (
 from .tracking import NormTrackingMixin
 from .transformer_pn import fill_norm_defaults
 
-_LM_NORM_FIELDS = {"decoder": ("norm", "self_attn_norm", "ffn_norm", "final_norm")}
+_LM_NORM_FIELDS = norm_fields(("decoder",), language_model=True)
 _SITE_HELP = "norm at the {site} (default: inherit --decoder-norm)"
 
 

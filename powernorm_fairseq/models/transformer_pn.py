@@ -23,6 +23,7 @@ from fairseq.utils import safe_getattr
 
 from powernorm_fairseq import compat
 from powernorm_fairseq.modules import TransformerPNDecoder, TransformerPNEncoder
+from powernorm_fairseq.modules.norm_factory import norm_fields
 
 from .pn_config import (
     PNDecoderConfig,
@@ -35,10 +36,7 @@ from .pn_config import (
 from .tracking import NormTrackingMixin
 
 _SIDE_CONFIGS = {"encoder": PNEncoderConfig, "decoder": PNDecoderConfig}
-_NORM_FIELDS = {
-    "encoder": ("norm", "self_attn_norm", "ffn_norm", "final_norm"),
-    "decoder": ("norm", "self_attn_norm", "cross_attn_norm", "ffn_norm", "final_norm"),
-}
+_NORM_FIELDS = norm_fields()
 
 
 @register_model("transformer_pn")

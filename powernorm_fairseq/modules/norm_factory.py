@@ -22,6 +22,13 @@ SITES = {
 }
 
 
+def norm_fields(sides=tuple(SITES), language_model: bool = False) -> dict[str, tuple[str, ...]]:
+    """The norm option fields of each side (``norm`` and ``<site>_norm``), from :data:`SITES`: the
+    one list of the sites; a language model's decoder has no encoder attention."""
+    return {side: ("norm", *(f"{site}_norm" for site in SITES[side]
+                             if not (language_model and site == "cross_attn"))) for side in sides}
+
+
 def _choice(value: Any) -> str | None:
     """fairseq's ChoiceEnum members, plain strings and None, as a plain string or None."""
     return None if value is None else str(value)
