@@ -42,6 +42,18 @@ from .functional import (
 from .registry import register_norm
 
 
+def check_power_arguments(num_features: int, alpha_fwd: float, alpha_bkw: float, warmup_updates: int,
+                          group_num: int, warmup_unit: str) -> None:
+    """The arguments both PowerNorm variants take, checked once: a ``ValueError`` naming a bad one."""
+    check_alpha("alpha_fwd", alpha_fwd)
+    check_alpha("alpha_bkw", alpha_bkw)
+    check_group_num(num_features, group_num)
+    if warmup_updates < 0:
+        raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
+    if warmup_unit not in WARMUP_UNITS:
+        raise ValueError(f"warmup_unit must be one of {', '.join(WARMUP_UNITS)}, got {warmup_unit!r}")
+
+
 def power_options(options, num_heads: int, final: bool, auto_groups: int) -> dict:
     """The PowerNorm keywords both variants read: ``alpha_fwd`` / ``alpha_bkw``
     (``pn_alpha_fwd`` / ``pn_alpha_bkw``), ``warmup_updates`` (``pn_warmup_updates``, or
@@ -206,13 +218,7 @@ class PowerNormPaper(MaskedNorm):
                  process_group=None, device=None, dtype=None, batch_first: bool = False, warmup_unit: str = WARMUP_UNIT):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype,
                          batch_first=batch_first)
-        check_alpha("alpha_fwd", alpha_fwd)
-        check_alpha("alpha_bkw", alpha_bkw)
-        check_group_num(num_features, group_num)
-        if warmup_updates < 0:
-            raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
-        if warmup_unit not in WARMUP_UNITS:
-            raise ValueError(f"warmup_unit must be one of {', '.join(WARMUP_UNITS)}, got {warmup_unit!r}")
+        check_power_arguments(num_features, alpha_fwd, alpha_bkw, warmup_updates, group_num, warmup_unit)
         self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
         self.warmup_updates, self.group_num, self.safeguard = warmup_updates, group_num, safeguard
         self.warmup_unit = warmup_unit

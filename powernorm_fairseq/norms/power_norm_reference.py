@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import fused
-from .autograd import PRESCALE_EPS, check_alpha, check_group_num
+from .autograd import PRESCALE_EPS
 from .base import MaskedNorm
 from .defaults import (
     ALPHA_BKW,
@@ -22,12 +22,11 @@ from .defaults import (
     EPS,
     REFERENCE_GROUP_NUM,
     WARMUP_UNIT,
-    WARMUP_UNITS,
     WARMUP_UPDATES,
 )
 from .distributed import maybe_all_reduce
 from .functional import column_sum, group_rms_scale, token_count, zero_pads_
-from .power_norm_paper import power_options
+from .power_norm_paper import check_power_arguments, power_options
 from .registry import register_norm
 
 
@@ -288,13 +287,7 @@ class PowerNormReference(MaskedNorm):
                  device=None, dtype=None, batch_first: bool = False, warmup_unit: str = WARMUP_UNIT):
         super().__init__(num_features, eps, affine, sync_stats, process_group, device, dtype,
                          batch_first=batch_first)
-        check_alpha("alpha_fwd", alpha_fwd)
-        check_alpha("alpha_bkw", alpha_bkw)
-        check_group_num(num_features, group_num)
-        if warmup_updates < 0:
-            raise ValueError(f"warmup_updates must be >= 0, got {warmup_updates}")
-        if warmup_unit not in WARMUP_UNITS:
-            raise ValueError(f"warmup_unit must be one of {', '.join(WARMUP_UNITS)}, got {warmup_unit!r}")
+        check_power_arguments(num_features, alpha_fwd, alpha_bkw, warmup_updates, group_num, warmup_unit)
         self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
         self.warmup_updates, self.group_num, self.warmup_unit = warmup_updates, group_num, warmup_unit
         self._num_updates_host = 0  # the optimizer updates told (warmup_unit="updates")
