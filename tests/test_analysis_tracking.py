@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from powernorm_fairseq.analysis.tracking import COLUMNS, attach_tracker
-from powernorm_fairseq.norms import NORM_CHOICES, build_norm
+from powernorm_fairseq.norms import build_norm, norm_names
 
 LAYER = "encoder.layers.0.self_attn_layer_norm"
 T, B, C = 5, 3, 8
@@ -61,7 +61,7 @@ def _batch(seed: int):
 
 # every registered norm, plus the pre-scaled and reference variants (their statistics are taken
 # over the group-RMS-scaled input)
-CASES = [(name, {}) for name in NORM_CHOICES] + [
+CASES = [(name, {}) for name in norm_names()] + [
     ("batch", {"prescale": True}),
     ("batch", {"pad_statistics": "released"}),  # sigma_B^2 diluted over all T*B rows, as it normalizes
     ("power", {"variant": "paper", "group_num": 2, "warmup_updates": 1}),
@@ -76,7 +76,8 @@ def _model(name: str, seed: int = 0, **kw) -> TinyModel:
     model = TinyModel(build_norm(name, C, **kw))
     with torch.no_grad():  # non-trivial affine so that gamma matters in g = gamma * dL/dy
         model.norm.weight.uniform_(0.5, 1.5)
-        model.norm.bias.uniform_(-0.2, 0.2)
+        if model.norm.bias is not None:  # RMSNorm has none
+            model.norm.bias.uniform_(-0.2, 0.2)
     return model
 
 
