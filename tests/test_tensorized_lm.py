@@ -23,7 +23,7 @@ from test_fairseq_models import _warm_up_statistics, batches, build  # noqa: E40
 
 from powernorm_fairseq.inference import fold_norms  # noqa: E402
 from powernorm_fairseq.modules import MultilinearAttention  # noqa: E402
-from powernorm_fairseq.norms import NORM_CHOICES  # noqa: E402
+from powernorm_fairseq.norms import norm_names  # noqa: E402
 
 ARCH = "transformer_lm_pn_tensorized_ptb"
 # The paper's architecture at test size: 2 layers, d=32, FFN 64, rank 8, 2 cores, N = 16.
@@ -55,7 +55,7 @@ def test_paper_setting_and_parameter_count(tiny_lm_data):
     assert type(standard.decoder.layers[0].self_attn).__name__ == "MultiheadAttention"
 
 
-@pytest.mark.parametrize("kind", NORM_CHOICES)
+@pytest.mark.parametrize("kind", norm_names())
 def test_no_position_sees_a_later_token(tiny_lm_data, kind):
     task, model, _ = tiny_model(tiny_lm_data, kind)
     _warm_up_statistics(model, task)
@@ -72,7 +72,7 @@ def test_no_position_sees_a_later_token(tiny_lm_data, kind):
             assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])
 
 
-@pytest.mark.parametrize("kind", NORM_CHOICES)
+@pytest.mark.parametrize("kind", norm_names())
 def test_right_padding_leaves_every_token_unchanged(tiny_lm_data, kind):
     task, model, _ = tiny_model(tiny_lm_data, kind)
     _warm_up_statistics(model, task)
@@ -89,7 +89,7 @@ def test_right_padding_leaves_every_token_unchanged(tiny_lm_data, kind):
             torch.testing.assert_close(padded[n : n + 1, :length], alone, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", NORM_CHOICES)
+@pytest.mark.parametrize("kind", norm_names())
 def test_generation_scores_equal_the_full_forward(tiny_lm_data, kind):
     """fairseq's LM generation runs the decoder incrementally; its scores must be the model's."""
     task, model, _ = tiny_model(tiny_lm_data, kind)
@@ -150,7 +150,7 @@ LM_TRAIN = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", NORM_CHOICES)
+@pytest.mark.parametrize("kind", norm_names())
 def test_trains_scores_and_resumes(kind, fairseq_cli, tiny_lm_data, plugin_dir, tmp_path):
     def train(save_dir, updates):
         proc = fairseq_cli(
