@@ -170,3 +170,22 @@ def kernel_path(request):
     old = fused.set_enabled(request.param == "fused")
     yield request.param
     fused.set_enabled(old)
+
+
+# The plugin's own norms, as importing the package registers them: what every test module that
+# runs over the registry (norm_names / norm_configs) is parametrized with at collection time.
+from powernorm_fairseq.norms import norm_configs as _norm_configs  # noqa: E402
+
+_PLUGIN_NORMS = tuple(_norm_configs())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registry_left_as_found(request):
+    """A test module that registers a norm of its own removes it again (``unregister_norm``):
+    otherwise the modules after it see a norm their fairseq subprocesses cannot build."""
+    assert tuple(_norm_configs()) == _PLUGIN_NORMS, (
+        f"a test module before {request.module.__name__} left norms registered: "
+        f"{sorted(set(_norm_configs()) - set(_PLUGIN_NORMS))}")
+    yield
+    left = sorted(set(_norm_configs()) - set(_PLUGIN_NORMS))
+    assert not left, f"{request.module.__name__} left norms registered: {left} (unregister_norm)"

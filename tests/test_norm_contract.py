@@ -2,7 +2,9 @@
 
 Each (name, variant) of :func:`powernorm_fairseq.norms.norm_configs` is tested here, so a norm
 registered with ``register_norm`` is tested without touching the tests; so is a norm this module
-registers itself from outside the package (:class:`OutsideScale`), as a user's own file would.
+registers itself from outside the package (:class:`OutsideScale`), as a user's own file would,
+for the length of this module only (:func:`outside_norm_registered`): the other test modules run
+over the plugin's own registry.
 
 The contract: padding invariance (appending pads changes no real-token output, no input gradient
 and no buffer; a norm that declares ``pads_enter_backward`` by design, the released PN's D5, is
@@ -20,11 +22,18 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from powernorm_fairseq.norms import MaskedNorm, build_norm, norm_configs, register_norm
+from powernorm_fairseq.norms import (
+    MaskedNorm,
+    build_norm,
+    norm_configs,
+    register_norm,
+    unregister_norm,
+)
 from powernorm_fairseq.norms.functional import group_rms_scale
 
+OUTSIDE = "outside_scale"
 
-@register_norm("outside_scale")
+
 class OutsideScale(MaskedNorm):
     """A norm defined outside the package: ``y = weight * x + bias`` (no statistics)."""
 
@@ -39,8 +48,17 @@ class OutsideScale(MaskedNorm):
         return x2d * weight + bias
 
 
+@pytest.fixture(scope="module", autouse=True)
+def outside_norm_registered():
+    """Register :class:`OutsideScale` while this module's tests run, and remove it after, so that
+    no other module's tests see a norm their fairseq runs cannot build."""
+    register_norm(OUTSIDE, OutsideScale)
+    yield
+    unregister_norm(OUTSIDE)
+
+
 C = 8
-CONFIGS = norm_configs()
+CONFIGS = norm_configs() + [(OUTSIDE, None)]
 IDS = [name if variant is None else f"{name}-{variant}" for name, variant in CONFIGS]
 
 
@@ -91,7 +109,7 @@ def cfg(request):
 def test_the_outside_norm_is_registered_and_the_paper_norms_come_first():
     names = [name for name, _ in CONFIGS]
     assert names[:5] == ["layer", "batch", "power_v", "power", "power"]
-    assert ("outside_scale", None) in CONFIGS
+    assert (OUTSIDE, None) in norm_configs()
 
 
 def test_appending_pads_changes_no_real_token(cfg):
@@ -239,6 +257,7 @@ def test_every_registered_norm_trains_under_fairseq_user_dir(cfg, fairseq_cli, t
     (user / "__init__.py").write_text(
         "import powernorm_fairseq.models  # noqa: F401  (the plugin's models)\n"
         "from powernorm_fairseq.norms import MaskedNorm, register_norm\n\n\n"
+        + f"@register_norm({OUTSIDE!r})\n"
         + inspect.getsource(OutsideScale))  # the class this module registers, as a user's file would
     proc = fairseq_cli(
         "train", tiny_mt_data, "--user-dir", user, "--task", "translation", "-s", "src", "-t", "tgt",

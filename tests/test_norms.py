@@ -13,6 +13,7 @@ from torch.func import functional_call
 from powernorm_fairseq.norms import (
     NORM_CHOICES,
     NORM_REGISTRY,
+    MaskedNorm,
     PowerNormPaper,
     PowerNormReference,
     build_norm,
@@ -72,6 +73,28 @@ def _buffers(norm):
 def test_registry_names():
     assert NORM_CHOICES == ("layer", "batch", "power_v", "power")
     assert set(NORM_REGISTRY) == set(NORM_CHOICES)
+
+
+def test_register_and_unregister_a_norm_for_a_while():
+    """``unregister_norm`` undoes ``register_norm``: the name builds while registered, and after
+    it is an unknown name again (the error lists the choices); an unknown name cannot be removed."""
+    from powernorm_fairseq.norms import norm_family, norm_names, register_norm, unregister_norm
+
+    class Scale(MaskedNorm):
+        stateful = False
+
+        def _normalize(self, x2d, keep):
+            return x2d
+
+    before = norm_names()
+    register_norm("scale_for_a_while", Scale)
+    assert norm_family(build_norm("scale_for_a_while", C)) == "scale_for_a_while"
+    unregister_norm("scale_for_a_while")
+    assert norm_names() == before and norm_family(Scale) is None
+    with pytest.raises(ValueError, match="choose one of"):
+        build_norm("scale_for_a_while", C)
+    with pytest.raises(ValueError, match="choose one of"):
+        unregister_norm("scale_for_a_while")
 
 
 def test_unknown_name_lists_choices():

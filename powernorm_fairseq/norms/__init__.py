@@ -35,6 +35,7 @@ from .registry import (
     norm_names,
     norm_variants,
     register_norm,
+    unregister_norm,
 )
 
 # not norms (helpers of the norm modules) and the modules imported above
@@ -72,4 +73,5 @@ __all__ = [
     "norm_variants",
     "register_norm",
     "set_num_updates",
+    "unregister_norm",
 ]

@@ -86,6 +86,20 @@ def register_norm(name: str, cls: type | None = None, *, variant: str | None = N
     return add if cls is None else add(cls)
 
 
+def unregister_norm(name: str) -> None:
+    """Remove the norm ``name`` (all its variants) from the registry: the inverse of
+    :func:`register_norm`, for code that registers a norm for a while (a test, a notebook
+    re-running its cell). Modules built already keep working.
+
+    Raises:
+        ValueError: ``name`` is not registered (naming the registered ones).
+    """
+    entry = _entry(name)
+    for cls in entry.classes.values():
+        _NAME_OF.pop(cls, None)
+    del _NORMS[name]
+
+
 def norm_names() -> tuple[str, ...]:
     """The registered names, in registration order (the built-in ones first)."""
     return tuple(_NORMS)
