@@ -157,14 +157,22 @@ class BatchStatNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, keep, center, shift, eps, sync, process_group,
                 nu=None, alpha_bkw=0.0, safeguard=False):
+        ctx.nu, ctx.alpha_bkw, ctx.safeguard = nu, alpha_bkw, safeguard
+        ctx.sync, ctx.process_group = sync, process_group
+        if not sync and shift is None and fused.usable(x, keep, weight, bias):
+            # the statistics and every (C,) step in one call, rounding as the code below
+            y, mean, var, rstd, ctx.gamma, count = fused.batch_forward_stats(
+                x, keep, center, eps, weight, bias, gamma=nu is not None)
+            ctx.save_for_backward(x, weight, keep, mean, rstd, count)
+            stats = (var, count) if mean is None else (mean, var, count)
+            ctx.mark_non_differentiable(*stats)
+            return (y, *stats)
         y = torch.empty_like(x)
         mean, var, count = batch_moments(x, keep, y, center=center, shift=shift, sync=sync,
                                          process_group=process_group)
         rstd = torch.rsqrt(var + eps)
-        ctx.nu, ctx.alpha_bkw, ctx.safeguard = nu, alpha_bkw, safeguard
         if nu is not None:
             ctx.gamma = var * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
-        ctx.sync, ctx.process_group = sync, process_group
         ctx.save_for_backward(x, weight, keep, mean, rstd, count)
         scale = rstd * weight
         torch.addcmul(bias if mean is None else bias - mean * scale, x, scale, out=y)
@@ -177,6 +185,12 @@ class BatchStatNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y, *_stat_grads):
         x, weight, keep, mean, rstd, count = ctx.saved_tensors
         track_nu = ctx.nu is not None
+        need = ctx.needs_input_grad
+        if not ctx.sync and fused.usable(x, grad_y, keep, weight, rstd, count, ctx.nu):
+            grad_x, grad_w, grad_b = fused.batch_backward(  # one call, rounding as below
+                grad_y, x, keep, weight, mean, rstd, count, ctx.gamma if track_nu else None,
+                ctx.nu, ctx.alpha_bkw, ctx.safeguard, need_bias=need[2])
+            return (grad_x, grad_w if need[1] else None, grad_b, *(None,) * 9)
         fast = fused.usable(x, grad_y, keep)
         if fast:  # the three sums in one read of grad_y and x
             sum_gy, sum_gyx, masked_gyx = fused.bwd_sums(grad_y, x, keep, masked=track_nu)
@@ -210,7 +224,6 @@ class BatchStatNormFunction(torch.autograd.Function):
         if track_nu:
             update_nu_(ctx.nu, weight, rstd, ctx.gamma, count, sums[-1], ctx.alpha_bkw,
                        ctx.safeguard)
-        need = ctx.needs_input_grad
         return (grad_x, local_gyxhat if need[1] else None, sum_gy if need[2] else None,
                 None, None, None, None, None, None, None, None, None)
 

@@ -100,6 +100,9 @@ class MaskedNorm(nn.Module):
     #: its backward recomputes exactly); older ones are dropped, so memory stays bounded when
     #: nothing is recomputed.
     _max_snapshots = 8
+    #: Whether :meth:`_normalize` reads the keep-vector (statistics over the tokens of the batch).
+    #: Per-token norms set False and get ``keep=None`` (the mask is still validated).
+    reads_padding = True
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True,
                  sync_stats: bool = False, process_group=None, device=None, dtype=None,
@@ -223,6 +226,8 @@ class MaskedNorm(nn.Module):
 
     def _affine_or_identity(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(weight, bias)`` as ``(C,)`` tensors of ``dtype``, ones/zeros where not learned."""
+        if self.weight is not None and self.bias is not None:  # the common case, first
+            return self.weight.to(dtype), self.bias.to(dtype)
         ref = next(iter([*self.parameters(), *self.buffers()]), None)
         device = ref.device if ref is not None else None
         weight = (torch.ones(self.num_features, dtype=dtype, device=device) if self.weight is None
@@ -324,7 +329,8 @@ class MaskedNorm(nn.Module):
             x2d = x.reshape(-1, self.num_features).to(compute_dtype)
             # rows of x2d: t * B + b for (T, B, C), b * T + t for (B, T, C)
             batch_major = self.batch_first and x.dim() == 3
-            y2d = self._normalize(x2d, keep_vector(mask, compute_dtype, batch_major=batch_major))
+            keep = keep_vector(mask, compute_dtype, batch_major=batch_major) if self.reads_padding else None
+            y2d = self._normalize(x2d, keep)
         return y2d.reshape(x.shape).to(x.dtype)
 
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:

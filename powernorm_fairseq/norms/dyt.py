@@ -40,6 +40,7 @@ class DynamicTanh(MaskedNorm):
     """
 
     stateful = False  # plain torch ops
+    reads_padding = False  # per token: pads cannot reach a real token
 
     def __init__(self, num_features: int, alpha_init: float = DYT_ALPHA_INIT, eps: float = 1e-5,
                  affine: bool = True, bias: bool = True, device=None, dtype=None, batch_first: bool = False):

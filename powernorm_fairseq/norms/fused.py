@@ -45,7 +45,7 @@ from torch import Tensor
 
 _SRC_DIR = Path(__file__).resolve().parent / "kernels"
 _SOURCES = ("pn_kernels.c", "pn_kernels_impl.h")
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -72,6 +72,19 @@ _SIGNATURES = {
                        ctypes.c_int],
     "pn_grms_bwd": [_F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _F, _F, _F,
                     ctypes.c_int],
+    "pn_paper_fwd": [_F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                     ctypes.c_double, ctypes.c_double, _F, _F, _F, _F, _F, ctypes.c_int],
+    "pn_paper_bwd": [_F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_double, ctypes.c_int, _F, _F, _F, ctypes.c_int],
+    "pn_ref_fwd_stats": [_F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, ctypes.c_int64,
+                         ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_double, _F,
+                         _F, _F, _F, _F],
+    "pn_ref_bwd_coef": [_F, _F, _F, _F, ctypes.c_int64, ctypes.c_double, _F, _F],
+    "pn_ref_bwd_finish": [_F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_double, _F, _F, _F],
+    "pn_batch_fwd_stats": [_F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_double,
+                           _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_int],
+    "pn_batch_bwd": [_F, _F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_double, ctypes.c_int, _F, _F, _F, ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -333,3 +346,125 @@ def grms_backward(grad_y: Tensor, x: Tensor, rstd: Tensor, a: Tensor, b: Tensor)
                                         gx.data_ptr(), og.data_ptr(), oz.data_ptr(),
                                         torch.get_num_threads()))
     return gx, og, oz
+
+
+def paper_forward(x: Tensor, keep: Tensor | None, weight: Tensor, bias: Tensor, psi2: Tensor,
+                  eps: float, alpha: float):
+    """PN (Algorithm 2) past warmup, one training forward without sync, in one call: returns
+    ``(y (N, C), rstd (C,), gamma (C,), count ())`` and advances the running ``psi2`` ``(C,)`` in
+    place (``pn_paper_fwd`` in the C source states the arithmetic; it rounds as the eager path)."""
+    x, keep = _c(x), _c(keep)
+    n, c = x.shape
+    y = torch.empty_like(x)
+    vec = x.new_empty(3 * c + 1)  # rstd, psi2_b, gamma, count
+    p = vec.data_ptr()
+    size = vec.element_size()
+    _check(_fn("pn_paper_fwd", x.dtype)(x.data_ptr(), _ptr(keep), weight.data_ptr(), bias.data_ptr(),
+                                         psi2.data_ptr(), n, c, float(eps), float(alpha),
+                                         1.0 - float(alpha), y.data_ptr(), p, p + c * size,
+                                         p + 2 * c * size, p + 3 * c * size,
+                                         torch.get_num_threads()))
+    return y, vec[:c], vec[2 * c:3 * c], vec[3 * c]
+
+
+def paper_backward(grad_y: Tensor, x: Tensor, keep: Tensor | None, weight: Tensor, rstd: Tensor,
+                   gamma: Tensor, nu: Tensor, count: Tensor, alpha_bkw: float, safeguard: bool,
+                   need_bias: bool = True):
+    """The backward of :func:`paper_forward` in one call: returns ``(grad_x, grad_weight,
+    grad_bias or None)`` and advances ``nu`` ``(C,)`` in place (``pn_paper_bwd``)."""
+    grad_y, x, keep = _c(grad_y), _c(x), _c(keep)
+    n, c = x.shape
+    gx = torch.empty_like(x)
+    grads = x.new_empty(2 * c)
+    p, size = grads.data_ptr(), grads.element_size()
+    _check(_fn("pn_paper_bwd", x.dtype)(grad_y.data_ptr(), x.data_ptr(), _ptr(keep),
+                                         weight.data_ptr(), rstd.data_ptr(), gamma.data_ptr(),
+                                         nu.data_ptr(), count.data_ptr(), n, c,
+                                         1.0 - float(alpha_bkw), int(bool(safeguard)),
+                                         gx.data_ptr(), p, p + c * size if need_bias else None,
+                                         torch.get_num_threads()))
+    return gx, grads[:c], grads[c:] if need_bias else None
+
+
+def reference_forward_stats(sum_sq: Tensor, keep: Tensor | None, n: int, weight: Tensor,
+                            phi: Tensor, iters: Tensor, clock: int | None, warmup: int, eps: float,
+                            alpha: float):
+    """The released PN's forward statistics step without sync (``pn_ref_fwd_stats``; rounds as
+    ``reference_running_step``): advances ``phi`` ``(C,)`` and ``iters`` ``(1,)`` long in place and
+    returns ``(rstd_fwd, rstd_bwd, scale = rstd_fwd * weight, count (), num_all ())``."""
+    c = sum_sq.shape[0]
+    vec = sum_sq.new_empty(3 * c + 2)
+    p, size = vec.data_ptr(), vec.element_size()
+    _check(_fn("pn_ref_fwd_stats", sum_sq.dtype)(
+        sum_sq.data_ptr(), _ptr(_c(keep)), n, c, weight.data_ptr(), phi.data_ptr(), iters.data_ptr(),
+        -1 if clock is None else int(clock), int(warmup), float(eps), float(alpha),
+        1.0 - float(alpha), p, p + c * size, p + 2 * c * size, p + 3 * c * size,
+        p + (3 * c + 1) * size))
+    return vec[:c], vec[c:2 * c], vec[2 * c:3 * c], vec[3 * c], vec[3 * c + 1]
+
+
+def reference_backward_coef(weight: Tensor, ema: Tensor, rstd_fwd: Tensor, rstd_bwd: Tensor,
+                            alpha_bkw: float) -> tuple[Tensor, Tensor]:
+    """``(weight * rstd_bwd, (1 - alpha_bkw) ema rstd_fwd rstd_bwd)`` ``(C,)`` in one call
+    (``pn_ref_bwd_coef``; rounds as the eager ``_ema_coef``)."""
+    c = weight.shape[0]
+    out = weight.new_empty(2 * c)
+    p, size = out.data_ptr(), out.element_size()
+    _check(_fn("pn_ref_bwd_coef", weight.dtype)(weight.data_ptr(), ema.data_ptr(),
+                                                 rstd_fwd.data_ptr(), rstd_bwd.data_ptr(), c,
+                                                 1.0 - float(alpha_bkw), p, p + c * size))
+    return out[:c], out[c:]
+
+
+def reference_backward_finish(sum_gyx: Tensor, weight: Tensor, rstd_fwd: Tensor, sum_sq_all: Tensor,
+                              count: Tensor, num_all: Tensor, alpha_bkw: float, ema: Tensor,
+                              num_unstable: Tensor) -> Tensor:
+    """The released backward's end without sync (``pn_ref_bwd_finish``; rounds as the eager
+    path): advances ``ema`` ``(C,)`` and ``num_unstable`` ``(1,)`` long in place, returns the weight
+    gradient ``rstd_fwd * sum_gyx``."""
+    c = sum_gyx.shape[0]
+    grad_w = sum_gyx.new_empty(c)
+    _check(_fn("pn_ref_bwd_finish", sum_gyx.dtype)(
+        sum_gyx.data_ptr(), weight.data_ptr(), rstd_fwd.data_ptr(), sum_sq_all.data_ptr(),
+        count.data_ptr(), num_all.data_ptr(), c, 1.0 - float(alpha_bkw), ema.data_ptr(),
+        num_unstable.data_ptr(), grad_w.data_ptr()))
+    return grad_w
+
+
+def batch_forward_stats(x: Tensor, keep: Tensor | None, center: bool, eps: float, weight: Tensor,
+                        bias: Tensor, gamma: bool):
+    """BN's (``center``) or PN-V's batch statistics without sync in one call
+    (``pn_batch_fwd_stats``; rounds as ``batch_moments`` with the first real row as shift):
+    returns ``(y (N, C), mean or None, var, rstd, gamma or None, count ())``, the vectors ``(C,)``,
+    with ``y = shift_y + x * scale`` rounded as ``torch.addcmul``."""
+    x, keep = _c(x), _c(keep)
+    n, c = x.shape
+    y = torch.empty_like(x)
+    vec = x.new_empty(6 * c + 1)
+    p, size = vec.data_ptr(), vec.element_size()
+    at = [p + i * c * size for i in range(7)]
+    _check(_fn("pn_batch_fwd_stats", x.dtype)(
+        x.data_ptr(), _ptr(keep), n, c, int(bool(center)), float(eps), weight.data_ptr(),
+        bias.data_ptr(), at[0] if center else None, at[1], at[2], at[3], at[4],
+        at[5] if gamma else None, at[6], y.data_ptr(), torch.get_num_threads()))
+    return (y, vec[:c] if center else None, vec[c:2 * c], vec[2 * c:3 * c],
+            vec[5 * c:6 * c] if gamma else None, vec[6 * c])
+
+
+def batch_backward(grad_y: Tensor, x: Tensor, keep: Tensor | None, weight: Tensor,
+                   mean: Tensor | None, rstd: Tensor, count: Tensor, gamma: Tensor | None,
+                   nu: Tensor | None, alpha_bkw: float, safeguard: bool, need_bias: bool = True):
+    """The exact backward of :func:`batch_forward_stats` in one call (``pn_batch_bwd``):
+    returns ``(grad_x, grad_weight, grad_bias or None)``; with ``nu`` (PN's warmup) advances it
+    in place as ``update_nu_``."""
+    grad_y, x, keep = _c(grad_y), _c(x), _c(keep)
+    n, c = x.shape
+    gx = torch.empty_like(x)
+    grads = x.new_empty(2 * c)
+    p, size = grads.data_ptr(), grads.element_size()
+    _check(_fn("pn_batch_bwd", x.dtype)(
+        grad_y.data_ptr(), x.data_ptr(), _ptr(keep), weight.data_ptr(), _ptr(mean),
+        rstd.data_ptr(), count.data_ptr(), _ptr(gamma), _ptr(nu), n, c, 1.0 - float(alpha_bkw),
+        int(bool(safeguard)), gx.data_ptr(), p, p + c * size if need_bias else None,
+        torch.get_num_threads()))
+    return gx, grads[:c], grads[c:] if need_bias else None

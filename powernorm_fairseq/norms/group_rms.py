@@ -47,6 +47,7 @@ class GroupRMSNorm(MaskedNorm):
     """
 
     stateful = False  # plain torch ops and the group-scaling Function: no state to recompute
+    reads_padding = False  # per token: pads cannot reach a real token
 
     def __init__(self, num_features: int, eps: float = PRESCALE_EPS, group_num: int = 1,
                  affine: bool = True, bias: bool = True, device=None, dtype=None, batch_first: bool = False):

@@ -40,6 +40,7 @@ class LayerNorm(MaskedNorm):
     """
 
     stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
+    reads_padding = False  # per token: pads cannot reach a real token
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True, device=None,
                  dtype=None, bias: bool = True, batch_first: bool = False):

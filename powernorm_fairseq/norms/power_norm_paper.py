@@ -73,13 +73,26 @@ def power_options(options, num_heads: int, final: bool, auto_groups: int) -> dic
     return kwargs
 
 
+@torch.no_grad()
+def ema_psi2_(psi2: Tensor, psi2_b: Tensor, count: Tensor, alpha_fwd: float) -> None:
+    """``psi^2 <- alpha_fwd psi^2 + (1 - alpha_fwd) psi_B^2`` in place, per channel; skipped for
+    a batch without real tokens and in a channel whose ``psi_B^2`` is not finite.
+
+    Shape: psi2, psi2_b ``(C,)``; count ``()``.
+    """
+    ok = (count > 0) & torch.isfinite(psi2_b)
+    new = alpha_fwd * psi2 + (1.0 - alpha_fwd) * psi2_b.to(psi2.dtype)
+    psi2.copy_(torch.where(ok, new, psi2))
+
+
 class RunningPowerFunction(torch.autograd.Function):
-    r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``.
+    r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``
+    with ``rstd = 1/sqrt(psi^2_{t-1} + eps)`` from the running ``psi2`` it is given.
 
     The forward also computes the batch ``psi_B^2`` over the real tokens (all-reduced when
-    ``sync``) and returns ``(y, psi2_b, count)``; the module folds ``psi2_b`` into its running
-    statistic. Backward with ``nu_{t-1}`` = the ``nu`` tensor given (the module's buffer) at
-    backward time:
+    ``sync``) and advances ``psi2`` in place (:func:`ema_psi2_` with ``alpha_fwd``), as
+    ``F.batch_norm`` writes the running statistics it is given. Backward with ``nu_{t-1}`` = the
+    ``nu`` tensor given (the module's buffer) at backward time:
 
     .. math::
         \tilde x = g - \nu_{t-1} \hat x, \quad
@@ -94,12 +107,24 @@ class RunningPowerFunction(torch.autograd.Function):
     ``(C,)`` (all-reduced when ``sync``) then advances ``nu`` in place
     (:func:`~powernorm_fairseq.norms.autograd.update_nu_` with ``alpha_bkw``, ``safeguard``).
 
-    Shape: x ``(N, C)``; weight, bias, rstd, nu ``(C,)``; keep ``(N,)`` or None. Returned
-    psi2_b ``(C,)``, count ``()``.
+    Without ``sync``, on the fused CPU kernels, each direction is one call
+    (:func:`~powernorm_fairseq.norms.fused.paper_forward`, ``paper_backward``) that rounds as the
+    eager operations below.
+
+    Shape: x ``(N, C)``; weight, bias, psi2, nu ``(C,)``; keep ``(N,)`` or None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, rstd, nu, sync, process_group, alpha_bkw, safeguard):
+    def forward(ctx, x, weight, bias, keep, psi2, eps, nu, sync, process_group, alpha_fwd,
+                alpha_bkw, safeguard):
+        ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
+        ctx.alpha_bkw, ctx.safeguard = alpha_bkw, safeguard
+        if not sync and fused.usable(x, keep, weight, bias, psi2):  # one call, no (C,) ops
+            y, rstd, ctx.gamma, count = fused.paper_forward(x, keep, weight, bias, psi2, eps,
+                                                            alpha_fwd)
+            ctx.save_for_backward(x, weight, keep, rstd, count)
+            return y
+        rstd = torch.rsqrt(psi2.to(x.dtype) + eps)
         count = token_count(x, keep).reshape(1)
         if fused.usable(x, keep, weight, bias, rstd):  # output and statistic in one pass
             y, sum_sq = fused.affine_colstats(x, keep, rstd * weight, bias)
@@ -111,16 +136,20 @@ class RunningPowerFunction(torch.autograd.Function):
         count = count[0]
         psi2_b = sum_sq / count.clamp(min=1)
         ctx.gamma = psi2_b * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
+        ema_psi2_(psi2, psi2_b, count, alpha_fwd)
         ctx.save_for_backward(x, weight, keep, rstd, count)
-        ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
-        ctx.alpha_bkw, ctx.safeguard = alpha_bkw, safeguard
-        ctx.mark_non_differentiable(psi2_b, count)
-        return y, psi2_b, count
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, *_stat_grads):
+    def backward(ctx, grad_y):
         x, weight, keep, rstd, count = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not ctx.sync and fused.usable(x, grad_y, keep, weight, ctx.nu, count):  # one call
+            grad_x, grad_w, grad_b = fused.paper_backward(
+                grad_y, x, keep, weight, rstd, ctx.gamma, ctx.nu, count, ctx.alpha_bkw,
+                ctx.safeguard, need_bias=need[2])
+            return (grad_x, grad_w if need[1] else None, grad_b, *(None,) * 9)
         coef_x = ctx.nu.to(x.dtype) * rstd * rstd
         if fused.usable(x, grad_y, keep, weight):  # gradient and its sums in one pass
             grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
@@ -134,13 +163,12 @@ class RunningPowerFunction(torch.autograd.Function):
                 grad_x.addcmul_(x, coef_x, value=-1)
             else:  # pads get no correction (their loss gradient is 0; x there may be non-finite)
                 grad_x.sub_(zero_pads_(x * coef_x, keep))
-            sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
+            sum_gy = column_sum(grad_y, None) if need[2] else None
         update_nu_(ctx.nu, weight, rstd, ctx.gamma, count,
                    maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0],
                    ctx.alpha_bkw, ctx.safeguard)
-        need = ctx.needs_input_grad
         return (grad_x, rstd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
-                None, None, None, None, None, None, None)
+                *(None,) * 9)
 
 
 @register_norm("power", variant="paper", default=True, variant_option="pn_variant")
@@ -276,8 +304,8 @@ class PowerNormPaper(MaskedNorm):
         if self.group_num:
             x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
         weight, bias = self._affine_or_identity(x2d.dtype)
-        psi2 = self.running_psi2.to(x2d.dtype)
         if not self.training:
+            psi2 = self.running_psi2.to(x2d.dtype)
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(psi2 + self.eps))
         sync = self._sync()
         warming = self._num_updates_host < self.warmup_updates
@@ -286,21 +314,12 @@ class PowerNormPaper(MaskedNorm):
             self.num_updates.fill_(self._num_updates_host)
         elif warming:
             self._check_warmup_clock()
-        if warming:
-            y, psi2_b, count = BatchStatNormFunction.apply(
-                x2d, weight, bias, keep, False, None, self.eps, sync, self.process_group,
-                self.nu, self.alpha_bkw, self.safeguard)
-        else:
-            y, psi2_b, count = RunningPowerFunction.apply(
-                x2d, weight, bias, keep, torch.rsqrt(psi2 + self.eps), self.nu, sync,
-                self.process_group, self.alpha_bkw, self.safeguard)
-        self._update_running(psi2_b, count)
+        if not warming:  # the Function advances running_psi2 itself
+            return RunningPowerFunction.apply(
+                x2d, weight, bias, keep, self.running_psi2, self.eps, self.nu, sync,
+                self.process_group, self.alpha_fwd, self.alpha_bkw, self.safeguard)
+        y, psi2_b, count = BatchStatNormFunction.apply(
+            x2d, weight, bias, keep, False, None, self.eps, sync, self.process_group,
+            self.nu, self.alpha_bkw, self.safeguard)
+        ema_psi2_(self.running_psi2, psi2_b, count, self.alpha_fwd)
         return y
-
-    @torch.no_grad()
-    def _update_running(self, psi2_b: Tensor, count: Tensor) -> None:
-        """EMA of ``psi^2``; skipped for a batch without real tokens or a non-finite statistic."""
-        psi2 = self.running_psi2
-        ok = (count > 0) & torch.isfinite(psi2_b)
-        new = self.alpha_fwd * psi2 + (1.0 - self.alpha_fwd) * psi2_b.to(psi2.dtype)
-        psi2.copy_(torch.where(ok, new, psi2))

@@ -71,12 +71,22 @@ def reference_running_step(phi: Tensor, iters: Tensor, psi2_b: Tensor, count: Te
     return rstd_fwd, rstd_bwd, new_phi, new_iters
 
 
-def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, phi, iters, ema_gz,
+def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz,
                              num_unstable, cfg, sync, process_group):
     """The released forward statistics from the column sums of the (scaled) input squared over
     the real tokens (``sum_sq``) and over all positions (``sum_sq_all``), all-reduced with the
-    counts when ``sync``. Keeps on ``ctx`` what the backward needs besides the saved tensors.
-    Returns ``(rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters)``."""
+    counts when ``sync``: advances ``phi`` and ``iters`` in place (:func:`reference_running_step`,
+    as ``F.batch_norm`` writes the running statistics it is given) and keeps on ``ctx`` what the
+    backward needs besides the saved tensors. Without ``sync``, on the fused CPU kernels, one
+    call that rounds as the eager path. Returns
+    ``(rstd_fwd, rstd_bwd, scale = rstd_fwd * weight, sum_sq_all, num_all, count)``."""
+    ctx.ema_gz, ctx.num_unstable, ctx.alpha_bkw = ema_gz, num_unstable, cfg.alpha_bkw
+    ctx.sync, ctx.process_group = sync, process_group
+    if not sync and fused.usable(sum_sq, keep, weight, phi):
+        rstd_fwd, rstd_bwd, scale, count, num_all = fused.reference_forward_stats(
+            sum_sq, keep, x.shape[0], weight, phi, iters, cfg.clock, cfg.warmup_updates, cfg.eps,
+            cfg.alpha_fwd)
+        return rstd_fwd, rstd_bwd, scale, sum_sq_all, num_all, count
     count = token_count(x, keep).reshape(1)
     num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
     sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
@@ -84,16 +94,20 @@ def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, phi, iters, ema_g
     count, num_all = count[0], num_all[0]
     rstd_fwd, rstd_bwd, new_phi, new_iters = reference_running_step(
         phi, iters, sum_sq / count.clamp(min=1), count, cfg)
-    ctx.ema_gz, ctx.num_unstable, ctx.alpha_bkw = ema_gz, num_unstable, cfg.alpha_bkw
-    ctx.sync, ctx.process_group = sync, process_group
-    ctx.mark_non_differentiable(new_phi, new_iters)
-    return rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters
+    with torch.no_grad():
+        phi.copy_(new_phi)
+        iters.copy_(new_iters)
+    return rstd_fwd, rstd_bwd, rstd_fwd * weight, sum_sq_all, num_all, count
 
 
-def _ema_coef(ema_gz: Tensor, alpha_bkw: float, rstd_fwd: Tensor, rstd_bwd: Tensor) -> Tensor:
-    """The released backward's coefficient of ``x``: ``(1 - alpha_bkw) ema_gz rstd_fwd rstd_bwd``."""
-    ema = ema_gz.view(-1).to(rstd_fwd.dtype)
-    return (1.0 - alpha_bkw) * ema * rstd_fwd * rstd_bwd
+def _reference_backward_coef(ctx, weight: Tensor, rstd_fwd: Tensor, rstd_bwd: Tensor):
+    """The released backward's coefficients ``(weight rstd_bwd, (1 - alpha_bkw) ema_gz rstd_fwd
+    rstd_bwd)`` ``(C,)``: ``dL/dz = dL/dy * a - z * coef_x`` (one fused call where it applies)."""
+    ema = ctx.ema_gz.view(-1)
+    if fused.usable(weight, ema, rstd_fwd, rstd_bwd):
+        return fused.reference_backward_coef(weight, ema, rstd_fwd, rstd_bwd, ctx.alpha_bkw)
+    ema = ema.to(rstd_fwd.dtype)
+    return weight * rstd_bwd, (1.0 - ctx.alpha_bkw) * ema * rstd_fwd * rstd_bwd
 
 
 def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, sum_sq_all,
@@ -102,9 +116,14 @@ def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, s
     from ``sum_gyx = sum dL/dy * x`` (all-reduced when ``sync``; ``x`` the PN input) and the
     instability count, both in place in the buffers the forward was given (a backward cannot
     return them to the module), and the gradients to return."""
+    need = ctx.needs_input_grad
+    ema = ctx.ema_gz.view(-1)
+    if not ctx.sync and fused.usable(sum_gyx, weight, rstd_fwd, sum_sq_all, ema, count):
+        grad_w = fused.reference_backward_finish(sum_gyx, weight, rstd_fwd, sum_sq_all, count,
+                                                 num_all, ctx.alpha_bkw, ema, ctx.num_unstable)
+        return (grad_x, grad_w if need[1] else None, sum_gy if need[2] else None, *(None,) * 8)
     (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, ctx.process_group)
     c = 1.0 - ctx.alpha_bkw
-    ema = ctx.ema_gz.view(-1)
     ema_c = ema.to(total_gyx.dtype)
     n_all = num_all.clamp(min=1)
     gamma_all = rstd_fwd * rstd_fwd * sum_sq_all / n_all
@@ -112,9 +131,8 @@ def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, s
     ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
     unstable = (count > 0) & ((c * gamma_all >= 2).any() | ~torch.isfinite(new).all())
     ctx.num_unstable.add_(unstable.to(ctx.num_unstable.dtype))
-    need = ctx.needs_input_grad
     return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
-            None, None, None, None, None, None, None, None)
+            *(None,) * 8)
 
 
 class ReferencePowerFunction(torch.autograd.Function):
@@ -137,8 +155,8 @@ class ReferencePowerFunction(torch.autograd.Function):
 
     The forward computes ``psi_B^2`` over the real tokens and ``sum(x^2)`` over all positions
     from one read of ``x^2`` (all-reduced with the counts when ``sync``), takes the divisors
-    ``(rstd_fwd, rstd_bwd)`` from :func:`reference_running_step` on ``phi`` and ``iters``, and
-    returns ``(y, new_phi, new_iters)``; the module stores the last two (D1, D3).
+    ``(rstd_fwd, rstd_bwd)`` from :func:`reference_running_step` on ``phi`` and ``iters``,
+    advances both in place (D1, D3) and returns ``y``.
 
     Shape: x ``(N, C)``; weight, bias, phi ``(C,)``; keep ``(N,)`` or None; iters,
     num_unstable ``(1,)`` long; ema_gz ``C`` elements.
@@ -153,24 +171,23 @@ class ReferencePowerFunction(torch.autograd.Function):
             sq = torch.mul(x, x)
             sum_sq_all = column_sum(sq, None)
             sum_sq = sum_sq_all if keep is None else column_sum(zero_pads_(sq, keep), None)
-        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters = \
-            _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, phi, iters, ema_gz,
-                                     num_unstable, cfg, sync, process_group)
+        rstd_fwd, rstd_bwd, scale, sum_sq_all, num_all, count = _reference_forward_stats(
+            ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz, num_unstable, cfg, sync,
+            process_group)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
-        return torch.addcmul(bias, x, rstd_fwd * weight), new_phi, new_iters
+        return torch.addcmul(bias, x, scale)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, *_stat_grads):
+    def backward(ctx, grad_y):
         x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
-        coef_x = _ema_coef(ctx.ema_gz, ctx.alpha_bkw, rstd_fwd, rstd_bwd)
+        coef_a, coef_x = _reference_backward_coef(ctx, weight, rstd_fwd, rstd_bwd)
         if fused.usable(x, grad_y, weight):  # gradient and its sums in one pass
-            grad_x, sum_gy, sum_gyx, _ = fused.bwd_apply(grad_y, x, weight * rstd_bwd, coef_x,
-                                                         sums=True)
+            grad_x, sum_gy, sum_gyx, _ = fused.bwd_apply(grad_y, x, coef_a, coef_x, sums=True)
         else:
             grad_x = torch.mul(grad_y, x)  # scratch for the sum first, then the gradient
             sum_gyx = column_sum(grad_x, None)
-            torch.mul(grad_y, weight * rstd_bwd, out=grad_x)
+            torch.mul(grad_y, coef_a, out=grad_x)
             grad_x.addcmul_(x, coef_x, value=-1)
             sum_gy = column_sum(grad_y, None) if ctx.needs_input_grad[2] else None
         return _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd,
@@ -193,19 +210,18 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, keep, phi, iters, ema_gz, num_unstable, cfg, sync,
                 process_group):
         rstd_g, sum_sq, sum_sq_all = fused.grms_colstats(x, keep, cfg.group_num, PRESCALE_EPS)
-        rstd_fwd, rstd_bwd, sum_sq_all, num_all, count, new_phi, new_iters = \
-            _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, phi, iters, ema_gz,
-                                     num_unstable, cfg, sync, process_group)
+        rstd_fwd, rstd_bwd, scale, sum_sq_all, num_all, count = _reference_forward_stats(
+            ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz, num_unstable, cfg, sync,
+            process_group)
         ctx.save_for_backward(x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
-        return fused.grms_affine(x, rstd_g, rstd_fwd * weight, bias), new_phi, new_iters
+        return fused.grms_affine(x, rstd_g, scale, bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, *_stat_grads):
+    def backward(ctx, grad_y):
         x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
-        coef_x = _ema_coef(ctx.ema_gz, ctx.alpha_bkw, rstd_fwd, rstd_bwd)
-        grad_x, sum_gy, sum_gyz = fused.grms_backward(grad_y, x, rstd_g, weight * rstd_bwd,
-                                                      coef_x)
+        coef_a, coef_x = _reference_backward_coef(ctx, weight, rstd_fwd, rstd_bwd)
+        grad_x, sum_gy, sum_gyz = fused.grms_backward(grad_y, x, rstd_g, coef_a, coef_x)
         return _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyz, weight, rstd_fwd,
                                           sum_sq_all, num_all, count)
 
@@ -369,14 +385,10 @@ class PowerNormReference(MaskedNorm):
                 function = ReferenceGroupPowerFunction  # scales by groups itself
             elif self.group_num:
                 x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
-            phi = self.running_phi.view(-1)
-            y, new_phi, new_iters = function.apply(
-                x2d, weight, bias, keep, phi, self.iters, self.ema_gz, self.num_unstable,
-                self._config(), self._sync(), self.process_group)
-            with torch.no_grad():
-                phi.copy_(new_phi)
-                self.iters.copy_(new_iters)
-            return y
+            # the Function advances running_phi and iters itself
+            return function.apply(
+                x2d, weight, bias, keep, self.running_phi.view(-1), self.iters, self.ema_gz,
+                self.num_unstable, self._config(), self._sync(), self.process_group)
         if self.group_num:
             x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
         phi = self.running_phi.view(-1).to(x2d.dtype)

@@ -42,6 +42,7 @@ class RMSNorm(MaskedNorm):
     """
 
     stateful = False  # plain torch ops: traced by torch.compile, recomputed as is
+    reads_padding = False  # per token: pads cannot reach a real token
 
     def __init__(self, num_features: int, eps: float = EPS, affine: bool = True, bias: bool = False,
                  device=None, dtype=None, batch_first: bool = False):

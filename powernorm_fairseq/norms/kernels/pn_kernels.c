@@ -39,7 +39,12 @@ static void flush_f64(double *q, double *p, int64_t n)
     for (int64_t i = 0; i < n; ++i) { p[i] += q[i]; q[i] = 0.0; }
 }
 
-int pn_abi_version(void) { return 3; }
+int pn_abi_version(void) { return 4; }
+
+/* The (C,) epilogues of PN (pn_paper_fwd, pn_paper_bwd) replace eager torch operations on
+ * per-channel vectors and must round as each of them does: one rounding per operation, no
+ * fused multiply-add (-march=native would otherwise contract a * b + c). */
+#define PN_EXACT __attribute__((optimize("fp-contract=off")))
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
@@ -47,15 +52,23 @@ int pn_abi_version(void) { return 3; }
 #define T float
 #define NAME(fn) CAT(fn, f32)
 #define flush flush_f32
+#define SQRT sqrtf
+#define FMA fmaf
 #include "pn_kernels_impl.h"
 #undef T
 #undef NAME
 #undef flush
+#undef SQRT
+#undef FMA
 
 #define T double
 #define NAME(fn) CAT(fn, f64)
 #define flush flush_f64
+#define SQRT sqrt
+#define FMA fma
 #include "pn_kernels_impl.h"
 #undef T
 #undef NAME
 #undef flush
+#undef SQRT
+#undef FMA

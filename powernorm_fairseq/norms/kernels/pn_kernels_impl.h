@@ -366,3 +366,301 @@ int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const 
     NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){sgy, sgz});
     return 0;
 }
+
+/* PN (Algorithm 2) past its warmup, a whole training forward (no cross-rank sync):
+ * rstd = 1 / sqrt(psi2 + eps), y = x (rstd weight) + bias, count = sum keep (N without keep),
+ * psi2_b = sum_real x^2 / max(count, 1), gamma = psi2_b rstd rstd, and the running psi2 in place,
+ * psi2 = alpha psi2 + one_minus_alpha psi2_b where count > 0 and psi2_b is finite (per channel).
+ * The (C,) steps round as the eager torch operations they stand for (PN_EXACT); alpha,
+ * one_minus_alpha and eps arrive as the Python floats and are rounded to T as torch does. */
+PN_EXACT int NAME(pn_paper_fwd)(const T *x, const T *keep, const T *weight, const T *bias,
+                                T *psi2, int64_t N, int64_t C, double eps, double alpha,
+                                double one_minus_alpha, T *y, T *rstd, T *psi2_b, T *gamma,
+                                T *count, int nt)
+{
+    T *scale = (T *)malloc((size_t)C * sizeof(T));
+    if (!scale) return -1;
+    const T e = (T)eps, a = (T)alpha, b = (T)one_minus_alpha;
+    for (int64_t c = 0; c < C; ++c) {
+        rstd[c] = (T)1 / SQRT(psi2[c] + e);
+        scale[c] = rstd[c] * weight[c];
+    }
+    int rc = NAME(pn_affine_colstats)(x, keep, scale, bias, N, C, y, psi2_b, nt);
+    free(scale);
+    if (rc) return rc;
+    double n = (double)N;
+    if (keep) {  /* 0/1 values: the sum is exact in any order */
+        n = 0.0;
+        for (int64_t i = 0; i < N; ++i) n += (double)keep[i];
+    }
+    const T cnt = (T)n, div = cnt < (T)1 ? (T)1 : cnt;
+    *count = cnt;
+    for (int64_t c = 0; c < C; ++c) {
+        T pb = psi2_b[c] / div;
+        psi2_b[c] = pb;
+        gamma[c] = pb * rstd[c] * rstd[c];
+        if (cnt > 0 && isfinite(pb)) {
+            T kept = a * psi2[c], added = b * pb;
+            psi2[c] = kept + added;
+        }
+    }
+    return 0;
+}
+
+/* Its backward (no cross-rank sync): gx = gy (weight rstd) - k x (nu rstd rstd) with the sums
+ * of pn_bwd_apply, gweight = rstd sum gy x, gbias = sum gy (nullable), and nu in place:
+ * lambda = weight rstd sum_real(gy x) / max(count, 1), step = one_minus_a (lambda - nu gamma),
+ * with safeguard step /= w where w = one_minus_a gamma >= 2; nu += step where count > 0 and the
+ * step is finite (per channel). Rounds as the eager update_nu_ (PN_EXACT). */
+PN_EXACT int NAME(pn_paper_bwd)(const T *gy, const T *x, const T *keep, const T *weight,
+                                const T *rstd, const T *gamma, T *nu, const T *count,
+                                int64_t N, int64_t C, double one_minus_a, int safeguard, T *gx,
+                                T *gweight, T *gbias, int nt)
+{
+    T *buf = (T *)calloc((size_t)C * 6, sizeof(T));
+    if (!buf) return -1;
+    T *coef_a = buf, *coef_x = buf + C, *zero = buf + 2 * C;
+    T *sgy = buf + 3 * C, *sgyx = buf + 4 * C, *msgyx = buf + 5 * C;
+    for (int64_t c = 0; c < C; ++c) {
+        coef_a[c] = weight[c] * rstd[c];
+        coef_x[c] = nu[c] * rstd[c] * rstd[c];
+    }
+    int rc = NAME(pn_bwd_apply)(gy, x, coef_a, coef_x, zero, keep, keep, N, C, gx, sgy, sgyx,
+                                msgyx, nt);
+    if (rc) { free(buf); return rc; }
+    const T b = (T)one_minus_a, cnt = *count, div = cnt < (T)1 ? (T)1 : cnt;
+    for (int64_t c = 0; c < C; ++c) {
+        if (gweight) gweight[c] = rstd[c] * sgyx[c];
+        if (gbias) gbias[c] = sgy[c];
+        T lam = weight[c] * rstd[c] * msgyx[c] / div;
+        T drift = nu[c] * gamma[c];
+        T step = (lam - drift) * b;
+        if (safeguard) {
+            T w = gamma[c] * b;
+            if (w >= (T)2) step = step * ((T)1 / w);
+        }
+        if (cnt > 0 && isfinite(step)) nu[c] = nu[c] + step;
+    }
+    free(buf);
+    return 0;
+}
+
+/* The released PN's forward statistics step (D1, D3) from the column sums of the (group-scaled)
+ * input squared over the real rows (s2) and all N rows (s2all), no cross-rank sync:
+ * count = sum keep (N without keep), psi2_b = s2 / max(count, 1), t = iters + 1, w = t (clock < 0)
+ * or clock; rstd_bwd = 1/sqrt(psi2_b + eps); rstd_fwd = rstd_bwd while w <= warmup, else
+ * 1/sqrt(phi + eps); phi <- alpha cum + one_minus_alpha psi2_b (where count > 0) with
+ * cum = phi (t - 1) / t + psi2_b / t while w < warmup, else phi; iters <- t. Also
+ * scale = rstd_fwd weight and num_all = N. Rounds as reference_running_step (PN_EXACT). */
+PN_EXACT int NAME(pn_ref_fwd_stats)(const T *s2, const T *keep, int64_t N, int64_t C,
+                                    const T *weight, T *phi, int64_t *iters, int64_t clock,
+                                    int64_t warmup, double eps, double alpha,
+                                    double one_minus_alpha, T *rstd_fwd, T *rstd_bwd, T *scale,
+                                    T *count, T *num_all)
+{
+    double n = (double)N;
+    if (keep) {  /* 0/1 values: the sum is exact in any order */
+        n = 0.0;
+        for (int64_t i = 0; i < N; ++i) n += (double)keep[i];
+    }
+    const T cnt = (T)n, div = cnt < (T)1 ? (T)1 : cnt, e = (T)eps;
+    const T a = (T)alpha, b = (T)one_minus_alpha, wu = (T)warmup;
+    const int64_t it = *iters + 1;
+    const T t = (T)it, w = clock < 0 ? t : (T)clock;
+    *count = cnt;
+    *num_all = (T)N;
+    for (int64_t c = 0; c < C; ++c) {
+        T pb = s2[c] / div, ph = phi[c];
+        T rb = (T)1 / SQRT(pb + e);
+        T rf = w <= wu ? rb : (T)1 / SQRT(ph + e);
+        rstd_bwd[c] = rb;
+        rstd_fwd[c] = rf;
+        scale[c] = rf * weight[c];
+        T cum = ph;
+        if (w < wu) {
+            T old = ph * (t - (T)1) / t, add = pb / t;
+            cum = old + add;
+        }
+        if (cnt > 0) {
+            T kept = a * cum, added = b * pb;
+            phi[c] = kept + added;
+        }
+    }
+    *iters = it;
+    return 0;
+}
+
+/* The released backward's per-channel coefficients: a = weight rstd_bwd and
+ * coef_x = (one_minus_a ema) rstd_fwd rstd_bwd (as _ema_coef, PN_EXACT). */
+PN_EXACT int NAME(pn_ref_bwd_coef)(const T *weight, const T *ema, const T *rstd_fwd,
+                                   const T *rstd_bwd, int64_t C, double one_minus_a, T *a,
+                                   T *coef_x)
+{
+    const T b = (T)one_minus_a;
+    for (int64_t c = 0; c < C; ++c) {
+        a[c] = weight[c] * rstd_bwd[c];
+        coef_x[c] = ema[c] * b * rstd_fwd[c] * rstd_bwd[c];
+    }
+    return 0;
+}
+
+/* The end of the released backward (D5, no cross-rank sync), from sgyx = sum gy x over all
+ * rows: gamma_all = rstd_fwd rstd_fwd s2all / max(num_all, 1),
+ * ema <- ema + weight rstd_fwd sgyx / max(num_all, 1) - one_minus_a ema gamma_all (where
+ * count > 0), num_unstable += 1 when count > 0 and (one_minus_a gamma_all >= 2 in some channel
+ * or the new ema is not finite in some channel), gweight = rstd_fwd sgyx. Rounds as
+ * _reference_backward_finish (PN_EXACT). */
+PN_EXACT int NAME(pn_ref_bwd_finish)(const T *sgyx, const T *weight, const T *rstd_fwd,
+                                     const T *s2all, const T *count, const T *num_all,
+                                     int64_t C, double one_minus_a, T *ema,
+                                     int64_t *num_unstable, T *gweight)
+{
+    const T b = (T)one_minus_a, na = *num_all, div = na < (T)1 ? (T)1 : na, cnt = *count;
+    int big = 0, nonfinite = 0;
+    for (int64_t c = 0; c < C; ++c) {
+        T e = ema[c];
+        T gamma_all = rstd_fwd[c] * rstd_fwd[c] * s2all[c] / div;
+        T lam = weight[c] * rstd_fwd[c] * sgyx[c] / div;
+        T drift = e * b * gamma_all;
+        T grown = e + lam;
+        T updated = grown - drift;
+        if (gamma_all * b >= (T)2) big = 1;
+        if (!isfinite(updated)) nonfinite = 1;
+        if (cnt > 0) ema[c] = updated;
+        if (gweight) gweight[c] = rstd_fwd[c] * sgyx[c];
+    }
+    if (cnt > 0 && (big || nonfinite)) *num_unstable += 1;
+    return 0;
+}
+
+/* y = shift + x scale per row, rounding as torch.addcmul(shift, x, scale) does on CPU: one
+ * fused multiply-add (one rounding). */
+PN_EXACT static void NAME(pn_affine_exact)(const T *x, const T *scale, const T *shift, int64_t N,
+                                           int64_t C, T *y, int nt)
+{
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const T *xr = x + n * C;
+        T *yr = y + n * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+            yr[c] = FMA(xr[c], scale[c], shift[c]);
+        }
+    }
+}
+
+/* The masked batch statistics of BN (center) and PN-V (no center) without cross-rank sync,
+ * after one read of x (pn_colstats): count = sum keep (N without keep); with center, the shift
+ * K = the first real row (0 without real rows), d = s1 / max(count, 1), mean = K + d,
+ * var = max(s2 / max(count, 1) - d d, 0); without, var = s2 / max(count, 1). Then
+ * rstd = 1/sqrt(var + eps), scale = rstd weight, shift_y = bias - mean scale (bias without
+ * center), gamma = var rstd rstd, and (y not NULL) y = shift_y + x scale. Rounds as
+ * batch_moments and BatchStatNormFunction (PN_EXACT). mean (with center), gamma, y nullable. */
+PN_EXACT int NAME(pn_batch_fwd_stats)(const T *x, const T *keep, int64_t N, int64_t C,
+                                      int center, double eps, const T *weight, const T *bias,
+                                      T *mean, T *var, T *rstd, T *scale, T *shift_y, T *gamma,
+                                      T *count, T *y, int nt)
+{
+    double n = (double)N;
+    int64_t first = N > 0 ? 0 : -1;
+    if (keep) {  /* 0/1 values: the sum is exact in any order */
+        n = 0.0;
+        first = -1;
+        for (int64_t i = 0; i < N; ++i) {
+            n += (double)keep[i];
+            if (first < 0 && keep[i] != 0) first = i;
+        }
+    }
+    T *buf = (T *)calloc((size_t)C * 3, sizeof(T));
+    if (!buf) return -1;
+    T *shift = buf, *s1 = buf + C, *s2 = buf + 2 * C;
+    if (center && first >= 0) memcpy(shift, x + first * C, (size_t)C * sizeof(T));
+    int rc = NAME(pn_colstats)(x, keep, shift, N, C, center ? s1 : NULL, s2, NULL, nt);
+    if (rc) { free(buf); return rc; }
+    const T cnt = (T)n, div = cnt < (T)1 ? (T)1 : cnt, e = (T)eps;
+    *count = cnt;
+    for (int64_t c = 0; c < C; ++c) {
+        T v, m = 0;
+        if (center) {
+            T d = s1[c] / div, sq = s2[c] / div, dd = d * d;
+            m = shift[c] + d;
+            v = sq - dd;
+            v = v < (T)0 ? (T)0 : v;
+            mean[c] = m;
+        } else {
+            v = s2[c] / div;
+        }
+        T r = (T)1 / SQRT(v + e);
+        var[c] = v;
+        rstd[c] = r;
+        scale[c] = r * weight[c];
+        if (center) {
+            T ms = m * scale[c];
+            shift_y[c] = bias[c] - ms;
+        } else {
+            shift_y[c] = bias[c];
+        }
+        if (gamma) gamma[c] = v * r * r;
+    }
+    free(buf);
+    if (y) NAME(pn_affine_exact)(x, scale, shift_y, N, C, y, nt);
+    return 0;
+}
+
+/* Its exact backward without cross-rank sync: the sums of pn_bwd_sums, then
+ * inner = sum gy x - mean sum gy (sum gy x without mean), gweight = rstd inner,
+ * g_xhat = weight rstd inner, rn = rstd / max(count, 1), coef_x = rn rstd g_xhat,
+ * coef_0 = rn weight sum gy - coef_x mean (0 without mean), and
+ * gx = gy (weight rstd) - k (x coef_x + coef_0) (pn_bwd_apply); gbias = sum gy. With nu (PN's
+ * warmup) nu advances as in pn_paper_bwd from the masked sum. Rounds as BatchStatNormFunction's
+ * backward and update_nu_ (PN_EXACT). mean, gamma, nu, gbias are nullable. */
+PN_EXACT int NAME(pn_batch_bwd)(const T *gy, const T *x, const T *keep, const T *weight,
+                                const T *mean, const T *rstd, const T *count, const T *gamma,
+                                T *nu, int64_t N, int64_t C, double one_minus_a, int safeguard,
+                                T *gx, T *gweight, T *gbias, int nt)
+{
+    T *buf = (T *)calloc((size_t)C * 6, sizeof(T));
+    if (!buf) return -1;
+    T *sgy = buf, *sgyx = buf + C, *msgyx = buf + 2 * C;
+    T *coef_a = buf + 3 * C, *coef_x = buf + 4 * C, *coef_0 = buf + 5 * C;
+    int rc = NAME(pn_bwd_sums)(gy, x, keep, N, C, sgy, sgyx, nu ? msgyx : NULL, nt);
+    if (rc) { free(buf); return rc; }
+    const T cnt = *count, div = cnt < (T)1 ? (T)1 : cnt;
+    for (int64_t c = 0; c < C; ++c) {
+        T inner = sgyx[c];
+        if (mean) {
+            T ms = mean[c] * sgy[c];
+            inner = sgyx[c] - ms;
+        }
+        gweight[c] = rstd[c] * inner;
+        T wr = weight[c] * rstd[c];
+        T g_xhat = wr * inner;
+        T rn = rstd[c] / div;
+        T cx = rn * rstd[c] * g_xhat;
+        coef_a[c] = wr;
+        coef_x[c] = cx;
+        if (mean) {
+            T t1 = rn * weight[c] * sgy[c], t2 = cx * mean[c];
+            coef_0[c] = t1 - t2;
+        }
+        if (gbias) gbias[c] = sgy[c];
+    }
+    rc = NAME(pn_bwd_apply)(gy, x, coef_a, coef_x, coef_0, keep, NULL, N, C, gx, NULL, NULL,
+                            NULL, nt);
+    if (rc) { free(buf); return rc; }
+    if (nu) {
+        const T b = (T)one_minus_a;
+        for (int64_t c = 0; c < C; ++c) {
+            T lam = weight[c] * rstd[c] * msgyx[c] / div;
+            T drift = nu[c] * gamma[c];
+            T step = (lam - drift) * b;
+            if (safeguard) {
+                T w = gamma[c] * b;
+                if (w >= (T)2) step = step * ((T)1 / w);
+            }
+            if (cnt > 0 && isfinite(step)) nu[c] = nu[c] + step;
+        }
+    }
+    free(buf);
+    return 0;
+}
