@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         for model, (norm, extra) in MODELS.items():
             save_dir = workdir / f"ckpt_{model}"
             cmd = train_cmd(
-                data_bin, SIZES[args.size], norm, args.train_updates, 2048, save_dir, extra
+                data_bin, SIZES[args.size], NORM_FLAGS[norm], args.train_updates, 2048, save_dir, extra
             )
             run_cmd(cmd, log_file=workdir / f"train_{model}.log")
             checkpoints[model] = save_dir / "checkpoint_last.pt"

@@ -6,6 +6,9 @@
 A ``norm_speed`` record becomes one table of ratios to ``torch.nn.LayerNorm`` (norms by shape and
 padding; CPU-time ratios for one thread, wall-clock ratios otherwise, see norm_speed.py); a
 ``train_speed`` record one table of words per second and ratios to LN per model size.
+``--compare BEFORE AFTER`` prints two norm_speed records of the same shapes side by side
+(``before -> after`` per cell), e.g. the records of one change measured at its parent commit and at
+itself.
 """
 
 from __future__ import annotations
@@ -16,14 +19,8 @@ from pathlib import Path
 
 
 def norm_speed_table(record: dict) -> str:
+    cols, table = _ratios(record)
     key = "ratio_to_layernorm" if record.get("threads") == 1 else "wall_ratio_to_layernorm"
-    cols: list[str] = []
-    table: dict[str, dict[str, float]] = {}
-    for row in record["rows"]:
-        col = f"{row['shape']}, pad {round(row['pad'] * 100)}%"
-        if col not in cols:
-            cols.append(col)
-        table.setdefault(row["norm"], {})[col] = row[key]
     lines = [f"{record.get('threads')} thread(s), {'CPU' if 'wall' not in key else 'wall'} time "
              f"ratio to torch.nn.LayerNorm; fused kernels: {record.get('fused_kernels', '?')}; "
              f"commit {str(record.get('commit', '?'))[:12]}",
@@ -44,6 +41,45 @@ def norm_speed_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _ratios(record: dict) -> tuple[list[str], dict[str, dict[str, float]]]:
+    key = "ratio_to_layernorm" if record.get("threads") == 1 else "wall_ratio_to_layernorm"
+    cols: list[str] = []
+    table: dict[str, dict[str, float]] = {}
+    for row in record["rows"]:
+        col = f"{row['shape']}, pad {round(row['pad'] * 100)}%"
+        if col not in cols:
+            cols.append(col)
+        table.setdefault(row["norm"], {})[col] = row[key]
+    return cols, table
+
+
+def compare_table(before: dict, after: dict) -> str:
+    """``before -> after`` ratios to torch.nn.LayerNorm, per norm and shape, for two records."""
+    cols, old = _ratios(before)
+    _, new = _ratios(after)
+    lines = [f"ratio to torch.nn.LayerNorm, commit {str(before.get('commit', '?'))[:12]} -> "
+             f"{str(after.get('commit', '?'))[:12]}; fused kernels: {before.get('fused_kernels', '?')} -> "
+             f"{after.get('fused_kernels', '?')}",
+             "",
+             "| norm | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for norm in list(old) + [n for n in new if n not in old]:
+        if norm == "torch.nn.LayerNorm":
+            continue
+
+        def cell(c, norm=norm):
+            a, b = old.get(norm, {}).get(c), new.get(norm, {}).get(c)
+            return " -> ".join("-" if v is None else f"{v:.2f}" for v in (a, b))
+        lines.append(f"| `{norm}` | " + " | ".join(cell(c) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such benchmark record")
+    return json.loads(path.read_text())
+
+
 def train_speed_table(record: dict) -> str:
     lines = ["| model size | norm | words/s (wall) | x LN | words per CPU second | x LN |",
              "|---|---|---|---|---|---|"]
@@ -61,12 +97,18 @@ def train_speed_table(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("records", nargs="+", type=Path, metavar="RECORD",
+    p.add_argument("records", nargs="*", type=Path, metavar="RECORD",
                    help="JSON records written by benchmarks/norm_speed.py or train_speed.py")
-    for path in p.parse_args(argv).records:
-        if not path.is_file():
-            raise SystemExit(f"{path}: no such benchmark record")
-        record = json.loads(path.read_text())
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                   help="two norm_speed records: one table of 'before -> after' ratios")
+    args = p.parse_args(argv)
+    if not args.records and not args.compare:
+        p.error("give RECORD files, or --compare BEFORE AFTER")
+    if args.compare:
+        before, after = map(_load, args.compare)
+        print(f"### {args.compare[0]} -> {args.compare[1]}\n\n{compare_table(before, after)}\n")
+    for path in args.records:
+        record = _load(path)
         print(f"### {path}\n")
         if record.get("benchmark") == "train_speed":
             print(train_speed_table(record))

@@ -1,9 +1,10 @@
 """Training speed of the same transformer with LayerNorm and with PowerNorm, through fairseq-train.
 
-For each model size, runs ``fairseq-train`` on one synthetic parallel corpus with LN, with PN (the
-plugin's default, released-code variant) and with PN-paper (Algorithm 2), each in encoder and
-decoder, interleaved (LN, PN, PN-paper, LN, ...), and measures the target words per
-second of the updates after the first ``--warmup`` (allocator and thread-pool warm-up) two ways:
+For each model size, runs ``fairseq-train`` on one synthetic parallel corpus with LN and with each
+norm configuration of ``--norms`` (default: PN, the plugin's default, released-code variant, and
+PN-paper, Algorithm 2; any ``configs/norm/<short>.yaml``), each in encoder and decoder,
+interleaved (LN, PN, PN-paper, LN, ...), and measures the target words per second of the updates
+after the first ``--warmup`` (allocator and thread-pool warm-up) two ways:
 
 - ``wps`` (wall clock): fairseq's own per-update ``wps`` (``--log-interval 1``), combined as
   sum_i wpb_i / sum_i (wpb_i / wps_i) (total words / total time);
@@ -12,7 +13,7 @@ second of the updates after the first ``--warmup`` (allocator and thread-pool wa
   cancels. On a machine shared with other jobs the wall clock measures the contention as much as
   the model; CPU time does not (it still includes cache and memory-bandwidth effects).
 
-The table reports the median over the runs of each norm and the ratios PN/LN.
+The table reports the median over the runs of each norm and its ratio to LN.
 
     python benchmarks/train_speed.py --out results/train_speed.json
 
@@ -46,13 +47,22 @@ from powernorm_fairseq.pipeline.common import (
 )
 from powernorm_fairseq.pipeline.train import norm_flags
 from powernorm_fairseq.presets import norm_config
+from powernorm_fairseq.presets import norm_configs as preset_norm_configs
 
 SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_de_en"}
-# Norm of every normalization site (encoder and decoder) of the plugin's transformer_pn, by label:
-# LN, PN (the released code's variant, GroupScaling pre-scaling) and PN-paper (Algorithm 2).
-NORM_FLAGS = {norm_config(short).short_label: norm_flags(norm_config(short), ("encoder", "decoder"))
-              for short in ("ln", "pn", "pnpaper")}
-PN_NORMS = [n for n in NORM_FLAGS if n != "LN"]
+#: the norm configurations measured by default, beside LN: PN (the released code's variant,
+#: GroupScaling pre-scaling) and PN-paper (Algorithm 2)
+DEFAULT_NORMS = ("pn", "pnpaper")
+
+
+def norm_flag_sets(shorts: Sequence[str]) -> dict[str, list[str]]:
+    """``{label: fairseq flags}`` of LN and of each norm configuration ``shorts`` (configs/norm/),
+    at every normalization site (encoder and decoder) of the plugin's transformer_pn."""
+    return {norm_config(short).short_label: norm_flags(norm_config(short), ("encoder", "decoder"))
+            for short in ("ln", *(s for s in shorts if s != "ln"))}
+
+
+NORM_FLAGS = norm_flag_sets(DEFAULT_NORMS)
 _TRAIN_INNER = re.compile(r"\| train_inner \| (\{.*\})\s*$")
 
 
@@ -79,7 +89,7 @@ def make_corpus(
 def train_cmd(
     data_bin: Path,
     arch: str,
-    norm: str,
+    norm_flags: Sequence[str],
     max_update: int,
     max_tokens: int,
     save_dir: Path | None,
@@ -89,7 +99,7 @@ def train_cmd(
     ``extra`` is appended to the command line."""
     cmd = python_module_cmd("fairseq_cli.train") + [
         str(data_bin), "--user-dir", str(PLUGIN_DIR), "--task", "translation",
-        "--arch", arch, *NORM_FLAGS[norm], "--share-all-embeddings",
+        "--arch", arch, *norm_flags, "--share-all-embeddings",
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.0015",
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "8000", "--warmup-init-lr", "1e-7",
         "--dropout", "0.3", "--weight-decay", "0.0001",
@@ -145,31 +155,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="runs per norm, interleaved (2)")
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch (2048)")
     p.add_argument("--train-sentences", type=int, default=6000)
-    p.add_argument("--pn-args", default="", help="extra fairseq options of the PN runs, e.g. "
-                   "'--pn-variant paper' (default: the plugin's PN defaults)")  # fmt: skip
+    p.add_argument("--norms", nargs="+", default=list(DEFAULT_NORMS), metavar="SHORT",
+                   help="norm configurations measured beside LN (configs/norm/<short>.yaml: "
+                   f"{', '.join(list(preset_norm_configs()))}; default: {' '.join(DEFAULT_NORMS)})")
+    p.add_argument("--pn-args", default="", help="extra fairseq options of the runs other than LN, "
+                   "e.g. '--pn-variant paper' (default: each configuration's own)")  # fmt: skip
     p.add_argument("--workdir", type=Path, help="corpus and logs (default: a temporary dir)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
     if min(args.updates, args.warmup, args.repeats) < 1:
         p.error("--updates, --warmup and --repeats must be >= 1")
+    unknown = sorted(set(args.norms) - set(list(preset_norm_configs())))
+    if unknown:
+        p.error(f"--norms: no norm configuration {unknown}; choose from {', '.join(list(preset_norm_configs()))}")
     return args
 
 
 def measure_size(args: argparse.Namespace, data_bin: Path, workdir: Path, size: str) -> dict:
-    """Interleaved LN/PN/PN-paper runs at one model size; medians and ratios to LN."""
+    """Interleaved runs of LN and the ``--norms`` at one model size; medians and ratios to LN."""
+    flag_sets = norm_flag_sets(args.norms)
 
     def train(norm: str, max_update: int, name: str) -> tuple[str, float]:
         extra = shlex.split(args.pn_args) if norm != "LN" else []
-        cmd = train_cmd(data_bin, SIZES[size], norm, max_update, args.max_tokens, None, extra)
+        cmd = train_cmd(data_bin, SIZES[size], flag_sets[norm], max_update, args.max_tokens, None,
+                        extra)
         return cpu_seconds_of(cmd, workdir / f"train_{size}_{norm}_{name}.log")
 
     # CPU seconds of start-up plus the warm-up updates, subtracted from every run
-    startup = {norm: train(norm, args.warmup, "startup")[1] for norm in NORM_FLAGS}
+    startup = {norm: train(norm, args.warmup, "startup")[1] for norm in flag_sets}
     runs: dict[str, dict[str, list[float]]] = {
-        norm: {"wps": [], "cpu_wps": []} for norm in NORM_FLAGS
+        norm: {"wps": [], "cpu_wps": []} for norm in flag_sets
     }
     for rep in range(args.repeats):
-        for norm in NORM_FLAGS:
+        for norm in flag_sets:
             out, cpu = train(norm, args.warmup + args.updates, str(rep))
             wps, words, measured = words_per_second(out, args.warmup)
             cpu_wps = words / (cpu - startup[norm])
@@ -181,7 +199,7 @@ def measure_size(args: argparse.Namespace, data_bin: Path, workdir: Path, size: 
     for metric in ("wps", "cpu_wps"):
         ln = statistics.median(runs["LN"][metric])
         row[f"{metric}_LN"] = ln
-        for norm in PN_NORMS:
+        for norm in [n for n in flag_sets if n != "LN"]:
             pn = statistics.median(runs[norm][metric])
             # "<metric>_ratio" (no suffix) is the default PN's, as in earlier records
             suffix = "" if norm == "PN" else f"_{norm}"
@@ -200,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "train_speed",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
-        "pn_flags": {n: NORM_FLAGS[n] + shlex.split(args.pn_args) for n in PN_NORMS},
+        "pn_flags": {n: flags + shlex.split(args.pn_args)
+                     for n, flags in norm_flag_sets(args.norms).items() if n != "LN"},
         "loadavg_before_after": [load_before, os.getloadavg()],
         "commit": git_commit(),
         "hardware": hardware(),
@@ -210,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         for metric in ("wps", "cpu_wps"):
             print(f"{r['size']:<10} {metric:<8} {'LN':<9} {r[f'{metric}_LN']:>9.1f} {1:>7.3f}")
-            for norm in PN_NORMS:
+            for norm in [k[len(metric) + 1:] for k in r if k.startswith(f"{metric}_")
+                         and "ratio" not in k and k != f"{metric}_LN"]:
                 pn = r[f"{metric}_{norm}"]
                 print(f"{r['size']:<10} {metric:<8} {norm:<9} {pn:>9.1f} "
                       f"{pn / r[f'{metric}_LN']:>7.3f}")  # fmt: skip

@@ -1158,3 +1158,34 @@ def test_the_leak_campaign_trains_the_authors_attention_and_its_table_reads_the_
     (line,) = make_results.build_leak(tmp_path)
     assert "LN s1: test PPL 40.00 unmasked against 170.00 masked, the probe's mean |delta log p| 0.250 nats" in line
     assert "| PN (reference variant) | 1 | - | - | - | to do |" in (tmp_path / "results" / "leak_ptb.md").read_text()
+
+
+def test_benchmark_report_compares_two_norm_speed_records(tmp_path):
+    """``benchmarks/report.py --compare BEFORE AFTER``: one table, ``before -> after`` per norm and
+    shape, printed from the records (a norm only one record has shows '-')."""
+    def record(commit, ratios):
+        rows = [{"norm": norm, "shape": "30x64x128", "pad": 0.3, "ratio_to_layernorm": r, "cpu_ms": 0.3}
+                for norm, r in ratios.items()]
+        return {"threads": 1, "commit": commit, "fused_kernels": True, "rows": rows}
+
+    before, after = tmp_path / "before.json", tmp_path / "after.json"
+    before.write_text(json.dumps(record("aaaa", {"torch.nn.LayerNorm": 1.0, "batch": 1.93})))
+    after.write_text(json.dumps(record("bbbb", {"torch.nn.LayerNorm": 1.0, "batch": 1.61, "rms": 1.07})))
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks/report.py"), "--compare", str(before), str(after)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| `batch` | 1.93 -> 1.61 |" in out and "| `rms` | - -> 1.07 |" in out
+    assert "aaaa -> bbbb" in out and "LayerNorm` |" not in out
+
+
+def test_train_speed_measures_the_norm_configurations_it_is_given(monkeypatch):
+    """``benchmarks/train_speed.py --norms``: LN and each named configuration (configs/norm/), every
+    site of encoder and decoder; an unknown name fails at parsing, naming the choices."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    train_speed = importlib.import_module("train_speed")
+    sets = train_speed.norm_flag_sets(["rms", "pnv"])
+    assert list(sets)[0] == "LN" and len(sets) == 3
+    flags = " ".join(sets[list(sets)[1]])
+    assert "--encoder-norm rms" in flags and "--decoder-norm rms" in flags
+    assert train_speed.parse_args([]).norms == list(train_speed.DEFAULT_NORMS)
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--norms", "rms", "no_such_norm"])
