@@ -124,6 +124,29 @@ def test_every_registered_norm_is_a_choice():
 # --------------------------------------------------------------------------- model structure
 
 
+def test_the_norm_site_options_are_declared_once_for_both_model_families():
+    """Issue 35 item 6: the per-site norm options of the translation sub-configs and of the
+    language model's flat config come from one declaration (``pn_config.norm_site_fields``, over
+    ``SITES``): the same names (the LM's with ``decoder_``, without encoder attention), types,
+    defaults and help."""
+    from powernorm_fairseq.models.pn_config import PNDecoderConfig, PNEncoderConfig
+    from powernorm_fairseq.models.transformer_lm_pn import TransformerLMPNConfig
+    from powernorm_fairseq.modules.norm_factory import norm_fields
+
+    def site_fields(cls, prefix, names):
+        by_name = {f.name: f for f in dataclasses.fields(cls)}
+        return {n: (str(by_name[prefix + n].type), by_name[prefix + n].default,
+                    by_name[prefix + n].metadata["help"]) for n in names}
+
+    encoder, decoder = norm_fields().values()
+    lm = norm_fields(("decoder",), language_model=True)["decoder"]
+    assert "cross_attn_norm" in decoder and "cross_attn_norm" not in lm
+    translation = site_fields(PNDecoderConfig, "", decoder)
+    assert site_fields(TransformerLMPNConfig, "decoder_", lm) == {n: translation[n] for n in lm}
+    assert set(site_fields(PNEncoderConfig, "", encoder)) == set(encoder)
+    assert translation["norm"][1] == "layer" and translation["ffn_norm"][1] is None
+
+
 def test_sites_follow_side_and_per_site_options(tiny_mt_data):
     _, model, _ = build(
         tiny_mt_data, "transformer_pn_tiny",

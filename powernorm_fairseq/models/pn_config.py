@@ -32,6 +32,7 @@ from fairseq.models.transformer.transformer_config import (
     TransformerConfig,
 )
 
+from powernorm_fairseq.modules.norm_factory import SITES, norm_fields
 from powernorm_fairseq.norms import defaults, norm_class, norm_names, norm_variants
 
 # The norm options take any registered name (a norm registered after this module was imported,
@@ -46,7 +47,13 @@ PAD_INPUT_ENUM = ChoiceEnum(list(PAD_INPUT_CHOICES))
 BN_PAD_STATISTICS_ENUM = ChoiceEnum(list(defaults.BN_PAD_STATISTICS))
 PN_WARMUP_UNIT_ENUM = ChoiceEnum(list(defaults.WARMUP_UNITS))
 
-_SITE_HELP = "norm at the {site} (default: inherit --{side}-norm)"
+#: what the norm of each site (modules.norm_factory.SITES) normalizes, for its option's help
+SITE_INPUTS = {
+    "self_attn": "self-attention input",
+    "cross_attn": "encoder-attention input",
+    "ffn": "FFN input",
+    "final": "{side} output (after the last layer)",
+}
 
 
 def _norm_field(side: str) -> Any:
@@ -62,20 +69,39 @@ def _norm_field(side: str) -> Any:
     )
 
 
-def _site_field(side: str, site: str) -> Any:
-    return field(default=None, metadata={"help": _SITE_HELP.format(site=site, side=side)})
+def norm_site_fields(side: str, prefix: str = "", language_model: bool = False) -> list:
+    """``(name, type, field)`` of the norm options of ``side``: ``norm``, then ``<site>_norm`` for
+    every site of :data:`~powernorm_fairseq.modules.norm_factory.SITES` (a language model's
+    decoder has no encoder attention), each name after ``prefix``. The one declaration of the
+    per-site options, for the translation model's sub-configs and the language model's flat
+    config alike."""
+    out = [(f"{prefix}norm", NORM_CHOICE_ENUM, _norm_field(side))]
+    for name in norm_fields((side,), language_model)[side][1:]:
+        site = SITE_INPUTS[name[: -len("_norm")]].format(side=side)
+        out.append((prefix + name, Optional[NORM_CHOICE_ENUM],
+                    field(default=None, metadata={"help": f"norm at the {site} (default: inherit "
+                                                          f"--{side}-norm)"})))
+    return out
+
+
+def with_norm_sites(side: str, prefix: str = "", language_model: bool = False):
+    """Class decorator, applied before ``@dataclass``: put the norm options of ``side``
+    (:func:`norm_site_fields`) first among the class's own fields."""
+    def add(cls):
+        sites = norm_site_fields(side, prefix, language_model)
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        cls.__annotations__ = {**{name: kind for name, kind, _ in sites}, **own}
+        for name, _, default in sites:
+            setattr(cls, name, default)
+        return cls
+    return add
 
 
 @dataclass
+@with_norm_sites("encoder")
 class PNEncoderConfig(EncDecBaseConfig):
     """fairseq's encoder options plus the encoder's norm choices (``--encoder-*-norm``)."""
 
-    norm: NORM_CHOICE_ENUM = _norm_field("encoder")
-    self_attn_norm: Optional[NORM_CHOICE_ENUM] = _site_field("encoder", "self-attention input")
-    ffn_norm: Optional[NORM_CHOICE_ENUM] = _site_field("encoder", "FFN input")
-    final_norm: Optional[NORM_CHOICE_ENUM] = _site_field(
-        "encoder", "encoder output (after the last layer)"
-    )
     # fairseq >= 0.10 multiplies the embedded source by (1 - padding mask); fairseq 0.8 did not
     pad_inputs: PAD_INPUT_ENUM = field(
         default="zero",
@@ -90,18 +116,9 @@ class PNEncoderConfig(EncDecBaseConfig):
 
 
 @dataclass
+@with_norm_sites("decoder")
 class PNDecoderConfig(DecoderConfig):
     """fairseq's decoder options plus the decoder's norm choices (``--decoder-*-norm``)."""
-
-    norm: NORM_CHOICE_ENUM = _norm_field("decoder")
-    self_attn_norm: Optional[NORM_CHOICE_ENUM] = _site_field("decoder", "self-attention input")
-    cross_attn_norm: Optional[NORM_CHOICE_ENUM] = _site_field(
-        "decoder", "encoder-attention input"
-    )
-    ffn_norm: Optional[NORM_CHOICE_ENUM] = _site_field("decoder", "FFN input")
-    final_norm: Optional[NORM_CHOICE_ENUM] = _site_field(
-        "decoder", "decoder output (after the last layer)"
-    )
 
 
 @dataclass
@@ -258,8 +275,6 @@ class _RegisteredNorms:
 
 
 def _norm_dests() -> set[str]:
-    from powernorm_fairseq.modules.norm_factory import SITES
-
     return {f"{side}_{site}norm" for side, sites in SITES.items() for site in ("", *(f"{s}_" for s in sites))}
 
 

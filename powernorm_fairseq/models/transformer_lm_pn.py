@@ -16,7 +16,6 @@ is fairseq's standard pre-norm Transformer LM.
 # no ``from __future__ import annotations`` and no ``X | None`` here.
 # ruff: noqa: UP045
 from dataclasses import dataclass, field
-from typing import Optional
 
 from fairseq import options
 from fairseq.models import register_model, register_model_architecture
@@ -35,47 +34,32 @@ from powernorm_fairseq.modules import TransformerPNDecoder
 from powernorm_fairseq.modules.norm_factory import norm_fields
 
 from .pn_config import (
-    NORM_CHOICE_ENUM,
     PowerNormOptions,
     SelfAttentionOptions,
     TransformerLMPNModelConfig,
     add_range_checks,
     check_norm_options,
+    with_norm_sites,
 )
 from .tracking import NormTrackingMixin
 from .transformer_pn import fill_norm_defaults
 
 _LM_NORM_FIELDS = norm_fields(("decoder",), language_model=True)
-_SITE_HELP = "norm at the {site} (default: inherit --decoder-norm)"
 
 
 @dataclass
+@with_norm_sites("decoder", prefix="decoder_", language_model=True)
 class TransformerLMPNConfig(
     TransformerLanguageModelConfig, PowerNormOptions, SelfAttentionOptions
 ):
-    """fairseq's :class:`TransformerLanguageModelConfig` with the decoder's norm options and the
-    choice of self-attention."""
+    """fairseq's :class:`TransformerLanguageModelConfig` with the decoder's norm options
+    (``--decoder-norm`` and its sites, declared with the translation model's:
+    :func:`~powernorm_fairseq.models.pn_config.norm_site_fields`) and the choice of
+    self-attention."""
 
     decoder_normalize_before: bool = field(
         default=True,
         metadata={"help": "pre-norm: normalize the input of each block (the paper's placement)"},
-    )
-    decoder_norm: NORM_CHOICE_ENUM = field(
-        default="layer",
-        metadata={
-            "help": "normalization of every decoder norm site, a registered norm (layer, batch, "
-            "power_v, power, ...: powernorm_fairseq.norms.norm_names(), docs/norms.md)"
-        },
-    )
-    decoder_self_attn_norm: Optional[NORM_CHOICE_ENUM] = field(
-        default=None, metadata={"help": _SITE_HELP.format(site="self-attention input")}
-    )
-    decoder_ffn_norm: Optional[NORM_CHOICE_ENUM] = field(
-        default=None, metadata={"help": _SITE_HELP.format(site="FFN input")}
-    )
-    decoder_final_norm: Optional[NORM_CHOICE_ENUM] = field(
-        default=None,
-        metadata={"help": _SITE_HELP.format(site="decoder output (after the last layer)")},
     )
 
 
