@@ -18,15 +18,17 @@ import json
 from pathlib import Path
 
 
+def _head(title: str, cols: list[str]) -> list[str]:
+    """A table's title line and its header over ``cols`` (the first column: the norm)."""
+    return [title, "", "| norm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+
+
 def norm_speed_table(record: dict) -> str:
     cols, table = _ratios(record)
     key = "ratio_to_layernorm" if record.get("threads") == 1 else "wall_ratio_to_layernorm"
-    lines = [f"{record.get('threads')} thread(s), {'CPU' if 'wall' not in key else 'wall'} time "
-             f"ratio to torch.nn.LayerNorm; fused kernels: {record.get('fused_kernels', '?')}; "
-             f"commit {str(record.get('commit', '?'))[:12]}",
-             "",
-             "| norm | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
+    lines = _head(f"{record.get('threads')} thread(s), {'CPU' if 'wall' not in key else 'wall'} time "
+                  f"ratio to torch.nn.LayerNorm; fused kernels: {record.get('fused_kernels', '?')}; "
+                  f"commit {str(record.get('commit', '?'))[:12]}", cols)
     for norm, values in table.items():
         if norm == "torch.nn.LayerNorm":
             continue
@@ -57,12 +59,9 @@ def compare_table(before: dict, after: dict) -> str:
     """``before -> after`` ratios to torch.nn.LayerNorm, per norm and shape, for two records."""
     cols, old = _ratios(before)
     _, new = _ratios(after)
-    lines = [f"ratio to torch.nn.LayerNorm, commit {str(before.get('commit', '?'))[:12]} -> "
-             f"{str(after.get('commit', '?'))[:12]}; fused kernels: {before.get('fused_kernels', '?')} -> "
-             f"{after.get('fused_kernels', '?')}",
-             "",
-             "| norm | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
+    lines = _head(f"ratio to torch.nn.LayerNorm, commit {str(before.get('commit', '?'))[:12]} -> "
+                  f"{str(after.get('commit', '?'))[:12]}; fused kernels: {before.get('fused_kernels', '?')} -> "
+                  f"{after.get('fused_kernels', '?')}", cols)
     for norm in list(old) + [n for n in new if n not in old]:
         if norm == "torch.nn.LayerNorm":
             continue

@@ -407,11 +407,30 @@ PN_EXACT int NAME(pn_paper_fwd)(const T *x, const T *keep, const T *weight, cons
     return 0;
 }
 
+/* PN's backward statistic in place (update_nu_ in autograd.py, operation for operation):
+ * lambda = weight rstd msgyx / max(count, 1), step = one_minus_a (lambda - nu gamma), with
+ * safeguard step /= w where w = one_minus_a gamma >= 2; nu += step where count > 0 and the step
+ * is finite (per channel). */
+PN_EXACT static void NAME(pn_nu_step)(T *nu, const T *weight, const T *rstd, const T *gamma,
+                                      const T *msgyx, T cnt, int64_t C, double one_minus_a,
+                                      int safeguard)
+{
+    const T b = (T)one_minus_a, div = cnt < (T)1 ? (T)1 : cnt;
+    for (int64_t c = 0; c < C; ++c) {
+        T lam = weight[c] * rstd[c] * msgyx[c] / div;
+        T drift = nu[c] * gamma[c];
+        T step = (lam - drift) * b;
+        if (safeguard) {
+            T w = gamma[c] * b;
+            if (w >= (T)2) step = step * ((T)1 / w);
+        }
+        if (cnt > 0 && isfinite(step)) nu[c] = nu[c] + step;
+    }
+}
+
 /* Its backward (no cross-rank sync): gx = gy (weight rstd) - k x (nu rstd rstd) with the sums
- * of pn_bwd_apply, gweight = rstd sum gy x, gbias = sum gy (nullable), and nu in place:
- * lambda = weight rstd sum_real(gy x) / max(count, 1), step = one_minus_a (lambda - nu gamma),
- * with safeguard step /= w where w = one_minus_a gamma >= 2; nu += step where count > 0 and the
- * step is finite (per channel). Rounds as the eager update_nu_ (PN_EXACT). */
+ * of pn_bwd_apply, gweight = rstd sum gy x, gbias = sum gy (nullable), and nu in place
+ * (pn_nu_step, from the masked sum sum_real(gy x)). Rounds as the eager update_nu_ (PN_EXACT). */
 PN_EXACT int NAME(pn_paper_bwd)(const T *gy, const T *x, const T *keep, const T *weight,
                                 const T *rstd, const T *gamma, T *nu, const T *count,
                                 int64_t N, int64_t C, double one_minus_a, int safeguard, T *gx,
@@ -428,19 +447,11 @@ PN_EXACT int NAME(pn_paper_bwd)(const T *gy, const T *x, const T *keep, const T 
     int rc = NAME(pn_bwd_apply)(gy, x, coef_a, coef_x, zero, keep, keep, N, C, gx, sgy, sgyx,
                                 msgyx, nt);
     if (rc) { free(buf); return rc; }
-    const T b = (T)one_minus_a, cnt = *count, div = cnt < (T)1 ? (T)1 : cnt;
     for (int64_t c = 0; c < C; ++c) {
         if (gweight) gweight[c] = rstd[c] * sgyx[c];
         if (gbias) gbias[c] = sgy[c];
-        T lam = weight[c] * rstd[c] * msgyx[c] / div;
-        T drift = nu[c] * gamma[c];
-        T step = (lam - drift) * b;
-        if (safeguard) {
-            T w = gamma[c] * b;
-            if (w >= (T)2) step = step * ((T)1 / w);
-        }
-        if (cnt > 0 && isfinite(step)) nu[c] = nu[c] + step;
     }
+    NAME(pn_nu_step)(nu, weight, rstd, gamma, msgyx, *count, C, one_minus_a, safeguard);
     free(buf);
     return 0;
 }
@@ -648,19 +659,7 @@ PN_EXACT int NAME(pn_batch_bwd)(const T *gy, const T *x, const T *keep, const T 
     rc = NAME(pn_bwd_apply)(gy, x, coef_a, coef_x, coef_0, keep, NULL, N, C, gx, NULL, NULL,
                             NULL, nt);
     if (rc) { free(buf); return rc; }
-    if (nu) {
-        const T b = (T)one_minus_a;
-        for (int64_t c = 0; c < C; ++c) {
-            T lam = weight[c] * rstd[c] * msgyx[c] / div;
-            T drift = nu[c] * gamma[c];
-            T step = (lam - drift) * b;
-            if (safeguard) {
-                T w = gamma[c] * b;
-                if (w >= (T)2) step = step * ((T)1 / w);
-            }
-            if (cnt > 0 && isfinite(step)) nu[c] = nu[c] + step;
-        }
-    }
+    if (nu) NAME(pn_nu_step)(nu, weight, rstd, gamma, msgyx, cnt, C, one_minus_a, safeguard);
     free(buf);
     return 0;
 }
