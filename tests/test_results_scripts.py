@@ -1189,3 +1189,20 @@ def test_train_speed_measures_the_norm_configurations_it_is_given(monkeypatch):
     assert train_speed.parse_args([]).norms == list(train_speed.DEFAULT_NORMS)
     with pytest.raises(SystemExit):
         train_speed.parse_args(["--norms", "rms", "no_such_norm"])
+
+
+def test_the_readme_names_no_comparison_while_only_ln_is_done(results_dir):
+    """A cap whose only finished runs are LN's gives the README one line, not a table of 'not run'
+    cells (which pushed the README past its length limit)."""
+    make_results, root = results_dir
+    runs = root / "results" / "runs" / "multi30k"
+    for path in runs.glob("*.json"):
+        if not path.name.startswith("ln_"):
+            path.unlink()
+    make_results.main(["--root", str(root)])
+    readme = (root / "README.md").read_text()
+    assert "No norm to compare with LN yet (finished: LN s1, LN s2, LN s3;" in readme
+    assert "| norm - LN" not in readme.split("**PTB")[0]
+    assert "3 finished run(s): 3 stopped by the patience rule (converged)" in readme
+    # the raised cap (80 epochs) stays one line until all of its 15 runs are done
+    assert "*By the patience rule, cap raised to 80 epochs:*\n\nIn progress: 3 of 15 runs finished;" in readme

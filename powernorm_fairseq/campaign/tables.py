@@ -220,9 +220,14 @@ def section(corpus: str, table: dict, cap: int, root: Path, png: str | None) -> 
     if plotted:
         lines += ["### Validation loss", "", f"![validation loss]({png})", ""]
     lines += ["### Runs", "", runs_table(runs), ""]
-    if not any(r.get("status") == "done" for recs in runs.values() for r in recs):
+    done = {n: [r for r in recs if r.get("status") == "done"] for n, recs in runs.items()}
+    if not any(done.values()):
         started = sum(len(recs) for recs in runs.values())
         return lines, [f"No finished run yet ({started} started; [`results/status.md`](results/status.md)).", ""], runs
+    if not any(recs for n, recs in done.items() if n != LN):  # no difference to show: one line, not a table
+        finished = ", ".join(f"{LABELS[n]} s{r['seed']}" for n in ORDER for r in done.get(n, []))
+        return lines, [f"No norm to compare with LN yet (finished: {finished}; "
+                       f"[`results/status.md`](results/status.md)). How did the runs stop? {stopping}", ""], runs
     return lines, [*diff, "", *qs, f"- How did the runs stop? {stopping}", ""], runs
 
 
@@ -250,6 +255,13 @@ def build_converged(corpus: str, table: dict, campaign, root: Path) -> tuple[lis
                  f"## Capped at {cap} epochs" if len(caps) > 1 else f"## Cap {cap} epochs")
         png = f"{corpus}_valid_loss.png" if not raised else f"{corpus}_valid_loss_cap{cap}.png"
         body, short, runs = section(corpus, table, cap, root, png)
+        done = sum(r.get("status") == "done" for n in ORDER for r in runs.get(n, []))
+        if raised and done < len(ORDER) * len(spec.CONVERGED_SEEDS):
+            # a raised cap's comparison stays one README line until every run is done (the README
+            # is a short guide; the table file has the partial differences)
+            short = [f"In progress: {done} of {len(ORDER) * len(spec.CONVERGED_SEEDS)} runs finished; "
+                     f"the differences so far are in [`results/{table['file']}`](results/{table['file']}). "
+                     f"How did the runs stop? {stopping_line(runs, cap)}", ""]
         lines += [title, "", *body]
         readme += ([f"*{title[3:]}:*", ""] if len(caps) > 1 else []) + short
         first_runs = runs if first_runs is None else first_runs
