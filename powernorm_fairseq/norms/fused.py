@@ -348,6 +348,13 @@ def grms_backward(grad_y: Tensor, x: Tensor, rstd: Tensor, a: Tensor, b: Tensor)
     return gx, og, oz
 
 
+def _outputs(like: Tensor, *lengths: int) -> tuple[list[Tensor], list[int]]:
+    """Consecutive output vectors of ``lengths`` elements (``like``'s dtype and device) in one
+    buffer, and the address of each, for a kernel's ``(C,)`` and scalar outputs."""
+    views = list(like.new_empty(sum(lengths)).split(lengths))
+    return views, [v.data_ptr() for v in views]
+
+
 def paper_forward(x: Tensor, keep: Tensor | None, weight: Tensor, bias: Tensor, psi2: Tensor,
                   eps: float, alpha: float):
     """PN (Algorithm 2) past warmup, one training forward without sync, in one call: returns
@@ -356,15 +363,12 @@ def paper_forward(x: Tensor, keep: Tensor | None, weight: Tensor, bias: Tensor, 
     x, keep = _c(x), _c(keep)
     n, c = x.shape
     y = torch.empty_like(x)
-    vec = x.new_empty(3 * c + 1)  # rstd, psi2_b, gamma, count
-    p = vec.data_ptr()
-    size = vec.element_size()
+    (rstd, _, gamma, count), at = _outputs(x, c, c, c, 1)  # rstd, psi2_b, gamma, count
     _check(_fn("pn_paper_fwd", x.dtype)(x.data_ptr(), _ptr(keep), weight.data_ptr(), bias.data_ptr(),
                                          psi2.data_ptr(), n, c, float(eps), float(alpha),
-                                         1.0 - float(alpha), y.data_ptr(), p, p + c * size,
-                                         p + 2 * c * size, p + 3 * c * size,
+                                         1.0 - float(alpha), y.data_ptr(), *at,
                                          torch.get_num_threads()))
-    return y, vec[:c], vec[2 * c:3 * c], vec[3 * c]
+    return y, rstd, gamma, count[0]
 
 
 def paper_backward(grad_y: Tensor, x: Tensor, keep: Tensor | None, weight: Tensor, rstd: Tensor,
@@ -375,15 +379,14 @@ def paper_backward(grad_y: Tensor, x: Tensor, keep: Tensor | None, weight: Tenso
     grad_y, x, keep = _c(grad_y), _c(x), _c(keep)
     n, c = x.shape
     gx = torch.empty_like(x)
-    grads = x.new_empty(2 * c)
-    p, size = grads.data_ptr(), grads.element_size()
+    (gw, gb), at = _outputs(x, c, c)
     _check(_fn("pn_paper_bwd", x.dtype)(grad_y.data_ptr(), x.data_ptr(), _ptr(keep),
                                          weight.data_ptr(), rstd.data_ptr(), gamma.data_ptr(),
                                          nu.data_ptr(), count.data_ptr(), n, c,
                                          1.0 - float(alpha_bkw), int(bool(safeguard)),
-                                         gx.data_ptr(), p, p + c * size if need_bias else None,
+                                         gx.data_ptr(), at[0], at[1] if need_bias else None,
                                          torch.get_num_threads()))
-    return gx, grads[:c], grads[c:] if need_bias else None
+    return gx, gw, gb if need_bias else None
 
 
 def reference_forward_stats(sum_sq: Tensor, keep: Tensor | None, n: int, weight: Tensor,
@@ -393,14 +396,12 @@ def reference_forward_stats(sum_sq: Tensor, keep: Tensor | None, n: int, weight:
     ``reference_running_step``): advances ``phi`` ``(C,)`` and ``iters`` ``(1,)`` long in place and
     returns ``(rstd_fwd, rstd_bwd, scale = rstd_fwd * weight, count (), num_all ())``."""
     c = sum_sq.shape[0]
-    vec = sum_sq.new_empty(3 * c + 2)
-    p, size = vec.data_ptr(), vec.element_size()
+    (rstd_fwd, rstd_bwd, scale, count, num_all), at = _outputs(sum_sq, c, c, c, 1, 1)
     _check(_fn("pn_ref_fwd_stats", sum_sq.dtype)(
         sum_sq.data_ptr(), _ptr(_c(keep)), n, c, weight.data_ptr(), phi.data_ptr(), iters.data_ptr(),
         -1 if clock is None else int(clock), int(warmup), float(eps), float(alpha),
-        1.0 - float(alpha), p, p + c * size, p + 2 * c * size, p + 3 * c * size,
-        p + (3 * c + 1) * size))
-    return vec[:c], vec[c:2 * c], vec[2 * c:3 * c], vec[3 * c], vec[3 * c + 1]
+        1.0 - float(alpha), *at))
+    return rstd_fwd, rstd_bwd, scale, count[0], num_all[0]
 
 
 def reference_backward_coef(weight: Tensor, ema: Tensor, rstd_fwd: Tensor, rstd_bwd: Tensor,
@@ -408,12 +409,11 @@ def reference_backward_coef(weight: Tensor, ema: Tensor, rstd_fwd: Tensor, rstd_
     """``(weight * rstd_bwd, (1 - alpha_bkw) ema rstd_fwd rstd_bwd)`` ``(C,)`` in one call
     (``pn_ref_bwd_coef``; rounds as the eager ``_ema_coef``)."""
     c = weight.shape[0]
-    out = weight.new_empty(2 * c)
-    p, size = out.data_ptr(), out.element_size()
+    (coef_a, coef_x), at = _outputs(weight, c, c)
     _check(_fn("pn_ref_bwd_coef", weight.dtype)(weight.data_ptr(), ema.data_ptr(),
                                                  rstd_fwd.data_ptr(), rstd_bwd.data_ptr(), c,
-                                                 1.0 - float(alpha_bkw), p, p + c * size))
-    return out[:c], out[c:]
+                                                 1.0 - float(alpha_bkw), *at))
+    return coef_a, coef_x
 
 
 def reference_backward_finish(sum_gyx: Tensor, weight: Tensor, rstd_fwd: Tensor, sum_sq_all: Tensor,
@@ -440,15 +440,13 @@ def batch_forward_stats(x: Tensor, keep: Tensor | None, center: bool, eps: float
     x, keep = _c(x), _c(keep)
     n, c = x.shape
     y = torch.empty_like(x)
-    vec = x.new_empty(6 * c + 1)
-    p, size = vec.data_ptr(), vec.element_size()
-    at = [p + i * c * size for i in range(7)]
+    # mean, var, rstd, scale and shift_y (the kernel's, not returned), gamma, count
+    (mean, var, rstd, _, _, gam, count), at = _outputs(x, c, c, c, c, c, c, 1)
     _check(_fn("pn_batch_fwd_stats", x.dtype)(
         x.data_ptr(), _ptr(keep), n, c, int(bool(center)), float(eps), weight.data_ptr(),
         bias.data_ptr(), at[0] if center else None, at[1], at[2], at[3], at[4],
         at[5] if gamma else None, at[6], y.data_ptr(), torch.get_num_threads()))
-    return (y, vec[:c] if center else None, vec[c:2 * c], vec[2 * c:3 * c],
-            vec[5 * c:6 * c] if gamma else None, vec[6 * c])
+    return y, mean if center else None, var, rstd, gam if gamma else None, count[0]
 
 
 def batch_backward(grad_y: Tensor, x: Tensor, keep: Tensor | None, weight: Tensor,
@@ -460,11 +458,10 @@ def batch_backward(grad_y: Tensor, x: Tensor, keep: Tensor | None, weight: Tenso
     grad_y, x, keep = _c(grad_y), _c(x), _c(keep)
     n, c = x.shape
     gx = torch.empty_like(x)
-    grads = x.new_empty(2 * c)
-    p, size = grads.data_ptr(), grads.element_size()
+    (gw, gb), at = _outputs(x, c, c)
     _check(_fn("pn_batch_bwd", x.dtype)(
         grad_y.data_ptr(), x.data_ptr(), _ptr(keep), weight.data_ptr(), _ptr(mean),
         rstd.data_ptr(), count.data_ptr(), _ptr(gamma), _ptr(nu), n, c, 1.0 - float(alpha_bkw),
-        int(bool(safeguard)), gx.data_ptr(), p, p + c * size if need_bias else None,
+        int(bool(safeguard)), gx.data_ptr(), at[0], at[1] if need_bias else None,
         torch.get_num_threads()))
-    return gx, grads[:c], grads[c:] if need_bias else None
+    return gx, gw, gb if need_bias else None
