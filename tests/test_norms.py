@@ -367,6 +367,28 @@ def test_padding_invariance(cfg):
             torch.testing.assert_close(ga, gb)
 
 
+@pytest.mark.parametrize("cfg", STATEFUL, ids=_ids(STATEFUL))
+def test_a_mask_changed_in_place_is_read_again(cfg):
+    """The last mask's keep-vector is reused while the same mask object comes again
+    (``functional.keep_vector``): a mask changed in place between two calls gives the outputs,
+    gradients and buffers of a new mask with its values."""
+    _, name, kwargs = cfg
+    x, pad = _batch(seed=30)
+    x.requires_grad_()
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    reused, fresh = _make(name, kwargs).train(), _make(name, kwargs).train()
+    results = {}
+    for norm, new_mask in ((reused, False), (fresh, True)):
+        mask = pad.clone()
+        norm(x, padding_mask=mask)
+        mask[:, -2:] = ~mask[:, -2:]  # in place: other tokens are pads now
+        x.grad = None
+        y = norm(x, padding_mask=mask.clone() if new_mask else mask)
+        y.backward(gy)
+        results[new_mask] = (y.detach(), x.grad.clone(), _buffers(norm))
+    torch.testing.assert_close(results[False], results[True], rtol=0, atol=0)
+
+
 def _pad_stack(name, kwargs, seed=0):
     """Linear -> norm -> Linear in float64, as in a transformer sublayer."""
     torch.manual_seed(seed)

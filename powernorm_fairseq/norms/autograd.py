@@ -126,6 +126,31 @@ def update_nu_(nu: Tensor, weight: Tensor, rstd: Tensor, gamma: Tensor, count: T
         nu.copy_(torch.where(ok, nu_c + step, nu_c).to(nu.dtype))
 
 
+def ema_running_(running: tuple[Tensor, ...], mean: Tensor | None, var: Tensor, count: Tensor,
+                 ema: tuple[float, float]) -> None:
+    r"""Advance running statistics in place from a batch's, per channel, where ``count > 0``:
+
+    .. math:: s \leftarrow w_{keep}\, s + w_{add}\, s_B
+
+    with ``ema = (w_keep, w_add)`` (BN and PN-V: ``(1 - momentum, momentum)``, the form of
+    ``torch.nn.BatchNorm``; PN: ``(alpha_fwd, 1 - alpha_fwd)``). ``running = (mean, var)`` (BN)
+    takes ``mean`` and the unbiased ``var * n / max(n - 1, 1)``; ``running = (psi2,)`` (PN-V,
+    PN) takes ``var`` (the batch ``psi_B^2``) in the channels where it is finite. The fused
+    forward (``pn_batch_fwd_stats``) does the same arithmetic, rounding as these operations.
+
+    Shape: each buffer, mean, var ``(C,)``; count ``()``.
+    """
+    keep_w, add_w = ema
+    with torch.no_grad():
+        ok = count > 0
+        if len(running) == 2:
+            stats = (mean, var * (count / (count - 1).clamp(min=1)))
+        else:
+            stats, ok = (var,), ok & torch.isfinite(var)
+        for buf, stat in zip(running, stats, strict=True):
+            buf.copy_(torch.where(ok, keep_w * buf + add_w * stat.to(buf.dtype), buf))
+
+
 class BatchStatNormFunction(torch.autograd.Function):
     r"""``y = (x - mean) * rstd * weight + bias`` with batch statistics and their exact gradient.
 
@@ -149,6 +174,11 @@ class BatchStatNormFunction(torch.autograd.Function):
     ``sum_j k_j dL/dy_j x_j`` ``(C,)`` and advances ``nu`` in place with :func:`update_nu_`
     (``alpha_bkw``, ``safeguard``), so PN's backward statistic is warm when PN takes over.
 
+    ``running`` (the module's buffers, ``(mean, var)`` with ``center``, ``(psi2,)`` without, or
+    empty): the forward advances them in place with :func:`ema_running_` (``ema``), as
+    ``F.batch_norm`` writes the running statistics it is given; the fused kernel does it in the
+    same call.
+
     Shape: x ``(N, C)``; weight, bias ``(C,)``; shift ``(C,)`` or None (see
     :func:`batch_moments`); keep ``(N,)`` or None; nu ``(C,)`` or None. Returned mean, var
     ``(C,)``, count ``()``.
@@ -156,13 +186,18 @@ class BatchStatNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, center, shift, eps, sync, process_group,
-                nu=None, alpha_bkw=0.0, safeguard=False):
+                nu=None, alpha_bkw=0.0, safeguard=False, running=(), ema=(1.0, 0.0)):
         ctx.nu, ctx.alpha_bkw, ctx.safeguard = nu, alpha_bkw, safeguard
         ctx.sync, ctx.process_group = sync, process_group
         if not sync and shift is None and fused.usable(x, keep, weight, bias):
-            # the statistics and every (C,) step in one call, rounding as the code below
+            # the statistics, every (C,) step and the running update in one call, rounding as
+            # the code below
+            in_c = all(b.dtype == x.dtype and b.is_contiguous() for b in running)
             y, mean, var, rstd, ctx.gamma, count = fused.batch_forward_stats(
-                x, keep, center, eps, weight, bias, gamma=nu is not None)
+                x, keep, center, eps, weight, bias, gamma=nu is not None,
+                running=running if in_c else (), ema=ema)
+            if running and not in_c:
+                ema_running_(running, mean, var, count, ema)
             ctx.save_for_backward(x, weight, keep, mean, rstd, count)
             stats = (var, count) if mean is None else (mean, var, count)
             ctx.mark_non_differentiable(*stats)
@@ -176,6 +211,8 @@ class BatchStatNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, keep, mean, rstd, count)
         scale = rstd * weight
         torch.addcmul(bias if mean is None else bias - mean * scale, x, scale, out=y)
+        if running:
+            ema_running_(running, mean, var, count, ema)
         stats = (var, count) if mean is None else (mean, var, count)
         ctx.mark_non_differentiable(*stats)
         return (y, *stats)
@@ -190,7 +227,7 @@ class BatchStatNormFunction(torch.autograd.Function):
             grad_x, grad_w, grad_b = fused.batch_backward(  # one call, rounding as below
                 grad_y, x, keep, weight, mean, rstd, count, ctx.gamma if track_nu else None,
                 ctx.nu, ctx.alpha_bkw, ctx.safeguard, need_bias=need[2])
-            return (grad_x, grad_w if need[1] else None, grad_b, *(None,) * 9)
+            return (grad_x, grad_w if need[1] else None, grad_b, *(None,) * 11)
         fast = fused.usable(x, grad_y, keep)
         if fast:  # the three sums in one read of grad_y and x
             sum_gy, sum_gyx, masked_gyx = fused.bwd_sums(grad_y, x, keep, masked=track_nu)
@@ -225,7 +262,7 @@ class BatchStatNormFunction(torch.autograd.Function):
             update_nu_(ctx.nu, weight, rstd, ctx.gamma, count, sums[-1], ctx.alpha_bkw,
                        ctx.safeguard)
         return (grad_x, local_gyxhat if need[1] else None, sum_gy if need[2] else None,
-                None, None, None, None, None, None, None, None, None)
+                *(None,) * 11)
 
 
 def check_alpha(name: str, value: float) -> None:

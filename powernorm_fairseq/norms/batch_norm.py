@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .autograd import PRESCALE_EPS, BatchStatNormFunction
+from .autograd import PRESCALE_EPS, BatchStatNormFunction, ema_running_
 from .base import MaskedNorm
 from .defaults import BN_PAD_STATISTICS, EPS, MOMENTUM, PAD_STATISTICS
 from .functional import group_rms_scale
@@ -21,7 +21,8 @@ class MaskedBatchNorm(MaskedNorm):
 
     with per-channel mean and biased variance over non-pad tokens only; exact gradient (custom
     backward, see :class:`BatchStatNormFunction`). Running mean and unbiased running variance
-    (as in ``torch.nn.BatchNorm1d``) are updated with ``momentum`` and used in eval mode, where
+    (as in ``torch.nn.BatchNorm1d``) are updated as ``s <- (1 - momentum) s + momentum s_B``
+    (:func:`~.autograd.ema_running_`) and used in eval mode, where
     the layer is the fixed affine map :meth:`eval_affine`. A batch without real tokens leaves the
     running statistics unchanged.
 
@@ -131,17 +132,12 @@ class MaskedBatchNorm(MaskedNorm):
             n_real = keep.sum()
             fill = torch.where(real, x2d, 0.0).sum(0) / n_real.clamp(min=1)
             x2d, keep = torch.where(real, x2d, fill), None
+        running, ema = (self.running_mean, self.running_var), (1.0 - self.momentum, self.momentum)
+        # the Function advances the running statistics itself (ema_running_), except after
+        # the released pad filling, where a batch without real tokens must leave them
         y, mean, var, count = BatchStatNormFunction.apply(
-            x2d, weight, bias, keep, True, None, self.eps, self._sync(), self.process_group)
-        if n_real is not None:  # a batch without real tokens leaves the running statistics
-            count = count * (n_real > 0)
-        self._update_running(mean, var, count)
+            x2d, weight, bias, keep, True, None, self.eps, self._sync(), self.process_group,
+            None, 0.0, False, () if n_real is not None else running, ema)
+        if n_real is not None:
+            ema_running_(running, mean, var, count * (n_real > 0), ema)
         return y
-
-    @torch.no_grad()
-    def _update_running(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
-        """EMA of mean and unbiased variance; unchanged for a batch without real tokens."""
-        has = count > 0
-        unbiased = var * (count / (count - 1).clamp(min=1))
-        for buf, stat in ((self.running_mean, mean), (self.running_var, unbiased)):
-            buf.copy_(torch.where(has, torch.lerp(buf, stat.to(buf.dtype), self.momentum), buf))

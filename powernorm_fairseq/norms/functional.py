@@ -17,9 +17,13 @@ from torch.autograd.function import once_differentiable
 
 from . import fused
 
+#: The last keep-vector built, ``(mask, its version counter, dtype, batch_major, keep)``: every
+#: norm of a layer stack reads the same mask object, so it is converted once per forward.
+_last_keep: tuple = ()
+
 
 def keep_vector(padding_mask: Tensor | None, dtype: torch.dtype, batch_major: bool = False) -> Tensor | None:
-    """Float keep-vector from a padding mask.
+    """Float keep-vector from a padding mask (the result is shared: do not modify it).
 
     Args:
         padding_mask: ``(B, T)`` bool, True = pad (or ``(N,)`` for 2-D inputs), or None.
@@ -30,12 +34,25 @@ def keep_vector(padding_mask: Tensor | None, dtype: torch.dtype, batch_major: bo
         ``(N,)`` with ``keep[t * B + b] = 1 - padding_mask[b, t]`` (``keep[b * T + t]`` when
         ``batch_major``), or None.
     """
+    global _last_keep
     if padding_mask is None:
         return None
+    # a cache of one, keyed on the mask object (held, so its id cannot be reused) and its
+    # version counter (an in-place change of the mask misses); inference tensors have no
+    # version counter and a traced graph must see the ops
+    cacheable = not padding_mask.is_inference() and not torch.compiler.is_compiling()
+    if cacheable:
+        last = _last_keep
+        if (last and last[0] is padding_mask and last[1] == padding_mask._version
+                and last[2] == dtype and last[3] == batch_major):
+            return last[4]
     keep = torch.logical_not(padding_mask)
     if keep.dim() == 2 and not batch_major:
         keep = keep.t()
-    return keep.reshape(-1).to(dtype)
+    keep = keep.reshape(-1).to(dtype)
+    if cacheable:
+        _last_keep = (padding_mask, padding_mask._version, dtype, batch_major, keep)
+    return keep
 
 
 def token_count(x2d: Tensor, keep: Tensor | None) -> Tensor:

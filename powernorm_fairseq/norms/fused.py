@@ -45,7 +45,7 @@ from torch import Tensor
 
 _SRC_DIR = Path(__file__).resolve().parent / "kernels"
 _SOURCES = ("pn_kernels.c", "pn_kernels_impl.h")
-_ABI_VERSION = 4
+_ABI_VERSION = 6
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -79,10 +79,15 @@ _SIGNATURES = {
     "pn_ref_fwd_stats": [_F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, ctypes.c_int64,
                          ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_double, _F,
                          _F, _F, _F, _F],
+    "pn_ref_grms_fwd": [_F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                        _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
+                        ctypes.c_double, ctypes.c_double, _F, _F, _F, _F, _F, _F, _F, _F, _F,
+                        ctypes.c_int],
     "pn_ref_bwd_coef": [_F, _F, _F, _F, ctypes.c_int64, ctypes.c_double, _F, _F],
     "pn_ref_bwd_finish": [_F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_double, _F, _F, _F],
     "pn_batch_fwd_stats": [_F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_double,
-                           _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_int],
+                           _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_double,
+                           ctypes.c_double, ctypes.c_int],
     "pn_batch_bwd": [_F, _F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_double, ctypes.c_int, _F, _F, _F, ctypes.c_int],
 }
@@ -404,6 +409,27 @@ def reference_forward_stats(sum_sq: Tensor, keep: Tensor | None, n: int, weight:
     return rstd_fwd, rstd_bwd, scale, count[0], num_all[0]
 
 
+def reference_group_forward(x: Tensor, keep: Tensor | None, group_num: int, group_eps: float,
+                            weight: Tensor, bias: Tensor, phi: Tensor, iters: Tensor,
+                            clock: int | None, warmup: int, eps: float, alpha: float):
+    """The released PN with GroupScaling, a whole training forward without sync in one call
+    (``pn_ref_grms_fwd``; one pass over ``x`` past the warmup, where the scale comes from ``phi``
+    before the batch): advances ``phi`` and ``iters`` as :func:`reference_forward_stats` and
+    returns ``(y (N, C), group rstd (N, G), rstd_fwd, rstd_bwd, sum_all z^2, count (), num_all ())``
+    with ``z`` the group-scaled input, as ``grms_colstats``, ``reference_forward_stats`` and
+    ``grms_affine`` in turn."""
+    x, keep = _c(x), _c(keep)
+    n, c = x.shape
+    y, rstd_g = torch.empty_like(x), x.new_empty(n, group_num)
+    (rstd_fwd, rstd_bwd, _, _, s2all, count, num_all), at = _outputs(x, c, c, c, c, c, 1, 1)
+    _check(_fn("pn_ref_grms_fwd", x.dtype)(
+        x.data_ptr(), _ptr(keep), n, c, group_num, float(group_eps), weight.data_ptr(),
+        bias.data_ptr(), phi.data_ptr(), iters.data_ptr(), -1 if clock is None else int(clock),
+        int(warmup), float(eps), float(alpha), 1.0 - float(alpha), y.data_ptr(), rstd_g.data_ptr(),
+        *at, torch.get_num_threads()))
+    return y, rstd_g, rstd_fwd, rstd_bwd, s2all, count[0], num_all[0]
+
+
 def reference_backward_coef(weight: Tensor, ema: Tensor, rstd_fwd: Tensor, rstd_bwd: Tensor,
                             alpha_bkw: float) -> tuple[Tensor, Tensor]:
     """``(weight * rstd_bwd, (1 - alpha_bkw) ema rstd_fwd rstd_bwd)`` ``(C,)`` in one call
@@ -432,20 +458,25 @@ def reference_backward_finish(sum_gyx: Tensor, weight: Tensor, rstd_fwd: Tensor,
 
 
 def batch_forward_stats(x: Tensor, keep: Tensor | None, center: bool, eps: float, weight: Tensor,
-                        bias: Tensor, gamma: bool):
+                        bias: Tensor, gamma: bool, running: tuple[Tensor, ...] = (),
+                        ema: tuple[float, float] = (1.0, 0.0)):
     """BN's (``center``) or PN-V's batch statistics without sync in one call
     (``pn_batch_fwd_stats``; rounds as ``batch_moments`` with the first real row as shift):
     returns ``(y (N, C), mean or None, var, rstd, gamma or None, count ())``, the vectors ``(C,)``,
-    with ``y = shift_y + x * scale`` rounded as ``torch.addcmul``."""
+    with ``y = shift_y + x * scale`` rounded as ``torch.addcmul``. With ``running`` (``(mean,
+    var)`` with ``center``, ``(psi2,)`` without; contiguous, ``x``'s dtype) they advance in place
+    as ``autograd.ema_running_`` with ``ema = (keep_w, add_w)``."""
     x, keep = _c(x), _c(keep)
     n, c = x.shape
     y = torch.empty_like(x)
     # mean, var, rstd, scale and shift_y (the kernel's, not returned), gamma, count
     (mean, var, rstd, _, _, gam, count), at = _outputs(x, c, c, c, c, c, c, 1)
+    run_a, run_b = ([_ptr(t) for t in running] + [None, None])[:2]
     _check(_fn("pn_batch_fwd_stats", x.dtype)(
         x.data_ptr(), _ptr(keep), n, c, int(bool(center)), float(eps), weight.data_ptr(),
         bias.data_ptr(), at[0] if center else None, at[1], at[2], at[3], at[4],
-        at[5] if gamma else None, at[6], y.data_ptr(), torch.get_num_threads()))
+        at[5] if gamma else None, at[6], y.data_ptr(), run_a, run_b, float(ema[0]), float(ema[1]),
+        torch.get_num_threads()))
     return y, mean if center else None, var, rstd, gam if gamma else None, count[0]
 
 

@@ -17,6 +17,7 @@ from .autograd import (
     BatchStatNormFunction,
     check_alpha,
     check_group_num,
+    ema_running_,
     update_nu_,
 )
 from .base import MaskedNorm, group_num_option
@@ -73,24 +74,12 @@ def power_options(options, num_heads: int, final: bool, auto_groups: int) -> dic
     return kwargs
 
 
-@torch.no_grad()
-def ema_psi2_(psi2: Tensor, psi2_b: Tensor, count: Tensor, alpha_fwd: float) -> None:
-    """``psi^2 <- alpha_fwd psi^2 + (1 - alpha_fwd) psi_B^2`` in place, per channel; skipped for
-    a batch without real tokens and in a channel whose ``psi_B^2`` is not finite.
-
-    Shape: psi2, psi2_b ``(C,)``; count ``()``.
-    """
-    ok = (count > 0) & torch.isfinite(psi2_b)
-    new = alpha_fwd * psi2 + (1.0 - alpha_fwd) * psi2_b.to(psi2.dtype)
-    psi2.copy_(torch.where(ok, new, psi2))
-
-
 class RunningPowerFunction(torch.autograd.Function):
     r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``
     with ``rstd = 1/sqrt(psi^2_{t-1} + eps)`` from the running ``psi2`` it is given.
 
     The forward also computes the batch ``psi_B^2`` over the real tokens (all-reduced when
-    ``sync``) and advances ``psi2`` in place (:func:`ema_psi2_` with ``alpha_fwd``), as
+    ``sync``) and advances ``psi2`` in place (:func:`~.autograd.ema_running_` with ``alpha_fwd``), as
     ``F.batch_norm`` writes the running statistics it is given. Backward with ``nu_{t-1}`` = the
     ``nu`` tensor given (the module's buffer) at backward time:
 
@@ -136,7 +125,7 @@ class RunningPowerFunction(torch.autograd.Function):
         count = count[0]
         psi2_b = sum_sq / count.clamp(min=1)
         ctx.gamma = psi2_b * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
-        ema_psi2_(psi2, psi2_b, count, alpha_fwd)
+        ema_running_((psi2,), None, psi2_b, count, (alpha_fwd, 1.0 - alpha_fwd))
         ctx.save_for_backward(x, weight, keep, rstd, count)
         return y
 
@@ -318,8 +307,7 @@ class PowerNormPaper(MaskedNorm):
             return RunningPowerFunction.apply(
                 x2d, weight, bias, keep, self.running_psi2, self.eps, self.nu, sync,
                 self.process_group, self.alpha_fwd, self.alpha_bkw, self.safeguard)
-        y, psi2_b, count = BatchStatNormFunction.apply(
+        return BatchStatNormFunction.apply(  # advances running_psi2 too (ema_running_)
             x2d, weight, bias, keep, False, None, self.eps, sync, self.process_group,
-            self.nu, self.alpha_bkw, self.safeguard)
-        ema_psi2_(self.running_psi2, psi2_b, count, self.alpha_fwd)
-        return y
+            self.nu, self.alpha_bkw, self.safeguard, (self.running_psi2,),
+            (self.alpha_fwd, 1.0 - self.alpha_fwd))[0]

@@ -71,6 +71,11 @@ def reference_running_step(phi: Tensor, iters: Tensor, psi2_b: Tensor, count: Te
     return rstd_fwd, rstd_bwd, new_phi, new_iters
 
 
+def _keep_for_backward(ctx, ema_gz, num_unstable, cfg, sync, process_group) -> None:
+    ctx.ema_gz, ctx.num_unstable, ctx.alpha_bkw = ema_gz, num_unstable, cfg.alpha_bkw
+    ctx.sync, ctx.process_group = sync, process_group
+
+
 def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz,
                              num_unstable, cfg, sync, process_group):
     """The released forward statistics from the column sums of the (scaled) input squared over
@@ -80,8 +85,7 @@ def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iter
     backward needs besides the saved tensors. Without ``sync``, on the fused CPU kernels, one
     call that rounds as the eager path. Returns
     ``(rstd_fwd, rstd_bwd, scale = rstd_fwd * weight, sum_sq_all, num_all, count)``."""
-    ctx.ema_gz, ctx.num_unstable, ctx.alpha_bkw = ema_gz, num_unstable, cfg.alpha_bkw
-    ctx.sync, ctx.process_group = sync, process_group
+    _keep_for_backward(ctx, ema_gz, num_unstable, cfg, sync, process_group)
     if not sync and fused.usable(sum_sq, keep, weight, phi):
         rstd_fwd, rstd_bwd, scale, count, num_all = fused.reference_forward_stats(
             sum_sq, keep, x.shape[0], weight, phi, iters, cfg.clock, cfg.warmup_updates, cfg.eps,
@@ -198,8 +202,10 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
     r""":class:`ReferencePowerFunction` applied to the group-RMS-scaled input
     ``z = x * r``, ``r = 1/sqrt(mean_group(x^2) + 1e-5)`` per token and ``cfg.group_num``
     groups, as one Function on the fused CPU kernels (``fused.grms_*``): ``z`` is never stored
-    (recomputed from ``x`` and ``r`` in the backward), forward and backward take two and one
-    passes over ``(N, C)``. Same arithmetic, arguments and outputs as
+    (recomputed from ``x`` and ``r`` in the backward). The backward takes one pass over
+    ``(N, C)``; so does the forward past the warmup, where the divisor comes from ``phi`` before
+    the batch (without ``sync``: :func:`~.fused.reference_group_forward`, one call), two in the
+    warmup. Same arithmetic, arguments and outputs as
     ``ReferencePowerFunction.apply(group_rms_scale(x), ...)``, which is the path wherever the
     kernels are unavailable.
 
@@ -209,6 +215,13 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, keep, phi, iters, ema_gz, num_unstable, cfg, sync,
                 process_group):
+        if not sync and fused.usable(x, keep, weight, bias, phi):
+            _keep_for_backward(ctx, ema_gz, num_unstable, cfg, sync, process_group)
+            y, rstd_g, rstd_fwd, rstd_bwd, sum_sq_all, count, num_all = fused.reference_group_forward(
+                x, keep, cfg.group_num, PRESCALE_EPS, weight, bias, phi, iters, cfg.clock,
+                cfg.warmup_updates, cfg.eps, cfg.alpha_fwd)
+            ctx.save_for_backward(x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
+            return y
         rstd_g, sum_sq, sum_sq_all = fused.grms_colstats(x, keep, cfg.group_num, PRESCALE_EPS)
         rstd_fwd, rstd_bwd, scale, sum_sq_all, num_all, count = _reference_forward_stats(
             ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz, num_unstable, cfg, sync,

@@ -24,8 +24,9 @@ class PowerNormV(MaskedNorm):
     ``dL/dx_j = r (g_j - k_j x_hat_j (1/n) sum_i g_i x_hat_i)``, ``r = 1/sqrt(psi_B^2 + eps)``
     (:class:`~powernorm_fairseq.norms.autograd.BatchStatNormFunction`). Pads are normalized but
     excluded from ``psi_B^2``. In training the running statistic is updated as
-    ``psi^2 <- (1 - momentum) psi^2 + momentum psi_B^2`` (init 1; skipped for a batch without
-    real tokens or with a non-finite statistic); eval uses ``y = gamma * x / sqrt(psi^2 + eps) + beta``.
+    ``psi^2 <- (1 - momentum) psi^2 + momentum psi_B^2`` (:func:`~.autograd.ema_running_`; init
+    1; skipped for a batch without real tokens or with a non-finite statistic); eval uses
+    ``y = gamma * x / sqrt(psi^2 + eps) + beta``.
 
     With ``group_num > 0`` each token is first divided by its RMS over each of ``group_num``
     channel groups (the released PN's GroupScaling,
@@ -100,14 +101,7 @@ class PowerNormV(MaskedNorm):
         if not self.training:
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(
                 self.running_psi2.to(x2d.dtype) + self.eps))
-        y, psi2_b, count = BatchStatNormFunction.apply(
-            x2d, weight, bias, keep, False, None, self.eps, self._sync(), self.process_group)
-        self._update_running(psi2_b, count)
-        return y
-
-    @torch.no_grad()
-    def _update_running(self, psi2_b: Tensor, count: Tensor) -> None:
-        """EMA of psi^2; skipped for a batch without real tokens or a non-finite statistic."""
-        ok = (count > 0) & torch.isfinite(psi2_b)
-        psi2 = self.running_psi2
-        psi2.copy_(torch.where(ok, torch.lerp(psi2, psi2_b.to(psi2.dtype), self.momentum), psi2))
+        # the Function advances running_psi2 itself (ema_running_)
+        return BatchStatNormFunction.apply(
+            x2d, weight, bias, keep, False, None, self.eps, self._sync(), self.process_group,
+            None, 0.0, False, (self.running_psi2,), (1.0 - self.momentum, self.momentum))[0]

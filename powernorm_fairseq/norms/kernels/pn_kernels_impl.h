@@ -501,6 +501,91 @@ PN_EXACT int NAME(pn_ref_fwd_stats)(const T *s2, const T *keep, int64_t N, int64
     return 0;
 }
 
+/* pn_grms_colstats and pn_grms_affine in one pass over x, for a scale known before the batch:
+ * per row and group r = 1/sqrt(mean_group(x^2) + eps) (rstd), y = x r scale + bias, and the
+ * column sums of (x r)^2 over the real rows (s2) and all rows (s2all). Same expressions as the
+ * two kernels it stands for. */
+static int NAME(pn_grms_affine_colstats)(const T *x, const T *keep, int64_t N, int64_t C,
+                                         int64_t G, double eps, const T *scale, const T *bias,
+                                         T *y, T *rstd, T *s2, T *s2all, int nt)
+{
+    int64_t Cg = C / G;
+    NAME(scratch_t) sc;
+    if (NAME(scratch_alloc)(&sc, nt, 2 * C, 0)) return -1;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        double *p = sc.part + (size_t)tid * 2 * C;
+        T *q = sc.qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
+        int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
+        for (int64_t n = lo; n < hi; ++n) {
+            int real = keep == NULL || keep[n] != 0;
+            for (int64_t g = 0; g < G; ++g) {
+                const T *xr = x + n * C + g * Cg, *scg = scale + g * Cg, *bi = bias + g * Cg;
+                T *yr = y + n * C + g * Cg;
+                T ss = 0;
+#pragma omp simd reduction(+:ss)
+                for (int64_t j = 0; j < Cg; ++j) ss += xr[j] * xr[j];
+                T r = (T)(1.0 / sqrt((double)ss / (double)Cg + eps));
+                rstd[n * G + g] = r;
+                T r2 = r * r, *q2g = q2 + g * Cg, *qag = qa + g * Cg;
+                if (real) {
+#pragma omp simd
+                    for (int64_t j = 0; j < Cg; ++j) {
+                        T v = xr[j] * xr[j] * r2;
+                        q2g[j] += v; qag[j] += v;
+                        yr[j] = xr[j] * r * scg[j] + bi[j];
+                    }
+                } else {
+#pragma omp simd
+                    for (int64_t j = 0; j < Cg; ++j) {
+                        qag[j] += xr[j] * xr[j] * r2;
+                        yr[j] = xr[j] * r * scg[j] + bi[j];
+                    }
+                }
+            }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
+        }
+    }
+    NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){s2, s2all});
+    return 0;
+}
+
+/* The released PN with GroupScaling (G groups, eps geps), a whole training forward without
+ * cross-rank sync: y from the group-scaled x, the statistics step of pn_ref_fwd_stats (which
+ * advances phi and iters) and the group rstd (N, G) the backward needs. Past the warmup
+ * (w > warmup, w as in pn_ref_fwd_stats) rstd_fwd = 1/sqrt(phi + eps) is known before the
+ * batch and one pass does it all (pn_grms_affine_colstats); in the warmup the sums come first
+ * (pn_grms_colstats), then the step, then y (pn_grms_affine). s2, s2all: the column sums. */
+PN_EXACT int NAME(pn_ref_grms_fwd)(const T *x, const T *keep, int64_t N, int64_t C, int64_t G,
+                                   double geps, const T *weight, const T *bias, T *phi,
+                                   int64_t *iters, int64_t clock, int64_t warmup, double eps,
+                                   double alpha, double one_minus_alpha, T *y, T *rstd_g,
+                                   T *rstd_fwd, T *rstd_bwd, T *scale, T *s2, T *s2all,
+                                   T *count, T *num_all, int nt)
+{
+    const T t = (T)(*iters + 1), w = clock < 0 ? t : (T)clock;
+    int rc;
+    if (w > (T)warmup) {
+        const T e = (T)eps;
+        for (int64_t c = 0; c < C; ++c) {  /* as pn_ref_fwd_stats rounds them */
+            T rf = (T)1 / SQRT(phi[c] + e);
+            scale[c] = rf * weight[c];
+        }
+        rc = NAME(pn_grms_affine_colstats)(x, keep, N, C, G, geps, scale, bias, y, rstd_g, s2,
+                                           s2all, nt);
+        if (rc) return rc;
+        return NAME(pn_ref_fwd_stats)(s2, keep, N, C, weight, phi, iters, clock, warmup, eps,
+                                      alpha, one_minus_alpha, rstd_fwd, rstd_bwd, scale, count,
+                                      num_all);
+    }
+    rc = NAME(pn_grms_colstats)(x, keep, N, C, G, geps, rstd_g, s2, s2all, nt);
+    if (rc) return rc;
+    NAME(pn_ref_fwd_stats)(s2, keep, N, C, weight, phi, iters, clock, warmup, eps, alpha,
+                           one_minus_alpha, rstd_fwd, rstd_bwd, scale, count, num_all);
+    return NAME(pn_grms_affine)(x, rstd_g, scale, bias, N, C, G, y, nt);
+}
+
 /* The released backward's per-channel coefficients: a = weight rstd_bwd and
  * coef_x = (one_minus_a ema) rstd_fwd rstd_bwd (as _ema_coef, PN_EXACT). */
 PN_EXACT int NAME(pn_ref_bwd_coef)(const T *weight, const T *ema, const T *rstd_fwd,
@@ -565,12 +650,17 @@ PN_EXACT static void NAME(pn_affine_exact)(const T *x, const T *scale, const T *
  * K = the first real row (0 without real rows), d = s1 / max(count, 1), mean = K + d,
  * var = max(s2 / max(count, 1) - d d, 0); without, var = s2 / max(count, 1). Then
  * rstd = 1/sqrt(var + eps), scale = rstd weight, shift_y = bias - mean scale (bias without
- * center), gamma = var rstd rstd, and (y not NULL) y = shift_y + x scale. Rounds as
- * batch_moments and BatchStatNormFunction (PN_EXACT). mean (with center), gamma, y nullable. */
+ * center), gamma = var rstd rstd, and (y not NULL) y = shift_y + x scale. With run_a (not NULL)
+ * the running statistics advance in place as ema_running_ in autograd.py, where count > 0:
+ * with center run_a (mean) and run_b (variance) take mean and the unbiased var
+ * cnt / max(cnt - 1, 1) var, without center run_a takes var in each channel where var is finite;
+ * each as run = keep_w run + add_w stat. Rounds as batch_moments, BatchStatNormFunction and
+ * ema_running_ (PN_EXACT). mean (with center), gamma, y, run_a (run_b without center) nullable. */
 PN_EXACT int NAME(pn_batch_fwd_stats)(const T *x, const T *keep, int64_t N, int64_t C,
                                       int center, double eps, const T *weight, const T *bias,
                                       T *mean, T *var, T *rstd, T *scale, T *shift_y, T *gamma,
-                                      T *count, T *y, int nt)
+                                      T *count, T *y, T *run_a, T *run_b, double keep_w,
+                                      double add_w, int nt)
 {
     double n = (double)N;
     int64_t first = N > 0 ? 0 : -1;
@@ -614,6 +704,25 @@ PN_EXACT int NAME(pn_batch_fwd_stats)(const T *x, const T *keep, int64_t N, int6
         if (gamma) gamma[c] = v * r * r;
     }
     free(buf);
+    if (run_a && cnt > 0) {
+        const T kw = (T)keep_w, aw = (T)add_w;
+        T den = cnt - (T)1;
+        den = den < (T)1 ? (T)1 : den;
+        const T unbias = cnt / den;
+        for (int64_t c = 0; c < C; ++c) {
+            if (center) {
+                T kept = kw * run_a[c], added = aw * mean[c];
+                run_a[c] = kept + added;
+                T ub = var[c] * unbias;
+                kept = kw * run_b[c];
+                added = aw * ub;
+                run_b[c] = kept + added;
+            } else if (isfinite(var[c])) {
+                T kept = kw * run_a[c], added = aw * var[c];
+                run_a[c] = kept + added;
+            }
+        }
+    }
     if (y) NAME(pn_affine_exact)(x, scale, shift_y, N, C, y, nt);
     return 0;
 }
