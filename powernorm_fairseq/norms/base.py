@@ -22,6 +22,9 @@ from .defaults import EPS, GROUP_NUM_AUTO, GROUP_NUM_HEADS, UNTOLD_WARN_AFTER
 from .distributed import sync_enabled
 from .functional import keep_vector
 
+_FULL_PRECISION = (torch.float32, torch.float64)
+_NO_CONTEXT = contextlib.nullcontext()  # reusable and reentrant
+
 
 def _may_be_recomputed() -> bool:
     """Whether a training forward running now may be recomputed in the backward, so that the
@@ -226,8 +229,11 @@ class MaskedNorm(nn.Module):
 
     def _affine_or_identity(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(weight, bias)`` as ``(C,)`` tensors of ``dtype``, ones/zeros where not learned."""
-        if self.weight is not None and self.bias is not None:  # the common case, first
-            return self.weight.to(dtype), self.bias.to(dtype)
+        weight, bias = self.weight, self.bias
+        if weight is not None and bias is not None:  # the common case, first
+            if weight.dtype is dtype and bias.dtype is dtype:  # no cast: no dispatch
+                return weight, bias
+            return weight.to(dtype), bias.to(dtype)
         ref = next(iter([*self.parameters(), *self.buffers()]), None)
         device = ref.device if ref is not None else None
         weight = (torch.ones(self.num_features, dtype=dtype, device=device) if self.weight is None
@@ -322,16 +328,23 @@ class MaskedNorm(nn.Module):
 
     def _forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         mask = self._check_input(x, padding_mask)
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        no_autocast = (torch.autocast(x.device.type, enabled=False)
-                       if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
+        dtype = x.dtype
+        # float32/float64 compute as they are; half precision in float32 (skipping the no-op
+        # casts and the autocast switch where they do nothing: each is a dispatch per call)
+        compute_dtype = dtype if dtype in _FULL_PRECISION else torch.promote_types(dtype, torch.float32)
+        device_type = "cpu" if x.is_cpu else x.device.type
+        no_autocast = (torch.autocast(device_type, enabled=False)
+                       if torch.is_autocast_enabled(device_type) else _NO_CONTEXT)
         with no_autocast:
-            x2d = x.reshape(-1, self.num_features).to(compute_dtype)
+            x2d = x.reshape(-1, self.num_features)
+            if compute_dtype is not dtype:
+                x2d = x2d.to(compute_dtype)
             # rows of x2d: t * B + b for (T, B, C), b * T + t for (B, T, C)
             batch_major = self.batch_first and x.dim() == 3
             keep = keep_vector(mask, compute_dtype, batch_major=batch_major) if self.reads_padding else None
             y2d = self._normalize(x2d, keep)
-        return y2d.reshape(x.shape).to(x.dtype)
+        y = y2d.reshape(x.shape)
+        return y if y.dtype is dtype else y.to(dtype)
 
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
         """Normalize ``x2d: (N, C)`` given the keep-vector ``keep: (N,)`` (1 = real) or None."""

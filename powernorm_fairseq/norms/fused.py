@@ -192,11 +192,11 @@ def usable(*tensors: Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if t.is_cuda or t.device.type != "cpu" or t.dtype not in _SUFFIX:
-            return False
         if dtype is None:
             dtype = t.dtype
-        elif t.dtype != dtype:
+            if dtype not in _SUFFIX:
+                return False
+        if not t.is_cpu or t.dtype is not dtype:
             return False
     return dtype is not None
 
@@ -353,11 +353,16 @@ def grms_backward(grad_y: Tensor, x: Tensor, rstd: Tensor, a: Tensor, b: Tensor)
     return gx, og, oz
 
 
-def _outputs(like: Tensor, *lengths: int) -> tuple[list[Tensor], list[int]]:
+def _outputs(like: Tensor, *lengths: int) -> tuple[tuple[Tensor, ...], list[int]]:
     """Consecutive output vectors of ``lengths`` elements (``like``'s dtype and device) in one
-    buffer, and the address of each, for a kernel's ``(C,)`` and scalar outputs."""
-    views = list(like.new_empty(sum(lengths)).split(lengths))
-    return views, [v.data_ptr() for v in views]
+    buffer, and the address of each, for a kernel's ``(C,)`` and scalar outputs (the addresses
+    by arithmetic: a view's ``data_ptr`` costs a call each, ``Tensor.split`` a Python wrapper)."""
+    buf = like.new_empty(sum(lengths))
+    base, size, at, offset = buf.data_ptr(), buf.element_size(), [], 0
+    for n in lengths:
+        at.append(base + offset * size)
+        offset += n
+    return buf.split_with_sizes(lengths), at
 
 
 def paper_forward(x: Tensor, keep: Tensor | None, weight: Tensor, bias: Tensor, psi2: Tensor,
