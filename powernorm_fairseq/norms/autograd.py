@@ -9,6 +9,8 @@ compute; no module state.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -151,83 +153,102 @@ def ema_running_(running: tuple[Tensor, ...], mean: Tensor | None, var: Tensor, 
             buf.copy_(torch.where(ok, keep_w * buf + add_w * stat.to(buf.dtype), buf))
 
 
-class BatchStatNormFunction(torch.autograd.Function):
-    r"""``y = (x - mean) * rstd * weight + bias`` with batch statistics and their exact gradient.
+class BatchStat(NamedTuple):
+    """The non-differentiable arguments of :class:`BatchStatNormFunction`, in one object: autograd
+    inspects every argument of ``Function.apply`` and every output it returns, which cost more per
+    call than the arithmetic on small batches. See the Function for each field."""
 
-    The forward computes ``mean`` (only with ``center``; PN-V has none) and ``var`` over the
+    center: bool
+    eps: float
+    sync: bool = False
+    process_group: object = None
+    shift: Tensor | None = None
+    nu: Tensor | None = None
+    alpha_bkw: float = 0.0
+    safeguard: bool = False
+    running: tuple[Tensor, ...] = ()
+    ema: tuple[float, float] = (1.0, 0.0)
+    stats: list | None = None
+
+
+class BatchStatNormFunction(torch.autograd.Function):
+    r"""``y = (x - mean) * rstd * weight + bias`` with batch statistics and their exact gradient:
+    ``BatchStatNormFunction.apply(x, weight, bias, keep, cfg)`` with ``cfg`` a :class:`BatchStat`.
+
+    The forward computes ``mean`` (only with ``cfg.center``; PN-V has none) and ``var`` over the
     ``count`` real tokens (:func:`batch_moments`), ``rstd = 1/sqrt(var + eps)``, and writes ``y``
-    into the statistics' scratch buffer. It returns ``(y, mean, var, count)`` with ``center``,
-    else ``(y, var, count)``: the batch statistics, which the module folds into its running
-    buffers (the Function reads and writes no module state). Pads are normalized too but do not
-    enter the statistics. With ``g = weight * dL/dy`` and ``x_hat = (x - mean) * rstd`` the exact
-    input gradient is
+    into the statistics' scratch buffer. It returns ``y``; with a list ``cfg.stats`` it also
+    appends the batch statistics ``(mean or None, var, count)`` to it. Pads are normalized too but
+    do not enter the statistics. With ``g = weight * dL/dy`` and ``x_hat = (x - mean) * rstd`` the
+    exact input gradient is
 
     .. math::
         \frac{\partial L}{\partial x_j} = r\,g_j - k_j \frac{r}{n}
             \Big(\sum_i g_i + \hat x_j \sum_i g_i \hat x_i\Big)
 
     (the first sum only with centering), ``k_j`` = 1 for real tokens, sums over ALL positions (pad
-    outputs also depend on the statistics). With ``sync`` the correction sums are all-reduced in
-    one collective; parameter gradients stay local (DDP reduces them).
+    outputs also depend on the statistics). With ``cfg.sync`` the correction sums are all-reduced
+    in one collective over ``cfg.process_group``; parameter gradients stay local (DDP reduces them).
 
-    ``nu`` (PN's warmup, without ``center``): the backward also computes the (synced) masked sum
-    ``sum_j k_j dL/dy_j x_j`` ``(C,)`` and advances ``nu`` in place with :func:`update_nu_`
-    (``alpha_bkw``, ``safeguard``), so PN's backward statistic is warm when PN takes over.
+    ``cfg.nu`` (PN's warmup, without ``center``): the backward also computes the (synced) masked
+    sum ``sum_j k_j dL/dy_j x_j`` ``(C,)`` and advances ``nu`` in place with :func:`update_nu_`
+    (``cfg.alpha_bkw``, ``cfg.safeguard``), so PN's backward statistic is warm when PN takes over.
 
-    ``running`` (the module's buffers, ``(mean, var)`` with ``center``, ``(psi2,)`` without, or
-    empty): the forward advances them in place with :func:`ema_running_` (``ema``), as
+    ``cfg.running`` (the module's buffers, ``(mean, var)`` with ``center``, ``(psi2,)`` without, or
+    empty): the forward advances them in place with :func:`ema_running_` (``cfg.ema``), as
     ``F.batch_norm`` writes the running statistics it is given; the fused kernel does it in the
     same call.
 
-    Shape: x ``(N, C)``; weight, bias ``(C,)``; shift ``(C,)`` or None (see
-    :func:`batch_moments`); keep ``(N,)`` or None; nu ``(C,)`` or None. Returned mean, var
-    ``(C,)``, count ``()``.
+    Shape: x ``(N, C)``; weight, bias ``(C,)``; keep ``(N,)`` or None; ``cfg.shift`` ``(C,)`` or
+    None (see :func:`batch_moments`); ``cfg.nu`` ``(C,)`` or None. Statistics: mean, var ``(C,)``,
+    count ``()``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, center, shift, eps, sync, process_group,
-                nu=None, alpha_bkw=0.0, safeguard=False, running=(), ema=(1.0, 0.0)):
-        ctx.nu, ctx.alpha_bkw, ctx.safeguard = nu, alpha_bkw, safeguard
-        ctx.sync, ctx.process_group = sync, process_group
-        if not sync and shift is None and fused.usable(x, keep, weight, bias):
+    def forward(ctx, x, weight, bias, keep, cfg: BatchStat):
+        ctx.cfg = cfg
+        center, eps, running, ema = cfg.center, cfg.eps, cfg.running, cfg.ema
+        if not cfg.sync and cfg.shift is None and fused.usable(x, keep, weight, bias):
             # the statistics, every (C,) step and the running update in one call, rounding as
             # the code below
             in_c = all(b.dtype == x.dtype and b.is_contiguous() for b in running)
             y, mean, var, rstd, ctx.gamma, count = fused.batch_forward_stats(
-                x, keep, center, eps, weight, bias, gamma=nu is not None,
+                x, keep, center, eps, weight, bias, gamma=cfg.nu is not None,
                 running=running if in_c else (), ema=ema)
             if running and not in_c:
                 ema_running_(running, mean, var, count, ema)
             ctx.save_for_backward(x, weight, keep, mean, rstd, count)
-            stats = (var, count) if mean is None else (mean, var, count)
-            ctx.mark_non_differentiable(*stats)
-            return (y, *stats)
+            if cfg.stats is not None:
+                cfg.stats.extend((mean, var, count))
+            return y
         y = torch.empty_like(x)
-        mean, var, count = batch_moments(x, keep, y, center=center, shift=shift, sync=sync,
-                                         process_group=process_group)
+        mean, var, count = batch_moments(x, keep, y, center=center, shift=cfg.shift, sync=cfg.sync,
+                                         process_group=cfg.process_group)
         rstd = torch.rsqrt(var + eps)
-        if nu is not None:
+        if cfg.nu is not None:
             ctx.gamma = var * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
         ctx.save_for_backward(x, weight, keep, mean, rstd, count)
         scale = rstd * weight
         torch.addcmul(bias if mean is None else bias - mean * scale, x, scale, out=y)
         if running:
             ema_running_(running, mean, var, count, ema)
-        stats = (var, count) if mean is None else (mean, var, count)
-        ctx.mark_non_differentiable(*stats)
-        return (y, *stats)
+        if cfg.stats is not None:
+            cfg.stats.extend((mean, var, count))
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y, *_stat_grads):
+    def backward(ctx, grad_y):
         x, weight, keep, mean, rstd, count = ctx.saved_tensors
-        track_nu = ctx.nu is not None
+        cfg = ctx.cfg
+        nu = cfg.nu
+        track_nu = nu is not None
         need = ctx.needs_input_grad
-        if not ctx.sync and fused.usable(x, grad_y, keep, weight, rstd, count, ctx.nu):
+        if not cfg.sync and fused.usable(x, grad_y, keep, weight, rstd, count, nu):
             grad_x, grad_w, grad_b = fused.batch_backward(  # one call, rounding as below
                 grad_y, x, keep, weight, mean, rstd, count, ctx.gamma if track_nu else None,
-                ctx.nu, ctx.alpha_bkw, ctx.safeguard, need_bias=need[2])
-            return (grad_x, grad_w if need[1] else None, grad_b, *(None,) * 11)
+                nu, cfg.alpha_bkw, cfg.safeguard, need_bias=need[2])
+            return grad_x, grad_w if need[1] else None, grad_b, None, None
         fast = fused.usable(x, grad_y, keep)
         if fast:  # the three sums in one read of grad_y and x
             sum_gy, sum_gyx, masked_gyx = fused.bwd_sums(grad_y, x, keep, masked=track_nu)
@@ -239,7 +260,7 @@ class BatchStatNormFunction(torch.autograd.Function):
         sums = [sum_gyx] if mean is None else [sum_gy, sum_gyx]
         if track_nu:
             sums.append(masked_gyx)
-        sums = maybe_all_reduce(sums, ctx.sync, ctx.process_group)
+        sums = maybe_all_reduce(sums, cfg.sync, cfg.process_group)
 
         # sum_i dL/dy_i x_hat_i: locally (weight grad) and over all ranks (input grad)
         local_gyxhat = rstd * (sum_gyx if mean is None else sum_gyx - mean * sum_gy)
@@ -259,10 +280,9 @@ class BatchStatNormFunction(torch.autograd.Function):
                 correction = x * coef_x if coef_0 is None else torch.addcmul(coef_0, x, coef_x)
                 grad_x.sub_(zero_pads_(correction, keep))  # not * keep: a pad x may be inf
         if track_nu:
-            update_nu_(ctx.nu, weight, rstd, ctx.gamma, count, sums[-1], ctx.alpha_bkw,
-                       ctx.safeguard)
-        return (grad_x, local_gyxhat if need[1] else None, sum_gy if need[2] else None,
-                *(None,) * 11)
+            update_nu_(nu, weight, rstd, ctx.gamma, count, sums[-1], cfg.alpha_bkw,
+                       cfg.safeguard)
+        return grad_x, local_gyxhat if need[1] else None, sum_gy if need[2] else None, None, None
 
 
 def check_alpha(name: str, value: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .autograd import PRESCALE_EPS, BatchStatNormFunction, ema_running_
+from .autograd import PRESCALE_EPS, BatchStat, BatchStatNormFunction, ema_running_
 from .base import MaskedNorm
 from .defaults import BN_PAD_STATISTICS, EPS, MOMENTUM, PAD_STATISTICS
 from .functional import group_rms_scale
@@ -135,9 +135,11 @@ class MaskedBatchNorm(MaskedNorm):
         running, ema = (self.running_mean, self.running_var), (1.0 - self.momentum, self.momentum)
         # the Function advances the running statistics itself (ema_running_), except after
         # the released pad filling, where a batch without real tokens must leave them
-        y, mean, var, count = BatchStatNormFunction.apply(
-            x2d, weight, bias, keep, True, None, self.eps, self._sync(), self.process_group,
-            None, 0.0, False, () if n_real is not None else running, ema)
+        stats = None if n_real is None else []
+        y = BatchStatNormFunction.apply(x2d, weight, bias, keep, BatchStat(
+            True, self.eps, self._sync(), self.process_group,
+            running=running if n_real is None else (), ema=ema, stats=stats))
         if n_real is not None:
+            mean, var, count = stats
             ema_running_(running, mean, var, count * (n_real > 0), ema)
         return y

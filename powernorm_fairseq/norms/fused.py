@@ -21,10 +21,10 @@ source and of the CPU's feature flags, and written atomically.
 (tests run both paths). Without a compiler the norms warn once and run eagerly.
 
 Column sums are accumulated per thread in the input's dtype over blocks of 16 rows, then in
-double, reduced in thread order and returned in the input's dtype, so results are deterministic for a given
-``torch.get_num_threads()``; they agree with the eager path to float rounding (and are closer to
-the float64 result than the eager float32 path, whose GEMM sums lose more). The kernels link the OpenMP runtime torch already loaded (``libgomp.so.1``), so they
-share torch's thread pool instead of starting a second one.
+double, reduced in thread order and returned in the input's dtype, so results are deterministic
+for a given ``torch.get_num_threads()``; they agree with the eager path to float rounding (closer
+to float64 than the eager float32 GEMM sums). The kernels link the OpenMP runtime torch already
+loaded (``libgomp.so.1``), so they share torch's thread pool instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def _c(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _sums(n: int, want: bool, like: Tensor) -> Tensor | None:
+def _sums(n: int, want: bool, like: Tensor) -> Tensor | None:  # a (C,) output if wanted
     return like.new_empty(n) if want else None
 
 
@@ -417,12 +417,9 @@ def reference_forward_stats(sum_sq: Tensor, keep: Tensor | None, n: int, weight:
 def reference_group_forward(x: Tensor, keep: Tensor | None, group_num: int, group_eps: float,
                             weight: Tensor, bias: Tensor, phi: Tensor, iters: Tensor,
                             clock: int | None, warmup: int, eps: float, alpha: float):
-    """The released PN with GroupScaling, a whole training forward without sync in one call
-    (``pn_ref_grms_fwd``; one pass over ``x`` past the warmup, where the scale comes from ``phi``
-    before the batch): advances ``phi`` and ``iters`` as :func:`reference_forward_stats` and
-    returns ``(y (N, C), group rstd (N, G), rstd_fwd, rstd_bwd, sum_all z^2, count (), num_all ())``
-    with ``z`` the group-scaled input, as ``grms_colstats``, ``reference_forward_stats`` and
-    ``grms_affine`` in turn."""
+    """``grms_colstats``, ``reference_forward_stats`` and ``grms_affine`` in one call without sync
+    (``pn_ref_grms_fwd``; one pass over ``x`` past the warmup): advances ``phi`` and ``iters``,
+    returns ``(y, group rstd (N, G), rstd_fwd, rstd_bwd, sum_all z^2, count, num_all)``."""
     x, keep = _c(x), _c(keep)
     n, c = x.shape
     y, rstd_g = torch.empty_like(x), x.new_empty(n, group_num)

@@ -7,6 +7,8 @@ the batch, ``x_hat`` the normalized input, ``g = weight * dL/dy``,
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -14,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from . import fused
 from .autograd import (
     PRESCALE_EPS,
+    BatchStat,
     BatchStatNormFunction,
     check_alpha,
     check_group_num,
@@ -74,9 +77,26 @@ def power_options(options, num_heads: int, final: bool, auto_groups: int) -> dic
     return kwargs
 
 
+class RunningPower(NamedTuple):
+    """The non-differentiable arguments of :class:`RunningPowerFunction` in one object (autograd
+    inspects every argument of ``Function.apply``): the module's ``psi2`` and ``nu`` buffers, its
+    settings and the sync."""
+
+    psi2: Tensor
+    nu: Tensor
+    eps: float
+    alpha_fwd: float
+    alpha_bkw: float
+    safeguard: bool
+    sync: bool = False
+    process_group: object = None
+
+
 class RunningPowerFunction(torch.autograd.Function):
     r"""PN (Algorithm 2) step with a running statistic: forward ``y = weight * x * rstd + bias``
-    with ``rstd = 1/sqrt(psi^2_{t-1} + eps)`` from the running ``psi2`` it is given.
+    with ``rstd = 1/sqrt(psi^2_{t-1} + eps)`` from the running ``psi2`` it is given
+    (``RunningPowerFunction.apply(x, weight, bias, keep, cfg)``, ``cfg`` a :class:`RunningPower`;
+    the names below are its fields).
 
     The forward also computes the batch ``psi_B^2`` over the real tokens (all-reduced when
     ``sync``) and advances ``psi2`` in place (:func:`~.autograd.ema_running_` with ``alpha_fwd``), as
@@ -104,10 +124,10 @@ class RunningPowerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, psi2, eps, nu, sync, process_group, alpha_fwd,
-                alpha_bkw, safeguard):
-        ctx.nu, ctx.sync, ctx.process_group = nu, sync, process_group
-        ctx.alpha_bkw, ctx.safeguard = alpha_bkw, safeguard
+    def forward(ctx, x, weight, bias, keep, cfg: RunningPower):
+        ctx.nu, ctx.sync, ctx.process_group = cfg.nu, cfg.sync, cfg.process_group
+        ctx.alpha_bkw, ctx.safeguard = cfg.alpha_bkw, cfg.safeguard
+        psi2, eps, sync, process_group, alpha_fwd = cfg.psi2, cfg.eps, cfg.sync, cfg.process_group, cfg.alpha_fwd
         if not sync and fused.usable(x, keep, weight, bias, psi2):  # one call, no (C,) ops
             y, rstd, ctx.gamma, count = fused.paper_forward(x, keep, weight, bias, psi2, eps,
                                                             alpha_fwd)
@@ -138,7 +158,7 @@ class RunningPowerFunction(torch.autograd.Function):
             grad_x, grad_w, grad_b = fused.paper_backward(
                 grad_y, x, keep, weight, rstd, ctx.gamma, ctx.nu, count, ctx.alpha_bkw,
                 ctx.safeguard, need_bias=need[2])
-            return (grad_x, grad_w if need[1] else None, grad_b, *(None,) * 9)
+            return grad_x, grad_w if need[1] else None, grad_b, None, None
         coef_x = ctx.nu.to(x.dtype) * rstd * rstd
         if fused.usable(x, grad_y, keep, weight):  # gradient and its sums in one pass
             grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
@@ -157,7 +177,7 @@ class RunningPowerFunction(torch.autograd.Function):
                    maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0],
                    ctx.alpha_bkw, ctx.safeguard)
         return (grad_x, rstd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
-                *(None,) * 9)
+                None, None)
 
 
 @register_norm("power", variant="paper", default=True, variant_option="pn_variant")
@@ -304,10 +324,11 @@ class PowerNormPaper(MaskedNorm):
         elif warming:
             self._check_warmup_clock()
         if not warming:  # the Function advances running_psi2 itself
-            return RunningPowerFunction.apply(
-                x2d, weight, bias, keep, self.running_psi2, self.eps, self.nu, sync,
-                self.process_group, self.alpha_fwd, self.alpha_bkw, self.safeguard)
+            return RunningPowerFunction.apply(x2d, weight, bias, keep, RunningPower(
+                self.running_psi2, self.nu, self.eps, self.alpha_fwd, self.alpha_bkw,
+                self.safeguard, sync, self.process_group))
         return BatchStatNormFunction.apply(  # advances running_psi2 too (ema_running_)
-            x2d, weight, bias, keep, False, None, self.eps, sync, self.process_group,
-            self.nu, self.alpha_bkw, self.safeguard, (self.running_psi2,),
-            (self.alpha_fwd, 1.0 - self.alpha_fwd))[0]
+            x2d, weight, bias, keep, BatchStat(
+                False, self.eps, sync, self.process_group, nu=self.nu, alpha_bkw=self.alpha_bkw,
+                safeguard=self.safeguard, running=(self.running_psi2,),
+                ema=(self.alpha_fwd, 1.0 - self.alpha_fwd)))

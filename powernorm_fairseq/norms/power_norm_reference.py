@@ -43,6 +43,21 @@ class ReferenceConfig(NamedTuple):
     clock: int | None = None
 
 
+class ReferenceStep(NamedTuple):
+    """Everything but the tensors autograd differentiates that one released PN step takes, in one
+    object (autograd inspects every argument of ``Function.apply``): the hyperparameters, the
+    module's buffers the step advances in place (``phi`` ``(C,)``, ``iters`` and ``num_unstable``
+    ``(1,)`` long, ``ema_gz`` ``C`` elements) and the sync."""
+
+    cfg: ReferenceConfig
+    phi: Tensor
+    iters: Tensor
+    ema_gz: Tensor
+    num_unstable: Tensor
+    sync: bool = False
+    process_group: object = None
+
+
 def reference_running_step(phi: Tensor, iters: Tensor, psi2_b: Tensor, count: Tensor,
                            cfg: ReferenceConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""One released forward statistics step (D1, D3), as tensor ops (no host sync).
@@ -125,7 +140,7 @@ def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, s
     if not ctx.sync and fused.usable(sum_gyx, weight, rstd_fwd, sum_sq_all, ema, count):
         grad_w = fused.reference_backward_finish(sum_gyx, weight, rstd_fwd, sum_sq_all, count,
                                                  num_all, ctx.alpha_bkw, ema, ctx.num_unstable)
-        return (grad_x, grad_w if need[1] else None, sum_gy if need[2] else None, *(None,) * 8)
+        return grad_x, grad_w if need[1] else None, sum_gy if need[2] else None, None, None
     (total_gyx,) = maybe_all_reduce([sum_gyx], ctx.sync, ctx.process_group)
     c = 1.0 - ctx.alpha_bkw
     ema_c = ema.to(total_gyx.dtype)
@@ -135,8 +150,7 @@ def _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyx, weight, rstd_fwd, s
     ema.copy_(torch.where(count > 0, new, ema_c).to(ema.dtype))
     unstable = (count > 0) & ((c * gamma_all >= 2).any() | ~torch.isfinite(new).all())
     ctx.num_unstable.add_(unstable.to(ctx.num_unstable.dtype))
-    return (grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
-            *(None,) * 8)
+    return grad_x, rstd_fwd * sum_gyx if need[1] else None, sum_gy if need[2] else None, None, None
 
 
 class ReferencePowerFunction(torch.autograd.Function):
@@ -162,13 +176,15 @@ class ReferencePowerFunction(torch.autograd.Function):
     ``(rstd_fwd, rstd_bwd)`` from :func:`reference_running_step` on ``phi`` and ``iters``,
     advances both in place (D1, D3) and returns ``y``.
 
-    Shape: x ``(N, C)``; weight, bias, phi ``(C,)``; keep ``(N,)`` or None; iters,
-    num_unstable ``(1,)`` long; ema_gz ``C`` elements.
+    Called as ``apply(x, weight, bias, keep, step)`` with ``step`` a :class:`ReferenceStep` (the
+    configuration ``cfg``, the buffers ``phi``, ``iters``, ``ema_gz``, ``num_unstable``, and
+    ``sync``, ``process_group``). Shape: x ``(N, C)``; weight, bias, phi ``(C,)``; keep ``(N,)``
+    or None; iters, num_unstable ``(1,)`` long; ema_gz ``C`` elements.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, phi, iters, ema_gz, num_unstable, cfg, sync,
-                process_group):
+    def forward(ctx, x, weight, bias, keep, step: ReferenceStep):
+        cfg, phi, iters, ema_gz, num_unstable, sync, process_group = step
         if fused.usable(x, keep):  # both sums from one read of x, no temporary
             _, sum_sq, sum_sq_all = fused.colstats(x, keep, s2all=True)
         else:  # pads enter sum_sq_all (D5), not sum_sq, also when they are inf or NaN
@@ -213,8 +229,8 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, keep, phi, iters, ema_gz, num_unstable, cfg, sync,
-                process_group):
+    def forward(ctx, x, weight, bias, keep, step: ReferenceStep):
+        cfg, phi, iters, ema_gz, num_unstable, sync, process_group = step
         if not sync and fused.usable(x, keep, weight, bias, phi):
             _keep_for_backward(ctx, ema_gz, num_unstable, cfg, sync, process_group)
             y, rstd_g, rstd_fwd, rstd_bwd, sum_sq_all, count, num_all = fused.reference_group_forward(
@@ -399,9 +415,9 @@ class PowerNormReference(MaskedNorm):
             elif self.group_num:
                 x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
             # the Function advances running_phi and iters itself
-            return function.apply(
-                x2d, weight, bias, keep, self.running_phi.view(-1), self.iters, self.ema_gz,
-                self.num_unstable, self._config(), self._sync(), self.process_group)
+            return function.apply(x2d, weight, bias, keep, ReferenceStep(
+                self._config(), self.running_phi.view(-1), self.iters, self.ema_gz,
+                self.num_unstable, self._sync(), self.process_group))
         if self.group_num:
             x2d = group_rms_scale(x2d, self.group_num, PRESCALE_EPS)
         phi = self.running_phi.view(-1).to(x2d.dtype)

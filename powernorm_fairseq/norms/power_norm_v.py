@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .autograd import PRESCALE_EPS, BatchStatNormFunction, check_group_num
+from .autograd import PRESCALE_EPS, BatchStat, BatchStatNormFunction, check_group_num
 from .base import MaskedNorm, group_num_option
 from .defaults import EPS, MOMENTUM
 from .functional import group_rms_scale
@@ -102,6 +102,6 @@ class PowerNormV(MaskedNorm):
             return torch.addcmul(bias, x2d, weight * torch.rsqrt(
                 self.running_psi2.to(x2d.dtype) + self.eps))
         # the Function advances running_psi2 itself (ema_running_)
-        return BatchStatNormFunction.apply(
-            x2d, weight, bias, keep, False, None, self.eps, self._sync(), self.process_group,
-            None, 0.0, False, (self.running_psi2,), (1.0 - self.momentum, self.momentum))[0]
+        return BatchStatNormFunction.apply(x2d, weight, bias, keep, BatchStat(
+            False, self.eps, self._sync(), self.process_group, running=(self.running_psi2,),
+            ema=(1.0 - self.momentum, self.momentum)))

@@ -266,11 +266,12 @@ int NAME(pn_group_rms_bwd)(const T *gy, const T *x, const T *rstd, int64_t N, in
     return 0;
 }
 
-/* The released PN's GroupScaling fused with its statistics (reference variant).
- * Pass 1: r[n, g] = 1 / sqrt(mean_j x[n, g, j]^2 + eps), z = x r, and the column sums
- * s2 += k z^2, s2all += z^2 (s2all nullable); z itself is not stored. */
-int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int64_t G,
-                           double eps, T *rstd, T *s2, T *s2all, int nt)
+/* The group RMS scaling's statistics without storing z = x r, and (y not NULL) the output
+ * y = z scale + bias of a scale known before the batch (pn_grms_affine) in the same pass: per row
+ * and group r = 1/sqrt(mean_group(x^2) + eps) (rstd), the column sums of z^2 over the real rows
+ * (s2) and all rows (s2all). */
+static int NAME(grms_pass)(const T *x, const T *keep, int64_t N, int64_t C, int64_t G, double eps,
+                           const T *scale, const T *bias, T *y, T *rstd, T *s2, T *s2all, int nt)
 {
     int64_t Cg = C / G;
     NAME(scratch_t) sc;
@@ -301,12 +302,24 @@ int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int6
 #pragma omp simd
                     for (int64_t j = 0; j < Cg; ++j) qag[j] += xr[j] * xr[j] * r2;
                 }
+                if (y) {
+                    const T *scg = scale + g * Cg, *bi = bias + g * Cg;
+                    T *yr = y + n * C + g * Cg;
+#pragma omp simd
+                    for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r * scg[j] + bi[j];
+                }
             }
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
     NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){s2, s2all});
     return 0;
+}
+
+int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int64_t G,
+                           double eps, T *rstd, T *s2, T *s2all, int nt)
+{
+    return NAME(grms_pass)(x, keep, N, C, G, eps, NULL, NULL, NULL, rstd, s2, s2all, nt);
 }
 
 /* Pass 2: y = x r[n, g] * scale + bias. */
@@ -501,61 +514,11 @@ PN_EXACT int NAME(pn_ref_fwd_stats)(const T *s2, const T *keep, int64_t N, int64
     return 0;
 }
 
-/* pn_grms_colstats and pn_grms_affine in one pass over x, for a scale known before the batch:
- * per row and group r = 1/sqrt(mean_group(x^2) + eps) (rstd), y = x r scale + bias, and the
- * column sums of (x r)^2 over the real rows (s2) and all rows (s2all). Same expressions as the
- * two kernels it stands for. */
-static int NAME(pn_grms_affine_colstats)(const T *x, const T *keep, int64_t N, int64_t C,
-                                         int64_t G, double eps, const T *scale, const T *bias,
-                                         T *y, T *rstd, T *s2, T *s2all, int nt)
-{
-    int64_t Cg = C / G;
-    NAME(scratch_t) sc;
-    if (NAME(scratch_alloc)(&sc, nt, 2 * C, 0)) return -1;
-#pragma omp parallel num_threads(nt)
-    {
-        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        double *p = sc.part + (size_t)tid * 2 * C;
-        T *q = sc.qall + (size_t)tid * 2 * C, *q2 = q, *qa = q + C;
-        int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
-        for (int64_t n = lo; n < hi; ++n) {
-            int real = keep == NULL || keep[n] != 0;
-            for (int64_t g = 0; g < G; ++g) {
-                const T *xr = x + n * C + g * Cg, *scg = scale + g * Cg, *bi = bias + g * Cg;
-                T *yr = y + n * C + g * Cg;
-                T ss = 0;
-#pragma omp simd reduction(+:ss)
-                for (int64_t j = 0; j < Cg; ++j) ss += xr[j] * xr[j];
-                T r = (T)(1.0 / sqrt((double)ss / (double)Cg + eps));
-                rstd[n * G + g] = r;
-                T r2 = r * r, *q2g = q2 + g * Cg, *qag = qa + g * Cg;
-                if (real) {
-#pragma omp simd
-                    for (int64_t j = 0; j < Cg; ++j) {
-                        T v = xr[j] * xr[j] * r2;
-                        q2g[j] += v; qag[j] += v;
-                        yr[j] = xr[j] * r * scg[j] + bi[j];
-                    }
-                } else {
-#pragma omp simd
-                    for (int64_t j = 0; j < Cg; ++j) {
-                        qag[j] += xr[j] * xr[j] * r2;
-                        yr[j] = xr[j] * r * scg[j] + bi[j];
-                    }
-                }
-            }
-            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
-        }
-    }
-    NAME(scratch_finish)(&sc, nt, 2, C, (T *[]){s2, s2all});
-    return 0;
-}
-
 /* The released PN with GroupScaling (G groups, eps geps), a whole training forward without
  * cross-rank sync: y from the group-scaled x, the statistics step of pn_ref_fwd_stats (which
  * advances phi and iters) and the group rstd (N, G) the backward needs. Past the warmup
  * (w > warmup, w as in pn_ref_fwd_stats) rstd_fwd = 1/sqrt(phi + eps) is known before the
- * batch and one pass does it all (pn_grms_affine_colstats); in the warmup the sums come first
+ * batch and one pass does it all (grms_pass with y); in the warmup the sums come first
  * (pn_grms_colstats), then the step, then y (pn_grms_affine). s2, s2all: the column sums. */
 PN_EXACT int NAME(pn_ref_grms_fwd)(const T *x, const T *keep, int64_t N, int64_t C, int64_t G,
                                    double geps, const T *weight, const T *bias, T *phi,
@@ -572,8 +535,7 @@ PN_EXACT int NAME(pn_ref_grms_fwd)(const T *x, const T *keep, int64_t N, int64_t
             T rf = (T)1 / SQRT(phi[c] + e);
             scale[c] = rf * weight[c];
         }
-        rc = NAME(pn_grms_affine_colstats)(x, keep, N, C, G, geps, scale, bias, y, rstd_g, s2,
-                                           s2all, nt);
+        rc = NAME(grms_pass)(x, keep, N, C, G, geps, scale, bias, y, rstd_g, s2, s2all, nt);
         if (rc) return rc;
         return NAME(pn_ref_fwd_stats)(s2, keep, N, C, weight, phi, iters, clock, warmup, eps,
                                       alpha, one_minus_alpha, rstd_fwd, rstd_bwd, scale, count,
