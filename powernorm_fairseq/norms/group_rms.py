@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from . import fused
 from .autograd import PRESCALE_EPS, check_group_num
 from .base import MaskedNorm, group_num_option
 from .functional import group_rms_scale
 from .registry import register_norm
+
+
+class _GroupRMSAffine(torch.autograd.Function):
+    """``y = group_rms_scale(x) * weight + bias`` on the fused CPU kernels (float32/float64 CPU
+    tensors, checked by the caller): the forward is the scaling kernel and one ``addcmul``, the
+    backward one pass (``fused.grms_backward`` with ``dL/dz = dL/dy * weight``: the input gradient
+    and the sums ``sum dL/dy`` and ``sum dL/dy * z`` of the parameter gradients), where the
+    composite graph takes five. Shape: x ``(N, C)``; weight, bias ``(C,)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group_num, eps):
+        z, rstd = fused.group_rms_forward(x, group_num, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return torch.addcmul(bias, z, weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, rstd, weight = ctx.saved_tensors
+        grad_x, sum_gy, sum_gyz = fused.grms_backward(grad_y, x, rstd, weight,
+                                                      torch.zeros_like(weight))
+        need = ctx.needs_input_grad
+        return grad_x, sum_gyz if need[1] else None, sum_gy if need[2] else None, None, None
 
 
 @register_norm("group_rms")
@@ -79,4 +104,6 @@ class GroupRMSNorm(MaskedNorm):
 
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
         weight, bias = self._affine_or_identity(x2d.dtype)
+        if fused.usable(x2d, weight, bias):
+            return _GroupRMSAffine.apply(x2d, weight, bias, self.group_num, self.eps)
         return group_rms_scale(x2d, self.group_num, self.eps) * weight + bias
