@@ -178,6 +178,11 @@ def questions(found: dict, corrected: dict, runs: dict, key: str, higher_better:
     return out
 
 
+def finished_runs(runs: dict) -> dict:
+    """The done records of each norm in ``runs`` (norm -> records)."""
+    return {n: [r for r in recs if r.get("status") == "done"] for n, recs in runs.items()}
+
+
 def section(corpus: str, table: dict, cap: int, root: Path, png: str | None) -> tuple[list[str], list[str], dict]:
     """One corpus at one cap: the file's lines, the README's lines and the records read
     (norm -> runs at ``cap``)."""
@@ -220,7 +225,7 @@ def section(corpus: str, table: dict, cap: int, root: Path, png: str | None) -> 
     if plotted:
         lines += ["### Validation loss", "", f"![validation loss]({png})", ""]
     lines += ["### Runs", "", runs_table(runs), ""]
-    done = {n: [r for r in recs if r.get("status") == "done"] for n, recs in runs.items()}
+    done = finished_runs(runs)
     if not any(done.values()):
         started = sum(len(recs) for recs in runs.values())
         return lines, [f"No finished run yet ({started} started; [`results/status.md`](results/status.md)).", ""], runs
@@ -255,11 +260,12 @@ def build_converged(corpus: str, table: dict, campaign, root: Path) -> tuple[lis
                  f"## Capped at {cap} epochs" if len(caps) > 1 else f"## Cap {cap} epochs")
         png = f"{corpus}_valid_loss.png" if not raised else f"{corpus}_valid_loss_cap{cap}.png"
         body, short, runs = section(corpus, table, cap, root, png)
-        done = sum(r.get("status") == "done" for n in ORDER for r in runs.get(n, []))
-        if raised and done < len(ORDER) * len(spec.CONVERGED_SEEDS):
+        finished = finished_runs(runs)
+        done, planned = sum(len(finished.get(n, [])) for n in ORDER), len(ORDER) * len(spec.CONVERGED_SEEDS)
+        if raised and done < planned:
             # a raised cap's comparison stays one README line until every run is done (the README
             # is a short guide; the table file has the partial differences)
-            short = [f"In progress: {done} of {len(ORDER) * len(spec.CONVERGED_SEEDS)} runs finished; "
+            short = [f"In progress: {done} of {planned} runs finished; "
                      f"the differences so far are in [`results/{table['file']}`](results/{table['file']}). "
                      f"How did the runs stop? {stopping_line(runs, cap)}", ""]
         lines += [title, "", *body]

@@ -125,9 +125,8 @@ class RunningPowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, cfg: RunningPower):
-        ctx.nu, ctx.sync, ctx.process_group = cfg.nu, cfg.sync, cfg.process_group
-        ctx.alpha_bkw, ctx.safeguard = cfg.alpha_bkw, cfg.safeguard
-        psi2, eps, sync, process_group, alpha_fwd = cfg.psi2, cfg.eps, cfg.sync, cfg.process_group, cfg.alpha_fwd
+        ctx.cfg = cfg
+        psi2, eps, sync, alpha_fwd = cfg.psi2, cfg.eps, cfg.sync, cfg.alpha_fwd
         if not sync and fused.usable(x, keep, weight, bias, psi2):  # one call, no (C,) ops
             y, rstd, ctx.gamma, count = fused.paper_forward(x, keep, weight, bias, psi2, eps,
                                                             alpha_fwd)
@@ -141,7 +140,7 @@ class RunningPowerFunction(torch.autograd.Function):
             y = torch.mul(x, x)  # scratch for the statistic first, then the output
             sum_sq = column_sum(zero_pads_(y, keep), None)
             torch.addcmul(bias, x, rstd * weight, out=y)
-        sum_sq, count = maybe_all_reduce([sum_sq, count], sync, process_group)
+        sum_sq, count = maybe_all_reduce([sum_sq, count], sync, cfg.process_group)
         count = count[0]
         psi2_b = sum_sq / count.clamp(min=1)
         ctx.gamma = psi2_b * rstd * rstd  # Gamma = mean(x_hat^2) over the real tokens
@@ -153,13 +152,13 @@ class RunningPowerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight, keep, rstd, count = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if not ctx.sync and fused.usable(x, grad_y, keep, weight, ctx.nu, count):  # one call
+        cfg, need = ctx.cfg, ctx.needs_input_grad
+        if not cfg.sync and fused.usable(x, grad_y, keep, weight, cfg.nu, count):  # one call
             grad_x, grad_w, grad_b = fused.paper_backward(
-                grad_y, x, keep, weight, rstd, ctx.gamma, ctx.nu, count, ctx.alpha_bkw,
-                ctx.safeguard, need_bias=need[2])
+                grad_y, x, keep, weight, rstd, ctx.gamma, cfg.nu, count, cfg.alpha_bkw,
+                cfg.safeguard, need_bias=need[2])
             return grad_x, grad_w if need[1] else None, grad_b, None, None
-        coef_x = ctx.nu.to(x.dtype) * rstd * rstd
+        coef_x = cfg.nu.to(x.dtype) * rstd * rstd
         if fused.usable(x, grad_y, keep, weight):  # gradient and its sums in one pass
             grad_x, sum_gy, sum_gyx, masked_gyx = fused.bwd_apply(
                 grad_y, x, weight * rstd, coef_x, corr_keep=keep, sum_keep=keep, sums=True)
@@ -173,9 +172,9 @@ class RunningPowerFunction(torch.autograd.Function):
             else:  # pads get no correction (their loss gradient is 0; x there may be non-finite)
                 grad_x.sub_(zero_pads_(x * coef_x, keep))
             sum_gy = column_sum(grad_y, None) if need[2] else None
-        update_nu_(ctx.nu, weight, rstd, ctx.gamma, count,
-                   maybe_all_reduce([masked_gyx], ctx.sync, ctx.process_group)[0],
-                   ctx.alpha_bkw, ctx.safeguard)
+        update_nu_(cfg.nu, weight, rstd, ctx.gamma, count,
+                   maybe_all_reduce([masked_gyx], cfg.sync, cfg.process_group)[0],
+                   cfg.alpha_bkw, cfg.safeguard)
         return (grad_x, rstd * sum_gyx if need[1] else None, sum_gy if need[2] else None,
                 None, None)
 

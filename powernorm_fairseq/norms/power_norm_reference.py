@@ -86,13 +86,12 @@ def reference_running_step(phi: Tensor, iters: Tensor, psi2_b: Tensor, count: Te
     return rstd_fwd, rstd_bwd, new_phi, new_iters
 
 
-def _keep_for_backward(ctx, ema_gz, num_unstable, cfg, sync, process_group) -> None:
-    ctx.ema_gz, ctx.num_unstable, ctx.alpha_bkw = ema_gz, num_unstable, cfg.alpha_bkw
-    ctx.sync, ctx.process_group = sync, process_group
+def _keep_for_backward(ctx, step: ReferenceStep) -> None:
+    ctx.ema_gz, ctx.num_unstable, ctx.alpha_bkw = step.ema_gz, step.num_unstable, step.cfg.alpha_bkw
+    ctx.sync, ctx.process_group = step.sync, step.process_group
 
 
-def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz,
-                             num_unstable, cfg, sync, process_group):
+def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, weight, step: ReferenceStep):
     """The released forward statistics from the column sums of the (scaled) input squared over
     the real tokens (``sum_sq``) and over all positions (``sum_sq_all``), all-reduced with the
     counts when ``sync``: advances ``phi`` and ``iters`` in place (:func:`reference_running_step`,
@@ -100,7 +99,8 @@ def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iter
     backward needs besides the saved tensors. Without ``sync``, on the fused CPU kernels, one
     call that rounds as the eager path. Returns
     ``(rstd_fwd, rstd_bwd, scale = rstd_fwd * weight, sum_sq_all, num_all, count)``."""
-    _keep_for_backward(ctx, ema_gz, num_unstable, cfg, sync, process_group)
+    _keep_for_backward(ctx, step)
+    cfg, phi, iters, sync = step.cfg, step.phi, step.iters, step.sync
     if not sync and fused.usable(sum_sq, keep, weight, phi):
         rstd_fwd, rstd_bwd, scale, count, num_all = fused.reference_forward_stats(
             sum_sq, keep, x.shape[0], weight, phi, iters, cfg.clock, cfg.warmup_updates, cfg.eps,
@@ -109,7 +109,7 @@ def _reference_forward_stats(ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iter
     count = token_count(x, keep).reshape(1)
     num_all = torch.full((1,), x.shape[0], dtype=x.dtype, device=x.device)
     sum_sq, sum_sq_all, count, num_all = maybe_all_reduce(
-        [sum_sq, sum_sq_all, count, num_all], sync, process_group)
+        [sum_sq, sum_sq_all, count, num_all], sync, step.process_group)
     count, num_all = count[0], num_all[0]
     rstd_fwd, rstd_bwd, new_phi, new_iters = reference_running_step(
         phi, iters, sum_sq / count.clamp(min=1), count, cfg)
@@ -184,7 +184,6 @@ class ReferencePowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, step: ReferenceStep):
-        cfg, phi, iters, ema_gz, num_unstable, sync, process_group = step
         if fused.usable(x, keep):  # both sums from one read of x, no temporary
             _, sum_sq, sum_sq_all = fused.colstats(x, keep, s2all=True)
         else:  # pads enter sum_sq_all (D5), not sum_sq, also when they are inf or NaN
@@ -192,8 +191,7 @@ class ReferencePowerFunction(torch.autograd.Function):
             sum_sq_all = column_sum(sq, None)
             sum_sq = sum_sq_all if keep is None else column_sum(zero_pads_(sq, keep), None)
         rstd_fwd, rstd_bwd, scale, sum_sq_all, num_all, count = _reference_forward_stats(
-            ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz, num_unstable, cfg, sync,
-            process_group)
+            ctx, x, keep, sum_sq, sum_sq_all, weight, step)
         ctx.save_for_backward(x, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
         return torch.addcmul(bias, x, scale)
 
@@ -230,18 +228,17 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, keep, step: ReferenceStep):
-        cfg, phi, iters, ema_gz, num_unstable, sync, process_group = step
-        if not sync and fused.usable(x, keep, weight, bias, phi):
-            _keep_for_backward(ctx, ema_gz, num_unstable, cfg, sync, process_group)
+        cfg = step.cfg
+        if not step.sync and fused.usable(x, keep, weight, bias, step.phi):
+            _keep_for_backward(ctx, step)
             y, rstd_g, rstd_fwd, rstd_bwd, sum_sq_all, count, num_all = fused.reference_group_forward(
-                x, keep, cfg.group_num, PRESCALE_EPS, weight, bias, phi, iters, cfg.clock,
-                cfg.warmup_updates, cfg.eps, cfg.alpha_fwd)
+                x, keep, cfg.group_num, PRESCALE_EPS, weight, bias, step.phi, step.iters,
+                cfg.clock, cfg.warmup_updates, cfg.eps, cfg.alpha_fwd)
             ctx.save_for_backward(x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
             return y
         rstd_g, sum_sq, sum_sq_all = fused.grms_colstats(x, keep, cfg.group_num, PRESCALE_EPS)
         rstd_fwd, rstd_bwd, scale, sum_sq_all, num_all, count = _reference_forward_stats(
-            ctx, x, keep, sum_sq, sum_sq_all, weight, phi, iters, ema_gz, num_unstable, cfg, sync,
-            process_group)
+            ctx, x, keep, sum_sq, sum_sq_all, weight, step)
         ctx.save_for_backward(x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count)
         return fused.grms_affine(x, rstd_g, scale, bias)
 
