@@ -1206,3 +1206,27 @@ def test_the_readme_names_no_comparison_while_only_ln_is_done(results_dir):
     assert "3 finished run(s): 3 stopped by the patience rule (converged)" in readme
     # the raised cap (80 epochs) stays one line until all of its 15 runs are done
     assert "*By the patience rule, cap raised to 80 epochs:*\n\nIn progress: 3 of 15 runs finished;" in readme
+
+
+def test_a_reopened_runs_paired_bootstrap_is_read_only_at_the_cap_it_compared():
+    """A raised cap sets a norm's bootstrap against LN aside (LN's ending changed); the norm's new
+    bootstrap compares the endings at the new cap. The table at the first cap must read the set-aside
+    one (it names no cap: computed at the first), not the new one; the table at the new cap must not
+    read the set-aside one while the run trains on (it compared the capped endings)."""
+    from powernorm_fairseq.campaign.spec import at_cap
+
+    first = {"vs": "ln_s1", "checkpoint": "avg", "p": 0.3}  # computed before any cap was raised
+    ending = {"max_epoch": 30, "stopped_by": "epoch cap (30 epochs)", "evaluations": {"avg": {"value": 7.0}},
+              "retrained": {"why": "no checkpoint"}}
+    done = {"corpus": "multi30k", "norm": "bn", "status": "done", "max_epoch": 80,
+            "stopped_by": "patience (5 epochs)", "paired_bootstrap": {"vs": "ln_s1", "cap": 80, "p": 0.01},
+            "earlier_paired_bootstrap": [first], "earlier_caps": [ending]}
+    assert at_cap(done, 30)["paired_bootstrap"] == first
+    assert at_cap(done, 80)["paired_bootstrap"] == {"vs": "ln_s1", "cap": 80, "p": 0.01}
+    training = {**done, "status": "training", "stopped_by": None}
+    del training["paired_bootstrap"]
+    assert "paired_bootstrap" not in at_cap(training, 80)
+    assert at_cap(training, 30)["paired_bootstrap"] == first
+    # a run never reopened reads its own bootstrap at its cap
+    capped = {"corpus": "multi30k", "status": "done", "max_epoch": 30, "paired_bootstrap": first}
+    assert at_cap(capped, 30)["paired_bootstrap"] == first and at_cap(capped, None) is capped

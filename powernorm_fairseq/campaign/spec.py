@@ -122,14 +122,26 @@ def recorded_cap(record: dict) -> int | None:
     return int(caps[-1]) if caps else None
 
 
-def _bootstrap_at(view: dict, cap: int) -> dict:
-    """``view`` with the paired bootstrap of its ending at ``cap``: its own, else the last one set
-    aside (``earlier_paired_bootstrap``) that compared endings at that cap (one that names no cap
-    was computed before any cap was raised, at the first)."""
-    earlier = [b for b in view.get("earlier_paired_bootstrap") or [] if b.get("cap", cap) == cap]
-    if "paired_bootstrap" in view or not earlier:
+def _bootstrap_at(view: dict, cap: int | None) -> dict:
+    """``view`` with the paired bootstrap of its ending at ``cap``: its own when it compared
+    endings at that cap, else the last one set aside (``earlier_paired_bootstrap``) that did, else
+    none. A bootstrap that names no cap was computed before any cap was raised: at the corpus's
+    first cap. (A record reopened for a raised cap keeps its new bootstrap beside its ending at the
+    old cap, and a set-aside one beside a run training to the new cap: neither is read at the
+    other cap.)"""
+    if cap is None:
         return view
-    return {**view, "paired_bootstrap": earlier[-1]}
+    first = first_cap(CORPORA[view["corpus"]]) if view.get("corpus") in CORPORA else cap
+
+    def at(bootstrap: dict) -> bool:
+        return bootstrap.get("cap", first) == cap
+
+    own = view.get("paired_bootstrap")
+    earlier = [b for b in view.get("earlier_paired_bootstrap") or [] if at(b)]
+    if (own is not None and at(own)) or (own is None and not earlier):
+        return view
+    view = {k: v for k, v in view.items() if k != "paired_bootstrap"}
+    return {**view, "paired_bootstrap": earlier[-1]} if earlier else view
 
 
 def at_cap(record: dict, cap: int | None) -> dict | None:
