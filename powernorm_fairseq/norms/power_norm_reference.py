@@ -246,6 +246,13 @@ class ReferenceGroupPowerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, rstd_g, weight, rstd_fwd, rstd_bwd, sum_sq_all, num_all, count = ctx.saved_tensors
+        ema = ctx.ema_gz.view(-1)
+        if not ctx.sync and fused.usable(grad_y, x, rstd_g, weight, ema, rstd_fwd, sum_sq_all, count):
+            grad_x, grad_w, grad_b = fused.reference_group_backward(  # one call, rounding as below
+                grad_y, x, rstd_g, weight, ema, rstd_fwd, rstd_bwd, sum_sq_all, count, num_all,
+                ctx.alpha_bkw, ctx.num_unstable)
+            need = ctx.needs_input_grad
+            return grad_x, grad_w if need[1] else None, grad_b if need[2] else None, None, None
         coef_a, coef_x = _reference_backward_coef(ctx, weight, rstd_fwd, rstd_bwd)
         grad_x, sum_gy, sum_gyz = fused.grms_backward(grad_y, x, rstd_g, coef_a, coef_x)
         return _reference_backward_finish(ctx, grad_x, sum_gy, sum_gyz, weight, rstd_fwd,

@@ -39,7 +39,7 @@ static void flush_f64(double *q, double *p, int64_t n)
     for (int64_t i = 0; i < n; ++i) { p[i] += q[i]; q[i] = 0.0; }
 }
 
-int pn_abi_version(void) { return 6; }
+int pn_abi_version(void) { return 7; }
 
 /* The (C,) epilogues of PN (pn_paper_fwd, pn_paper_bwd) replace eager torch operations on
  * per-channel vectors and must round as each of them does: one rounding per operation, no

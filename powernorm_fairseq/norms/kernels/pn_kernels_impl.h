@@ -222,6 +222,16 @@ int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T 
     return 0;
 }
 
+/* r = 1 / sqrt(mean_j x[j]^2 + eps) over one group of Cg channels. Every kernel takes the group
+ * RMS from here, so that all round alike. */
+static inline T NAME(group_rstd)(const T *xr, int64_t Cg, double eps)
+{
+    T ss = 0;
+#pragma omp simd reduction(+:ss)
+    for (int64_t j = 0; j < Cg; ++j) ss += xr[j] * xr[j];
+    return (T)(1.0 / sqrt((double)ss / (double)Cg + eps));
+}
+
 /* Per-row, per-group RMS scaling: r[n, g] = 1 / sqrt(mean_j x[n, g, j]^2 + eps), y = x r. */
 int NAME(pn_group_rms_fwd)(const T *x, int64_t N, int64_t C, int64_t G, double eps, T *y,
                            T *rstd, int nt)
@@ -229,14 +239,11 @@ int NAME(pn_group_rms_fwd)(const T *x, int64_t N, int64_t C, int64_t G, double e
     int64_t Cg = C / G;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t n = 0; n < N; ++n) {
+        for (int64_t g = 0; g < G; ++g) rstd[n * G + g] = NAME(group_rstd)(x + n * C + g * Cg, Cg, eps);
         for (int64_t g = 0; g < G; ++g) {
             const T *xr = x + n * C + g * Cg;
             T *yr = y + n * C + g * Cg;
-            T ss = 0;
-#pragma omp simd reduction(+:ss)
-            for (int64_t j = 0; j < Cg; ++j) ss += xr[j] * xr[j];
-            T r = (T)(1.0 / sqrt((double)ss / (double)Cg + eps));
-            rstd[n * G + g] = r;
+            T r = rstd[n * G + g];
 #pragma omp simd
             for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r;
         }
@@ -284,15 +291,31 @@ static int NAME(grms_pass)(const T *x, const T *keep, int64_t N, int64_t C, int6
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
             int real = keep == NULL || keep[n] != 0;
+            const T *xn = x + n * C;
+            T *rn = rstd + n * G;
+            /* every group's r first: their square roots do not wait on each other */
+            for (int64_t g = 0; g < G; ++g) rn[g] = NAME(group_rstd)(xn + g * Cg, Cg, eps);
             for (int64_t g = 0; g < G; ++g) {
-                const T *xr = x + n * C + g * Cg;
-                T ss = 0;
-#pragma omp simd reduction(+:ss)
-                for (int64_t j = 0; j < Cg; ++j) ss += xr[j] * xr[j];
-                T r = (T)(1.0 / sqrt((double)ss / (double)Cg + eps));
-                rstd[n * G + g] = r;
-                T r2 = r * r, *q2g = q2 + g * Cg, *qag = qa + g * Cg;
-                if (real) {
+                const T *xr = xn + g * Cg;
+                T r = rn[g], r2 = r * r, *q2g = q2 + g * Cg, *qag = qa + g * Cg;
+                if (y) {  /* statistics and output from one load of x */
+                    const T *scg = scale + g * Cg, *bi = bias + g * Cg;
+                    T *yr = y + n * C + g * Cg;
+                    if (real) {
+#pragma omp simd
+                        for (int64_t j = 0; j < Cg; ++j) {
+                            T v = xr[j] * xr[j] * r2;
+                            q2g[j] += v; qag[j] += v;
+                            yr[j] = xr[j] * r * scg[j] + bi[j];
+                        }
+                    } else {
+#pragma omp simd
+                        for (int64_t j = 0; j < Cg; ++j) {
+                            qag[j] += xr[j] * xr[j] * r2;
+                            yr[j] = xr[j] * r * scg[j] + bi[j];
+                        }
+                    }
+                } else if (real) {
 #pragma omp simd
                     for (int64_t j = 0; j < Cg; ++j) {
                         T v = xr[j] * xr[j] * r2;
@@ -301,12 +324,6 @@ static int NAME(grms_pass)(const T *x, const T *keep, int64_t N, int64_t C, int6
                 } else {
 #pragma omp simd
                     for (int64_t j = 0; j < Cg; ++j) qag[j] += xr[j] * xr[j] * r2;
-                }
-                if (y) {
-                    const T *scg = scale + g * Cg, *bi = bias + g * Cg;
-                    T *yr = y + n * C + g * Cg;
-#pragma omp simd
-                    for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r * scg[j] + bi[j];
                 }
             }
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
@@ -347,20 +364,22 @@ int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const 
                       int64_t C, int64_t G, T *gx, T *sgy, T *sgz, int nt)
 {
     int64_t Cg = C / G;
-    NAME(scratch_t) sc;  /* 2C block sums + a C row buffer per thread */
-    if (NAME(scratch_alloc)(&sc, nt, 2 * C, C)) return -1;
+    NAME(scratch_t) sc;  /* 2C block sums + a C row buffer and G dot products per thread */
+    if (NAME(scratch_alloc)(&sc, nt, 2 * C, C + G)) return -1;
 #pragma omp parallel num_threads(nt)
     {
         int tid = omp_get_thread_num(), nth = omp_get_num_threads();
         double *p = sc.part + (size_t)tid * 2 * C;
-        T *q = sc.qall + (size_t)tid * 3 * C, *qg = q, *qz = q + C, *gz = q + 2 * C;
+        T *q = sc.qall + (size_t)tid * (3 * C + G), *qg = q, *qz = q + C, *gz = q + 2 * C;
+        T *coef = q + 3 * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
+            const T *rn = rstd + n * G;
             for (int64_t g = 0; g < G; ++g) {
                 int64_t o = n * C + g * Cg;
                 const T *gr = gy + o, *xr = x + o, *ag = a + g * Cg, *bg = b + g * Cg;
-                T *out = gx + o, *gzg = gz + g * Cg, *qgg = qg + g * Cg, *qzg = qz + g * Cg;
-                T r = rstd[n * G + g], dot = 0;
+                T *gzg = gz + g * Cg, *qgg = qg + g * Cg, *qzg = qz + g * Cg;
+                T r = rn[g], dot = 0;
 #pragma omp simd reduction(+:dot)
                 for (int64_t j = 0; j < Cg; ++j) {
                     T gv = gr[j], zv = xr[j] * r;
@@ -369,9 +388,18 @@ int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const 
                     qgg[j] += gv; qzg[j] += gv * zv;
                     dot += gzv * xr[j];
                 }
-                T coef = (T)((double)dot / (double)Cg * (double)r * (double)r * (double)r);
+                coef[g] = dot;
+            }
+            /* every group's coefficient, then the gradient: no pass waits on its own dot */
+            for (int64_t g = 0; g < G; ++g) {
+                double r = (double)rn[g];
+                coef[g] = (T)((double)coef[g] / (double)Cg * r * r * r);
+            }
+            for (int64_t g = 0; g < G; ++g) {
+                const T *xr = x + n * C + g * Cg, *gzg = gz + g * Cg;
+                T *out = gx + n * C + g * Cg, r = rn[g], cg = coef[g];
 #pragma omp simd
-                for (int64_t j = 0; j < Cg; ++j) out[j] = gzg[j] * r - xr[j] * coef;
+                for (int64_t j = 0; j < Cg; ++j) out[j] = gzg[j] * r - xr[j] * cg;
             }
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
@@ -589,6 +617,27 @@ PN_EXACT int NAME(pn_ref_bwd_finish)(const T *sgyx, const T *weight, const T *rs
     }
     if (cnt > 0 && (big || nonfinite)) *num_unstable += 1;
     return 0;
+}
+
+/* The released PN's whole backward with GroupScaling (no cross-rank sync): pn_ref_bwd_coef,
+ * pn_grms_bwd and pn_ref_bwd_finish in turn, rounding as they do. Advances ema and
+ * num_unstable in place; gx (N, C), gweight and gbias (C,) (gbias nullable). */
+int NAME(pn_ref_grms_backward)(const T *gy, const T *x, const T *rstd_g, const T *weight,
+                               T *ema, const T *rstd_fwd, const T *rstd_bwd, const T *s2all,
+                               const T *count, const T *num_all, int64_t N, int64_t C, int64_t G,
+                               double one_minus_a, T *gx, T *gweight, T *gbias,
+                               int64_t *num_unstable, int nt)
+{
+    T *buf = (T *)malloc((size_t)C * 3 * sizeof(T));
+    if (!buf) return -1;
+    T *a = buf, *b = buf + C, *sgz = buf + 2 * C;
+    NAME(pn_ref_bwd_coef)(weight, ema, rstd_fwd, rstd_bwd, C, one_minus_a, a, b);
+    int rc = NAME(pn_grms_bwd)(gy, x, rstd_g, a, b, N, C, G, gx, gbias, sgz, nt);
+    if (!rc)
+        NAME(pn_ref_bwd_finish)(sgz, weight, rstd_fwd, s2all, count, num_all, C, one_minus_a, ema,
+                                num_unstable, gweight);
+    free(buf);
+    return rc;
 }
 
 /* y = shift + x scale per row, rounding as torch.addcmul(shift, x, scale) does on CPU: one
