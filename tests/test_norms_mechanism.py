@@ -23,7 +23,7 @@ def _x(T=7, B=3, C=16, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
-def test_rms_equals_torch_rmsnorm_in_float32(eps):
+def test_rms_equals_torch_rmsnorm_in_float32(eps, kernel_path):
     ours = build_norm("rms", 16, eps=eps)
     theirs = torch.nn.RMSNorm(16, eps=eps)
     with torch.no_grad():

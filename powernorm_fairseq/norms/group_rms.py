@@ -13,18 +13,20 @@ from .functional import group_rms_scale
 from .registry import register_norm
 
 
-class _GroupRMSAffine(torch.autograd.Function):
+class GroupRMSAffineFunction(torch.autograd.Function):
     """``y = group_rms_scale(x) * weight + bias`` on the fused CPU kernels (float32/float64 CPU
-    tensors, checked by the caller): the forward is the scaling kernel and one ``addcmul``, the
-    backward one pass (``fused.grms_backward`` with ``dL/dz = dL/dy * weight``: the input gradient
-    and the sums ``sum dL/dy`` and ``sum dL/dy * z`` of the parameter gradients), where the
-    composite graph takes five. Shape: x ``(N, C)``; weight, bias ``(C,)``."""
+    tensors, checked by the caller): the forward is the scaling kernel and one ``addcmul`` (an
+    in-place multiply without ``bias``), the backward one pass (``fused.grms_backward`` with
+    ``dL/dz = dL/dy * weight``: the input gradient and the sums ``sum dL/dy`` and
+    ``sum dL/dy * z`` of the parameter gradients), where the composite graph takes five. With one
+    group it is RMSNorm (:class:`~.rms_norm.RMSNorm` runs on it). Shape: x ``(N, C)``; weight,
+    bias ``(C,)`` (bias or None)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group_num, eps):
         z, rstd = fused.group_rms_forward(x, group_num, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return torch.addcmul(bias, z, weight)
+        return torch.addcmul(bias, z, weight) if bias is not None else z.mul_(weight)
 
     @staticmethod
     @once_differentiable
@@ -105,5 +107,5 @@ class GroupRMSNorm(MaskedNorm):
     def _normalize(self, x2d: Tensor, keep: Tensor | None) -> Tensor:
         weight, bias = self._affine_or_identity(x2d.dtype)
         if fused.usable(x2d, weight, bias):
-            return _GroupRMSAffine.apply(x2d, weight, bias, self.group_num, self.eps)
+            return GroupRMSAffineFunction.apply(x2d, weight, bias, self.group_num, self.eps)
         return group_rms_scale(x2d, self.group_num, self.eps) * weight + bias
