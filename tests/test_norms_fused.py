@@ -29,6 +29,10 @@ CONFIGS = [
     ("power_reference", "power", {"variant": "reference", "group_num": 4, "warmup_updates": 2,
                                     "warmup_unit": "forwards"}),
     ("power_reference_nogroups", "power", {"variant": "reference", "group_num": 0}),
+    # the per-token and element-wise norms that run on kernels too
+    ("rms", "rms", {"bias": True}),
+    ("group_rms", "group_rms", {"group_num": 4}),
+    ("dyt", "dyt", {"alpha_init": 0.7}),
 ]
 
 pytestmark = pytest.mark.skipif(not fused.available(),
@@ -89,6 +93,21 @@ def test_fused_float32_is_as_accurate_as_eager(cfg):
             eager_err = worst
     assert fused_err < 1e-5
     assert fused_err <= 2 * eager_err + 1e-6
+
+
+def test_the_dyt_kernels_tanh_is_within_two_ulp_of_the_exact_one():
+    """The float32 DyT forward computes its own vectorized tanh (torch's is far slower on CPU)."""
+    x = torch.cat([torch.linspace(-12, 12, 200_001), torch.tensor([1e-30, -3e-8, 0.625, -0.625, 30.0])])
+    one, zero = torch.ones(1), torch.zeros(1)
+    y, t = fused.dyt_forward(x.view(-1, 1), one, one, zero)
+    exact = torch.tanh(x.double()).float()
+    ulp = (torch.nextafter(exact.abs(), torch.tensor(float("inf"))) - exact.abs()).double()
+    assert ((t.view(-1).double() - torch.tanh(x.double())).abs() / ulp).max() <= 2.0
+    assert torch.equal(y, t)  # weight 1, bias 0
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    _, t = fused.dyt_forward(special.view(-1, 1), one, one, zero)
+    assert t[0].item() == 0.0 and torch.signbit(t[1]) and t[2].item() == 1.0 and t[3].item() == -1.0
+    assert torch.isnan(t[4])
 
 
 def test_kernels_match_direct_sums():

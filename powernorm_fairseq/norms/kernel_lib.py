@@ -21,7 +21,7 @@ from torch import Tensor
 
 _SRC_DIR = Path(__file__).resolve().parent / "kernels"
 _SOURCES = ("pn_kernels.c", "pn_kernels_impl.h")
-_ABI_VERSION = 7
+_ABI_VERSION = 9
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -63,6 +63,7 @@ _SIGNATURES = {
     "pn_ref_bwd_finish": [_F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_double, _F, _F, _F],
     "pn_ref_grms_backward": [_F, _F, _F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64,
                              ctypes.c_int64, ctypes.c_double, _F, _F, _F, _F, ctypes.c_int],
+    "pn_dyt_bwd": [_F, _F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, _F, _F, ctypes.c_int],
     "pn_batch_fwd_stats": [_F, _F, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_double,
                            _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, _F, ctypes.c_double,
                            ctypes.c_double, ctypes.c_int],
@@ -70,6 +71,8 @@ _SIGNATURES = {
                      ctypes.c_double, ctypes.c_int, _F, _F, _F, ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# kernels built for float32 only (their float64 path stays eager)
+_F32_ONLY = {"pn_dyt_fwd": [_F, _F, _F, _F, ctypes.c_int64, ctypes.c_int64, _F, _F, ctypes.c_int]}
 
 
 def set_enabled(flag: bool) -> bool:
@@ -140,8 +143,9 @@ def _load() -> ctypes.CDLL | None:
             if lib.pn_abi_version() != _ABI_VERSION:
                 raise RuntimeError(f"{target} has ABI {lib.pn_abi_version()}, "
                                    f"expected {_ABI_VERSION}; delete it")
-            for name, argtypes in _SIGNATURES.items():
-                for dtype, suffix in _SUFFIX.items():
+            for name, argtypes, dtypes in [*((n, a, _SUFFIX) for n, a in _SIGNATURES.items()),
+                                           *((n, a, {torch.float32: "f32"}) for n, a in _F32_ONLY.items())]:
+                for dtype, suffix in dtypes.items():
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, ctypes.c_int
                     _funcs[name, dtype] = fn

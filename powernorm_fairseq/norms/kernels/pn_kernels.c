@@ -39,7 +39,7 @@ static void flush_f64(double *q, double *p, int64_t n)
     for (int64_t i = 0; i < n; ++i) { p[i] += q[i]; q[i] = 0.0; }
 }
 
-int pn_abi_version(void) { return 7; }
+int pn_abi_version(void) { return 9; }
 
 /* The (C,) epilogues of PN (pn_paper_fwd, pn_paper_bwd) replace eager torch operations on
  * per-channel vectors and must round as each of them does: one rounding per operation, no
@@ -72,3 +72,55 @@ int pn_abi_version(void) { return 7; }
 #undef flush
 #undef SQRT
 #undef FMA
+
+/* Dynamic Tanh's forward in float32 (no double version: the float64 path stays torch's tanh). */
+
+/* e^x for x in [0, 20] (larger x is taken as 20; NaN stays NaN): Cephes expf's range reduction
+ * and polynomial, the 2^n scale built from its bits; arithmetic only, so that loops vectorize
+ * (libm's expf and floorf do not, without -ffast-math). */
+static inline float exp_pos_f32(float x)
+{
+    x = x > 20.0f ? 20.0f : x;
+    float fx = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    float r = x - fx * 0.693359375f;
+    r = r + fx * 2.12194440e-4f;
+    float z = r * r;
+    float y = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+                 + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)fx + 127) << 23;
+    return y * scale.f;
+}
+
+/* tanh(v): Cephes tanhf's odd polynomial below |v| = 0.625, else 1 - 2 / (e^{2|v|} + 1) with
+ * v's sign; within 1.3 ulp of the exact tanh over [-12, 12] (a dense grid), exact signs of
+ * zero, +-1 for +-inf, NaN for NaN. */
+static inline float tanh_f32(float v)
+{
+    float a = fabsf(v), z = v * v;
+    float small = v * (1.0f + ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z
+                                 - 5.37397155531e-2f) * z + 1.33314422036e-1f) * z
+                               - 3.33332819422e-1f) * z);
+    float large = copysignf(1.0f - 2.0f / (exp_pos_f32(2.0f * a) + 1.0f), v);
+    return a < 0.625f ? small : large;
+}
+
+/* t = tanh(alpha x) and y = t weight + bias (one fused multiply-add, as torch.addcmul rounds on
+ * CPU), (N, C) row-major, in one pass. */
+int pn_dyt_fwd_f32(const float *x, const float *alpha, const float *weight, const float *bias,
+                   int64_t N, int64_t C, float *y, float *t, int nt)
+{
+    const float a = *alpha;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const float *xr = x + n * C;
+        float *yr = y + n * C, *tr = t + n * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+            float tv = tanh_f32(a * xr[c]);
+            tr[c] = tv;
+            yr[c] = fmaf(tv, weight[c], bias[c]);
+        }
+    }
+    return 0;
+}

@@ -640,6 +640,43 @@ int NAME(pn_ref_grms_backward)(const T *gy, const T *x, const T *rstd_g, const T
     return rc;
 }
 
+/* Dynamic Tanh's backward from t = tanh(alpha x) (saved by the forward), in one pass:
+ * gu = gy weight (1 - t t), gx = gu alpha, and the sums gweight = sum gy t, gbias = sum gy (per
+ * channel) and galpha = sum gu x (over all elements; per channel first, then over channels in
+ * double). gbias nullable. */
+int NAME(pn_dyt_bwd)(const T *gy, const T *x, const T *t, const T *alpha, const T *weight,
+                     int64_t N, int64_t C, T *gx, T *gweight, T *gbias, T *galpha, int nt)
+{
+    NAME(scratch_t) sc;
+    if (NAME(scratch_alloc)(&sc, nt, 3 * C, 0)) return -1;
+    const T a = *alpha;
+#pragma omp parallel num_threads(nt)
+    {
+        int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        double *p = sc.part + (size_t)tid * 3 * C;
+        T *q = sc.qall + (size_t)tid * 3 * C, *qw = q, *qb = q + C, *qa = q + 2 * C;
+        int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
+        for (int64_t n = lo; n < hi; ++n) {
+            const T *gr = gy + n * C, *xr = x + n * C, *tr = t + n * C;
+            T *out = gx + n * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                T g = gr[c], tv = tr[c];
+                T gu = g * weight[c] * ((T)1 - tv * tv);
+                out[c] = gu * a;
+                qw[c] += g * tv; qb[c] += g; qa[c] += gu * xr[c];
+            }
+            if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 3 * C);
+        }
+    }
+    double total = 0.0;
+    for (int t_ = 0; t_ < nt; ++t_)
+        for (int64_t c = 0; c < C; ++c) total += sc.part[((size_t)t_ * 3 + 2) * C + c];
+    *galpha = (T)total;
+    NAME(scratch_finish)(&sc, nt, 3, C, (T *[]){gweight, gbias, NULL});
+    return 0;
+}
+
 /* y = shift + x scale per row, rounding as torch.addcmul(shift, x, scale) does on CPU: one
  * fused multiply-add (one rounding). */
 PN_EXACT static void NAME(pn_affine_exact)(const T *x, const T *scale, const T *shift, int64_t N,
