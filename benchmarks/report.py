@@ -5,7 +5,8 @@
 
 A ``norm_speed`` record becomes one table of ratios to ``torch.nn.LayerNorm`` (norms by shape and
 padding; CPU-time ratios for one thread, wall-clock ratios otherwise, see norm_speed.py); a
-``train_speed`` record one table of words per second and ratios to LN per model size.
+``train_speed`` record one table of words per second and ratios to LN per model size, a
+``step_speed`` record one table of words per CPU second, ratios to LN and their intervals.
 ``--compare BEFORE AFTER`` prints two norm_speed records of the same shapes side by side
 (``before -> after`` per cell), e.g. the records of one change measured at its parent commit and at
 itself.
@@ -94,10 +95,25 @@ def train_speed_table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def step_speed_table(record: dict) -> str:
+    lines = ["| model size | norm | words per CPU second | x LN | 95% interval over rounds |",
+             "|---|---|---|---|---|"]
+    for row in record["rows"]:
+        for norm in [k[len("cpu_wps_"):] for k in row if k.startswith("cpu_wps_")]:
+            cpu, ci = row[f"cpu_wps_{norm}"], row.get(f"ratio_ci95_{norm}")
+            lines.append(f"| {row['size']} ({row['arch']}) | {norm} | {cpu:.0f} | "
+                         f"{cpu / row['cpu_wps_LN']:.3f} | "
+                         + (f"{ci[0]:.3f}-{ci[1]:.3f} |" if ci else "- |"))
+    lines.append("")
+    lines.append(f"commit {str(record.get('commit', '?'))[:12]}; {record['rows'][0]['steps']} rounds; "
+                 f"load average before/after {record.get('loadavg_before_after')}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("records", nargs="*", type=Path, metavar="RECORD",
-                   help="JSON records written by benchmarks/norm_speed.py or train_speed.py")
+                   help="JSON records written by benchmarks/norm_speed.py, train_speed.py or step_speed.py")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                    help="two norm_speed records: one table of 'before -> after' ratios")
     args = p.parse_args(argv)
@@ -111,10 +127,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"### {path}\n")
         if record.get("benchmark") == "train_speed":
             print(train_speed_table(record))
+        elif record.get("benchmark") == "step_speed":
+            print(step_speed_table(record))
         elif "rows" in record and record["rows"] and "ratio_to_layernorm" in record["rows"][0]:
             print(norm_speed_table(record))
         else:
-            raise SystemExit(f"{path}: not a norm_speed or train_speed record")
+            raise SystemExit(f"{path}: not a norm_speed, train_speed or step_speed record")
         print()
 
 
