@@ -130,6 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    commit = git_commit()  # the code this process imports now, whatever HEAD is by the end
     with tempfile.TemporaryDirectory(prefix="step_speed_") as tmp:
         data_bin = make_corpus(args.workdir or Path(tmp), args.train_sentences, 200)
         load_before = os.getloadavg()
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                      for k, v in vars(args).items()},
               "rows": rows, "threads": torch.get_num_threads(),
               "loadavg_before_after": [load_before, os.getloadavg()],
-              "wall_s": round(time.time() - started, 1), "commit": git_commit(),
+              "wall_s": round(time.time() - started, 1), "commit": commit,
               "hardware": hardware(), "argv": sys.argv}
     print(f"{'size':<10} {'norm':<9} {'words/CPU s':>12} {'x LN':>7} {'95% interval':>14}")
     for r in rows:
