@@ -110,6 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    commit = git_commit()  # the code this process runs, whatever HEAD is by the end
     with tempfile.TemporaryDirectory(prefix="decode_speed_") as tmp:
         workdir = args.workdir or Path(tmp)
         data_bin = make_corpus(workdir, 2000, args.test_sentences, n_valid=args.batch_size)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "folded_identical_hypotheses": identical,
         "hypotheses": len(hypos["LN"]),
         "loadavg_before_after": [load_before, os.getloadavg()],
-        "commit": git_commit(),
+        "commit": commit,
         "hardware": hardware(),
         "argv": sys.argv,
     }

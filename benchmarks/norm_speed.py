@@ -235,6 +235,7 @@ def main(argv=None):
         "fresh pages, which penalizes norms by their number of full-size temporaries",
     )
     args = parser.parse_args(argv)
+    commit = git_commit()  # the code this process runs, whatever HEAD is by the end
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -290,7 +291,7 @@ def main(argv=None):
             "cuda": torch.version.cuda if gpu else None,
             "fused_kernels": fused.available() and gpu is None,
             "allocator_warmup": not args.cold_allocator,
-            "commit": git_commit(),
+            "commit": commit,
             "argv": sys.argv,
             "loadavg_after": os.getloadavg(),
             "rows": rows,

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates first (default 1)")
     parser.add_argument("--norm", default="layer", help="--decoder-norm of both models")
     args = parser.parse_args(argv)
+    commit = git_commit()  # the code this process runs, whatever HEAD is by the end
     sizes = args.sizes.split(",")
     unknown = set(sizes) - set(SIZES)
     if unknown:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "argv": " ".join(
             ["python", "benchmarks/tensorized_speed.py", *(sys.argv[1:] if argv is None else argv)]
         ),
-        "commit": git_commit(),
+        "commit": commit,
         "hardware": hardware(),
         "threads": torch.get_num_threads(),
         "measure": "process CPU seconds of one update (forward, loss, backward, Adam step)",

@@ -209,6 +209,7 @@ def measure_size(args: argparse.Namespace, data_bin: Path, workdir: Path, size: 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    commit = git_commit()  # the code this process runs, whatever HEAD is by the end
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         workdir = args.workdir or Path(tmp)
         data_bin = make_corpus(workdir, args.train_sentences, 200)
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         "pn_flags": {n: flags + shlex.split(args.pn_args)
                      for n, flags in norm_flag_sets(args.norms).items() if n != "LN"},
         "loadavg_before_after": [load_before, os.getloadavg()],
-        "commit": git_commit(),
+        "commit": commit,
         "hardware": hardware(),
         "argv": sys.argv,
     }
