@@ -63,4 +63,4 @@ class RMSNorm(MaskedNorm):
             # rms_norm is a composite of several (same formula; rounding within 1e-6 of it)
             return GroupRMSAffineFunction.apply(x2d, weight, bias, 1, self.eps)
         y = F.rms_norm(x2d, (self.num_features,), weight, self.eps)
-        return y if self.bias is None else y + self.bias.to(x2d.dtype)
+        return y if bias is None else y + bias
