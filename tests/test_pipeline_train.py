@@ -156,6 +156,34 @@ def test_a_failed_worker_says_why_and_keeps_its_log(data_bin, tmp_path):
     assert "no_such_scheduler" in (tmp_path / "ckpt" / "train.rank1.log").read_text()
 
 
+def test_a_rank_failing_as_another_fails_is_not_killed_before_it_says_why(tmp_path):
+    """The launcher gives the other ranks time to exit on their own when one fails: a bad flag
+    fails every rank at once, and rank 1 must not be terminated while writing its error (the
+    flaky CI failure of session 21, where rank 0 exited 2 and rank 1 was killed, -15)."""
+    from powernorm_fairseq.pipeline import launch
+
+    rank1_log = tmp_path / "train.rank1.log"
+    with open(rank1_log, "w") as out:
+        procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(2)"],
+                                  stdout=subprocess.PIPE, text=True),
+                 subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(1.0); "
+                                   "print('rank 1: its own error'); sys.exit(3)"], stdout=out)]
+    codes = launch._stream(procs, tmp_path / "train.log", echo=lambda line: None)
+    assert codes == [2, 3]
+    assert "its own error" in rank1_log.read_text()
+
+
+def test_a_rank_that_outlives_the_grace_after_a_failure_is_terminated(tmp_path):
+    from powernorm_fairseq.pipeline import launch
+
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(2)"],
+                              stdout=subprocess.PIPE, text=True),
+             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
+    t0 = time.monotonic()
+    codes = launch._stream(procs, tmp_path / "train.log", echo=lambda line: None, grace_s=0.5)
+    assert codes == [2, -signal.SIGTERM] and time.monotonic() - t0 < 30
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted(data_bin, tmp_path):
     schedule = ["--max-update", "30", "--save-interval-updates", "6", "--cpu"]

@@ -39,9 +39,12 @@ def _distributed_args(mode: str, world: int, rank: int, port: int) -> list[str]:
             f"{d}distributed_no_spawn=true", f"{d}ddp_backend=legacy_ddp"]
 
 
-def _stream(procs: list[subprocess.Popen], log_path: Path, echo) -> list[int]:
+def _stream(procs: list[subprocess.Popen], log_path: Path, echo, grace_s: float = 30.0) -> list[int]:
     """Copy rank 0's output to the log (and ``echo``); wait for all ranks; kill all if one fails.
 
+    When a rank fails, the others get ``grace_s`` seconds to exit on their own before they are
+    terminated: a rank that fails for its own reason at the same moment (a bad flag fails every
+    rank) then writes that reason to its log, instead of being killed mid-report.
     On Ctrl-C (KeyboardInterrupt) the ranks are interrupted too and given 30 s to exit (their
     checkpoint writes are atomic), then the KeyboardInterrupt propagates.
     """
@@ -63,18 +66,19 @@ def _stream(procs: list[subprocess.Popen], log_path: Path, echo) -> list[int]:
                     p.kill()
                     p.wait()
             raise
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=None if not any(codes) else 30))
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGTERM)
-            codes.append(p.wait())
-        if codes[-1] != 0:
-            for q in procs:
-                if q.poll() is None:
-                    q.send_signal(signal.SIGTERM)
-    return codes
+    deadline = None
+    while any(p.poll() is None for p in procs):
+        if deadline is None and any(p.returncode for p in procs):
+            deadline = time.monotonic() + grace_s
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait()
+            break
+        time.sleep(0.05)
+    return [p.returncode for p in procs]
 
 
 def _launch(args, how: str, world: int, entry: str, base: list[str], record: dict,
