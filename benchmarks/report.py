@@ -96,16 +96,23 @@ def train_speed_table(record: dict) -> str:
 
 
 def step_speed_table(record: dict) -> str:
-    lines = ["| model size | norm | words per CPU second | x LN | 95% interval over rounds |",
-             "|---|---|---|---|---|"]
+    """Words per CPU second and their ratio to LN; words per wall-clock second beside them where
+    the record has them (the ratio to read with more than one thread)."""
+    wall = "wall_wps_LN" in record["rows"][0]
+    lines = ["| model size | norm | words per CPU second | x LN | 95% interval over rounds |"
+             + (" words per wall second | x LN | 95% interval |" if wall else ""),
+             "|---|---|---|---|---|" + ("---|---|---|" if wall else "")]
     for row in record["rows"]:
         for norm in [k[len("cpu_wps_"):] for k in row if k.startswith("cpu_wps_")]:
-            cpu, ci = row[f"cpu_wps_{norm}"], row.get(f"ratio_ci95_{norm}")
-            lines.append(f"| {row['size']} ({row['arch']}) | {norm} | {cpu:.0f} | "
-                         f"{cpu / row['cpu_wps_LN']:.3f} | "
+            line = f"| {row['size']} ({row['arch']}) | {norm} |"
+            for wps, ratio in (("cpu_wps", "ratio"), ("wall_wps", "wall_ratio"))[:1 + wall]:
+                value, ci = row[f"{wps}_{norm}"], row.get(f"{ratio}_ci95_{norm}")
+                line += (f" {value:.0f} | {value / row[f'{wps}_LN']:.3f} | "
                          + (f"{ci[0]:.3f}-{ci[1]:.3f} |" if ci else "- |"))
+            lines.append(line)
     lines.append("")
     lines.append(f"commit {str(record.get('commit', '?'))[:12]}; {record['rows'][0]['steps']} rounds; "
+                 f"{record.get('threads', '?')} thread(s); "
                  f"load average before/after {record.get('loadavg_before_after')}")
     return "\n".join(lines)
 

@@ -84,31 +84,44 @@ def measure_size(args: argparse.Namespace, data_bin: Path, size: str) -> dict:
     samples = (samples * -(-rounds // len(samples)))[:rounds]  # the epoch again where it is short
     rng = random.Random(args.seed)
     cpu = {norm: [] for norm in flag_sets}
+    wall = {norm: [] for norm in flag_sets}
     for i, sample in enumerate(samples):
         order = list(flag_sets)
         rng.shuffle(order)
         for norm in order:
-            start = time.process_time()
+            start, start_wall = time.process_time(), time.perf_counter()
             trainers[norm].train_step([sample])
             if i >= args.warmup:
                 cpu[norm].append(time.process_time() - start)
+                wall[norm].append(time.perf_counter() - start_wall)
     words = sum(s["ntokens"] for s in samples[args.warmup:])
     row = {"size": size, "arch": SIZES[size], "steps": args.steps, "words": words,
-           "cpu_s_per_step": cpu}
-    for norm in flag_sets:
-        row[f"cpu_wps_{norm}"] = words / sum(cpu[norm])
-    boot = random.Random(args.seed)
-    picks = [[boot.randrange(args.steps) for _ in range(args.steps)] for _ in range(BOOTSTRAP)]
-    for norm in [n for n in flag_sets if n != "LN"]:
-        row[f"ratio_{norm}"] = row[f"cpu_wps_{norm}"] / row["cpu_wps_LN"]
-        # the rounds resampled with replacement: LN's CPU time over the norm's in the same rounds
-        ratios = sorted(sum(cpu["LN"][i] for i in pick) / sum(cpu[norm][i] for i in pick)
-                        for pick in picks)
-        row[f"ratio_ci95_{norm}"] = [ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]]
-        low, high = row[f"ratio_ci95_{norm}"]
-        log(f"{size} {norm}: {row[f'cpu_wps_{norm}']:.1f} words per CPU second, "
-            f"{row[f'ratio_{norm}']:.3f}x LN (95% interval over rounds {low:.3f}-{high:.3f})")
+           "cpu_s_per_step": cpu, "wall_s_per_step": wall}
+    for clock, times, wps, ratio in (("CPU", cpu, "cpu_wps", "ratio"), ("wall", wall, "wall_wps", "wall_ratio")):
+        row.update(summarize(times, words, args.seed, wps, ratio))
+        for norm in [n for n in flag_sets if n != "LN"]:
+            low, high = row[f"{ratio}_ci95_{norm}"]
+            log(f"{size} {norm}: {row[f'{wps}_{norm}']:.1f} words per {clock} second, "
+                f"{row[f'{ratio}_{norm}']:.3f}x LN (95% interval over rounds {low:.3f}-{high:.3f})")
     return row
+
+
+def summarize(times: dict[str, list[float]], words: int, seed: int, wps: str = "cpu_wps",
+              ratio: str = "ratio") -> dict:
+    """Words per second of each norm (``{wps}_{norm}``: ``words`` over its total time) and, for
+    each norm but LN, its ratio to LN (``{ratio}_{norm}``) with a 95% bootstrap interval over the
+    rounds (``{ratio}_ci95_{norm}``): the rounds resampled with replacement, LN's time over the
+    norm's in the same rounds. ``times[norm][i]`` is the norm's step time in round ``i``."""
+    steps = len(times["LN"])
+    boot = random.Random(seed)
+    picks = [[boot.randrange(steps) for _ in range(steps)] for _ in range(BOOTSTRAP)]
+    out = {f"{wps}_{norm}": words / sum(t) for norm, t in times.items()}
+    for norm in [n for n in times if n != "LN"]:
+        out[f"{ratio}_{norm}"] = out[f"{wps}_{norm}"] / out[f"{wps}_LN"]
+        ratios = sorted(sum(times["LN"][i] for i in pick) / sum(times[norm][i] for i in pick)
+                        for pick in picks)
+        out[f"{ratio}_ci95_{norm}"] = [ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]]
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -142,13 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
               "loadavg_before_after": [load_before, os.getloadavg()],
               "wall_s": round(time.time() - started, 1), "commit": commit,
               "hardware": hardware(), "argv": sys.argv}
-    print(f"{'size':<10} {'norm':<9} {'words/CPU s':>12} {'x LN':>7} {'95% interval':>14}")
+    print(f"{'size':<10} {'norm':<9} {'words/CPU s':>12} {'x LN':>7} {'95% interval':>14}"
+          f" {'words/wall s':>13} {'x LN':>7} {'95% interval':>14}")
     for r in rows:
         for norm in [k[len("cpu_wps_"):] for k in r if k.startswith("cpu_wps_")]:
-            ratio = r[f"cpu_wps_{norm}"] / r["cpu_wps_LN"]
-            spread = r.get(f"ratio_ci95_{norm}")
-            print(f"{r['size']:<10} {norm:<9} {r[f'cpu_wps_{norm}']:>12.1f} {ratio:>7.3f} "
-                  + (f"{spread[0]:>8.3f}-{spread[1]:.3f}" if spread else ""))
+            line = f"{r['size']:<10} {norm:<9}"
+            for key, ratio_key in (("cpu_wps", "ratio"), ("wall_wps", "wall_ratio")):
+                ratio = r[f"{key}_{norm}"] / r[f"{key}_LN"]
+                spread = r.get(f"{ratio_key}_ci95_{norm}")
+                line += (f" {r[f'{key}_{norm}']:>12.1f} {ratio:>7.3f} "
+                         + (f"{spread[0]:>8.3f}-{spread[1]:.3f}" if spread else " " * 14))
+            print(line)
     if args.out:
         atomic_write_json(args.out, result)
     return result

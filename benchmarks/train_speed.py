@@ -48,8 +48,10 @@ from powernorm_fairseq.pipeline.common import (
 from powernorm_fairseq.pipeline.train import norm_flags
 from powernorm_fairseq.presets import norm_config
 from powernorm_fairseq.presets import norm_configs as preset_norm_configs
+from powernorm_fairseq.quickstart import DEFAULT_ARCH as QUICKSTART_ARCH
 
-SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_de_en"}
+SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_de_en",
+         "quickstart": QUICKSTART_ARCH}
 #: the norm configurations measured by default, beside LN: PN (the released code's variant,
 #: GroupScaling pre-scaling) and PN-paper (Algorithm 2)
 DEFAULT_NORMS = ("pn", "pnpaper")

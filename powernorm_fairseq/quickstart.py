@@ -29,6 +29,9 @@ from powernorm_fairseq.presets import norm_configs
 # --all-norms: the paper's Table 1 rows (configs/norm/), PN in its reference variant
 ALL_NORMS = ["ln", "bn", "pnv", "pn"]
 
+#: the quickstart's model (2+2 layers, d 64); benchmarks/train_speed.py measures it as "quickstart"
+DEFAULT_ARCH = "transformer_pn_tiny"
+
 # Sizes: the default reaches ~74 BLEU in 588 updates (~2 minutes of training per norm on one busy
 # CPU thread, ~5 minutes for LN + PN in all); --tiny is a smoke test (BLEU near 0, ~1 minute).
 SIZES = {
@@ -131,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a smoke-test size (~1 minute in all)")
     p.add_argument("--all-norms", action="store_true", help="also BN and PN-V")
     p.add_argument("--norms", nargs="+", choices=list(norm_configs()), help="explicit list of norms (configs/norm/)")
-    p.add_argument("--arch", default="transformer_pn_tiny", help="model architecture (2+2 layers, d 64)")
+    p.add_argument("--arch", default=DEFAULT_ARCH, help=f"model architecture (default {DEFAULT_ARCH}: 2+2 layers, d 64)")
     p.add_argument("--seed", type=int, default=1, help="corpus and training seed")
     p.add_argument("--train-pairs", type=int, help="synthetic training pairs (default 4000; tiny 600)")
     p.add_argument("--epochs", type=int, help="training epochs (default 6; tiny 2)")

@@ -1191,6 +1191,19 @@ def test_train_speed_measures_the_norm_configurations_it_is_given(monkeypatch):
         train_speed.parse_args(["--norms", "rms", "no_such_norm"])
 
 
+def test_step_speed_ratio_is_ln_time_over_the_norms_with_an_interval_around_it(monkeypatch):
+    """``benchmarks/step_speed.py``: words per second from total time, the ratio to LN, and a
+    bootstrap interval over the rounds that holds the ratio (same keys for the CPU and wall clocks)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    step_speed = importlib.import_module("step_speed")
+    times = {"LN": [1.0, 1.1, 0.9, 1.0] * 5, "PN": [1.25, 1.3, 1.2, 1.25] * 5}
+    out = step_speed.summarize(times, words=400, seed=1, wps="wall_wps", ratio="wall_ratio")
+    assert out["wall_wps_LN"] == pytest.approx(20.0) and out["wall_wps_PN"] == pytest.approx(16.0)
+    assert out["wall_ratio_PN"] == pytest.approx(0.8)
+    low, high = out["wall_ratio_ci95_PN"]
+    assert low <= 0.8 <= high and high - low < 0.05 and "wall_ratio_LN" not in out
+
+
 def test_the_readme_names_no_comparison_while_only_ln_is_done(results_dir):
     """A cap whose only finished runs are LN's gives the README one line, not a table of 'not run'
     cells (which pushed the README past its length limit)."""
