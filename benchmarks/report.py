@@ -104,7 +104,9 @@ def step_speed_table(record: dict) -> str:
              "|---|---|---|---|---|" + ("---|---|---|" if wall else "")]
     for row in record["rows"]:
         for norm in [k[len("cpu_wps_"):] for k in row if k.startswith("cpu_wps_")]:
-            line = f"| {row['size']} ({row['arch']}) | {norm} |"
+            sites = "" if row.get("sites", ["encoder", "decoder"]) == ["encoder", "decoder"] else \
+                f", {'+'.join(row['sites'])} only"
+            line = f"| {row['size']} ({row['arch']}{sites}) | {norm} |"
             for wps, ratio in (("cpu_wps", "ratio"), ("wall_wps", "wall_ratio"))[:1 + wall]:
                 value, ci = row[f"{wps}_{norm}"], row.get(f"{ratio}_ci95_{norm}")
                 line += (f" {value:.0f} | {value / row[f'{wps}_LN']:.3f} | "

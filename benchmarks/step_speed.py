@@ -74,7 +74,7 @@ def batches(task, cfg, n: int) -> list[dict]:
 
 def measure_size(args: argparse.Namespace, data_bin: Path, size: str) -> dict:
     """Interleaved steps of LN and the ``--norms`` at one model size: words per CPU second."""
-    flag_sets = norm_flag_sets(args.norms)
+    flag_sets = norm_flag_sets(args.norms, args.sites)
     trainers = {}
     for norm, flags in flag_sets.items():
         extra = shlex.split(args.pn_args) if norm != "LN" else []
@@ -95,8 +95,8 @@ def measure_size(args: argparse.Namespace, data_bin: Path, size: str) -> dict:
                 cpu[norm].append(time.process_time() - start)
                 wall[norm].append(time.perf_counter() - start_wall)
     words = sum(s["ntokens"] for s in samples[args.warmup:])
-    row = {"size": size, "arch": SIZES[size], "steps": args.steps, "words": words,
-           "cpu_s_per_step": cpu, "wall_s_per_step": wall}
+    row = {"size": size, "arch": SIZES[size], "sites": list(args.sites), "steps": args.steps,
+           "words": words, "cpu_s_per_step": cpu, "wall_s_per_step": wall}
     for clock, times, wps, ratio in (("CPU", cpu, "cpu_wps", "ratio"), ("wall", wall, "wall_wps", "wall_ratio")):
         row.update(summarize(times, words, args.seed, wps, ratio))
         for norm in [n for n in flag_sets if n != "LN"]:
@@ -129,6 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["multi30k", "iwslt"])
     p.add_argument("--norms", nargs="+", default=["pn", "pnpaper", "pnv", "bn"], metavar="SHORT",
                    help="norm configurations (configs/norm/) measured beside LN")
+    p.add_argument("--sites", nargs="+", choices=["encoder", "decoder"], default=["encoder", "decoder"],
+                   help="where the norm replaces LN (default: both; the quickstart and the translation "
+                   "presets, as the released code: encoder)")
     p.add_argument("--pn-args", default="", help="extra fairseq options of the norms other than LN, "
                    "e.g. '--pn-warmup-updates 0' to measure PN past its warmup")
     p.add_argument("--steps", type=int, default=60, help="measured rounds of steps (60)")

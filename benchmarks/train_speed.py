@@ -57,10 +57,11 @@ SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_d
 DEFAULT_NORMS = ("pn", "pnpaper")
 
 
-def norm_flag_sets(shorts: Sequence[str]) -> dict[str, list[str]]:
+def norm_flag_sets(shorts: Sequence[str], sites: Sequence[str] = ("encoder", "decoder")) -> dict[str, list[str]]:
     """``{label: fairseq flags}`` of LN and of each norm configuration ``shorts`` (configs/norm/),
-    at every normalization site (encoder and decoder) of the plugin's transformer_pn."""
-    return {norm_config(short).short_label: norm_flags(norm_config(short), ("encoder", "decoder"))
+    at the normalization ``sites`` of the plugin's transformer_pn (default: every site, encoder
+    and decoder; the released setup and the translation presets put the norm in the encoder only)."""
+    return {norm_config(short).short_label: norm_flags(norm_config(short), tuple(sites))
             for short in ("ln", *(s for s in shorts if s != "ln"))}
 
 

@@ -1189,6 +1189,9 @@ def test_train_speed_measures_the_norm_configurations_it_is_given(monkeypatch):
     assert train_speed.parse_args([]).norms == list(train_speed.DEFAULT_NORMS)
     with pytest.raises(SystemExit):
         train_speed.parse_args(["--norms", "rms", "no_such_norm"])
+    # the quickstart's (and the released code's) placement: the norm in the encoder only
+    encoder_only = " ".join(train_speed.norm_flag_sets(["rms"], ("encoder",))["RMS"])
+    assert "--encoder-norm rms" in encoder_only and "--decoder-norm" not in encoder_only
 
 
 def test_step_speed_ratio_is_ln_time_over_the_norms_with_an_interval_around_it(monkeypatch):
