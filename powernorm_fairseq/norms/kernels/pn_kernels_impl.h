@@ -224,7 +224,7 @@ int NAME(pn_bwd_apply)(const T *gy, const T *x, const T *a, const T *b, const T 
 
 /* r = 1 / sqrt(mean_j x[j]^2 + eps) over one group of Cg channels. Every kernel takes the group
  * RMS from here, so that all round alike. */
-static inline T NAME(group_rstd)(const T *xr, int64_t Cg, double eps)
+static inline PN_INLINE T NAME(group_rstd)(const T *xr, int64_t Cg, double eps)
 {
     T ss = 0;
 #pragma omp simd reduction(+:ss)
@@ -233,44 +233,94 @@ static inline T NAME(group_rstd)(const T *xr, int64_t Cg, double eps)
 }
 
 /* Per-row, per-group RMS scaling: r[n, g] = 1 / sqrt(mean_j x[n, g, j]^2 + eps), y = x r. */
+static inline PN_INLINE void NAME(group_rms_row)(const T *xn, int64_t G, int64_t Cg, double eps,
+                                                  T *yn, T *rn)
+{
+    for (int64_t g = 0; g < G; ++g) rn[g] = NAME(group_rstd)(xn + g * Cg, Cg, eps);
+    for (int64_t g = 0; g < G; ++g) {
+        const T *xr = xn + g * Cg;
+        T *yr = yn + g * Cg, r = rn[g];
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r;
+    }
+}
+
 int NAME(pn_group_rms_fwd)(const T *x, int64_t N, int64_t C, int64_t G, double eps, T *y,
                            T *rstd, int nt)
 {
     int64_t Cg = C / G;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        for (int64_t g = 0; g < G; ++g) rstd[n * G + g] = NAME(group_rstd)(x + n * C + g * Cg, Cg, eps);
-        for (int64_t g = 0; g < G; ++g) {
-            const T *xr = x + n * C + g * Cg;
-            T *yr = y + n * C + g * Cg;
-            T r = rstd[n * G + g];
-#pragma omp simd
-            for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r;
-        }
-    }
+    for (int64_t n = 0; n < N; ++n)
+        PN_BY_WIDTH(Cg, W, NAME(group_rms_row)(x + n * C, G, W, eps, y + n * C, rstd + n * G));
     return 0;
 }
 
 /* Its gradient: gx = gy r - x r^3 mean_j(gy x) per row and group. */
+static inline PN_INLINE void NAME(group_rms_bwd_row)(const T *gn, const T *xn, const T *rn,
+                                                      int64_t G, int64_t Cg, T *outn)
+{
+    for (int64_t g = 0; g < G; ++g) {
+        const T *gr = gn + g * Cg, *xr = xn + g * Cg;
+        T *out = outn + g * Cg;
+        T s = 0;
+#pragma omp simd reduction(+:s)
+        for (int64_t j = 0; j < Cg; ++j) s += gr[j] * xr[j];
+        T r = rn[g];
+        T coef = (T)((double)s / (double)Cg * (double)r * (double)r * (double)r);
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) out[j] = gr[j] * r - xr[j] * coef;
+    }
+}
+
 int NAME(pn_group_rms_bwd)(const T *gy, const T *x, const T *rstd, int64_t N, int64_t C,
                            int64_t G, T *gx, int nt)
 {
     int64_t Cg = C / G;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        for (int64_t g = 0; g < G; ++g) {
-            const T *gr = gy + n * C + g * Cg, *xr = x + n * C + g * Cg;
-            T *out = gx + n * C + g * Cg;
-            T s = 0;
-#pragma omp simd reduction(+:s)
-            for (int64_t j = 0; j < Cg; ++j) s += gr[j] * xr[j];
-            T r = rstd[n * G + g];
-            T coef = (T)((double)s / (double)Cg * (double)r * (double)r * (double)r);
+    for (int64_t n = 0; n < N; ++n)
+        PN_BY_WIDTH(Cg, W, NAME(group_rms_bwd_row)(gy + n * C, x + n * C, rstd + n * G, G, W,
+                                                   gx + n * C));
+    return 0;
+}
+
+/* One row of NAME(grms_pass). */
+static inline PN_INLINE void NAME(grms_row)(
+    const T *xn, int real, int64_t G, int64_t Cg, double eps, const T *scale, const T *bias, T *yn,
+    T *rn, T *q2, T *qa)
+{
+    /* every group's r first: their square roots do not wait on each other */
+    for (int64_t g = 0; g < G; ++g) rn[g] = NAME(group_rstd)(xn + g * Cg, Cg, eps);
+    for (int64_t g = 0; g < G; ++g) {
+        const T *xr = xn + g * Cg;
+        T r = rn[g], r2 = r * r, *q2g = q2 + g * Cg, *qag = qa + g * Cg;
+        if (yn) {  /* statistics and output from one load of x */
+            const T *scg = scale + g * Cg, *bi = bias + g * Cg;
+            T *yr = yn + g * Cg;
+            if (real) {
 #pragma omp simd
-            for (int64_t j = 0; j < Cg; ++j) out[j] = gr[j] * r - xr[j] * coef;
+                for (int64_t j = 0; j < Cg; ++j) {
+                    T v = xr[j] * xr[j] * r2;
+                    q2g[j] += v; qag[j] += v;
+                    yr[j] = xr[j] * r * scg[j] + bi[j];
+                }
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < Cg; ++j) {
+                    qag[j] += xr[j] * xr[j] * r2;
+                    yr[j] = xr[j] * r * scg[j] + bi[j];
+                }
+            }
+        } else if (real) {
+#pragma omp simd
+            for (int64_t j = 0; j < Cg; ++j) {
+                T v = xr[j] * xr[j] * r2;
+                q2g[j] += v; qag[j] += v;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < Cg; ++j) qag[j] += xr[j] * xr[j] * r2;
         }
     }
-    return 0;
 }
 
 /* The group RMS scaling's statistics without storing z = x r, and (y not NULL) the output
@@ -292,40 +342,8 @@ static int NAME(grms_pass)(const T *x, const T *keep, int64_t N, int64_t C, int6
         for (int64_t n = lo; n < hi; ++n) {
             int real = keep == NULL || keep[n] != 0;
             const T *xn = x + n * C;
-            T *rn = rstd + n * G;
-            /* every group's r first: their square roots do not wait on each other */
-            for (int64_t g = 0; g < G; ++g) rn[g] = NAME(group_rstd)(xn + g * Cg, Cg, eps);
-            for (int64_t g = 0; g < G; ++g) {
-                const T *xr = xn + g * Cg;
-                T r = rn[g], r2 = r * r, *q2g = q2 + g * Cg, *qag = qa + g * Cg;
-                if (y) {  /* statistics and output from one load of x */
-                    const T *scg = scale + g * Cg, *bi = bias + g * Cg;
-                    T *yr = y + n * C + g * Cg;
-                    if (real) {
-#pragma omp simd
-                        for (int64_t j = 0; j < Cg; ++j) {
-                            T v = xr[j] * xr[j] * r2;
-                            q2g[j] += v; qag[j] += v;
-                            yr[j] = xr[j] * r * scg[j] + bi[j];
-                        }
-                    } else {
-#pragma omp simd
-                        for (int64_t j = 0; j < Cg; ++j) {
-                            qag[j] += xr[j] * xr[j] * r2;
-                            yr[j] = xr[j] * r * scg[j] + bi[j];
-                        }
-                    }
-                } else if (real) {
-#pragma omp simd
-                    for (int64_t j = 0; j < Cg; ++j) {
-                        T v = xr[j] * xr[j] * r2;
-                        q2g[j] += v; qag[j] += v;
-                    }
-                } else {
-#pragma omp simd
-                    for (int64_t j = 0; j < Cg; ++j) qag[j] += xr[j] * xr[j] * r2;
-                }
-            }
+            T *yn = y ? y + n * C : NULL, *rn = rstd + n * G;
+            PN_BY_WIDTH(Cg, W, NAME(grms_row)(xn, real, G, W, eps, scale, bias, yn, rn, q2, qa));
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
@@ -340,26 +358,63 @@ int NAME(pn_grms_colstats)(const T *x, const T *keep, int64_t N, int64_t C, int6
 }
 
 /* Pass 2: y = x r[n, g] * scale + bias. */
+static inline PN_INLINE void NAME(grms_affine_row)(const T *xn, const T *rn, const T *scale,
+                                                    const T *bias, int64_t G, int64_t Cg, T *yn)
+{
+    for (int64_t g = 0; g < G; ++g) {
+        const T *xr = xn + g * Cg, *sc = scale + g * Cg, *bi = bias + g * Cg;
+        T *yr = yn + g * Cg, r = rn[g];
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r * sc[j] + bi[j];
+    }
+}
+
 int NAME(pn_grms_affine)(const T *x, const T *rstd, const T *scale, const T *bias, int64_t N,
                          int64_t C, int64_t G, T *y, int nt)
 {
     int64_t Cg = C / G;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-        for (int64_t g = 0; g < G; ++g) {
-            const T *xr = x + n * C + g * Cg, *sc = scale + g * Cg, *bi = bias + g * Cg;
-            T *yr = y + n * C + g * Cg;
-            T r = rstd[n * G + g];
-#pragma omp simd
-            for (int64_t j = 0; j < Cg; ++j) yr[j] = xr[j] * r * sc[j] + bi[j];
-        }
-    }
+    for (int64_t n = 0; n < N; ++n)
+        PN_BY_WIDTH(Cg, W, NAME(grms_affine_row)(x + n * C, rstd + n * G, scale, bias, G, W,
+                                                 y + n * C));
     return 0;
 }
 
 /* Backward of both: with z = x r, gz = gy a - z b (the PN step), then the GroupScaling gradient
  * gx = gz r - x r^3 mean_j(gz x) per row and group; in the same pass sgy += gy and
  * sgz += gy z over all rows (outputs nullable). gz lives only in a per-thread row buffer. */
+/* One row of NAME(pn_grms_bwd); gz and coef are the thread's row buffers. */
+static inline PN_INLINE void NAME(grms_bwd_row)(const T *gn, const T *xn, const T *rn, const T *a,
+                                                const T *b, int64_t G, int64_t Cg, T *outn,
+                                                T *qg, T *qz, T *gz, T *coef)
+{
+    for (int64_t g = 0; g < G; ++g) {
+        const T *gr = gn + g * Cg, *xr = xn + g * Cg, *ag = a + g * Cg, *bg = b + g * Cg;
+        T *gzg = gz + g * Cg, *qgg = qg + g * Cg, *qzg = qz + g * Cg;
+        T r = rn[g], dot = 0;
+#pragma omp simd reduction(+:dot)
+        for (int64_t j = 0; j < Cg; ++j) {
+            T gv = gr[j], zv = xr[j] * r;
+            T gzv = gv * ag[j] - zv * bg[j];
+            gzg[j] = gzv;
+            qgg[j] += gv; qzg[j] += gv * zv;
+            dot += gzv * xr[j];
+        }
+        coef[g] = dot;
+    }
+    /* every group's coefficient, then the gradient: no pass waits on its own dot */
+    for (int64_t g = 0; g < G; ++g) {
+        double r = (double)rn[g];
+        coef[g] = (T)((double)coef[g] / (double)Cg * r * r * r);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        const T *xr = xn + g * Cg, *gzg = gz + g * Cg;
+        T *out = outn + g * Cg, r = rn[g], cg = coef[g];
+#pragma omp simd
+        for (int64_t j = 0; j < Cg; ++j) out[j] = gzg[j] * r - xr[j] * cg;
+    }
+}
+
 int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const T *b, int64_t N,
                       int64_t C, int64_t G, T *gx, T *sgy, T *sgz, int nt)
 {
@@ -374,33 +429,8 @@ int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const 
         T *coef = q + 3 * C;
         int64_t lo = N * tid / nth, hi = N * (tid + 1) / nth;
         for (int64_t n = lo; n < hi; ++n) {
-            const T *rn = rstd + n * G;
-            for (int64_t g = 0; g < G; ++g) {
-                int64_t o = n * C + g * Cg;
-                const T *gr = gy + o, *xr = x + o, *ag = a + g * Cg, *bg = b + g * Cg;
-                T *gzg = gz + g * Cg, *qgg = qg + g * Cg, *qzg = qz + g * Cg;
-                T r = rn[g], dot = 0;
-#pragma omp simd reduction(+:dot)
-                for (int64_t j = 0; j < Cg; ++j) {
-                    T gv = gr[j], zv = xr[j] * r;
-                    T gzv = gv * ag[j] - zv * bg[j];
-                    gzg[j] = gzv;
-                    qgg[j] += gv; qzg[j] += gv * zv;
-                    dot += gzv * xr[j];
-                }
-                coef[g] = dot;
-            }
-            /* every group's coefficient, then the gradient: no pass waits on its own dot */
-            for (int64_t g = 0; g < G; ++g) {
-                double r = (double)rn[g];
-                coef[g] = (T)((double)coef[g] / (double)Cg * r * r * r);
-            }
-            for (int64_t g = 0; g < G; ++g) {
-                const T *xr = x + n * C + g * Cg, *gzg = gz + g * Cg;
-                T *out = gx + n * C + g * Cg, r = rn[g], cg = coef[g];
-#pragma omp simd
-                for (int64_t j = 0; j < Cg; ++j) out[j] = gzg[j] * r - xr[j] * cg;
-            }
+            PN_BY_WIDTH(Cg, W, NAME(grms_bwd_row)(gy + n * C, x + n * C, rstd + n * G, a, b, G, W,
+                                                  gx + n * C, qg, qz, gz, coef));
             if ((n - lo) % BLOCK_ROWS == BLOCK_ROWS - 1 || n == hi - 1) flush(q, p, 2 * C);
         }
     }
