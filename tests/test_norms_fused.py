@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(not fused.available(),
                                 reason="fused CPU kernels unavailable (no C compiler)")
 
 
-def _steps(name, kwargs, use_fused, dtype, masked, steps=4):
+def _steps(name, kwargs, use_fused, dtype, masked, steps=4, C=C):
     """Outputs, input/weight/bias gradients and buffers of ``steps`` training steps."""
     old = fused.set_enabled(use_fused)
     try:
@@ -75,6 +75,19 @@ def test_fused_equals_eager_in_float64(cfg, masked):
     _, name, kwargs = cfg
     eager = _steps(name, kwargs, False, torch.float64, masked)
     fast = _steps(name, kwargs, True, torch.float64, masked)
+    for a, b in zip(fast, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("width", [12, 16, 32, 64, 128])
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[0] in ("power_reference", "group_rms")],
+                         ids=["power_reference", "group_rms"])
+def test_fused_equals_eager_at_every_group_width(cfg, width):
+    """The per-group kernels run their rows with the group width a constant for 16, 32, 64 and
+    128 channels (``PN_BY_WIDTH``), any other width as a variable: each equals the eager path."""
+    _, name, kwargs = cfg
+    eager = _steps(name, kwargs, False, torch.float64, True, steps=3, C=4 * width)
+    fast = _steps(name, kwargs, True, torch.float64, True, steps=3, C=4 * width)
     for a, b in zip(fast, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
