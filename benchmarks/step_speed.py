@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import SIZES, make_corpus, norm_flag_sets, train_cmd  # noqa: E402
+from train_speed import SITES, SIZES, make_corpus, norm_flag_sets, train_cmd  # noqa: E402
 
 from powernorm_fairseq.pipeline.common import atomic_write_json, git_commit, hardware, log  # noqa: E402
 
@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["multi30k", "iwslt"])
     p.add_argument("--norms", nargs="+", default=["pn", "pnpaper", "pnv", "bn"], metavar="SHORT",
                    help="norm configurations (configs/norm/) measured beside LN")
-    p.add_argument("--sites", nargs="+", choices=["encoder", "decoder"], default=["encoder", "decoder"],
+    p.add_argument("--sites", nargs="+", choices=SITES, default=list(SITES),
                    help="where the norm replaces LN (default: both; the quickstart and the translation "
                    "presets, as the released code: encoder)")
     p.add_argument("--pn-args", default="", help="extra fairseq options of the norms other than LN, "

@@ -57,7 +57,11 @@ SIZES = {"multi30k": "transformer_pn_multi30k", "iwslt": "transformer_pn_iwslt_d
 DEFAULT_NORMS = ("pn", "pnpaper")
 
 
-def norm_flag_sets(shorts: Sequence[str], sites: Sequence[str] = ("encoder", "decoder")) -> dict[str, list[str]]:
+#: the normalization sites of the plugin's transformer_pn
+SITES = ("encoder", "decoder")
+
+
+def norm_flag_sets(shorts: Sequence[str], sites: Sequence[str] = SITES) -> dict[str, list[str]]:
     """``{label: fairseq flags}`` of LN and of each norm configuration ``shorts`` (configs/norm/),
     at the normalization ``sites`` of the plugin's transformer_pn (default: every site, encoder
     and decoder; the released setup and the translation presets put the norm in the encoder only)."""

@@ -380,9 +380,6 @@ int NAME(pn_grms_affine)(const T *x, const T *rstd, const T *scale, const T *bia
     return 0;
 }
 
-/* Backward of both: with z = x r, gz = gy a - z b (the PN step), then the GroupScaling gradient
- * gx = gz r - x r^3 mean_j(gz x) per row and group; in the same pass sgy += gy and
- * sgz += gy z over all rows (outputs nullable). gz lives only in a per-thread row buffer. */
 /* One row of NAME(pn_grms_bwd); gz and coef are the thread's row buffers. */
 static inline PN_INLINE void NAME(grms_bwd_row)(const T *gn, const T *xn, const T *rn, const T *a,
                                                 const T *b, int64_t G, int64_t Cg, T *outn,
@@ -415,6 +412,9 @@ static inline PN_INLINE void NAME(grms_bwd_row)(const T *gn, const T *xn, const 
     }
 }
 
+/* Backward of both: with z = x r, gz = gy a - z b (the PN step), then the GroupScaling gradient
+ * gx = gz r - x r^3 mean_j(gz x) per row and group; in the same pass sgy += gy and
+ * sgz += gy z over all rows (outputs nullable). gz lives only in a per-thread row buffer. */
 int NAME(pn_grms_bwd)(const T *gy, const T *x, const T *rstd, const T *a, const T *b, int64_t N,
                       int64_t C, int64_t G, T *gx, T *sgy, T *sgz, int nt)
 {
